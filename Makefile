@@ -1,0 +1,39 @@
+# The two commands a new user needs: `make run` and `make test`. Both install into .venv first.
+PYTHON      ?= python3
+VENV        ?= .venv
+# CPU build on a laptop/CI box; on a GPU cluster: make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX=...
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+CONFIG      ?= pipelines/configs/toy.yaml
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+
+.PHONY: install run test test-fast dry-run bench-sampler clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml cluster/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned, so nothing below pulls a multi-GB CUDA build on a CPU box.
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -c cluster/constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+run: install
+	$(PY) pipelines/distill.py --config $(CONFIG)
+
+dry-run: install
+	$(PY) pipelines/distill.py --config $(CONFIG) --dry-run
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not ray"
+
+bench-sampler: install
+	$(PY) bench/sampler.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,15 @@
+"""Model-family adapters: the one place that knows a family's components (DESIGN.md §3)."""
+
+from swd_core.adapters.base import FamilyAdapter, TextEmbeddings
+from swd_core.adapters.sd3 import SD3Adapter
+
+FAMILIES = {"sd3": SD3Adapter}
+
+
+def load_adapter(family: str, path: str, dtype: str = "float32", device: str = "cpu", **kwargs) -> FamilyAdapter:
+    if family not in FAMILIES:
+        raise ValueError(f"model family {family!r} is not supported; allowed: {sorted(FAMILIES)}")
+    return FAMILIES[family].from_pretrained(path, dtype=dtype, device=device, **kwargs)
+
+
+__all__ = ["FamilyAdapter", "TextEmbeddings", "SD3Adapter", "FAMILIES", "load_adapter"]

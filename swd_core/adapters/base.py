@@ -1,0 +1,62 @@
+"""The small interface every model family implements (SD3 today, FLUX next)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TextEmbeddings:
+    """Per-prompt conditioning as the transformer consumes it."""
+
+    prompt_embeds: torch.Tensor  # (B, T, D)
+    pooled: torch.Tensor  # (B, P)
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def to(self, *args, **kwargs) -> "TextEmbeddings":
+        return TextEmbeddings(self.prompt_embeds.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+    def expand(self, batch: int) -> "TextEmbeddings":
+        """Broadcast a single embedding (e.g. the empty prompt) to `batch` rows."""
+        if len(self) == batch:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"cannot expand {len(self)} embeddings to batch {batch}")
+        return TextEmbeddings(self.prompt_embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1))
+
+    @staticmethod
+    def cat(items: Sequence["TextEmbeddings"]) -> "TextEmbeddings":
+        return TextEmbeddings(torch.cat([e.prompt_embeds for e in items]), torch.cat([e.pooled for e in items]))
+
+
+class FamilyAdapter(Protocol):
+    transformer: nn.Module
+    vae_scale_factor: int  # pixels per latent cell
+    patch_size: int  # latent cells per token side
+    latent_channels: int
+    num_blocks: int
+
+    def encode_prompts(self, prompts: Sequence[str]) -> TextEmbeddings: ...
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W) -> normalised latents (shift and scaling applied)."""
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1]."""
+
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        text: TextEmbeddings,
+        feature_blocks: Sequence[int] = (),
+        features_only: bool = False,
+    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """Velocity at noise level `sigma` (scalar or per sample) plus image-token features
+        (B, N, C) after each requested block. `features_only` stops after the deepest block."""

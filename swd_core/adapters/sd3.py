@@ -1,0 +1,125 @@
+"""Stable Diffusion 3 / 3.5 adapter over diffusers' `StableDiffusion3Pipeline` components.
+
+Prompt encoding is the pipeline's own `encode_prompt` (CLIP-L + CLIP-G [+ T5]), so embeddings
+are exactly what stock SD3 sampling feeds the transformer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from swd_core.adapters.base import TextEmbeddings
+from swd_core.feature_taps import StopForward, tap_block_outputs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; allowed: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _absent_components(path: str) -> dict:
+    """Optional components a local folder does not ship (e.g. no T5), passed as None so
+    `from_pretrained` accepts the folder exactly as `save_pretrained` wrote it."""
+    index = Path(path) / "model_index.json"
+    if not index.exists():
+        return {}
+    saved = json.loads(index.read_text())
+    return {k: None for k in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+            if saved.get(k, [None, None])[0] is None}
+
+
+def load_sd3_pipeline(path: str, dtype: str = "float32") -> StableDiffusion3Pipeline:
+    """`StableDiffusion3Pipeline.from_pretrained` for a folder, a hub id or a `builtin:` spec."""
+    from swd_core.tiny_models import resolve_pretrained
+
+    path = resolve_pretrained(path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype(dtype), **_absent_components(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class SD3Adapter:
+    """Args:
+        pipe (`StableDiffusion3Pipeline`): the loaded teacher pipeline (components are used directly).
+        max_sequence_length (`int`, defaults to 256): T5 token count. When the pipeline has no T5
+            encoder, SD3 feeds this many zero tokens; small models may set it to 0.
+    """
+
+    family = "sd3"
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int = 256):
+        self.pipe = pipe
+        self.max_sequence_length = int(max_sequence_length)
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.vae_scale_factor = pipe.vae_scale_factor
+        self.patch_size = int(pipe.transformer.config.patch_size)
+        self.latent_channels = int(pipe.transformer.config.in_channels)
+        self.num_blocks = len(pipe.transformer.transformer_blocks)
+        self.scaling_factor = float(pipe.vae.config.scaling_factor)
+        self.shift_factor = float(pipe.vae.config.shift_factor or 0.0)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
+                        max_sequence_length: int = 256) -> "SD3Adapter":
+        """Load from a local diffusers folder or a hub id (the same call SD3.5 uses)."""
+        from swd_core.tiny_models import resolve_pretrained
+
+        return cls(load_sd3_pipeline(path, dtype).to(device), max_sequence_length=max_sequence_length)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> TextEmbeddings:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+        )
+        return TextEmbeddings(embeds.to(self.dtype), pooled.to(self.dtype))
+
+    def empty_prompt(self) -> TextEmbeddings:
+        """The unconditional embedding used for classifier-free guidance."""
+        return self.encode_prompts([""])
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        # The posterior mean, not a sample: precomputed latents are then deterministic per image.
+        z = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z, return_dict=False)[0].clamp(-1, 1)
+
+    def velocity(self, latents, sigma, text: TextEmbeddings, feature_blocks: Sequence[int] = (),
+                 features_only: bool = False):
+        batch = latents.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+        timestep = (sigma * 1000).expand(batch) if sigma.ndim == 0 else sigma * 1000
+        text = text.expand(batch)
+        # JointTransformerBlock returns (context tokens, image tokens); MMD and the GAN read image tokens.
+        with tap_block_outputs(self.transformer.transformer_blocks, feature_blocks,
+                               select=lambda out: out[1], stop_after_last=features_only) as feats:
+            try:
+                v = self.transformer(
+                    hidden_states=latents.to(self.dtype), timestep=timestep,
+                    encoder_hidden_states=text.prompt_embeds, pooled_projections=text.pooled,
+                    return_dict=False,
+                )[0]
+            except StopForward:
+                v = None
+        return v, dict(feats)

@@ -1,0 +1,77 @@
+"""Export a distilled student: as a PEFT LoRA (diffusers' LoRA format) and as a merged
+diffusers pipeline folder that samples scale-wise with stock diffusers.
+
+The merged folder carries a `FlowMatchLCMScheduler` configured with the schedule's scale
+factors (shift 1, so the exact sigmas pass through) and `swd_schedule.json` with the sigmas,
+the first-step size and the text length, so a user needs nothing from this project to sample:
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    swd = json.load(open(f"{folder}/swd_schedule.json"))
+    image = pipe(prompt, sigmas=swd["sigmas"], height=swd["height"], width=swd["width"],
+                 guidance_scale=0.0, max_sequence_length=swd["max_sequence_length"]).images[0]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import FlowMatchLCMScheduler
+from peft.utils import get_peft_model_state_dict
+
+from swd_core.adapters.sd3 import SD3Adapter, load_sd3_pipeline
+from swd_core.lora import STUDENT
+from swd_core.schedules import ScaleSchedule
+
+SCHEDULE_FILE = "swd_schedule.json"
+
+
+def export_lora(adapter: SD3Adapter, out_dir: str | Path, adapter_name: str = STUDENT) -> Path:
+    """Save one adapter in diffusers' LoRA format (`pipe.load_lora_weights(out_dir)` reads it)."""
+    out_dir = Path(out_dir)
+    transformer = adapter.transformer
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    metadata = transformer.peft_config[adapter_name].to_dict()
+    type(adapter.pipe).save_lora_weights(out_dir, transformer_lora_layers=state,
+                                         transformer_lora_adapter_metadata=metadata)
+    return out_dir
+
+
+def schedule_record(schedule: ScaleSchedule, vae_scale_factor: int, max_sequence_length: int, **extra) -> dict:
+    return {
+        "scales": list(schedule.scales), "sigmas": list(schedule.sigmas),
+        "boundaries": list(schedule.boundaries) if schedule.boundaries else None,
+        "scale_factors": schedule.scale_factors(), "vae_scale_factor": vae_scale_factor,
+        "height": schedule.scales[0] * vae_scale_factor, "width": schedule.scales[0] * vae_scale_factor,
+        "output_size": schedule.final_scale * vae_scale_factor,
+        "max_sequence_length": max_sequence_length, "guidance_scale": 0.0, **extra,
+    }
+
+
+def export_merged_pipeline(teacher_path: str, out_dir: str | Path, schedule: ScaleSchedule, *,
+                           lora_dir: str | Path | None = None, transformer=None,
+                           max_sequence_length: int = 256, dtype: str = "float32") -> Path:
+    """Teacher pipeline + the student's weights (a LoRA folder to fuse, or a fully fine-tuned
+    `transformer`) + a scale-wise `FlowMatchLCMScheduler`, saved with `save_pretrained`."""
+    if (lora_dir is None) == (transformer is None):
+        raise ValueError("export_merged_pipeline: pass exactly one of lora_dir (LoRA student) or transformer (full fine-tune)")
+    out_dir = Path(out_dir)
+    pipe = load_sd3_pipeline(teacher_path, dtype)
+    if lora_dir is not None:
+        pipe.load_lora_weights(str(lora_dir), adapter_name=STUDENT)
+        pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
+        pipe.unload_lora_weights()
+    else:
+        pipe.transformer = transformer
+    pipe.scheduler = FlowMatchLCMScheduler(shift=1.0, scale_factors=schedule.scale_factors(), upscale_mode="bicubic")
+    pipe.save_pretrained(out_dir)
+    record = schedule_record(schedule, pipe.vae_scale_factor, max_sequence_length, teacher=str(teacher_path))
+    (out_dir / SCHEDULE_FILE).write_text(json.dumps(record, indent=2))
+    return out_dir
+
+
+def read_schedule(folder: str | Path) -> dict:
+    path = Path(folder) / SCHEDULE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not an exported SwD student: {SCHEDULE_FILE} is missing")
+    return json.loads(path.read_text())

@@ -1,0 +1,90 @@
+"""Student and fake-score LoRA adapters on one shared frozen base (DESIGN.md §4).
+
+The teacher, the student and the fake-score network are three views of one transformer:
+teacher = adapters disabled, student = the "student" adapter, fake = the "fake" adapter.
+The base weights exist once per worker, instead of the two full copies of the authors' code.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+STUDENT = "student"
+FAKE = "fake"
+TEACHER = "teacher"
+ROLES = (TEACHER, STUDENT, FAKE)
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def lora_config(rank: int = 64, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS) -> LoraConfig:
+    """LoRA with alpha = rank and gaussian init by default (B = 0, so a fresh adapter is the teacher)."""
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                      target_modules=list(targets), init_lora_weights="gaussian")
+
+
+def add_swd_adapters(transformer: nn.Module, rank: int = 64, alpha: float | None = None,
+                     targets: Sequence[str] = DEFAULT_TARGETS) -> None:
+    """Freeze the base and add a student and a fake-score adapter (diffusers' peft integration)."""
+    transformer.requires_grad_(False)
+    for name in (STUDENT, FAKE):
+        transformer.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
+    for name in (STUDENT, FAKE):
+        set_trainable(transformer, name, True)
+
+
+def lora_layers(transformer: nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapter_parameters(transformer: nn.Module, adapter: str) -> list[nn.Parameter]:
+    """The trainable LoRA parameters of one adapter."""
+    return [p for n, p in transformer.named_parameters() if f".{adapter}." in n and "lora_" in n]
+
+
+def base_parameters(transformer: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in transformer.named_parameters() if "lora_" not in n]
+
+
+def set_trainable(transformer: nn.Module, adapter: str, trainable: bool) -> None:
+    for p in adapter_parameters(transformer, adapter):
+        p.requires_grad_(trainable)
+
+
+@contextmanager
+def use_role(transformer: nn.Module, role: str) -> Iterator[None]:
+    """Run the shared transformer as the teacher, the student or the fake-score network.
+
+    peft's `set_adapter` / `disable_adapters` also flip `requires_grad`; the trainer decides
+    what is trainable, so those flags are restored around the switch.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is unknown; allowed: {list(ROLES)}")
+    layers = lora_layers(transformer)
+    if not layers:
+        raise ValueError("the transformer has no LoRA adapters; call add_swd_adapters first")
+    flags = {p: p.requires_grad for n, p in transformer.named_parameters() if "lora_" in n}
+    previous = (layers[0].disable_adapters, layers[0].active_adapters)
+    _activate(layers, role == TEACHER, None if role == TEACHER else role)
+    _restore(flags)
+    try:
+        yield
+    finally:
+        _activate(layers, previous[0], previous[1])
+        _restore(flags)
+
+
+def _activate(layers: list[BaseTunerLayer], disabled: bool, adapter) -> None:
+    for layer in layers:
+        layer.enable_adapters(not disabled)
+        if adapter is not None:
+            layer.set_adapter(adapter)
+
+
+def _restore(flags: dict) -> None:
+    for p, f in flags.items():
+        p.requires_grad_(f)

@@ -1,0 +1,149 @@
+"""Sigma grids and scale schedules for scale-wise sampling (DESIGN.md §2).
+
+A scale-wise schedule pairs every sampling step with a latent side length ("scale") and a noise
+level sigma. The sigmas are picked from the teacher's 28-step shift-3 flow-matching grid by grid
+index ("boundaries"), so a schedule is fully described by `scales` + `boundaries` (or explicit
+`sigmas` when a user wants values off the grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+GRID_STEPS = 28
+GRID_SHIFT = 3.0
+
+
+def sigma_grid(num_steps: int = GRID_STEPS, shift: float = GRID_SHIFT) -> torch.Tensor:
+    """The teacher's sigma grid (float32, `num_steps` values, no terminal 0).
+
+    Taken from diffusers' `FlowMatchEulerDiscreteScheduler` so it matches what SD3 samples with.
+    """
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas[:-1].to(torch.float32).clone()
+
+
+def boundaries_to_sigmas(boundaries: Sequence[int], grid: torch.Tensor | None = None) -> list[float]:
+    """Grid indices -> sigmas, e.g. [0, 7, 14, 18] -> [1.0, 0.8959, 0.7371, 0.6022]."""
+    grid = sigma_grid() if grid is None else grid
+    bad = [b for b in boundaries if not 0 <= int(b) < len(grid)]
+    if bad:
+        raise ValueError(f"boundaries {list(boundaries)}: indices {bad} are outside the {len(grid)}-step grid [0, {len(grid) - 1}]")
+    return [float(grid[int(b)]) for b in boundaries]
+
+
+@dataclass(frozen=True)
+class ScaleSchedule:
+    """A scale-wise sampling schedule.
+
+    Args:
+        scales (`tuple[int]`): latent side length at each step; non-decreasing.
+        sigmas (`tuple[float]`): noise level at each step (the first is usually 1.0); strictly decreasing, in (0, 1].
+        boundaries (`tuple[int]`, *optional*): the grid indices the sigmas came from, kept for display.
+        patch_size (`int`, *optional*): the transformer's patch size; every scale must be divisible by it.
+    """
+
+    scales: tuple[int, ...]
+    sigmas: tuple[float, ...]
+    boundaries: tuple[int, ...] | None = None
+    patch_size: int | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
+        object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+        if self.boundaries is not None:
+            object.__setattr__(self, "boundaries", tuple(int(b) for b in self.boundaries))
+        validate_schedule(self.scales, self.sigmas, self.patch_size)
+
+    @classmethod
+    def from_boundaries(cls, scales: Sequence[int], boundaries: Sequence[int], patch_size: int | None = None) -> "ScaleSchedule":
+        if len(boundaries) != len(scales):
+            raise ValueError(f"boundaries: need one grid index per scale ({len(scales)} scales), got {len(boundaries)}: {list(boundaries)}")
+        return cls(tuple(scales), tuple(boundaries_to_sigmas(boundaries)), tuple(boundaries), patch_size)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.scales)
+
+    @property
+    def final_scale(self) -> int:
+        return self.scales[-1]
+
+    @property
+    def is_scalewise(self) -> bool:
+        return self.scales[0] != self.scales[-1]
+
+    def full_resolution(self) -> "ScaleSchedule":
+        """The same sigmas with every step at the final scale: the full-resolution few-step baseline."""
+        return ScaleSchedule((self.final_scale,) * self.num_steps, self.sigmas, self.boundaries, self.patch_size)
+
+    def sigmas_tensor(self) -> torch.Tensor:
+        # float32 like diffusers' schedulers, so timesteps (sigma * 1000) match stock sampling bit for bit.
+        return torch.tensor(self.sigmas, dtype=torch.float32)
+
+    def scale_factors(self) -> list[float]:
+        """Upscale factors relative to the first scale, one per transition: what
+        diffusers' `FlowMatchLCMScheduler.set_scale_factors` expects."""
+        return [s / self.scales[0] for s in self.scales[1:]]
+
+    def describe(self, vae_scale_factor: int | None = None) -> list[str]:
+        lines = []
+        for i, (s, sigma) in enumerate(zip(self.scales, self.sigmas)):
+            px = f" ({s * vae_scale_factor}px)" if vae_scale_factor else ""
+            grid = f"  grid[{self.boundaries[i]}]" if self.boundaries else ""
+            lines.append(f"step {i}: scale {s}{px}  sigma {sigma:.4f}  t {sigma * 1000:.1f}{grid}")
+        return lines
+
+
+def validate_schedule(scales: Sequence[int], sigmas: Sequence[float], patch_size: int | None = None) -> None:
+    """Raise ValueError with a message naming the offending values."""
+    if len(scales) == 0:
+        raise ValueError("scales: need at least one scale")
+    if len(sigmas) != len(scales):
+        raise ValueError(f"sigmas: need exactly one sigma per scale ({len(scales)} scales {list(scales)}), got {len(sigmas)}: {list(sigmas)}")
+    if any(s <= 0 for s in scales):
+        raise ValueError(f"scales {list(scales)}: every scale must be a positive latent side length")
+    for i in range(1, len(scales)):
+        if scales[i] < scales[i - 1]:
+            raise ValueError(f"scales {list(scales)}: must be non-decreasing, but step {i} ({scales[i]}) < step {i - 1} ({scales[i - 1]})")
+    if any(not 0.0 < s <= 1.0 for s in sigmas):
+        raise ValueError(f"sigmas {list(sigmas)}: every sigma must lie in (0, 1]")
+    for i in range(1, len(sigmas)):
+        if sigmas[i] >= sigmas[i - 1]:
+            raise ValueError(f"sigmas {list(sigmas)}: must be strictly decreasing, but step {i} ({sigmas[i]}) >= step {i - 1} ({sigmas[i - 1]})")
+    if patch_size:
+        bad = [s for s in scales if s % patch_size]
+        if bad:
+            raise ValueError(f"scales {list(scales)}: {bad} not divisible by the transformer patch size {patch_size}")
+
+
+# Published schedules (paper v2 / authors' release) and the toy ones (DESIGN.md §2, §6).
+PRESETS: dict[str, dict[str, list[int]]] = {
+    "sd35_medium_6step": {"scales": [32, 48, 64, 80, 96, 128], "boundaries": [0, 4, 7, 12, 14, 18]},
+    "sd35_medium_4step": {"scales": [64, 80, 96, 128], "boundaries": [0, 7, 14, 18]},
+    "sd35_large_4step": {"scales": [64, 80, 96, 128], "boundaries": [0, 7, 14, 18]},
+    "toy_4step": {"scales": [8, 10, 12, 16], "boundaries": [0, 7, 14, 18]},
+    "toy_6step": {"scales": [4, 6, 8, 10, 12, 16], "boundaries": [0, 4, 7, 12, 14, 18]},
+}
+
+
+def preset(name: str, patch_size: int | None = None) -> ScaleSchedule:
+    if name not in PRESETS:
+        raise ValueError(f"schedule preset {name!r} is unknown; allowed: {sorted(PRESETS)}")
+    p = PRESETS[name]
+    return ScaleSchedule.from_boundaries(p["scales"], p["boundaries"], patch_size)
+
+
+def sample_grid_sigmas(batch: int, low: int, high: int, generator: torch.Generator | None = None,
+                       grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Sigmas at grid indices drawn uniformly from [low, high), one per sample (training-time noise levels)."""
+    grid = sigma_grid() if grid is None else grid
+    if not 0 <= low < high <= len(grid):
+        raise ValueError(f"grid index range [{low}, {high}) must lie within [0, {len(grid)}]")
+    idx = torch.randint(low, high, (batch,), generator=generator)
+    return grid[idx]

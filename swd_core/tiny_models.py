@@ -1,0 +1,133 @@
+"""Small SD3 pipelines built from configs, for tests, benchmarks and the embedded default.
+
+No model hub is reachable on a CPU box, so a randomly initialised SD3 pipeline is written to a
+folder and then loaded through the very same `from_pretrained` path that SD3.5 uses.
+`builtin:tiny-sd3` (or `builtin:tiny-sd3?layers=4&dim=64`) names such a folder in configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+
+# Enough words to tokenize shapes-style captions; unknown words map to <unk>.
+BASE_VOCAB = (
+    "a an the of on to in and with is at left right above below top bottom middle center corner "
+    "small large big tiny huge circle square triangle star cross diamond heart ring "
+    "red green blue yellow purple orange white black gray pink cyan brown background image photo picture"
+).split()
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+
+
+@dataclass(frozen=True)
+class TinySD3Config:
+    """Sizes of a small SD3 pipeline (defaults: a few MB, fast on CPU)."""
+
+    layers: int = 2
+    heads: int = 2
+    head_dim: int = 32
+    patch_size: int = 2
+    latent_channels: int = 4
+    sample_size: int = 16  # latent side length
+    vae_channels: tuple[int, ...] = (32, 32, 32)  # 3 levels -> 4x downsampling
+    text_dim: int = 32
+    text_layers: int = 1
+    text_max_length: int = 16
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_tokenizer(vocab: list[str], max_length: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer wrapped in `PreTrainedTokenizerFast` (saves and reloads offline)."""
+    words = SPECIALS + [w for w in dict.fromkeys(vocab) if w not in SPECIALS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_sd3(cfg: TinySD3Config = TinySD3Config(), vocab: list[str] | None = None) -> StableDiffusion3Pipeline:
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(vocab or BASE_VOCAB, cfg.text_max_length)
+    text_cfg = dict(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_dim, intermediate_size=cfg.text_dim * 4,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=2, max_position_embeddings=cfg.text_max_length,
+        projection_dim=cfg.text_dim, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    inner = cfg.heads * cfg.head_dim
+    transformer = SD3Transformer2DModel(
+        sample_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels, num_layers=cfg.layers, attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.heads, joint_attention_dim=2 * cfg.text_dim, caption_projection_dim=inner,
+        pooled_projection_dim=2 * cfg.text_dim, pos_embed_max_size=cfg.sample_size // cfg.patch_size,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=min(cfg.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        sample_size=cfg.sample_size * 2 ** (len(cfg.vae_channels) - 1),
+        scaling_factor=1.0, shift_factor=0.0,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def save_tiny_sd3(folder: str | os.PathLike, cfg: TinySD3Config = TinySD3Config()) -> Path:
+    folder = Path(folder)
+    build_tiny_sd3(cfg).save_pretrained(folder)
+    return folder
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SWD_CACHE", Path.home() / ".cache" / "swd"))
+
+
+def parse_builtin(spec: str) -> TinySD3Config:
+    """`builtin:tiny-sd3?layers=4&head_dim=64` -> TinySD3Config."""
+    name, _, query = spec.removeprefix("builtin:").partition("?")
+    if name != "tiny-sd3":
+        raise ValueError(f"unknown builtin model {name!r}; allowed: ['tiny-sd3']")
+    fields = TinySD3Config.__dataclass_fields__
+    kwargs = {}
+    for part in filter(None, query.split("&")):
+        k, _, v = part.partition("=")
+        if k not in fields:
+            raise ValueError(f"builtin:tiny-sd3 has no option {k!r}; allowed: {sorted(fields)}")
+        kwargs[k] = tuple(int(x) for x in v.split(",")) if k == "vae_channels" else int(v)
+    return TinySD3Config(**kwargs)
+
+
+def resolve_pretrained(path: str) -> str:
+    """Return a loadable path: `builtin:` specs are written to a cache folder once; anything
+    else (a local folder or a hub id) is returned unchanged for `from_pretrained`."""
+    if not str(path).startswith("builtin:"):
+        return str(path)
+    cfg = parse_builtin(str(path))
+    folder = _cache_root() / f"tiny-sd3-{cfg.key()}"
+    if not (folder / "model_index.json").exists():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        save_tiny_sd3(tmp, cfg)
+        tmp.rename(folder) if not folder.exists() else None
+    return str(folder)
