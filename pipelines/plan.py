@@ -1,0 +1,42 @@
+"""The resolved plan of a pipeline definition, as `--dry-run` prints it."""
+
+from __future__ import annotations
+
+from pipelines.schema import PipelineConfig
+
+# Stages this version implements; the runner reports any other listed stage as not available.
+IMPLEMENTED_STAGES = ("preview",)
+
+
+def render_plan(cfg: PipelineConfig, vae_scale_factor: int | None = None) -> str:
+    schedule = cfg.schedule()
+    d, r = cfg.distill, cfg.resources
+    losses = d.losses
+    out = [f"pipeline {cfg.name!r}", "", "teacher:",
+           f"  {cfg.teacher.path}  (family {cfg.teacher.family}, dtype {cfg.teacher.dtype}, "
+           f"patch {cfg.teacher.resolved_patch_size}, text tokens T5 {cfg.teacher.max_sequence_length})",
+           "", "stages:"]
+    for stage in cfg.stages:
+        status = "" if stage in IMPLEMENTED_STAGES else "  [not available in this version]"
+        out.append(f"  - {stage}{status}")
+    kind = "scale-wise" if schedule.is_scalewise else "full-resolution"
+    out += ["", f"schedule ({kind}, {schedule.num_steps} steps):"]
+    out += [f"  {line}" for line in schedule.describe(vae_scale_factor)]
+    out += [
+        f"  scales {list(schedule.scales)}",
+        f"  sigmas {[round(s, 4) for s in schedule.sigmas]}",
+        "", "distill:",
+        f"  mode {d.mode}" + (f" (LoRA rank {d.lora.rank}, alpha {d.lora.alpha or d.lora.rank})" if d.mode == "lora" else ""),
+        f"  DeepSpeed ZeRO stage {d.zero_stage}; global batch {d.batch_size}; {d.steps} generator steps; "
+        f"lr {d.lr}; weight decay {d.weight_decay}; grad clip {d.grad_clip}",
+        f"  loss = {losses.mmd.weight}·MMD({losses.mmd.kernel}, grid {list(losses.mmd.grid_range)}) "
+        f"+ {losses.dmd.weight}·DMD(cfg {losses.dmd.guidance_scale}, grid {list(losses.dmd.grid_range)}) "
+        f"+ {losses.gan.weight}·GAN; features after block {losses.feature_block}",
+        f"  fake-score updates per generator step: {d.fake_updates}",
+        "", "resources:",
+        f"  {r.num_workers} worker(s) × {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU; placement {r.placement_strategy}",
+        f"  precompute actors {cfg.precompute.actors} × ({cfg.precompute.cpus_per_actor} CPU, {cfg.precompute.gpus_per_actor} GPU), batch {cfg.precompute.batch_size}",
+        f"  serve: {cfg.serve.replicas} replica(s), max batch {cfg.serve.max_batch_size}, port {cfg.serve.port}",
+        f"  storage {cfg.run_dir}",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,303 @@
+"""The pipeline definition: one typed schema for every stage (DESIGN.md §1).
+
+Loaded from YAML by `load_pipeline_config`; an invalid file fails with `PipelineConfigError`,
+whose message names each bad field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from swd_core.schedules import PRESETS, ScaleSchedule, boundaries_to_sigmas, preset
+
+# Patch size per model family, so schedules can be validated before any weights are loaded.
+FAMILY_PATCH_SIZE = {"sd3": 2}
+STAGES = ("synthesize", "precompute", "distill", "evaluate", "deploy", "preview")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(Strict):
+    path: str = Field(description="diffusers folder, hub id, or builtin:tiny-sd3[?opts]")
+    family: Literal["sd3"] = "sd3"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_sequence_length: Annotated[int, Field(ge=0, le=512)] = 256
+    patch_size: Annotated[int, Field(ge=1)] | None = None  # for a custom transformer; default per family
+
+    @property
+    def resolved_patch_size(self) -> int:
+        return self.patch_size or FAMILY_PATCH_SIZE[self.family]
+
+
+class DataSource(Strict):
+    path: str
+    format: Literal["parquet", "imagefolder", "shapes"] = "parquet"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    limit: Annotated[int, Field(ge=1)] | None = None
+
+
+class DataConfig(Strict):
+    sources: list[DataSource] = []
+    prompts: str | None = None  # text file (one prompt per line) or Parquet with a `prompt` column
+    eval_prompts: str | None = None
+    preview_prompts: list[str] = ["a photo"]
+
+
+class SynthesizeConfig(Strict):
+    enabled: bool = False
+    num_steps: Annotated[int, Field(ge=1, le=1000)] = 28
+    guidance_scale: Annotated[float, Field(ge=0)] = 7.0
+    seed: int = 0
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    actors: Annotated[int, Field(ge=1)] = 1
+    output: str | None = None
+
+
+class PrecomputeConfig(Strict):
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    actors: Annotated[int, Field(ge=1)] = 1
+    cpus_per_actor: Annotated[float, Field(ge=0)] = 1.0
+    gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+    storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    output: str | None = None  # default: <storage>/store
+
+
+class ScheduleConfig(Strict):
+    """Either a `preset` or explicit `scales` with `boundaries` (grid indices) or `sigmas`."""
+
+    preset: str | None = None
+    scales: list[int] | None = None
+    boundaries: list[int] | None = None
+    sigmas: list[float] | None = None
+    scalewise: bool = True  # False: the full-resolution baseline with the same sigmas
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v):
+        if v is not None and v not in PRESETS:
+            close = difflib.get_close_matches(v, PRESETS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown schedule preset {v!r}{hint}; allowed: {sorted(PRESETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.preset is None and self.scales is None:
+            raise ValueError("give either `preset` or `scales` (with `boundaries` or `sigmas`)")
+        if self.preset is not None and (self.scales or self.boundaries or self.sigmas):
+            raise ValueError("give either `preset` or explicit `scales`/`boundaries`/`sigmas`, not both")
+        if self.scales is not None and (self.boundaries is None) == (self.sigmas is None):
+            raise ValueError("with explicit `scales`, give exactly one of `boundaries` (grid indices) or `sigmas`")
+        self.build()  # ordering and one-sigma-per-scale checks, reported at this field
+        return self
+
+    def build(self, patch_size: int | None = None) -> ScaleSchedule:
+        if self.preset is not None:
+            schedule = preset(self.preset, patch_size)
+        elif self.boundaries is not None:
+            schedule = ScaleSchedule.from_boundaries(self.scales, self.boundaries, patch_size)
+        else:
+            schedule = ScaleSchedule(tuple(self.scales), tuple(self.sigmas), None, patch_size)
+        return schedule if self.scalewise else schedule.full_resolution()
+
+
+class MMDLoss(Strict):
+    weight: Annotated[float, Field(ge=0)] = 1.0
+    kernel: Literal["linear", "rbf"] = "linear"
+    c: Annotated[float, Field(gt=0)] = 1e-3
+    rbf_bandwidth: Annotated[float, Field(gt=0)] = 100.0
+    grid_range: tuple[int, int] = (18, 28)
+
+
+class DMDLoss(Strict):
+    weight: Annotated[float, Field(ge=0)] = 1.0
+    guidance_scale: Annotated[float, Field(ge=0)] = 7.0
+    grid_range: tuple[int, int] = (12, 28)
+
+
+class GANLoss(Strict):
+    weight: Annotated[float, Field(ge=0)] = 5e-3
+    discriminator_weight: Annotated[float, Field(ge=0)] = 1e-2
+
+
+class LossesConfig(Strict):
+    mmd: MMDLoss = MMDLoss()
+    dmd: DMDLoss = DMDLoss()
+    gan: GANLoss = GANLoss()
+    feature_block: Annotated[int, Field(ge=0)] = 11  # 0-based block whose image tokens feed MMD and the GAN head
+
+    @model_validator(mode="after")
+    def _something_to_learn(self):
+        if self.mmd.weight == self.dmd.weight == self.gan.weight == 0:
+            raise ValueError("all loss weights are 0: enable at least one of mmd, dmd, gan")
+        return self
+
+
+class LoRAConfig(Strict):
+    rank: Annotated[int, Field(ge=1)] = 64
+    alpha: Annotated[float, Field(gt=0)] | None = None  # default: = rank
+    targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
+class DistillConfig(Strict):
+    schedule: ScheduleConfig
+    losses: LossesConfig = LossesConfig()
+    mode: Literal["lora", "full"] = "lora"
+    lora: LoRAConfig = LoRAConfig()
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    batch_size: Annotated[int, Field(ge=1)] = 64  # global batch
+    steps: Annotated[int, Field(ge=1)] = 3000
+    lr: Annotated[float, Field(gt=0)] = 5e-6
+    fake_lr: Annotated[float, Field(gt=0)] | None = None  # default: = lr
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: Annotated[float, Field(gt=0)] = 10.0
+    fake_updates: Annotated[int, Field(ge=0)] = 5
+    checkpoint_every: Annotated[int, Field(ge=1)] = 250
+    seed: int = 0
+
+
+class EvaluateConfig(Strict):
+    num_prompts: Annotated[int, Field(ge=1)] = 64
+    seed: int = 0
+    teacher_steps: Annotated[int, Field(ge=1)] = 28
+    teacher_guidance: Annotated[float, Field(ge=0)] = 7.0
+
+
+class ServeConfig(Strict):
+    route_prefix: str = "/"
+    replicas: Annotated[int, Field(ge=1)] = 1
+    cpus_per_replica: Annotated[float, Field(ge=0)] = 1.0
+    gpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 16
+    max_batch_size: Annotated[int, Field(ge=1)] = 8
+    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.05
+    min_replicas: Annotated[int, Field(ge=0)] | None = None
+    max_replicas: Annotated[int, Field(ge=1)] | None = None
+    api_key_env: str | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+
+
+class S3Config(Strict):
+    endpoint_url: str | None = None  # default: the standard AWS variables / config
+    region: str | None = None
+
+
+class ResourcesConfig(Strict):
+    num_workers: Annotated[int, Field(ge=1)] = 1
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    storage: str = "runs"  # local directory or s3://bucket/prefix
+    s3: S3Config = S3Config()
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_scheme(cls, v: str):
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError(f"storage {v!r}: only local paths and s3:// URIs are supported")
+        return v
+
+
+class PipelineConfig(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    stages: list[Literal["synthesize", "precompute", "distill", "evaluate", "deploy", "preview"]] = list(STAGES)
+    teacher: TeacherConfig
+    data: DataConfig = DataConfig()
+    synthesize: SynthesizeConfig = SynthesizeConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
+    distill: DistillConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
+    serve: ServeConfig = ServeConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _schedule_fits_model(self):
+        try:
+            self.schedule()
+        except ValueError as err:
+            raise ValueError(f"distill.schedule: {err} (teacher family {self.teacher.family!r})") from None
+        return self
+
+    def schedule(self) -> ScaleSchedule:
+        return self.distill.schedule.build(self.teacher.resolved_patch_size)
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.resources.storage.rstrip('/')}/{self.name}"
+
+
+class PipelineConfigError(ValueError):
+    """A pipeline definition that does not validate; the message lists every problem."""
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Walk the schema along `loc` to list the fields allowed where an unknown one appeared."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            args = [a for c in candidates for a in getattr(c, "__args__", ())]
+            nested = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nested is None:
+            return None
+        model = nested
+    return sorted(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid pipeline definition ({err.error_count()} problem{'s' * (err.error_count() > 1)})"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(PipelineConfig, loc) or []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"  - {where}: unknown field{hint}; allowed here: {', '.join(allowed)}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        given = e.get("input")
+        if not loc:
+            lines.append(f"  - {msg}")
+        elif e["type"] == "missing":
+            lines.append(f"  - {where}: required field is missing")
+        elif isinstance(given, dict):
+            lines.append(f"  - {where}: {msg}")
+        else:
+            lines.append(f"  - {where}: got {given!r}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_pipeline_config(data: Any, source: str = "<config>") -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise PipelineConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise PipelineConfigError(format_validation_error(err, source)) from None
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.exists():
+        raise PipelineConfigError(f"{path}: no such pipeline definition")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PipelineConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_pipeline_config(data, str(path))

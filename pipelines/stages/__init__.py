@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each reads what the previous stage wrote."""

@@ -1,0 +1,42 @@
+"""Preview stage: sample the held prompts with the teacher (multi-step, CFG), the full-resolution
+few-step sampler and the scale-wise sampler, and write one labelled PNG grid.
+
+Before distillation all three run the teacher's weights, which shows what the few-step
+samplers start from; after distillation the same grid is made for the student.
+"""
+
+from __future__ import annotations
+
+import time
+
+from swd_core.adapters import load_adapter
+from swd_core.generate import generate_images
+from swd_core.grid import image_grid
+from pipelines.schema import PipelineConfig
+from pipelines.storage import write_png
+
+
+def run(cfg: PipelineConfig) -> dict:
+    adapter = load_adapter(cfg.teacher.family, cfg.teacher.path, dtype=cfg.teacher.dtype,
+                           max_sequence_length=cfg.teacher.max_sequence_length)
+    schedule = cfg.schedule()
+    prompts = cfg.data.preview_prompts
+    seeds = [cfg.evaluate.seed + i for i in range(len(prompts))]
+    ev = cfg.evaluate
+    columns = {
+        f"teacher {ev.teacher_steps} steps, cfg {ev.teacher_guidance:g}":
+            dict(teacher_steps=ev.teacher_steps, guidance=ev.teacher_guidance),
+        f"full-res {schedule.num_steps} steps": dict(schedule=schedule.full_resolution()),
+        f"scale-wise {schedule.num_steps} steps": dict(schedule=schedule),
+    }
+    images, timings = {}, {}
+    for label, kwargs in columns.items():
+        start = time.perf_counter()
+        images[label] = generate_images(adapter, prompts, seeds, **kwargs)
+        timings[label] = (time.perf_counter() - start) / len(prompts)
+        print(f"[preview] {label}: {timings[label]:.3f} s/image", flush=True)
+    grid = image_grid([[images[c][i] for c in columns] for i in range(len(prompts))], prompts, list(columns),
+                      title=f"{cfg.name}: teacher {cfg.teacher.path}  scales {list(schedule.scales)}")
+    path = write_png(f"{cfg.run_dir}/preview.png", grid, cfg.resources)
+    print(f"[preview] wrote {path}", flush=True)
+    return {"grid": path, "seconds_per_image": timings}

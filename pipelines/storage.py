@@ -1,0 +1,37 @@
+"""Where a run's outputs go: a local directory or an s3:// prefix, through fsspec (s3fs)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import fsspec
+
+from pipelines.schema import ResourcesConfig
+
+
+def filesystem(uri: str, resources: ResourcesConfig) -> fsspec.AbstractFileSystem:
+    if uri.startswith("s3://"):
+        opts = {}
+        if resources.s3.endpoint_url:
+            opts["endpoint_url"] = resources.s3.endpoint_url
+        if resources.s3.region:
+            opts["client_kwargs"] = {"region_name": resources.s3.region}
+        return fsspec.filesystem("s3", **opts)
+    return fsspec.filesystem("file")
+
+
+def write_bytes(uri: str, data: bytes, resources: ResourcesConfig) -> str:
+    fs = filesystem(uri, resources)
+    if not uri.startswith("s3://"):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    with fs.open(uri, "wb") as f:
+        f.write(data)
+    return uri if uri.startswith("s3://") else os.path.abspath(uri)
+
+
+def write_png(uri: str, image, resources: ResourcesConfig) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return write_bytes(uri, buf.getvalue(), resources)
