@@ -7,6 +7,7 @@ The base weights exist once per worker, instead of the two full copies of the au
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -31,8 +32,11 @@ def add_swd_adapters(transformer: nn.Module, rank: int = 64, alpha: float | None
                      targets: Sequence[str] = DEFAULT_TARGETS) -> None:
     """Freeze the base and add a student and a fake-score adapter (diffusers' peft integration)."""
     transformer.requires_grad_(False)
-    for name in (STUDENT, FAKE):
-        transformer.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
+    with warnings.catch_warnings():
+        # peft warns that a second adapter is being added; two adapters is the point here.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for name in (STUDENT, FAKE):
+            transformer.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
     for name in (STUDENT, FAKE):
         set_trainable(transformer, name, True)
 

@@ -1,0 +1,28 @@
+"""`pipelines/distill.py` runs the default pipeline's available stages and writes the grid."""
+
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from pipelines.distill import main
+
+TOY = Path(__file__).parents[1] / "pipelines" / "configs" / "toy.yaml"
+
+
+def test_preview_stage_writes_a_labelled_grid(tmp_path, capsys):
+    data = yaml.safe_load(TOY.read_text())
+    data["teacher"]["path"] = "builtin:tiny-sd3?layers=2"
+    data["distill"]["losses"]["feature_block"] = 1
+    data["resources"]["storage"] = str(tmp_path)
+    data["data"]["preview_prompts"] = ["a red circle", "a blue star"]
+    data["evaluate"]["teacher_steps"] = 4
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    grid = Image.open(tmp_path / "toy" / "preview.png")
+    # 3 columns (teacher, full-res, scale-wise) of 128 px after a 220 px label column; 2 rows
+    assert grid.size == (220 + 3 * 128, 56 + 2 * 128)
+    assert "scale-wise 4 steps" in out and "[distill] not available" in out
+    assert main(["--config", str(cfg), "--stages", "bogus"]) == 2

@@ -1,0 +1,102 @@
+"""The pipeline definition: shipped configs load, and bad files fail with readable messages."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.distill import main
+from pipelines.schema import PipelineConfigError, load_pipeline_config, parse_pipeline_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "pipelines" / "configs").glob("*.yaml"))
+MEDIUM6 = Path(__file__).parents[1] / "pipelines" / "configs" / "sd35_medium_6step.yaml"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_pipeline_config(path)
+    assert cfg.schedule().num_steps in (4, 6)
+
+
+def test_published_presets():
+    medium6 = load_pipeline_config(MEDIUM6)
+    s = medium6.schedule()
+    assert s.scales == (32, 48, 64, 80, 96, 128)
+    assert s.sigmas == pytest.approx((1.0, 0.9454, 0.8959, 0.7904, 0.7371, 0.6022), abs=1e-4)
+    assert medium6.distill.losses.feature_block == 11 and medium6.distill.losses.dmd.guidance_scale == 7.0
+    assert (medium6.distill.lr, medium6.distill.batch_size, medium6.distill.lora.rank) == (5e-6, 64, 64)
+    large = load_pipeline_config(MEDIUM6.with_name("sd35_large_4step.yaml"))
+    assert large.schedule().scales == (64, 80, 96, 128)
+    assert large.distill.losses.feature_block == 20 and large.distill.losses.dmd.guidance_scale == 4.5
+    assert large.distill.batch_size == 32
+
+
+def test_dry_run_prints_the_published_schedule(capsys):
+    assert main(["--config", str(MEDIUM6), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "scales [32, 48, 64, 80, 96, 128]" in out
+    assert "sigmas [1.0, 0.9454, 0.8959, 0.7904, 0.7371, 0.6022]" in out
+    assert "step 3: scale 80  sigma 0.7904" in out and "ZeRO stage 2" in out and "8 worker(s)" in out
+
+
+def _medium6() -> dict:
+    return yaml.safe_load(MEDIUM6.read_text())
+
+
+def _error(data) -> str:
+    with pytest.raises(PipelineConfigError) as err:
+        parse_pipeline_config(data, "test.yaml")
+    return str(err.value)
+
+
+def test_typo_in_a_field_is_named_with_the_allowed_fields():
+    data = _medium6()
+    data["distill"]["lerning_rate"] = data["distill"].pop("lr")
+    msg = _error(data)
+    assert "distill.lerning_rate: unknown field" in msg and "lr," in msg
+    data = _medium6()
+    data["distill"]["schedul"] = data["distill"].pop("schedule")
+    msg = _error(data)
+    assert "distill.schedul: unknown field; did you mean 'schedule'?" in msg
+    assert "distill.schedule: required field is missing" in msg
+
+
+def test_bad_values_are_named_with_what_is_allowed():
+    data = _medium6()
+    data["distill"]["zero_stage"] = 5
+    data["teacher"]["dtype"] = "fp8"
+    data["distill"]["schedule"]["preset"] = "sd35_medum_6step"
+    data["resources"]["storage"] = "gs://bucket/x"
+    msg = _error(data)
+    assert "distill.zero_stage: got 5: Input should be 0, 1, 2 or 3" in msg
+    assert "teacher.dtype: got 'fp8'" in msg and "'bfloat16'" in msg
+    assert "did you mean 'sd35_medium_6step'?" in msg
+    assert "resources.storage: got 'gs://bucket/x'" in msg and "s3://" in msg
+    assert "4 problems" in msg
+
+
+def test_schedule_errors_point_at_the_schedule():
+    data = _medium6()
+    data["distill"]["schedule"] = {"scales": [32, 48, 40, 128], "boundaries": [0, 7, 14, 18]}
+    assert "distill.schedule: scales [32, 48, 40, 128]: must be non-decreasing" in _error(data)
+    data["distill"]["schedule"] = {"scales": [32, 49, 64, 128], "boundaries": [0, 7, 14, 18]}
+    assert "not divisible by the transformer patch size 2" in _error(data)
+    data["distill"]["schedule"] = {"scales": [32, 48, 64, 128], "boundaries": [0, 7, 14]}
+    assert "one grid index per scale" in _error(data)
+    data["distill"]["schedule"] = {"preset": "toy_4step", "scales": [8]}
+    assert "not both" in _error(data)
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    data = _medium6()
+    data["distill"]["losses"]["mmd"]["weight"] = -1
+    bad.write_text(yaml.safe_dump(data))
+    assert main(["--config", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "distill.losses.mmd.weight: got -1" in err and "Traceback" not in err
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    assert "no such pipeline definition" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("name: [unclosed")
+    assert main(["--config", str(tmp_path / "broken.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
