@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from swd_core.schedules import PRESETS, ScaleSchedule, boundaries_to_sigmas, preset
+from swd_core.schedules import PRESETS, ScaleSchedule, preset
 
 # Patch size per model family, so schedules can be validated before any weights are loaded.
 FAMILY_PATCH_SIZE = {"sd3": 2}

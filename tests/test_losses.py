@@ -3,7 +3,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from swd_core.gan_head import GANHead
 from swd_core.losses import (dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss, mmd_linear,

@@ -71,7 +71,6 @@ class SD3Adapter:
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
                         max_sequence_length: int = 256) -> "SD3Adapter":
         """Load from a local diffusers folder or a hub id (the same call SD3.5 uses)."""
-        from swd_core.tiny_models import resolve_pretrained
 
         return cls(load_sd3_pipeline(path, dtype).to(device), max_sequence_length=max_sequence_length)
 
