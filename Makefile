@@ -8,7 +8,7 @@ CONFIG      ?= pipelines/configs/toy.yaml
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 
-.PHONY: install run test test-fast dry-run bench-sampler clean
+.PHONY: install run test test-fast dry-run bench-sampler bench-teacher toy-teacher clean
 
 install: $(STAMP)
 
@@ -34,6 +34,15 @@ test-fast: install
 
 bench-sampler: install
 	$(PY) bench/sampler.py
+
+bench-teacher: install
+	$(PY) bench/teacher_quality.py
+
+# Trains the evaluator, the toy VAE and the toy SD3 teacher (hours on 2 cores). Resumable:
+# run it again to continue; finished phases are skipped. HOURS is the transformer's budget.
+HOURS ?= 2.0
+toy-teacher: install
+	$(PY) -m swd_core.toy.train all --hours $(HOURS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

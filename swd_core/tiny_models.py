@@ -108,7 +108,7 @@ def parse_builtin(spec: str) -> TinySD3Config:
     """`builtin:tiny-sd3?layers=4&head_dim=64` -> TinySD3Config."""
     name, _, query = spec.removeprefix("builtin:").partition("?")
     if name != "tiny-sd3":
-        raise ValueError(f"unknown builtin model {name!r}; allowed: ['tiny-sd3']")
+        raise ValueError(f"unknown builtin model {name!r}; allowed: ['toy-sd3', 'tiny-sd3']")
     fields = TinySD3Config.__dataclass_fields__
     kwargs = {}
     for part in filter(None, query.split("&")):
@@ -119,11 +119,19 @@ def parse_builtin(spec: str) -> TinySD3Config:
     return TinySD3Config(**kwargs)
 
 
+TOY_TEACHER = Path(__file__).parent / "toy" / "weights" / "toy-sd3"
+
+
 def resolve_pretrained(path: str) -> str:
-    """Return a loadable path: `builtin:` specs are written to a cache folder once; anything
-    else (a local folder or a hub id) is returned unchanged for `from_pretrained`."""
+    """Return a loadable path: `builtin:toy-sd3` is the committed toy teacher folder;
+    `builtin:tiny-sd3...` specs are written to a cache folder once; anything else (a local
+    folder or a hub id) is returned unchanged for `from_pretrained`."""
     if not str(path).startswith("builtin:"):
         return str(path)
+    if path == "builtin:toy-sd3":
+        if not (TOY_TEACHER / "model_index.json").exists():
+            raise FileNotFoundError(f"the toy teacher is not in {TOY_TEACHER}; train it with `make toy-teacher`")
+        return str(TOY_TEACHER)
     cfg = parse_builtin(str(path))
     folder = _cache_root() / f"tiny-sd3-{cfg.key()}"
     if not (folder / "model_index.json").exists():

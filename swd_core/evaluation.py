@@ -1,0 +1,185 @@
+"""The evaluator for the shapes domain: a small classifier that reads each cell of the 3×3
+grid (shape or empty, colour, size) and the background, and the metrics built on it:
+
+- prompt accuracy: the fraction of generated images whose every prompted attribute is right
+  (a GenEval analogue), with a per-attribute breakdown;
+- Fréchet distance between classifier features of generated and real images (an FID analogue);
+- PSNR, for the VAE's reconstructions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swd_core.toy.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, ShapeObject, ShapesSample, relation_holds
+
+SHAPE_CLASSES = ("none",) + SHAPES
+COLOR_CLASSES = tuple(COLORS)
+SIZE_CLASSES = tuple(SIZES)
+BACKGROUND_CLASSES = tuple(BACKGROUNDS)
+
+
+def _block(c_in, c_out, stride):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out), nn.GELU())
+
+
+class ShapesClassifier(nn.Module):
+    """A small CNN: 64×64 image -> per-cell (shape, colour, size) logits, background logits and
+    a pooled feature vector (for the Fréchet distance)."""
+
+    def __init__(self, width: int = 32, feature_dim: int = 128):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            _block(3, width, 1), _block(width, width, 2),  # 32
+            _block(width, 2 * width, 1), _block(2 * width, 2 * width, 2),  # 16
+            _block(2 * width, feature_dim, 1), _block(feature_dim, feature_dim, 2),  # 8
+        )
+        self.cells = nn.AdaptiveAvgPool2d(3)
+        self.cell_head = nn.Linear(feature_dim, len(SHAPE_CLASSES) + len(COLOR_CLASSES) + len(SIZE_CLASSES))
+        self.background_head = nn.Linear(feature_dim, len(BACKGROUND_CLASSES))
+        self.width, self.feature_dim = width, feature_dim
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images in [-1, 1], (B, 3, 64, 64)."""
+        fmap = self.trunk(images)
+        cells = self.cells(fmap).flatten(2).transpose(1, 2)  # (B, 9, C), row-major cells
+        logits = self.cell_head(cells)
+        ns, nc = len(SHAPE_CLASSES), len(COLOR_CLASSES)
+        features = fmap.mean(dim=(2, 3))
+        return {"shape": logits[..., :ns], "color": logits[..., ns:ns + nc], "size": logits[..., ns + nc:],
+                "background": self.background_head(features), "features": features}
+
+
+@dataclass
+class SceneReading:
+    """What the classifier sees in one image: per cell (row, col) -> ShapeObject or nothing."""
+
+    objects: list[ShapeObject]
+    objectness: list[float]  # 1 - p(empty) for each object
+    background: str
+
+
+def targets_from_sample(sample: ShapesSample) -> dict[str, torch.Tensor]:
+    shape = torch.zeros(9, dtype=torch.long)
+    color = torch.full((9,), -100, dtype=torch.long)  # -100: ignored by cross-entropy (empty cell)
+    size = torch.full((9,), -100, dtype=torch.long)
+    for o in sample.objects:
+        cell = o.row * 3 + o.col
+        shape[cell] = SHAPE_CLASSES.index(o.shape)
+        color[cell] = COLOR_CLASSES.index(o.color)
+        size[cell] = SIZE_CLASSES.index(o.size)
+    return {"shape": shape, "color": color, "size": size,
+            "background": torch.tensor(BACKGROUND_CLASSES.index(sample.background))}
+
+
+def classifier_loss(out: dict, targets: dict) -> torch.Tensor:
+    return (F.cross_entropy(out["shape"].flatten(0, 1), targets["shape"].flatten())
+            + F.cross_entropy(out["color"].flatten(0, 1), targets["color"].flatten())
+            + F.cross_entropy(out["size"].flatten(0, 1), targets["size"].flatten())
+            + F.cross_entropy(out["background"], targets["background"]))
+
+
+@torch.no_grad()
+def read_scenes(classifier: ShapesClassifier, images: torch.Tensor, batch_size: int = 128) -> tuple[list[SceneReading], torch.Tensor]:
+    """Classify images in [-1, 1]; returns the readings and the (N, feature_dim) features."""
+    readings, feats = [], []
+    classifier.eval()
+    for start in range(0, len(images), batch_size):
+        out = classifier(images[start:start + batch_size].float())
+        feats.append(out["features"])
+        p_shape = out["shape"].softmax(-1)
+        for b in range(p_shape.shape[0]):
+            objs, conf = [], []
+            for cell in range(9):
+                k = int(p_shape[b, cell].argmax())
+                if k == 0:
+                    continue
+                objs.append(ShapeObject(SHAPE_CLASSES[k], COLOR_CLASSES[int(out["color"][b, cell].argmax())],
+                                        SIZE_CLASSES[int(out["size"][b, cell].argmax())], cell // 3, cell % 3))
+                conf.append(float(1 - p_shape[b, cell, 0]))
+            readings.append(SceneReading(objs, conf, BACKGROUND_CLASSES[int(out["background"][b].argmax())]))
+    return readings, torch.cat(feats) if feats else torch.zeros(0, classifier.feature_dim)
+
+
+ATTRIBUTES = ("count", "shape", "color", "size", "position", "background", "relation")
+
+
+def judge(sample: ShapesSample, reading: SceneReading) -> dict[str, bool | None]:
+    """Per prompted attribute: right (True), wrong (False) or not prompted (None); plus "all"."""
+    want = sample.objects
+    # Match the prompt's objects to the most confident detected objects (both orders for two).
+    ranked = [o for _, o in sorted(zip(reading.objectness, reading.objects), key=lambda t: -t[0])]
+    found = ranked[:len(want)]
+    result: dict[str, bool | None] = {a: None for a in ATTRIBUTES}
+    result["count"] = len(reading.objects) == len(want)
+    if len(found) < len(want):
+        found = found + [None] * (len(want) - len(found))
+
+    def score(assign):
+        checks = {"shape": all(f is not None and f.shape == w.shape for w, f in zip(want, assign)),
+                  "color": all(f is not None and f.color == w.color for w, f in zip(want, assign))}
+        if sample.stated.get("size"):
+            checks["size"] = all(f is not None and f.size == w.size for w, f in zip(want, assign))
+        if sample.stated.get("position"):
+            checks["position"] = all(f is not None and (f.row, f.col) == (w.row, w.col) for w, f in zip(want, assign))
+        if sample.relation:
+            checks["relation"] = None not in assign and relation_holds(sample.relation, assign[0], assign[1])
+        return checks
+
+    candidates = [found] if len(want) == 1 else [found, found[::-1]]
+    best = max((score(c) for c in candidates), key=lambda c: sum(c.values()))
+    result.update(best)
+    if sample.stated.get("background"):
+        result["background"] = reading.background == sample.background
+    result["all"] = all(v for v in result.values() if v is not None)
+    return result
+
+
+def prompt_accuracy(samples: Sequence[ShapesSample], readings: Sequence[SceneReading]) -> dict:
+    """Prompt accuracy overall, for one- and two-object prompts, and per attribute."""
+    verdicts = [judge(s, r) for s, r in zip(samples, readings, strict=True)]
+
+    def frac(vs, key="all"):
+        vals = [v[key] for v in vs if v[key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    one = [v for s, v in zip(samples, verdicts) if len(s.objects) == 1]
+    two = [v for s, v in zip(samples, verdicts) if len(s.objects) == 2]
+    return {"prompt_accuracy": frac(verdicts), "acc_one_object": frac(one), "acc_two_object": frac(two),
+            "per_attribute": {a: frac(verdicts, a) for a in ATTRIBUTES}, "n": len(verdicts)}
+
+
+def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets:
+    ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½), the matrix square root by scipy."""
+    a = np.asarray(features_a, dtype=np.float64)
+    b = np.asarray(features_b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = np.real(scipy.linalg.sqrtm(cov_a @ cov_b))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+
+
+def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(reconstruction.float().clamp(-1, 1), reference.float()).item()
+    return float(10 * np.log10(4.0 / max(mse, 1e-12)))
+
+
+def load_classifier(path: str | Path) -> ShapesClassifier:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = ShapesClassifier(**state.get("config", {}))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def save_classifier(model: ShapesClassifier, path: str | Path, **meta) -> None:
+    torch.save({"model": model.state_dict(), "config": {"width": model.width, "feature_dim": model.feature_dim}, **meta}, path)

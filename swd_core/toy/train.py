@@ -1,0 +1,351 @@
+"""Train the embedded default: the evaluator classifier, the toy VAE and the toy SD3 teacher.
+
+    python -m swd_core.toy.train all         # or: make toy-teacher   (resumable: rerun to continue)
+    python -m swd_core.toy.train classifier | vae | transformer
+
+Each phase writes its result under swd_core/toy/weights/ and skips itself when that exists;
+the transformer phase checkpoints to swd_core/toy/.work/ every few minutes and resumes from
+there. `weights/training_record.json` records commands, seeds, steps and wall time per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from swd_core.evaluation import (ShapesClassifier, classifier_loss, load_classifier, prompt_accuracy, psnr,
+                                 read_scenes, save_classifier, targets_from_sample)
+from swd_core.toy import shapes
+
+HERE = Path(__file__).parent
+WEIGHTS = HERE / "weights"
+WORK = HERE / ".work"
+CLASSIFIER = WEIGHTS / "classifier.pt"
+TEACHER = WEIGHTS / "toy-sd3"
+RECORD = WEIGHTS / "training_record.json"
+SEED = 0
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def record(phase: str, **info) -> None:
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    data = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    entry = data.get(phase, {})
+    entry.update(info, command=" ".join(["python -m swd_core.toy.train", *sys.argv[1:]]))
+    data[phase] = entry
+    RECORD.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- classifier
+
+def classifier_scene(rng: np.random.Generator) -> shapes.ShapesSample:
+    """0–3 objects in distinct cells, any colour/shape pair: broader than the captions, so the
+    classifier reads whatever a generator draws."""
+    n = int(rng.integers(0, 4))
+    cells = rng.permutation(9)[:n]
+    objs = [shapes.ShapeObject(str(rng.choice(shapes.SHAPES)), str(rng.choice(list(shapes.COLORS))),
+                               str(rng.choice(list(shapes.SIZES))), int(c) // 3, int(c) % 3) for c in cells]
+    return shapes.ShapesSample("", objs, str(rng.choice(list(shapes.BACKGROUNDS))))
+
+
+def classifier_batch(rng, batch):
+    samples = [classifier_scene(rng) for _ in range(batch)]
+    images = shapes.to_tensor([shapes.render(s, rng) for s in samples])
+    targets = [targets_from_sample(s) for s in samples]
+    return images, {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
+
+
+def train_classifier(steps: int = 1500, batch: int = 64) -> None:
+    if CLASSIFIER.exists():
+        log(f"classifier: {CLASSIFIER} exists, skipping")
+        return
+    torch.manual_seed(SEED)
+    rng = np.random.default_rng([SEED, 1])
+    model = ShapesClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    start = time.time()
+    for step in range(steps):
+        images, targets = classifier_batch(rng, batch)
+        loss = classifier_loss(model(images), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"classifier step {step}/{steps} loss {loss.item():.4f}")
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    save_classifier(model, CLASSIFIER, seed=SEED, steps=steps)
+    acc = evaluate_classifier(model)
+    record("classifier", seed=SEED, steps=steps, batch=batch, seconds=round(time.time() - start), **acc)
+    log(f"classifier: real held-out prompt accuracy {acc['real_prompt_accuracy']:.4f}")
+
+
+def evaluate_classifier(model, count: int = 640) -> dict:
+    samples = shapes.held_out_prompts(count)
+    rng = np.random.default_rng([SEED, 99])
+    images = shapes.to_tensor([shapes.render(s, rng) for s in samples])
+    readings, _ = read_scenes(model, images)
+    acc = prompt_accuracy(samples, readings)
+    return {"real_prompt_accuracy": acc["prompt_accuracy"], "real_per_attribute": acc["per_attribute"]}
+
+
+# ---------------------------------------------------------------- VAE
+
+def vae_config() -> dict:
+    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                norm_num_groups=32, sample_size=64, scaling_factor=1.0, shift_factor=0.0)
+
+
+def image_pool(seed: int, count: int) -> torch.Tensor:
+    """`count` training images as uint8 (N, 3, 64, 64) plus their samples."""
+    items = list(shapes.dataset(seed, count))
+    arr = np.stack([np.asarray(im) for _, _, im in items])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), [s for _, s, _ in items]
+
+
+def as_float(u8: torch.Tensor) -> torch.Tensor:
+    return u8.float() / 127.5 - 1.0
+
+
+def train_vae(steps: int = 3000, batch: int = 32) -> None:
+    from diffusers import AutoencoderKL
+
+    out = WORK / "vae"
+    if (out / "config.json").exists():
+        log(f"vae: {out} exists, skipping")
+        return
+    torch.manual_seed(SEED)
+    pool, _ = image_pool(SEED + 1, 20_000)
+    vae = AutoencoderKL(**vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(SEED)
+    start = time.time()
+    for step in range(steps):
+        x = as_float(pool[torch.randint(len(pool), (batch,), generator=g)])
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=g)).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.5f} psnr~{10 * math.log10(4 / max(F.mse_loss(recon.clamp(-1, 1), x).item(), 1e-12)):.1f}dB")
+    vae.eval()
+    # SD3-style normalisation: latents = (z - shift) * scale with unit variance.
+    with torch.no_grad():
+        z = torch.cat([vae.encode(as_float(pool[i:i + 256])).latent_dist.mode() for i in range(0, 4096, 256)])
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
+    held = shapes.to_tensor([im for _, _, im in shapes.dataset(shapes.EVAL_SEED, 512)])
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(held).latent_dist.mode()).sample
+    vae.save_pretrained(out)
+    record("vae", seed=SEED, steps=steps, batch=batch, seconds=round(time.time() - start),
+           held_out_psnr_db=psnr(held, rec), shift_factor=vae.config.shift_factor,
+           scaling_factor=vae.config.scaling_factor)
+    log(f"vae: held-out PSNR {psnr(held, rec):.2f} dB")
+
+
+# ---------------------------------------------------------------- transformer (the teacher)
+
+TEACHER_ARCH = dict(layers=8, heads=3, head_dim=64, text_dim=128, text_layers=2,
+                    text_max_length=shapes.MAX_CAPTION_TOKENS, seed=SEED)
+TRAIN_IMAGES = 60_000
+CKPT = WORK / "teacher_ckpt.pt"
+
+
+def teacher_pipeline():
+    """Tokenizer for the shapes vocabulary, small CLIP encoders, the trained VAE and a fresh
+    SD3 transformer, as one `StableDiffusion3Pipeline`."""
+    from diffusers import AutoencoderKL
+
+    from swd_core.tiny_models import TinySD3Config, build_tiny_sd3
+
+    pipe = build_tiny_sd3(TinySD3Config(**TEACHER_ARCH), vocab=shapes.vocabulary())
+    pipe.vae = AutoencoderKL.from_pretrained(WORK / "vae")
+    pipe.vae.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def training_latents(adapter) -> tuple[torch.Tensor, list[str]]:
+    cache = WORK / "train_latents.pt"
+    if cache.exists():
+        data = torch.load(cache, weights_only=False)
+        return data["latents"], data["captions"]
+    log(f"encoding {TRAIN_IMAGES} training images with the VAE")
+    latents, captions = [], []
+    for start in range(0, TRAIN_IMAGES, 500):
+        items = list(shapes.dataset(SEED + 2, 500, start))
+        with torch.no_grad():
+            latents.append(adapter.encode_images(shapes.to_tensor([im for _, _, im in items])).half())
+        captions += [s.caption for _, s, _ in items]
+    data = {"latents": torch.cat(latents), "captions": captions}
+    torch.save(data, cache)
+    return data["latents"], data["captions"]
+
+
+def teacher_modules(pipe):
+    return {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+
+
+@torch.no_grad()
+def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: float = 4.5) -> dict:
+    """Teacher prompt accuracy on the first `count` held-out prompts (tracks learning)."""
+    from swd_core.adapters.sd3 import SD3Adapter
+    from swd_core.generate import generate_latents
+
+    adapter = SD3Adapter(pipe, max_sequence_length=0)
+    samples = shapes.held_out_prompts()[:count]
+    lat = generate_latents(adapter, [s.caption for s in samples], list(range(count)), teacher_steps=steps,
+                           guidance=guidance)
+    readings, _ = read_scenes(classifier, adapter.decode_latents(lat))
+    return prompt_accuracy(samples, readings)
+
+
+def train_transformer(hours: float = 2.0, batch: int = 64, lr: float = 3e-4, eval_every_s: float = 600,
+                      ckpt_every_s: float = 300) -> None:
+    if (TEACHER / "model_index.json").exists():
+        log(f"transformer: {TEACHER} exists, skipping")
+        return
+    from swd_core.adapters.sd3 import SD3Adapter
+
+    torch.manual_seed(SEED)
+    pipe = teacher_pipeline()
+    adapter = SD3Adapter(pipe, max_sequence_length=0)
+    latents, captions = training_latents(adapter)
+    modules = teacher_modules(pipe)
+    params = [p for m in modules.values() for p in m.parameters()]
+    ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    step, elapsed = 0, 0.0
+    g = torch.Generator().manual_seed(SEED)
+    history = []
+    if CKPT.exists():
+        ck = torch.load(CKPT, weights_only=False)
+        for k, m in modules.items():
+            m.load_state_dict(ck["model"][k])
+        ema, step, elapsed, history = ck["ema"], ck["step"], ck["elapsed"], ck["history"]
+        opt.load_state_dict(ck["opt"])
+        g.set_state(ck["rng"])
+        log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
+    classifier = load_classifier(CLASSIFIER) if CLASSIFIER.exists() else None
+    n_params = sum(p.numel() for p in pipe.transformer.parameters())
+    log(f"teacher transformer {n_params / 1e6:.2f}M params; text encoders "
+        f"{sum(p.numel() for p in pipe.text_encoder.parameters()) * 2 / 1e6:.2f}M; {len(latents)} training latents")
+    budget = hours * 3600
+    last_ckpt = last_eval = time.time()
+    t0 = time.time() - elapsed
+    for m in modules.values():
+        m.train()
+    while time.time() - t0 < budget:
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        keep = torch.rand(batch, generator=g) >= 0.1  # 10% caption dropout for CFG
+        prompts = [captions[i] if k else "" for i, k in zip(idx.tolist(), keep.tolist())]
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+                                                  max_sequence_length=0)
+        z = latents[idx].float()
+        sigma = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal timesteps
+        eps = torch.randn(z.shape, generator=g)
+        s = sigma.view(-1, 1, 1, 1)
+        v = pipe.transformer(hidden_states=(1 - s) * z + s * eps, timestep=sigma * 1000, encoder_hidden_states=embeds,
+                             pooled_projections=pooled, return_dict=False)[0]
+        loss = F.mse_loss(v, eps - z)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 300)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, m in modules.items():
+                for n, t in m.state_dict().items():
+                    if t.dtype.is_floating_point:
+                        ema[k][n].lerp_(t, 1 - decay)
+                    else:
+                        ema[k][n].copy_(t)
+        step += 1
+        if step % 50 == 0:
+            log(f"step {step} loss {loss.item():.4f} ({(time.time() - t0) / 60:.1f} min)")
+        now = time.time()
+        if classifier is not None and now - last_eval > eval_every_s:
+            acc = _eval_ema(pipe, modules, ema, classifier)
+            history.append({"step": step, "minutes": round((now - t0) / 60, 1), "acc_one_object": acc["acc_one_object"],
+                            "acc_two_object": acc["acc_two_object"]})
+            log(f"eval at step {step}: one-object {acc['acc_one_object']:.2f} two-object {acc['acc_two_object']:.2f}")
+            last_eval = time.time()
+            t0 += last_eval - now  # evaluation time does not count against the training budget
+        if now - last_ckpt > ckpt_every_s:
+            _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history)
+            last_ckpt = time.time()
+    _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history)
+    for k, m in modules.items():
+        m.load_state_dict(ema[k])
+    pipe.vae.requires_grad_(True)
+    # fp16 on disk keeps the folder small; loading with dtype=float32 upcasts.
+    pipe.to(torch.float16).save_pretrained(TEACHER)
+    record("transformer", seed=SEED, steps=step, batch=batch, lr=lr, minutes=round((time.time() - t0) / 60, 1),
+           architecture=TEACHER_ARCH, transformer_params=n_params, history=history)
+    log(f"teacher saved to {TEACHER} after {step} steps")
+
+
+def _eval_ema(pipe, modules, ema, classifier):
+    live = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
+    for k, m in modules.items():
+        m.load_state_dict(ema[k])
+        m.eval()
+    try:
+        return quick_eval(pipe, classifier)
+    finally:
+        for k, m in modules.items():
+            m.load_state_dict(live[k])
+            m.train()
+
+
+def _save_ckpt(modules, ema, opt, step, elapsed, g, history) -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    tmp = CKPT.with_suffix(".tmp")
+    torch.save({"model": {k: m.state_dict() for k, m in modules.items()}, "ema": ema, "opt": opt.state_dict(),
+                "step": step, "elapsed": elapsed, "rng": g.get_state(), "history": history}, tmp)
+    tmp.replace(CKPT)
+    log(f"checkpoint at step {step}")
+
+
+# ---------------------------------------------------------------- entry point
+
+PHASES = {"classifier": lambda a: train_classifier(), "vae": lambda a: train_vae(a.vae_steps, a.vae_batch),
+          "transformer": lambda a: train_transformer(a.hours, a.batch)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=[*PHASES, "all"])
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--hours", type=float, default=2.0, help="transformer training budget (wall clock, resumable)")
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    for name, fn in PHASES.items():
+        if args.phase in (name, "all"):
+            fn(args)
+
+
+if __name__ == "__main__":
+    main()
