@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="pipeline definition (YAML)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
-    parser.add_argument("--stages", help=f"comma-separated subset of the definition's stages ({', '.join(STAGES)})")
+    parser.add_argument("--stages", help=f"comma-separated stages to run instead of the definition's list ({', '.join(STAGES)})")
     args = parser.parse_args(argv)
 
     try:

@@ -8,7 +8,7 @@ from pipelines.schema import PipelineConfig
 IMPLEMENTED_STAGES = ("preview",)
 
 
-def render_plan(cfg: PipelineConfig, vae_scale_factor: int | None = None) -> str:
+def render_plan(cfg: PipelineConfig) -> str:
     schedule = cfg.schedule()
     d, r = cfg.distill, cfg.resources
     losses = d.losses
@@ -21,7 +21,7 @@ def render_plan(cfg: PipelineConfig, vae_scale_factor: int | None = None) -> str
         out.append(f"  - {stage}{status}")
     kind = "scale-wise" if schedule.is_scalewise else "full-resolution"
     out += ["", f"schedule ({kind}, {schedule.num_steps} steps):"]
-    out += [f"  {line}" for line in schedule.describe(vae_scale_factor)]
+    out += [f"  {line}" for line in schedule.describe()]
     out += [
         f"  scales {list(schedule.scales)}",
         f"  sigmas {[round(s, 4) for s in schedule.sigmas]}",

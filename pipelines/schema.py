@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from swd_core.schedules import PRESETS, ScaleSchedule, preset
+from swd_core.lora import DEFAULT_TARGETS
+from swd_core.schedules import GRID_STEPS, PRESETS, ScaleSchedule, preset
 
 # Patch size per model family, so schedules can be validated before any weights are loaded.
 FAMILY_PATCH_SIZE = {"sd3": 2}
-STAGES = ("synthesize", "precompute", "distill", "evaluate", "deploy", "preview")
+Stage = Literal["synthesize", "precompute", "distill", "evaluate", "deploy", "preview"]
+STAGES: tuple[str, ...] = get_args(Stage)
 
 
 class Strict(BaseModel):
@@ -109,18 +111,28 @@ class ScheduleConfig(Strict):
         return schedule if self.scalewise else schedule.full_resolution()
 
 
+def _check_grid_range(v: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = v
+    if not 0 <= lo < hi <= GRID_STEPS:
+        raise ValueError(f"grid_range must be [low, high) indices into the {GRID_STEPS}-step sigma grid, 0 <= low < high <= {GRID_STEPS}")
+    return v
+
+
+GridRange = Annotated[tuple[int, int], AfterValidator(_check_grid_range)]
+
+
 class MMDLoss(Strict):
     weight: Annotated[float, Field(ge=0)] = 1.0
     kernel: Literal["linear", "rbf"] = "linear"
     c: Annotated[float, Field(gt=0)] = 1e-3
     rbf_bandwidth: Annotated[float, Field(gt=0)] = 100.0
-    grid_range: tuple[int, int] = (18, 28)
+    grid_range: GridRange = (18, 28)  # σ ≤ 0.602: MMD compares fine detail
 
 
 class DMDLoss(Strict):
     weight: Annotated[float, Field(ge=0)] = 1.0
     guidance_scale: Annotated[float, Field(ge=0)] = 7.0
-    grid_range: tuple[int, int] = (12, 28)
+    grid_range: GridRange = (12, 28)
 
 
 class GANLoss(Strict):
@@ -144,7 +156,7 @@ class LossesConfig(Strict):
 class LoRAConfig(Strict):
     rank: Annotated[int, Field(ge=1)] = 64
     alpha: Annotated[float, Field(gt=0)] | None = None  # default: = rank
-    targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    targets: list[str] = list(DEFAULT_TARGETS)
 
 
 class DistillConfig(Strict):
@@ -209,7 +221,7 @@ class ResourcesConfig(Strict):
 
 class PipelineConfig(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
-    stages: list[Literal["synthesize", "precompute", "distill", "evaluate", "deploy", "preview"]] = list(STAGES)
+    stages: list[Stage] = list(STAGES)
     teacher: TeacherConfig
     data: DataConfig = DataConfig()
     synthesize: SynthesizeConfig = SynthesizeConfig()

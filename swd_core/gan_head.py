@@ -17,7 +17,7 @@ class GANHead(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        widths = [int(round(w)) for w in np.linspace(dim, 1, 5)]
+        widths = [int(round(w)) for w in np.linspace(dim, 1, 5)]  # Python rounding: 32.5 -> 32
         layers = []
         for w_in, w_out in zip(widths[:-1], widths[1:]):
             layers += [nn.LayerNorm(w_in), nn.GELU(), nn.Linear(w_in, w_out)]

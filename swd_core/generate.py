@@ -50,6 +50,8 @@ def generate_latents(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequ
     the model's native latent size, CFG when `guidance` > 1."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if schedule is not None and guidance > 1.0:
+        raise ValueError("few-step (scale-wise / full-resolution) sampling uses no CFG; guidance applies to the teacher sampler")
     text = adapter.encode_prompts(list(prompts))
     gens = seed_generators(seeds)
     if schedule is not None:

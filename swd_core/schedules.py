@@ -58,6 +58,8 @@ class ScaleSchedule:
         object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
         if self.boundaries is not None:
             object.__setattr__(self, "boundaries", tuple(int(b) for b in self.boundaries))
+            if len(self.boundaries) != len(self.scales):
+                raise ValueError(f"boundaries: need one grid index per scale ({len(self.scales)} scales), got {list(self.boundaries)}")
         validate_schedule(self.scales, self.sigmas, self.patch_size)
 
     @classmethod

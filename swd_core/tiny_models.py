@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -135,7 +136,11 @@ def resolve_pretrained(path: str) -> str:
     cfg = parse_builtin(str(path))
     folder = _cache_root() / f"tiny-sd3-{cfg.key()}"
     if not (folder / "model_index.json").exists():
+        # Write aside, then rename: concurrent processes never see a half-written folder.
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         save_tiny_sd3(tmp, cfg)
-        tmp.rename(folder) if not folder.exists() else None
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)

@@ -54,18 +54,30 @@ def test_full_resolution_sampler_is_the_same_sigmas_at_the_final_scale(tiny_adap
 
 
 def test_sampler_upscales_x0_not_the_noisy_latent(toy_schedule):
-    """With a denoiser that predicts v = 0, x̂0 = x: each step must upscale x̂0 bicubically and
-    mix in fresh noise at the next sigma."""
+    """A denoiser whose x̂0 is a known tensor T_s at each scale: every next input must be
+    (1 − σ') · bicubic(T_s) + σ' · ε with fresh ε, not an upscaled noisy latent."""
+    import torch.nn.functional as F
+
+    targets = {s: torch.randn(1, 1, s, s, generator=torch.Generator().manual_seed(s)) for s in toy_schedule.scales}
     seen = []
 
     def denoiser(x, sigma):
-        seen.append((x.shape[-1], float(sigma)))
-        return torch.zeros_like(x)
+        seen.append((x.clone(), float(sigma)))
+        return (x - targets[x.shape[-1]]) / sigma  # so x̂0 = x − σ v = T_s
 
-    noise = torch.randn(1, 1, 8, 8)
-    sample_scalewise(denoiser, toy_schedule, noise, torch.Generator().manual_seed(0))
-    assert [s for s, _ in seen] == [8, 10, 12, 16]
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(99))
+    out = sample_scalewise(denoiser, toy_schedule, noise, torch.Generator().manual_seed(0))
+    assert [x.shape[-1] for x, _ in seen] == [8, 10, 12, 16]
     assert [round(s, 4) for _, s in seen] == [1.0, 0.8959, 0.7371, 0.6022]
+    assert torch.allclose(out, targets[16], atol=1e-6)
+    replay = torch.Generator().manual_seed(0)
+    for i in range(1, 4):
+        prev, size, sigma = toy_schedule.scales[i - 1], toy_schedule.scales[i], toy_schedule.sigmas[i]
+        eps = torch.randn(1, 1, size, size, generator=replay)
+        expected = (1 - sigma) * F.interpolate(targets[prev], size=(size, size), mode="bicubic") + sigma * eps
+        assert torch.allclose(seen[i][0], expected, atol=1e-5)
+        noisy_upscaled = F.interpolate(seen[i - 1][0], size=(size, size), mode="bicubic")
+        assert not torch.allclose(seen[i][0], noisy_upscaled, atol=1e-2)
 
 
 def test_teacher_cfg_sampler_agrees_with_stock_sd3_pipeline(tiny_adapter):

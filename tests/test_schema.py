@@ -75,6 +75,15 @@ def test_bad_values_are_named_with_what_is_allowed():
     assert "4 problems" in msg
 
 
+def test_grid_ranges_are_checked_up_front():
+    data = _medium6()
+    data["distill"]["losses"]["dmd"] = {"grid_range": [30, 10]}
+    data["distill"]["losses"]["mmd"] = {"grid_range": [18, 40]}
+    msg = _error(data)
+    assert "distill.losses.dmd.grid_range: got [30, 10]" in msg and "0 <= low < high <= 28" in msg
+    assert "distill.losses.mmd.grid_range: got [18, 40]" in msg
+
+
 def test_schedule_errors_point_at_the_schedule():
     data = _medium6()
     data["distill"]["schedule"] = {"scales": [32, 48, 40, 128], "boundaries": [0, 7, 14, 18]}

@@ -19,7 +19,8 @@ from pipelines.storage import write_png
 def run(cfg: PipelineConfig) -> dict:
     adapter = load_adapter(cfg.teacher.family, cfg.teacher.path, dtype=cfg.teacher.dtype,
                            max_sequence_length=cfg.teacher.max_sequence_length)
-    schedule = cfg.schedule()
+    # Both samplers always, whatever `scalewise` says; checked against the loaded transformer.
+    schedule = cfg.distill.schedule.model_copy(update={"scalewise": True}).build(adapter.patch_size)
     prompts = cfg.data.preview_prompts
     seeds = [cfg.evaluate.seed + i for i in range(len(prompts))]
     ev = cfg.evaluate
