@@ -219,14 +219,22 @@ def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: flo
 
 
 def train_transformer(hours: float = 2.0, batch: int = 64, lr: float = 3e-4, eval_every_s: float = 600,
-                      ckpt_every_s: float = 300) -> None:
-    if (TEACHER / "model_index.json").exists():
-        log(f"transformer: {TEACHER} exists, skipping")
+                      ckpt_every_s: float = 300, continue_teacher: bool = False) -> None:
+    """`hours` is the total budget across runs. `continue_teacher` resumes from the committed
+    teacher folder (its weights; a fresh optimizer) when the work checkpoint is gone, e.g. on a
+    new machine."""
+    exists = (TEACHER / "model_index.json").exists()
+    if exists and not continue_teacher:
+        log(f"transformer: {TEACHER} exists, skipping (use --continue to train it further)")
         return
-    from swd_core.adapters.sd3 import SD3Adapter
+    from swd_core.adapters.sd3 import SD3Adapter, load_sd3_pipeline
 
     torch.manual_seed(SEED)
-    pipe = teacher_pipeline()
+    if continue_teacher and exists:
+        pipe = load_sd3_pipeline(str(TEACHER), "float32")
+        pipe.vae.requires_grad_(False)
+    else:
+        pipe = teacher_pipeline()
     adapter = SD3Adapter(pipe, max_sequence_length=0)
     latents, captions = training_latents(adapter)
     modules = teacher_modules(pipe)
@@ -244,6 +252,10 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float = 3e-4, eva
         opt.load_state_dict(ck["opt"])
         g.set_state(ck["rng"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
+    elif continue_teacher and exists:
+        done = json.loads(RECORD.read_text())["transformer"]
+        step, elapsed, history = done["steps"], done["minutes"] * 60, done.get("history", [])
+        log(f"continuing the committed teacher from step {step} ({done['minutes']} min trained)")
     classifier = load_classifier(CLASSIFIER) if CLASSIFIER.exists() else None
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     log(f"teacher transformer {n_params / 1e6:.2f}M params; text encoders "
@@ -320,7 +332,7 @@ def _eval_ema(pipe, modules, ema, classifier):
 
 def _save_ckpt(modules, ema, opt, step, elapsed, g, history) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
-    tmp = CKPT.with_suffix(".tmp")
+    tmp = CKPT.with_suffix(".tmp")  # written aside, then renamed: a kill never leaves half a checkpoint
     torch.save({"model": {k: m.state_dict() for k, m in modules.items()}, "ema": ema, "opt": opt.state_dict(),
                 "step": step, "elapsed": elapsed, "rng": g.get_state(), "history": history}, tmp)
     tmp.replace(CKPT)
@@ -330,7 +342,7 @@ def _save_ckpt(modules, ema, opt, step, elapsed, g, history) -> None:
 # ---------------------------------------------------------------- entry point
 
 PHASES = {"classifier": lambda a: train_classifier(), "vae": lambda a: train_vae(a.vae_steps, a.vae_batch),
-          "transformer": lambda a: train_transformer(a.hours, a.batch)}
+          "transformer": lambda a: train_transformer(a.hours, a.batch, continue_teacher=a.continue_teacher)}
 
 
 def main(argv=None) -> None:
@@ -340,6 +352,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--hours", type=float, default=2.0, help="transformer training budget (wall clock, resumable)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--continue", dest="continue_teacher", action="store_true",
+                        help="train the committed teacher further, up to --hours in total")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     for name, fn in PHASES.items():

@@ -1,0 +1,50 @@
+"""The committed toy teacher loads as SD3.5 would: through diffusers and through the adapter."""
+
+import json
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+from swd_core.adapters import load_adapter
+from swd_core.tiny_models import TOY_TEACHER
+from swd_core.toy import shapes
+
+
+def test_folder_is_small_and_records_how_it_was_made():
+    size = sum(p.stat().st_size for p in TOY_TEACHER.rglob("*") if p.is_file())
+    assert size < 40 * 2**20
+    record = json.loads((TOY_TEACHER.parent / "training_record.json").read_text())
+    for phase in ("classifier", "vae", "transformer"):
+        assert "command" in record[phase] and "seed" in record[phase]
+    assert record["transformer"]["architecture"]["layers"] >= 4
+
+
+def test_loads_with_stock_diffusers():
+    # fp16 on disk (size); load as float32 on CPU, as SD3.5 users pass a dtype too
+    pipe = StableDiffusion3Pipeline.from_pretrained(TOY_TEACHER, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
+    assert isinstance(pipe.transformer, SD3Transformer2DModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert pipe.transformer.config.patch_size == 2 and pipe.vae_scale_factor == 4
+    assert pipe.vae.config.latent_channels == 4 and pipe.transformer.config.sample_size == 16
+    ids = pipe.tokenizer("a red circle").input_ids
+    vocab = pipe.tokenizer.get_vocab()
+    assert ids[1:4] == [vocab["a"], vocab["red"], vocab["circle"]]  # real word ids, not all end-of-text
+    torch.manual_seed(0)
+    image = pipe("a large red circle in the center", num_inference_steps=4, guidance_scale=4.5, height=64, width=64,
+                 max_sequence_length=0).images[0]
+    assert image.size == (64, 64)
+
+
+def test_loads_through_the_adapter_and_reconstructs_shapes():
+    adapter = load_adapter("sd3", "builtin:toy-sd3", max_sequence_length=0)
+    assert adapter.latent_channels == 4 and adapter.num_blocks >= 4
+    rng = np.random.default_rng(0)
+    real = shapes.to_tensor([shapes.render(s, rng) for s in shapes.held_out_prompts()[:16]])
+    with torch.no_grad():
+        z = adapter.encode_images(real)
+        recon = adapter.decode_latents(z)
+    assert z.shape == (16, 4, 16, 16)
+    assert 0.5 < z.std() < 2.0  # scaling_factor normalises the latents
+    from swd_core.evaluation import psnr
+
+    assert psnr(real, recon) > 26
