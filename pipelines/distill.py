@@ -16,8 +16,9 @@ from pathlib import Path
 # `ray job submit --working-dir .` the package may not be installed, so add the root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.plan import IMPLEMENTED_STAGES, render_plan  # noqa: E402
+from pipelines.plan import render_plan  # noqa: E402
 from pipelines.schema import STAGES, PipelineConfigError, load_pipeline_config  # noqa: E402
+from pipelines.stages import AVAILABLE, run_stage  # noqa: E402
 
 
 def _quiet_libraries() -> None:
@@ -28,14 +29,6 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def run_stage(name: str, cfg) -> dict:
-    if name == "preview":
-        from pipelines.stages import preview
-
-        return preview.run(cfg)
-    raise AssertionError(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     results = {}
     for stage in stages:
-        if stage not in IMPLEMENTED_STAGES:
+        if stage not in AVAILABLE:
             print(f"[{stage}] not available in this version of the project; skipped", flush=True)
             continue
         print(f"[{stage}] starting", flush=True)

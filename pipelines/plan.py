@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from pipelines.schema import PipelineConfig
-
-# Stages this version implements; the runner reports any other listed stage as not available.
-IMPLEMENTED_STAGES = ("preview",)
+from pipelines.stages import AVAILABLE
 
 
 def render_plan(cfg: PipelineConfig) -> str:
@@ -17,7 +15,7 @@ def render_plan(cfg: PipelineConfig) -> str:
            f"patch {cfg.teacher.resolved_patch_size}, text tokens T5 {cfg.teacher.max_sequence_length})",
            "", "stages:"]
     for stage in cfg.stages:
-        status = "" if stage in IMPLEMENTED_STAGES else "  [not available in this version]"
+        status = "" if stage in AVAILABLE else "  [not available in this version]"
         out.append(f"  - {stage}{status}")
     kind = "scale-wise" if schedule.is_scalewise else "full-resolution"
     out += ["", f"schedule ({kind}, {schedule.num_steps} steps):"]

@@ -66,6 +66,7 @@ class SD3Adapter:
         self.num_blocks = len(pipe.transformer.transformer_blocks)
         self.scaling_factor = float(pipe.vae.config.scaling_factor)
         self.shift_factor = float(pipe.vae.config.shift_factor or 0.0)
+        self._empty: TextEmbeddings | None = None
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
@@ -92,8 +93,10 @@ class SD3Adapter:
         return TextEmbeddings(embeds.to(self.dtype), pooled.to(self.dtype))
 
     def empty_prompt(self) -> TextEmbeddings:
-        """The unconditional embedding used for classifier-free guidance."""
-        return self.encode_prompts([""])
+        """The unconditional embedding used for classifier-free guidance (encoded once)."""
+        if self._empty is None:
+            self._empty = self.encode_prompts([""])
+        return self._empty
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         # The posterior mean, not a sample: precomputed latents are then deterministic per image.

@@ -8,10 +8,10 @@ checks exactly the stated ones.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
@@ -169,12 +169,15 @@ def dataset(seed: int, count: int, start: int = 0):
         yield i, sample, render(sample, rng)
 
 
-def to_tensor(images) -> "torch.Tensor":
-    """PIL images -> (B, 3, H, W) float tensor in [-1, 1]."""
-    import torch
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (B, 3, H, W) -> float in [-1, 1], the range the VAE and the classifier read."""
+    return pixels.float() / 127.5 - 1.0
 
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) float tensor in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return from_uint8(torch.from_numpy(arr).permute(0, 3, 1, 2))
 
 
 EVAL_SEED = 20_251_125

@@ -116,10 +116,6 @@ def image_pool(seed: int, count: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), [s for _, s, _ in items]
 
 
-def as_float(u8: torch.Tensor) -> torch.Tensor:
-    return u8.float() / 127.5 - 1.0
-
-
 def train_vae(steps: int = 3000, batch: int = 32) -> None:
     from diffusers import AutoencoderKL
 
@@ -135,7 +131,7 @@ def train_vae(steps: int = 3000, batch: int = 32) -> None:
     g = torch.Generator().manual_seed(SEED)
     start = time.time()
     for step in range(steps):
-        x = as_float(pool[torch.randint(len(pool), (batch,), generator=g)])
+        x = shapes.from_uint8(pool[torch.randint(len(pool), (batch,), generator=g)])
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample(generator=g)).sample
         loss = F.mse_loss(recon, x) + 1e-6 * post.kl().mean()
@@ -149,7 +145,7 @@ def train_vae(steps: int = 3000, batch: int = 32) -> None:
     vae.eval()
     # SD3-style normalisation: latents = (z - shift) * scale with unit variance.
     with torch.no_grad():
-        z = torch.cat([vae.encode(as_float(pool[i:i + 256])).latent_dist.mode() for i in range(0, 4096, 256)])
+        z = torch.cat([vae.encode(shapes.from_uint8(pool[i:i + 256])).latent_dist.mode() for i in range(0, 4096, 256)])
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
     held = shapes.to_tensor([im for _, _, im in shapes.dataset(shapes.EVAL_SEED, 512)])
     with torch.no_grad():
