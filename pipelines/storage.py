@@ -35,3 +35,30 @@ def write_png(uri: str, image, resources: ResourcesConfig) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return write_bytes(uri, buf.getvalue(), resources)
+
+
+def local_copy(uri: str, resources: ResourcesConfig, cache_dir: str | None = None) -> Path:
+    """A local directory holding `uri`: the path itself when local, else a download of the s3://
+    prefix into a cache keyed by the URI (downloaded once; `from_pretrained` needs local files)."""
+    if not uri.startswith("s3://"):
+        return Path(uri)
+    import hashlib
+
+    root = Path(cache_dir or os.environ.get("SWD_CACHE", Path.home() / ".cache" / "swd" / "s3"))
+    dest = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    done = dest / ".complete"
+    if not done.exists():
+        filesystem(uri, resources).get(uri.rstrip("/") + "/", str(dest) + "/", recursive=True)
+        done.touch()
+    return dest
+
+
+def upload_dir(local: str | Path, uri: str, resources: ResourcesConfig) -> str:
+    """Copy a local directory to `uri` (local path or s3:// prefix); returns `uri`."""
+    if uri.startswith("s3://"):
+        filesystem(uri, resources).put(str(local).rstrip("/") + "/", uri.rstrip("/") + "/", recursive=True)
+    elif Path(local).resolve() != Path(uri).resolve():
+        import shutil
+
+        shutil.copytree(local, uri, dirs_exist_ok=True)
+    return uri

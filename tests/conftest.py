@@ -4,6 +4,11 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Fake credentials for the moto S3 server; set before any Ray node starts so workers inherit them.
+for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_k, _v)
 
 
 def pytest_configure(config):
@@ -33,3 +38,54 @@ def toy_schedule():
     from swd_core.schedules import preset
 
     return preset("toy_4step", patch_size=2)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local multi-node Ray cluster on 127.0.0.1: a head and one worker node, 2 CPUs each.
+
+    Shared by every end-to-end test in the session (one `ray.init` per process); Ray Train runs
+    place workers on both nodes with the SPREAD strategy.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                            "node_ip_address": "127.0.0.1"})
+    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=True)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol endpoint (moto in server mode) on 127.0.0.1 with a bucket `swd-test`.
+
+    Yields the endpoint URL; pass it explicitly (pipeline definition `resources.s3.endpoint_url`,
+    s3fs `endpoint_url`, pyarrow `endpoint_override`): pyarrow ignores endpoint variables.
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="swd-test")
+    try:
+        yield endpoint
+    finally:
+        server.stop()

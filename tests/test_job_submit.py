@@ -1,12 +1,15 @@
 """The README's `ray job submit` path against a real local head node on 127.0.0.1."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.ray
@@ -20,17 +23,35 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
+    """`ray start --head --block` in its own process group: stopping it stops only this head
+    (`ray stop` would also take down any other local cluster, e.g. the session fixture's)."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                RAY_USAGE_STATS_ENABLED="0")
     gcs, dash = _free_port(), _free_port()
     temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    start = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    start = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+             "--disable-usage-stats"]
+    proc = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        deadline = time.time() + 120
+        while True:  # the job API answers once the head (and its dashboard) is up
+            try:
+                if requests.get(f"{address}/api/version", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None, "ray start --head exited early"
+            assert time.time() < deadline, "ray head did not come up within 120 s"
+            time.sleep(1)
+        yield address, env
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_dry_run_submitted_as_a_ray_job(ray_head):

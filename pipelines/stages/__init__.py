@@ -7,8 +7,12 @@ skips them. Each module exposes `run(cfg) -> dict`.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
-AVAILABLE = {"preview": "pipelines.stages.preview"}
+from pipelines.schema import STAGES
+
+# A stage is available when its module exists: pipelines/stages/<stage>.py.
+AVAILABLE = {s: f"pipelines.stages.{s}" for s in STAGES if (Path(__file__).parent / f"{s}.py").exists()}
 
 
 def run_stage(name: str, cfg) -> dict:

@@ -274,8 +274,11 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float = 3e-4, eva
         v = pipe.transformer(hidden_states=(1 - s) * z + s * eps, timestep=sigma * 1000, encoder_hidden_states=embeds,
                              pooled_projections=pooled, return_dict=False)[0]
         loss = F.mse_loss(v, eps - z)
+        # linear warmup, then a linear decay to zero over the last quarter of the budget (annealing
+        # the rate is worth more late in training than extra steps at a constant rate)
+        remaining = budget - (time.time() - t0)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 300)
+            group["lr"] = lr * min(1.0, (step + 1) / 300, remaining / (0.25 * budget))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
