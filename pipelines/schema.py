@@ -39,11 +39,26 @@ class TeacherConfig(Strict):
 
 
 class DataSource(Strict):
+    """One input of the precompute stage (pipelines/sources.py).
+
+    `parquet`: a Parquet file or folder (local or s3://) with image bytes and caption columns.
+    `imagefolder`: a folder with image files and a `metadata.csv` (`file_name`, `caption`).
+    `shapes`: the procedural toy dataset (swd_core.toy.shapes), `limit` rows from `seed`;
+    `path` is only its label (e.g. "builtin:shapes").
+    """
+
     path: str
     format: Literal["parquet", "imagefolder", "shapes"] = "parquet"
     image_column: str = "image"
     caption_column: str = "caption"
     limit: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0  # shapes only
+
+    @model_validator(mode="after")
+    def _shapes_needs_limit(self):
+        if self.format == "shapes" and self.limit is None:
+            raise ValueError("a `shapes` source needs `limit` (how many rows to generate)")
+        return self
 
 
 class DataConfig(Strict):
@@ -60,7 +75,9 @@ class SynthesizeConfig(Strict):
     seed: int = 0
     batch_size: Annotated[int, Field(ge=1)] = 8
     actors: Annotated[int, Field(ge=1)] = 1
-    output: str | None = None
+    cpus_per_actor: Annotated[float, Field(ge=0)] = 1.0
+    gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+    output: str | None = None  # default: <run_dir>/synthesized
 
 
 class PrecomputeConfig(Strict):
@@ -69,7 +86,7 @@ class PrecomputeConfig(Strict):
     cpus_per_actor: Annotated[float, Field(ge=0)] = 1.0
     gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    output: str | None = None  # default: <storage>/store
+    output: str | None = None  # default: <run_dir>/store
 
 
 class ScheduleConfig(Strict):
@@ -174,28 +191,70 @@ class DistillConfig(Strict):
     grad_clip: Annotated[float, Field(gt=0)] = 10.0
     fake_updates: Annotated[int, Field(ge=0)] = 5
     checkpoint_every: Annotated[int, Field(ge=1)] = 250
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    max_failures: Annotated[int, Field(ge=-1)] = 2  # worker failures to recover from (-1: unlimited)
+    log_every: Annotated[int, Field(ge=1)] = 10
+    export_at_checkpoints: bool = False  # also export the student (LoRA + merged) at each checkpoint
     seed: int = 0
 
 
 class EvaluateConfig(Strict):
-    num_prompts: Annotated[int, Field(ge=1)] = 64
-    seed: int = 0
+    """The evaluate stage (pipelines/stages/evaluate.py, docs/evaluate.md): the teacher with CFG,
+    the teacher at the student's step count without CFG, and the exported student, on the same
+    held-out prompts and seeds. The few-step models share `num_prompts` so their accuracy and FD
+    compare like for like; the CFG teacher is the expensive one and gets its own count."""
+
+    num_prompts: Annotated[int, Field(ge=2)] = 64  # few-step models (teacher at N steps, student)
+    teacher_num_prompts: Annotated[int, Field(ge=2)] | None = None  # the CFG teacher; default num_prompts
+    seed: int = 0  # image i uses seed + i in every model
     teacher_steps: Annotated[int, Field(ge=1)] = 28
     teacher_guidance: Annotated[float, Field(ge=0)] = 7.0
+    student: str | None = None  # exported student folder (local or s3://); default <run_dir>/student/merged
+    domain: Literal["auto", "shapes", "prompts"] = "auto"  # auto: shapes for the toy teacher / shapes data
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    latency_repeats: Annotated[int, Field(ge=1)] = 5  # timed single-image calls per model (median)
+    grid_prompts: Annotated[int, Field(ge=1)] = 8  # rows of the comparison grid
 
 
 class ServeConfig(Strict):
+    """The deploy stage's Ray Serve application (pipelines/serve). `model` defaults to the distill
+    stage's export, `<run_dir>/student/merged`; changing it on a running app hot-swaps the model."""
+
+    model: str | None = None  # exported student folder: local path or s3:// prefix
+    model_id: str | None = None  # default: "<name>-swd"
+    app_name: str | None = None  # default: "swd-<name>"
     route_prefix: str = "/"
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
     replicas: Annotated[int, Field(ge=1)] = 1
     cpus_per_replica: Annotated[float, Field(ge=0)] = 1.0
     gpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
-    max_ongoing_requests: Annotated[int, Field(ge=1)] = 16
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 16  # per generator replica; >= max_batch_size
+    max_queued_requests: Annotated[int, Field(ge=1)] = 64  # beyond this, a quick 503
     max_batch_size: Annotated[int, Field(ge=1)] = 8
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.05
-    min_replicas: Annotated[int, Field(ge=0)] | None = None
+    min_replicas: Annotated[int, Field(ge=0)] | None = None  # set min/max_replicas to autoscale
     max_replicas: Annotated[int, Field(ge=1)] | None = None
-    api_key_env: str | None = None
-    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    target_ongoing_requests: Annotated[float, Field(gt=0)] | None = None  # autoscaling; default max_batch_size
+    max_images: Annotated[int, Field(ge=1, le=64)] = 4  # largest `n` per request
+    max_prompt_chars: Annotated[int, Field(ge=1)] = 1000
+    api_key_env: str | None = None  # bearer-token auth: the key from this environment variable ...
+    api_key_file: str | None = None  # ... or from this file (read on each replica)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or batches can never fill")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("autoscaling needs both min_replicas and max_replicas (or neither, for a fixed `replicas`)")
+        if self.min_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give at most one of api_key_env and api_key_file")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix {self.route_prefix!r} must start with '/'")
+        return self
 
 
 class S3Config(Strict):

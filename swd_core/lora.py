@@ -29,15 +29,19 @@ def lora_config(rank: int = 64, alpha: float | None = None, targets: Sequence[st
 
 
 def add_swd_adapters(transformer: nn.Module, rank: int = 64, alpha: float | None = None,
-                     targets: Sequence[str] = DEFAULT_TARGETS) -> None:
-    """Freeze the base and add a student and a fake-score adapter (diffusers' peft integration)."""
+                     targets: Sequence[str] = DEFAULT_TARGETS, names: Sequence[str] = (STUDENT, FAKE)) -> None:
+    """Freeze the base and add a student and a fake-score adapter (diffusers' peft integration).
+    Full fine-tuning keeps the student as its own module and passes `names=(FAKE,)`."""
+    bad = [n for n in names if n not in (STUDENT, FAKE)]
+    if bad or not names:
+        raise ValueError(f"adapter names {list(names)}: each must be one of {[STUDENT, FAKE]}")
     transformer.requires_grad_(False)
     with warnings.catch_warnings():
         # peft warns that a second adapter is being added; two adapters is the point here.
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        for name in (STUDENT, FAKE):
+        for name in names:
             transformer.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
-    for name in (STUDENT, FAKE):
+    for name in names:
         set_trainable(transformer, name, True)
 
 

@@ -1,0 +1,225 @@
+"""One SwD training iteration as plain tensor math (DESIGN.md §2); no Ray, no DeepSpeed.
+
+The trainer (pipelines/stages/distill.py) owns data, engines and optimizers and reads top to
+bottom: `student_input` -> student pass -> `generator_loss` -> backward/step -> `fake_update_loss`
+× fake_updates -> backward/step. This module only says what each of those computes.
+
+Three networks, two layouts:
+- LoRA mode: teacher, student and fake score are roles of one transformer (one frozen base,
+  a "student" and a "fake" adapter; DESIGN.md §4).
+- Full fine-tuning: the student is its own transformer; teacher and fake share the other one.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from swd_core.adapters.base import FamilyAdapter, TextEmbeddings
+from swd_core.gan_head import GANHead
+from swd_core.losses import dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss, mmd_linear, mmd_rbf
+from swd_core.lora import FAKE, STUDENT, TEACHER, adapter_parameters, use_role
+from swd_core.scale_ops import add_noise, upscale_latents, x0_from_velocity
+from swd_core.schedules import GRID_STEPS, ScaleSchedule, sample_grid_sigmas
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Weights and noise ranges of the generator loss L = w_mmd·MMD + w_dmd·DMD + w_gan·GAN.
+
+    A weight of 0 removes the term and its network passes (MMD-only training runs no teacher).
+    Ranges are [low, high) indices into the 28-step sigma grid.
+    """
+
+    feature_block: int = 11
+    mmd_weight: float = 1.0
+    mmd_kernel: str = "linear"
+    mmd_c: float = 1e-3
+    rbf_bandwidth: float = 100.0
+    mmd_range: tuple[int, int] = (18, 28)
+    dmd_weight: float = 1.0
+    guidance_scale: float = 7.0
+    dmd_range: tuple[int, int] = (12, 28)
+    gan_weight: float = 5e-3
+    discriminator_weight: float = 1e-2
+    fake_range: tuple[int, int] = (0, GRID_STEPS)
+
+    def __post_init__(self):
+        if self.mmd_kernel not in ("linear", "rbf"):
+            raise ValueError(f"mmd_kernel {self.mmd_kernel!r}: allowed 'linear', 'rbf'")
+        if self.mmd_weight == self.dmd_weight == self.gan_weight == 0:
+            raise ValueError("all loss weights are 0: nothing to train")
+
+
+class Networks:
+    """Teacher, student and fake-score views plus the GAN head.
+
+    Args:
+        adapter: the family adapter of the teacher pipeline; its transformer carries the LoRA
+            adapters (`swd_core.lora.add_swd_adapters`).
+        head: the GAN head on the fake network's block-`feature_block` features.
+        student_transformer: full fine-tuning only — the student's own transformer. `None` means
+            LoRA mode (the student is the "student" adapter on the shared base).
+        fake_transformer: the authors' layout, kept for memory comparisons (bench/distill.py):
+            the fake adapter on its own copy of the base. `None`: the shared base carries it.
+    """
+
+    def __init__(self, adapter: FamilyAdapter, head: GANHead, feature_block: int,
+                 student_transformer: nn.Module | None = None, fake_transformer: nn.Module | None = None):
+        self.adapter = adapter
+        self.head = head
+        self.feature_block = int(feature_block)
+        self.lora_student = student_transformer is None
+        # the same adapter code (text, VAE, hooks) calling a different transformer
+        self._student = adapter if self.lora_student else _with_transformer(adapter, student_transformer)
+        self._fake = adapter if fake_transformer is None else _with_transformer(adapter, fake_transformer)
+
+    @property
+    def base(self) -> nn.Module:
+        return self.adapter.transformer
+
+    @property
+    def fake_base(self) -> nn.Module:
+        return self._fake.transformer
+
+    @property
+    def student_transformer(self) -> nn.Module:
+        return self._student.transformer
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        if self.lora_student:
+            return adapter_parameters(self.base, STUDENT)
+        return list(self.student_transformer.parameters())
+
+    def fake_parameters(self) -> list[nn.Parameter]:
+        return adapter_parameters(self.fake_base, FAKE) + list(self.head.parameters())
+
+    def student(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
+        role = use_role(self.base, STUDENT) if self.lora_student else nullcontext()
+        with role:
+            return self._student.velocity(x, sigma, text)[0].float()
+
+    @torch.no_grad()
+    def teacher_cfg(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings, uncond: TextEmbeddings,
+                    guidance: float) -> torch.Tensor:
+        """v_uncond + w (v_cond − v_uncond); both halves in one batched call."""
+        both = TextEmbeddings.cat([uncond.expand(len(text)), text])
+        with use_role(self.base, TEACHER):
+            v = self.adapter.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both)[0].float()
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    def fake(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
+             features_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(velocity or None, block features (B, N, C)); `features_only` stops after the tapped block."""
+        with use_role(self.fake_base, FAKE):
+            v, feats = self._fake.velocity(x, sigma, text, (self.feature_block,), features_only=features_only)
+        return (None if v is None else v.float()), feats[self.feature_block]
+
+
+def _with_transformer(adapter: FamilyAdapter, transformer: nn.Module) -> FamilyAdapter:
+    view = copy.copy(adapter)
+    view.transformer = transformer
+    return view
+
+
+@contextmanager
+def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """requires_grad False inside the block, restored after: gradients pass *through* these
+    parameters to earlier ones but never land in them (and DeepSpeed never sees a gradient
+    for an engine that is not stepping; deepspeed issue 4923)."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def student_input(latents: dict[int, torch.Tensor], schedule: ScaleSchedule, i: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's input at step i (shared by the batch): pure noise at s_0 for i = 0 (as at
+    inference), else (1−σ_i)·bicubic(z_{i−1}, s_i) + σ_i·ε from the real latents at s_{i−1}.
+    Returns (x, σ per sample)."""
+    s_i = schedule.scales[i]
+    batch, channels = next(iter(latents.values())).shape[:2]
+    eps = torch.randn((batch, channels, s_i, s_i), generator=generator)
+    sigma = torch.full((batch,), float(schedule.sigmas[i]))
+    if i == 0:
+        return eps, sigma
+    z_prev = latents[schedule.scales[i - 1]].float()
+    return add_noise(upscale_latents(z_prev, s_i), eps, sigma), sigma
+
+
+def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text: TextEmbeddings,
+                   uncond: TextEmbeddings, settings: LossSettings,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The student's loss on its clean prediction x0 at scale s_i against real latents z_i.
+    Call inside `frozen(nets.fake_parameters())`."""
+    batch = x0.shape[0]
+    total = x0.new_zeros(())
+    terms: dict[str, float] = {}
+    if settings.mmd_weight > 0:
+        # Real and generated latents noised with the same ε and σ, compared in feature space.
+        sigma = sample_grid_sigmas(batch, *settings.mmd_range, generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        with torch.no_grad():
+            _, feat_real = nets.fake(add_noise(z_real.float(), eps, sigma), sigma, text, features_only=True)
+        _, feat_fake = nets.fake(add_noise(x0, eps, sigma), sigma, text, features_only=True)
+        if settings.mmd_kernel == "linear":
+            mmd = mmd_linear(feat_real, feat_fake, settings.mmd_c)
+        else:
+            mmd = mmd_rbf(feat_real, feat_fake, settings.rbf_bandwidth)
+        total = total + settings.mmd_weight * mmd
+        terms["mmd"] = mmd.item()
+    if settings.dmd_weight > 0 or settings.gan_weight > 0:
+        sigma = sample_grid_sigmas(batch, *settings.dmd_range, generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        x_t = add_noise(x0, eps, sigma)
+        # One fake pass serves both terms: its velocity (detached) for DMD, its features for the GAN.
+        with torch.no_grad() if settings.gan_weight == 0 else nullcontext():
+            v_fake, feats = nets.fake(x_t, sigma, text)
+        if settings.dmd_weight > 0:
+            x_t_detached = x_t.detach()
+            v_teacher = nets.teacher_cfg(x_t_detached, sigma, text, uncond, settings.guidance_scale)
+            x0_teacher = x0_from_velocity(x_t_detached, v_teacher, sigma)
+            x0_fake = x0_from_velocity(x_t_detached, v_fake.detach(), sigma)
+            dmd = dmd_loss(x0, x0_teacher, x0_fake)
+            total = total + settings.dmd_weight * dmd
+            terms["dmd"] = dmd.item()
+        if settings.gan_weight > 0:
+            gan = gan_generator_loss(nets.head(feats))
+            total = total + settings.gan_weight * gan
+            terms["gan_g"] = gan.item()
+    terms["generator"] = total.item()
+    return total, terms
+
+
+def fake_update_loss(nets: Networks, x0_sample: torch.Tensor, z_real: torch.Tensor, text: TextEmbeddings,
+                     settings: LossSettings, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The fake-score network's loss on stop-grad student samples: x0-prediction MSE at a grid
+    index uniform in [0, 28), plus `discriminator_weight` × the GAN discriminator loss on real and
+    generated latents noised with the same ε and σ."""
+    x0_sample = x0_sample.detach().float()
+    batch = x0_sample.shape[0]
+    sigma = sample_grid_sigmas(batch, *settings.fake_range, generator=generator)
+    eps = torch.randn(x0_sample.shape, generator=generator)
+    x_t = add_noise(x0_sample, eps, sigma)
+    v, feat_fake = nets.fake(x_t, sigma, text)
+    denoise = fake_score_loss(x0_from_velocity(x_t, v, sigma), x0_sample)
+    total, terms = denoise, {"fake_denoise": denoise.item()}
+    if settings.gan_weight > 0:
+        _, feat_real = nets.fake(add_noise(z_real.float(), eps, sigma), sigma, text, features_only=True)
+        disc = gan_discriminator_loss(nets.head(feat_real), nets.head(feat_fake))
+        total = total + settings.discriminator_weight * disc
+        terms["gan_d"] = disc.item()
+    terms["fake"] = total.item()
+    return total, terms

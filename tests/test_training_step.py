@@ -1,0 +1,127 @@
+"""The SwD training iteration (swd_core.training): inputs by hand, and where gradients go."""
+
+import copy
+
+import pytest
+import torch
+
+from swd_core.gan_head import GANHead
+from swd_core.lora import FAKE, STUDENT, adapter_parameters, add_swd_adapters, base_parameters
+from swd_core.scale_ops import x0_from_velocity
+from swd_core.training import LossSettings, Networks, frozen, fake_update_loss, generator_loss, student_input
+
+
+def _nets(adapter, full: bool = False) -> Networks:
+    student = None
+    if full:
+        student = copy.deepcopy(adapter.transformer).requires_grad_(True)
+    add_swd_adapters(adapter.transformer, rank=4, names=(FAKE,) if full else (STUDENT, FAKE))
+    for p in adapter_parameters(adapter.transformer, FAKE):  # B = 0 at init: make the adapters matter
+        torch.nn.init.normal_(p, std=0.02)
+    if not full:
+        for p in adapter_parameters(adapter.transformer, STUDENT):
+            torch.nn.init.normal_(p, std=0.02)
+    dim = adapter.transformer.config.num_attention_heads * adapter.transformer.config.attention_head_dim
+    return Networks(adapter, GANHead(dim), feature_block=1, student_transformer=student)
+
+
+def _batch(adapter, schedule, b=2):
+    g = torch.Generator().manual_seed(0)
+    lat = {s: torch.randn(b, adapter.latent_channels, s, s, generator=g) for s in schedule.scales}
+    text = adapter.encode_prompts(["a red circle", "a blue square"][:b])
+    return lat, text
+
+
+def test_student_input_by_hand(toy_schedule):
+    lat = {s: torch.randn(3, 4, s, s) for s in toy_schedule.scales}
+    x0_in, sigma0 = student_input(lat, toy_schedule, 0, torch.Generator().manual_seed(5))
+    assert x0_in.shape == (3, 4, 8, 8) and torch.equal(sigma0, torch.ones(3))
+    assert torch.equal(x0_in, torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5)))
+    x, sigma = student_input(lat, toy_schedule, 2, torch.Generator().manual_seed(5))
+    eps = torch.randn((3, 4, 12, 12), generator=torch.Generator().manual_seed(5))
+    s2 = float(toy_schedule.sigmas[2])
+    expected = (1 - s2) * torch.nn.functional.interpolate(lat[10], size=(12, 12), mode="bicubic") + s2 * eps
+    assert torch.allclose(x, expected, atol=1e-6)
+    assert torch.allclose(sigma, torch.full((3,), s2))
+
+
+@pytest.mark.parametrize("terms", [
+    {"mmd_weight": 1.0, "dmd_weight": 0.0, "gan_weight": 0.0},
+    {"mmd_weight": 0.0, "dmd_weight": 1.0, "gan_weight": 0.0},
+    {"mmd_weight": 0.0, "dmd_weight": 0.0, "gan_weight": 1.0},
+])
+def test_generator_loss_trains_only_the_student(tiny_adapter, toy_schedule, terms):
+    nets = _nets(tiny_adapter)
+    lat, text = _batch(tiny_adapter, toy_schedule)
+    settings = LossSettings(feature_block=1, guidance_scale=4.5, **terms)
+    i = 1
+    x, sigma = student_input(lat, toy_schedule, i, torch.Generator().manual_seed(1))
+    with frozen(nets.fake_parameters()):
+        x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
+        loss, logged = generator_loss(nets, x0, lat[toy_schedule.scales[i]], text, tiny_adapter.empty_prompt(),
+                                      settings, torch.Generator().manual_seed(2))
+        loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert set(logged) >= {"generator"}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.student_parameters())
+    assert all(p.grad is None for p in nets.fake_parameters())
+    assert all(p.grad is None for p in base_parameters(tiny_adapter.transformer))
+    # frozen() restored the fake network's trainability for its own update
+    assert all(p.requires_grad for p in nets.fake_parameters())
+
+
+def test_fake_update_trains_only_fake_and_head(tiny_adapter, toy_schedule):
+    nets = _nets(tiny_adapter)
+    lat, text = _batch(tiny_adapter, toy_schedule)
+    settings = LossSettings(feature_block=1)
+    with torch.no_grad():
+        x, sigma = student_input(lat, toy_schedule, 3, torch.Generator().manual_seed(1))
+        x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
+    loss, logged = fake_update_loss(nets, x0, lat[16], text, settings, torch.Generator().manual_seed(3))
+    loss.backward()
+    assert set(logged) == {"fake_denoise", "gan_d", "fake"}
+    assert all(p.grad is None for p in nets.student_parameters())
+    assert all(p.grad is None for p in base_parameters(tiny_adapter.transformer))
+    head_grads = [p.grad for p in nets.head.parameters()]
+    assert all(g is not None for g in head_grads)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(tiny_adapter.transformer, FAKE))
+
+
+def test_fake_denoise_term_is_x0_mse(tiny_adapter, toy_schedule):
+    """Without the GAN term the fake loss is exactly the x0-prediction MSE at the drawn σ."""
+    nets = _nets(tiny_adapter)
+    lat, text = _batch(tiny_adapter, toy_schedule)
+    settings = LossSettings(feature_block=1, gan_weight=0.0)
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    loss, _ = fake_update_loss(nets, x0, lat[16], text, settings, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    from swd_core.schedules import sample_grid_sigmas
+
+    sigma = sample_grid_sigmas(2, 0, 28, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+    v, _ = nets.fake(x_t, sigma, text)
+    expected = ((x_t - sigma.view(-1, 1, 1, 1) * v - x0) ** 2).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5)
+
+
+def test_full_finetune_student_is_separate(tiny_adapter, toy_schedule):
+    nets = _nets(tiny_adapter, full=True)
+    lat, text = _batch(tiny_adapter, toy_schedule)
+    settings = LossSettings(feature_block=1, guidance_scale=4.5)
+    x, sigma = student_input(lat, toy_schedule, 1, torch.Generator().manual_seed(1))
+    with frozen(nets.fake_parameters()):
+        x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
+        loss, _ = generator_loss(nets, x0, lat[10], text, tiny_adapter.empty_prompt(), settings,
+                                 torch.Generator().manual_seed(2))
+        loss.backward()
+    student = nets.student_parameters()
+    assert len(student) == len(list(nets.student_transformer.parameters()))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student)
+    assert all(p.grad is None for p in base_parameters(tiny_adapter.transformer))
+    assert all(p.grad is None for p in nets.fake_parameters())
+
+
+def test_loss_settings_refuse_nothing_to_train():
+    with pytest.raises(ValueError, match="all loss weights are 0"):
+        LossSettings(mmd_weight=0, dmd_weight=0, gan_weight=0)
