@@ -6,9 +6,11 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 CONFIG      ?= pipelines/configs/toy.yaml
 PY          := $(VENV)/bin/python
+# idle OpenMP threads sleep instead of spinning (many torch processes share the cores here)
+export OMP_WAIT_POLICY ?= PASSIVE
 STAMP       := $(VENV)/.installed
 
-.PHONY: install run test test-fast dry-run bench-sampler bench-teacher toy-teacher clean
+.PHONY: install run test test-fast dry-run bench-sampler bench-teacher bench-precompute bench-distill bench-serve toy-teacher clean
 
 install: $(STAMP)
 
@@ -37,6 +39,15 @@ bench-sampler: install
 
 bench-teacher: install
 	$(PY) bench/teacher_quality.py
+
+bench-precompute: install
+	$(PY) bench/precompute.py
+
+bench-distill: install
+	$(PY) bench/distill.py
+
+bench-serve: install
+	$(PY) bench/serve.py
 
 # Trains the evaluator, the toy VAE and the toy SD3 teacher (hours on 2 cores). Resumable:
 # run it again to continue; finished phases are skipped. HOURS is the transformer's budget.

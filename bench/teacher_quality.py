@@ -12,67 +12,56 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, median, time_calls, write_result  # noqa: E402
+from bench.common import RESULTS, write_result  # noqa: E402
 from swd_core.adapters.sd3 import SD3Adapter  # noqa: E402
-from swd_core.evaluation import frechet_distance, load_classifier, prompt_accuracy, psnr, read_scenes  # noqa: E402
-from swd_core.generate import generate_latents, to_pil  # noqa: E402
+from swd_core.evaluate_model import ShapesScorer, latency_split, sample_images  # noqa: E402
+from swd_core.evaluation import psnr  # noqa: E402
+from swd_core.generate import to_pil  # noqa: E402
 from swd_core.grid import image_grid  # noqa: E402
 from swd_core.toy import shapes  # noqa: E402
-from swd_core.toy.train import CLASSIFIER  # noqa: E402
 
 GUIDANCE = 4.5
-
-
-def sample(adapter, prompts, steps, guidance, batch=64):
-    out = []
-    for i in range(0, len(prompts), batch):
-        lat = generate_latents(adapter, prompts[i:i + batch], list(range(i, i + len(prompts[i:i + batch]))),
-                               teacher_steps=steps, guidance=guidance)
-        out.append(adapter.decode_latents(lat))
-    return torch.cat(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompts", type=int, default=640, help="held-out prompts to evaluate (max 640)")
     parser.add_argument("--teacher", default="builtin:toy-sd3")
+    parser.add_argument("--name", default="teacher_quality", help="result name: bench/results/<name>.json and .png")
     args = parser.parse_args()
     torch.manual_seed(0)
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
-    classifier = load_classifier(CLASSIFIER)
     adapter = SD3Adapter.from_pretrained(args.teacher, max_sequence_length=0)
     samples = shapes.held_out_prompts()[:args.prompts]
-    prompts = [s.caption for s in samples]
-    real = shapes.to_tensor([shapes.render(s, np.random.default_rng([7, i])) for i, s in enumerate(samples)])
-    real_readings, real_feats = read_scenes(classifier, real)
-    result = {"n_prompts": len(samples), "classifier_real_accuracy": prompt_accuracy(samples, real_readings)["prompt_accuracy"]}
+    prompts, seeds = [s.caption for s in samples], list(range(len(samples)))
+    # The same scoring as the pipeline's evaluate stage (swd_core.evaluate_model).
+    scorer = ShapesScorer(samples)
+    real = scorer.real
+    result = {"n_prompts": len(samples), "classifier_real_accuracy": scorer.real_accuracy["prompt_accuracy"]}
     with torch.no_grad():
         recon = torch.cat([adapter.decode_latents(adapter.encode_images(real[i:i + 64])) for i in range(0, len(real), 64)])
     result["vae_psnr_db"] = psnr(real, recon)
     grids = {}
     for name, steps, guidance in (("teacher_28_cfg", 28, GUIDANCE), ("teacher_4", 4, 0.0)):
         start = time.perf_counter()
-        with torch.no_grad():
-            images = sample(adapter, prompts, steps, guidance)
-        readings, feats = read_scenes(classifier, images)
-        acc = prompt_accuracy(samples, readings)
+        images = sample_images(adapter, prompts, seeds, teacher_steps=steps, guidance=guidance)
+        acc, _ = scorer.score(images)
         # Latency as a user sees it: one prompt per call, text encoding + sampler + VAE decode.
-        lat = time_calls(lambda: adapter.decode_latents(generate_latents(adapter, prompts[:1], [0], teacher_steps=steps,
-                                                                         guidance=guidance)), repeats=5)
+        lat = latency_split(adapter, prompts[0], 0, repeats=5, teacher_steps=steps, guidance=guidance)
         result[name] = {"acc_one_object": acc["acc_one_object"], "acc_two_object": acc["acc_two_object"],
                         "prompt_accuracy": acc["prompt_accuracy"], "per_attribute": acc["per_attribute"],
-                        "fd": frechet_distance(real_feats, feats), "latency_s": median(lat), "latency_raw_s": lat,
+                        "fd": acc["fd"], "latency_s": lat["total_s"], "latency_raw_s": lat["raw"]["total_s"],
+                        "latency_split_s": {k: lat[k] for k in ("text_s", "transformer_s", "vae_s", "other_s")},
                         "steps": steps, "guidance": guidance, "batch_seconds": time.perf_counter() - start}
         grids[name] = images
         print(f"{name}: one-object {acc['acc_one_object']:.3f} two-object {acc['acc_two_object']:.3f} "
-              f"FD {result[name]['fd']:.2f} latency {median(lat):.3f}s", flush=True)
+              f"FD {acc['fd']:.2f} latency {lat['total_s']:.3f}s", flush=True)
     result["fd_ratio_28cfg_vs_4"] = result["teacher_28_cfg"]["fd"] / result["teacher_4"]["fd"]
     rows = list(range(0, min(len(samples), 12)))
     labels = ["real (rendered)", f"teacher 28 steps cfg {GUIDANCE}", "teacher 4 steps"]
@@ -84,8 +73,8 @@ def main() -> None:
     grid = image_grid([[c[i] for c in columns] for i in range(len(rows))], [prompts[i] for i in rows], labels,
                       title=title)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    grid.save(RESULTS / "teacher_quality.png")
-    print(f"wrote {write_result('teacher_quality', result)} and {RESULTS / 'teacher_quality.png'}")
+    grid.save(RESULTS / f"{args.name}.png")
+    print(f"wrote {write_result(args.name, result)} and {RESULTS / f'{args.name}.png'}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see pipelines/distill.py
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The test clusters listen on 127.0.0.1; without this a driver resolves its own address to the
+# machine's IP and `ray.init(address=...)` can wait forever for a GCS that is not there.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Fake credentials for the moto S3 server; set before any Ray node starts so workers inherit them.
 for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():

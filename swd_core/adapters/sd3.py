@@ -36,12 +36,28 @@ def _absent_components(path: str) -> dict:
             if saved.get(k, [None, None])[0] is None}
 
 
-def load_sd3_pipeline(path: str, dtype: str = "float32") -> StableDiffusion3Pipeline:
-    """`StableDiffusion3Pipeline.from_pretrained` for a folder, a hub id or a `builtin:` spec."""
+class TransformerConfigOnly:
+    """Stands in for a transformer that was not loaded: its config only (no weights, not a
+    module). Encoding prompts and images needs a few config values (e.g. the zero T5 tokens'
+    width when there is no T5) but not SD3.5-Large's 16 GB of transformer weights."""
+
+    def __init__(self, config):
+        self.config = config
+
+
+def load_sd3_pipeline(path: str, dtype: str = "float32", load_transformer: bool = True) -> StableDiffusion3Pipeline:
+    """`StableDiffusion3Pipeline.from_pretrained` for a folder, a hub id or a `builtin:` spec.
+    `load_transformer=False` loads only the text encoders and the VAE (for precomputing)."""
     from swd_core.tiny_models import resolve_pretrained
 
     path = resolve_pretrained(path)
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype(dtype), **_absent_components(path))
+    kwargs = {} if load_transformer else {"transformer": None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype(dtype), **_absent_components(path), **kwargs)
+    if not load_transformer:
+        from diffusers import SD3Transformer2DModel
+        from diffusers.configuration_utils import FrozenDict
+
+        pipe.transformer = TransformerConfigOnly(FrozenDict(SD3Transformer2DModel.load_config(path, subfolder="transformer")))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -58,30 +74,31 @@ class SD3Adapter:
     def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int = 256):
         self.pipe = pipe
         self.max_sequence_length = int(max_sequence_length)
-        self.transformer = pipe.transformer
+        # None when loaded with `load_transformer=False`: encoding only, no sampling.
+        self.transformer = pipe.transformer if isinstance(pipe.transformer, torch.nn.Module) else None
         self.vae = pipe.vae
         self.vae_scale_factor = pipe.vae_scale_factor
         self.patch_size = int(pipe.transformer.config.patch_size)
         self.latent_channels = int(pipe.transformer.config.in_channels)
-        self.num_blocks = len(pipe.transformer.transformer_blocks)
+        self.num_blocks = int(pipe.transformer.config.num_layers)
         self.scaling_factor = float(pipe.vae.config.scaling_factor)
         self.shift_factor = float(pipe.vae.config.shift_factor or 0.0)
         self._empty: TextEmbeddings | None = None
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
-                        max_sequence_length: int = 256) -> "SD3Adapter":
+                        max_sequence_length: int = 256, load_transformer: bool = True) -> "SD3Adapter":
         """Load from a local diffusers folder or a hub id (the same call SD3.5 uses)."""
 
-        return cls(load_sd3_pipeline(path, dtype).to(device), max_sequence_length=max_sequence_length)
+        return cls(load_sd3_pipeline(path, dtype, load_transformer).to(device), max_sequence_length=max_sequence_length)
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return (self.transformer or self.vae).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return (self.transformer or self.vae).dtype
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> TextEmbeddings:

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Distillation cost: seconds per generator iteration (with its fake-score updates), scale-wise
+vs full-resolution, MMD-only, and peak memory of the shared-base LoRA layout vs the authors'
+two-copy layout.
+
+    python bench/distill.py                  # -> bench/results/distill.json
+
+Each case runs in its own process (clean peak RSS) through the distill stage's own code:
+`build_networks`, DeepSpeed engines (ZeRO-2, world size 1, gloo on CPU) and `train_iteration`.
+Batches are random tensors with the store's shapes: the cost of an iteration does not depend on
+the values, and no precompute run is needed. Ray adds nothing per iteration, so it is left out.
+The timing cases use the toy teacher (toy-sd3, batch 8 per worker, the toy 4-step schedule);
+the memory cases also use a larger synthetic SD3 (`--memory-model`), where one base copy is big
+enough to stand out from the Python/torch baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import machine_info, write_result  # noqa: E402
+
+TOY = ROOT / "pipelines" / "configs" / "toy.yaml"
+
+
+def _case(args) -> dict:
+    """Run one case in this process and return its numbers."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    import torch
+
+    from pipelines.schema import load_pipeline_config
+    from pipelines.stages.distill import build_networks, deepspeed_config, loss_settings, train_iteration
+    from swd_core.adapters import TextEmbeddings
+
+    torch.set_num_threads(args.threads)
+    cfg = load_pipeline_config(TOY)
+    d = cfg.distill.model_dump()
+    d["schedule"]["scalewise"] = args.scalewise
+    if args.mmd_only:
+        d["losses"]["dmd"]["weight"] = 0.0
+        d["losses"]["gan"]["weight"] = 0.0
+    d.update(batch_size=args.batch, zero_stage=2)
+    teacher = cfg.teacher.model_dump()
+    if args.model:
+        teacher["path"] = args.model
+        d["losses"]["feature_block"] = min(d["losses"]["feature_block"], args.model_blocks - 1)
+    cfg = cfg.model_copy(update={"distill": type(cfg.distill).model_validate(d),
+                                 "teacher": type(cfg.teacher).model_validate(teacher)})
+    schedule = cfg.schedule()
+    settings = loss_settings(cfg)
+
+    adapter, nets = build_networks(cfg, torch.device("cpu"), separate_fake_base=args.two_copies)
+    deepspeed.init_distributed(dist_backend="gloo")
+    student_module = torch.nn.ModuleDict({"base": nets.base})
+    engine_g, *_ = deepspeed.initialize(model=student_module, model_parameters=nets.student_parameters(),
+                                        config=deepspeed_config(cfg, 1e-4, 2, args.batch, False))
+    engine_f, *_ = deepspeed.initialize(model=torch.nn.ModuleDict({"base": nets.fake_base, "head": nets.head}),
+                                        model_parameters=nets.fake_parameters(),
+                                        config=deepspeed_config(cfg, 1e-4, 2, args.batch, False))
+
+    text = adapter.encode_prompts(["a large red circle in the center"] * args.batch)
+    uncond = adapter.empty_prompt()
+    g = torch.Generator().manual_seed(0)
+    latents = {s: torch.randn(args.batch, adapter.latent_channels, s, s, generator=g) for s in set(schedule.scales)}
+
+    def next_batch():
+        return TextEmbeddings(text.prompt_embeds, text.pooled), latents
+
+    n = schedule.num_steps
+    for step in range(n):  # warm-up: one iteration per scale
+        train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, g)
+    times = []
+    for step in range(n, n + n * args.rounds):  # whole rounds, so every scale counts equally
+        start = time.perf_counter()
+        train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, g)
+        times.append(time.perf_counter() - start)
+    return {"iter_s": sum(times) / len(times), "iter_times_s": times,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "scales": list(schedule.scales), "fake_updates": cfg.distill.fake_updates, "batch": args.batch,
+            "transformer_params": sum(p.numel() for p in nets.base.parameters() if p.requires_grad is False),
+            "model": cfg.teacher.path, "losses": {k: v for k, v in vars(settings).items() if k.endswith("weight")}}
+
+
+def _run(name: str, extra: list[str], args, port: int) -> dict:
+    cmd = [sys.executable, __file__, "--case", "--port", str(port), "--batch", str(args.batch),
+           "--rounds", str(args.rounds), "--threads", str(args.threads), *extra]
+    print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = next((ln for ln in proc.stdout.splitlines()[::-1] if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"case {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    out = json.loads(line.removeprefix("RESULT "))
+    print(f"[bench] {name}: {out['iter_s']:.3f} s/iter, peak RSS {out['peak_rss_mb']:.0f} MB", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8, help="per-worker batch")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds over all scales")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--memory-model", default="builtin:tiny-sd3?layers=12&heads=8&head_dim=64",
+                   help="a larger SD3 for the memory comparison")
+    p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=29511, help=argparse.SUPPRESS)
+    p.add_argument("--scalewise", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--mmd-only", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--two-copies", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-blocks", type=int, default=12, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(_case(args)), flush=True)
+        return
+
+    mem = ["--model", args.memory_model, "--rounds", "1"]
+    cases = {
+        "scalewise": _run("scalewise", [], args, 29511),
+        "fullres": _run("fullres", ["--scalewise", "0"], args, 29512),
+        "mmd_only": _run("mmd_only", ["--mmd-only", "1"], args, 29513),
+        "memory_shared": _run("memory_shared", mem, args, 29514),
+        "memory_two_copies": _run("memory_two_copies", mem + ["--two-copies", "1"], args, 29515),
+        "toy_shared": None, "toy_two_copies": None,
+    }
+    cases["toy_shared"] = {"peak_rss_mb": cases["scalewise"]["peak_rss_mb"]}
+    cases["toy_two_copies"] = _run("toy_two_copies", ["--two-copies", "1", "--rounds", "1"], args, 29516)
+    result = {
+        "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
+        "machine": machine_info(),
+        "scalewise_iter_s": cases["scalewise"]["iter_s"],
+        "fullres_iter_s": cases["fullres"]["iter_s"],
+        "ratio_iter": cases["scalewise"]["iter_s"] / cases["fullres"]["iter_s"],
+        "mmd_only_iter_s": cases["mmd_only"]["iter_s"],
+        "peak_rss_mb_shared": cases["memory_shared"]["peak_rss_mb"],
+        "peak_rss_mb_two_copies": cases["memory_two_copies"]["peak_rss_mb"],
+        "peak_rss_note": f"per worker process, LoRA mode, model {args.memory_model}; toy-sd3: "
+                         f"{cases['toy_shared']['peak_rss_mb']:.0f} MB shared vs "
+                         f"{cases['toy_two_copies']['peak_rss_mb']:.0f} MB two copies",
+        "cases": cases,
+    }
+    path = write_result("distill", result)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("cases", "machine")}, indent=2))
+    print(f"[bench] wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

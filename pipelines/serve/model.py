@@ -1,0 +1,88 @@
+"""The served model: an exported student folder (swd_core.export.export_merged_pipeline) loaded
+through the family adapter, and fixed-shape batch sampling to PNG bytes.
+
+Fixed shape, because CPU (and GPU) kernels pick their algorithm by batch size: the same seed
+sampled in a batch of 1 and a batch of 8 differs in the last float bits and then in a few
+pixels. Running every batch padded to exactly `batch_size` rows makes a request's pixels
+depend only on its own prompt and seed, never on how many requests it was batched with
+(tests/test_serve.py checks this pixel-exactly). The cost is idle rows under light load.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from swd_core.adapters import FamilyAdapter, load_adapter
+from swd_core.export import read_schedule
+from swd_core.generate import generate_images
+from swd_core.schedules import ScaleSchedule
+from pipelines.schema import PipelineConfig
+from pipelines.storage import local_copy
+
+
+@dataclass
+class ServedModel:
+    source: str  # what the definition named: a local folder or an s3:// prefix
+    model_id: str
+    adapter: FamilyAdapter
+    schedule: ScaleSchedule
+    record: dict  # swd_schedule.json
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def size(self) -> str:
+        side = self.record["output_size"]
+        return f"{side}x{side}"
+
+    def info(self) -> dict:
+        """The `/v1/models` entry (OpenAI's model object plus what was loaded)."""
+        return {
+            "id": self.model_id, "object": "model", "created": int(self.loaded_at), "owned_by": "swd-ray",
+            "source": self.source, "teacher": self.record.get("teacher"), "sizes": [self.size],
+            "schedule": {k: self.record[k] for k in ("scales", "sigmas", "boundaries", "output_size")},
+        }
+
+
+def default_model_source(cfg: PipelineConfig) -> str:
+    """The distill stage's export unless the definition names another model."""
+    return cfg.serve.model or f"{cfg.run_dir}/student/merged"
+
+
+def load_student(cfg: PipelineConfig, source: str, model_id: str, device: str = "cpu") -> ServedModel:
+    folder = local_copy(source, cfg.resources)
+    if not folder.exists():
+        raise FileNotFoundError(f"no exported student at {source}: run the distill stage, or set serve.model "
+                                "to an exported folder (local path or s3://)")
+    record = read_schedule(folder)
+    adapter = load_adapter(cfg.teacher.family, str(folder), dtype=cfg.teacher.dtype, device=device,
+                           max_sequence_length=record["max_sequence_length"])
+    schedule = ScaleSchedule(record["scales"], record["sigmas"], record.get("boundaries"), adapter.patch_size)
+    return ServedModel(source, model_id, adapter, schedule, record)
+
+
+def render_pngs(model: ServedModel, prompts: Sequence[str], seeds: Sequence[int], batch_size: int) -> list[bytes]:
+    """Sample `prompts` with their `seeds` in one batch padded to `batch_size` rows; PNG bytes out."""
+    if not 0 < len(prompts) <= batch_size:
+        raise ValueError(f"got {len(prompts)} prompts for a batch of {batch_size}")
+    pad = batch_size - len(prompts)
+    # Padding rows repeat the first request: real inputs, results discarded.
+    images = generate_images(model.adapter, [*prompts, *[prompts[0]] * pad], [*seeds, *[seeds[0]] * pad],
+                             schedule=model.schedule)
+    out = []
+    for image in images[: len(prompts)]:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def torch_threads(cpus: float) -> int:
+    """One intra-op thread per reserved CPU, so co-located replicas do not oversubscribe cores."""
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n

@@ -1,0 +1,27 @@
+"""A stand-in student: the teacher's own transformer (optionally perturbed) exported in the
+student format, so the serving path can be exercised and benchmarked before a distilled student
+exists. It goes through `export_merged_pipeline` exactly as the distill stage's export does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from swd_core.adapters.sd3 import load_sd3_pipeline
+from swd_core.export import export_merged_pipeline
+from pipelines.schema import PipelineConfig
+
+
+def export_stand_in(cfg: PipelineConfig, out_dir: str | Path, perturb: float = 0.0, seed: int = 0) -> Path:
+    """`perturb` > 0 adds seeded Gaussian noise of that relative size to the transformer's output
+    projection: a second, visibly different model for hot-swap tests."""
+    transformer = load_sd3_pipeline(cfg.teacher.path, cfg.teacher.dtype).transformer
+    if perturb:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in transformer.proj_out.parameters():
+                p.add_(perturb * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return export_merged_pipeline(cfg.teacher.path, out_dir, cfg.schedule(), transformer=transformer,
+                                  max_sequence_length=cfg.teacher.max_sequence_length, dtype=cfg.teacher.dtype)

@@ -1,0 +1,136 @@
+"""Request validation for the HTTP API: every bad request becomes a `RequestError` (a 4xx status
+and a message for the client), never a 500 and never an exception inside a replica's batch.
+
+The body shape follows the OpenAI Images API (`prompt`, `n`, `size`, `response_format`) plus a
+`seed` extension; limits (`n`, prompt length) come from the pipeline definition's `serve` section.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts any non-negative int64
+MAX_BODY_BYTES = 64 * 1024
+
+
+class RequestError(Exception):
+    """A client error: HTTP `status` with a message that says what to change."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self) -> dict:
+        # OpenAI's error shape, so OpenAI clients surface the message.
+        return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param,
+                          "code": self.status}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int
+    max_prompt_chars: int
+    sizes: tuple[str, ...]  # e.g. ("64x64",): the served model's output size
+
+
+class ImageRequest(BaseModel):
+    """`POST /v1/images/generations` body. Unknown fields are refused so typos ("prompts") are not
+    silently ignored; `model` and `user` are accepted as OpenAI clients send them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr
+    n: StrictInt = 1
+    size: StrictStr | None = Field(default=None, validate_default=True)  # default: the model's first size
+    response_format: Literal["b64_json"] = "b64_json"
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
+    model: StrictStr | None = None
+    user: StrictStr | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str, info: ValidationInfo) -> str:
+        limits: Limits = info.context["limits"]
+        v = v.strip()
+        if not v:
+            raise ValueError("prompt is empty")
+        if len(v) > limits.max_prompt_chars:
+            raise ValueError(f"prompt is {len(v)} characters; the limit is {limits.max_prompt_chars}")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v: int, info: ValidationInfo) -> int:
+        limits: Limits = info.context["limits"]
+        if not 1 <= v <= limits.max_images:
+            raise ValueError(f"n must be between 1 and {limits.max_images}, got {v}")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | None, info: ValidationInfo) -> str:
+        sizes = info.context["limits"].sizes
+        if v is None:
+            return sizes[0]
+        if v not in sizes:
+            raise ValueError(f"size {v!r} is not supported by this model; supported: {', '.join(sizes)}")
+        return v
+
+
+def _describe(err: ValidationError) -> tuple[str, str | None]:
+    """One readable line per problem ("n: n must be between 1 and 4, got 9")."""
+    lines, first = [], None
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "body"
+        first = first or field
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field; allowed: {', '.join(ImageRequest.model_fields)}"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif e["type"] in ("int_type", "int_from_float"):
+            msg = f"must be an integer, got {e.get('input')!r}"
+        lines.append(f"{field}: {msg}")
+    return "; ".join(lines), first
+
+
+def validate_fields(data: dict, limits: Limits) -> ImageRequest:
+    try:
+        return ImageRequest.model_validate(data, context={"limits": limits})
+    except ValidationError as err:
+        message, param = _describe(err)
+        raise RequestError(400, message, param) from None
+
+
+def parse_json_request(body: bytes, content_type: str | None, limits: Limits) -> ImageRequest:
+    """The POST body: JSON only (415 otherwise), well-formed (400), an object of valid fields (400)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise RequestError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}")
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(400, f"malformed JSON body: {err}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"the JSON body must be an object, got {type(data).__name__}")
+    return validate_fields(data, limits)
+
+
+def parse_query_request(prompt: str | None, seed: str | None, size: str | None, limits: Limits) -> ImageRequest:
+    """`GET /generate?prompt=...&seed=...`: query values are strings, so the seed is parsed here
+    (an integer literal only: "1.5", "1e3" and "abc" are refused rather than coerced)."""
+    data: dict = {"prompt": prompt} if prompt is not None else {}
+    if seed is not None:
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", seed):
+            raise RequestError(400, f"seed: must be an integer, got {seed!r}", "seed")
+        data["seed"] = int(seed)
+    if size is not None:
+        data["size"] = size
+    return validate_fields(data, limits)

@@ -1,0 +1,213 @@
+"""Inputs of the precompute and synthesize stages, as Ray-free read tasks.
+
+A source is split on the driver into small JSON-able *read tasks* (a Parquet file, a chunk of a
+`metadata.csv`, a range of shapes rows); `read_task` turns one into column batches
+`{ref, order, image, caption, missing}`. Ray Data runs the tasks in parallel (`from_items` +
+`map_batches`); a plain loop (the benchmark's baseline) runs the very same functions.
+
+`ref` says where a row came from ("file.parquet#12", "folder/a.png (metadata.csv line 3)",
+"shapes:seed=0#7"), so a quarantined row can be found; `order` is the row's position in the
+whole input, which decides which of two duplicates is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+from collections.abc import Iterator
+
+import pyarrow.parquet as pq
+
+from pipelines.schema import DataSource, ResourcesConfig
+from pipelines.storage import filesystem
+from pipelines.store import fs_path, list_parquet
+
+# Rows per read task for csv folders and shapes (Parquet: one task per row group). Each task's
+# rows become one output shard, so this is also how much work a killed run can lose.
+CHUNK = 64
+ORDER_SHIFT = 32  # order = task number << 32 | row number within the task
+
+
+def _display(path: str, uri: str) -> str:
+    return f"s3://{path}" if uri.startswith("s3://") else path
+
+
+def _parquet_files(uri: str, resources: ResourcesConfig) -> list[str]:
+    fs = filesystem(uri, resources)
+    root = fs_path(uri)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"data source {uri}: no such file or folder")
+    if fs.isfile(root):
+        return [root]
+    files = list_parquet(uri, resources)
+    if not files:
+        raise FileNotFoundError(f"data source {uri}: no .parquet files in it")
+    return files
+
+
+def read_tasks(sources: list[DataSource], resources: ResourcesConfig) -> list[dict]:
+    """Split every source into read tasks (driver side: lists files, reads metadata.csv)."""
+    tasks: list[dict] = []
+    for src in sources:
+        remaining = src.limit
+        if src.format == "shapes":
+            for start in range(0, src.limit, CHUNK):
+                tasks.append({"kind": "shapes", "seed": src.seed, "start": start, "count": min(CHUNK, src.limit - start)})
+        elif src.format == "parquet":
+            fs = filesystem(src.path, resources)
+            for path in _parquet_files(src.path, resources):
+                with fs.open(path, "rb") as f:
+                    meta = pq.read_metadata(f)
+                first = 0  # row index of the row group's first row within the file
+                for g in range(meta.num_row_groups):
+                    rows = meta.row_group(g).num_rows
+                    count = rows if remaining is None else min(rows, remaining)
+                    if count:
+                        tasks.append({"kind": "parquet", "file": _display(path, src.path), "row_group": g,
+                                      "first": first, "count": count,
+                                      "image_column": src.image_column, "caption_column": src.caption_column})
+                    first += rows
+                    if remaining is not None:
+                        remaining -= count
+                        if remaining <= 0:
+                            break
+                if remaining is not None and remaining <= 0:
+                    break
+        else:
+            rows = _metadata_rows(src, resources)
+            if remaining is not None:
+                rows = rows[:remaining]
+            folder = src.path.rstrip("/")
+            for start in range(0, len(rows), CHUNK):
+                tasks.append({"kind": "imagefolder", "folder": folder, "rows": rows[start:start + CHUNK]})
+    for i, t in enumerate(tasks):
+        t["task"] = i
+    return tasks
+
+
+def _metadata_rows(src: DataSource, resources: ResourcesConfig) -> list[list]:
+    """[line, file_name, caption] per row of the folder's metadata.csv."""
+    uri = f"{src.path.rstrip('/')}/metadata.csv"
+    fs = filesystem(uri, resources)
+    try:
+        with fs.open(fs_path(uri), "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data source {src.path}: an imagefolder source needs a metadata.csv "
+                                f"(columns file_name, {src.caption_column})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    need = {"file_name", src.caption_column}
+    if not need <= set(reader.fieldnames or ()):
+        raise ValueError(f"{uri}: columns {reader.fieldnames} lack {sorted(need - set(reader.fieldnames or ()))}")
+    # line numbers as a text editor shows them (header = line 1)
+    return [[reader.line_num, row["file_name"], row[src.caption_column]] for row in reader]
+
+
+def _batch(task: int, refs, images, captions, missing) -> dict:
+    return {"ref": list(refs), "order": [(task << ORDER_SHIFT) | i for i in range(len(refs))],
+            "image": list(images), "caption": list(captions), "missing": list(missing)}
+
+
+def read_task(task: dict, resources: ResourcesConfig) -> Iterator[dict]:
+    """Yield column batches of one read task. Unreadable rows are not errors here: a missing
+    file comes back with `image=None` and the reason in `missing`, for the quarantine."""
+    kind, n = task["kind"], task["task"]
+    if kind == "shapes":
+        from swd_core.toy.shapes import dataset
+
+        refs, images, captions = [], [], []
+        for i, sample, image in dataset(task["seed"], task["count"], task["start"]):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            refs.append(f"shapes:seed={task['seed']}#{i}")
+            images.append(buf.getvalue())
+            captions.append(sample.caption)
+        yield _batch(n, refs, images, captions, [None] * len(refs))
+    elif kind == "parquet":
+        fs = filesystem(task["file"], resources)
+        icol, ccol = task["image_column"], task["caption_column"]
+        done = 0
+        with fs.open(fs_path(task["file"]), "rb") as f:
+            pf = pq.ParquetFile(f)
+            absent = [c for c in (icol, ccol) if c not in pf.schema_arrow.names]
+            if absent:
+                raise ValueError(f"{task['file']}: no column(s) {absent}; it has {pf.schema_arrow.names} "
+                                 "(set image_column / caption_column of the source)")
+            for rb in pf.iter_batches(batch_size=256, row_groups=[task["row_group"]], columns=[icol, ccol]):
+                rb = rb.slice(0, task["count"] - done)
+                images = [_image_bytes(v) for v in rb.column(icol).to_pylist()]
+                captions = rb.column(ccol).to_pylist()
+                refs = [f"{task['file']}#{task['first'] + done + i}" for i in range(rb.num_rows)]
+                missing = ["no image bytes in the row" if b is None else None for b in images]
+                batch = _batch(n, refs, images, captions, missing)
+                batch["order"] = [(n << ORDER_SHIFT) | (done + i) for i in range(rb.num_rows)]
+                yield batch
+                done += rb.num_rows
+                if done >= task["count"]:
+                    break
+    elif kind == "imagefolder":
+        folder = task["folder"]
+        fs = filesystem(folder, resources)
+        refs, images, captions, missing = [], [], [], []
+        for line, name, caption in task["rows"]:
+            path = posixpath.join(folder, name)
+            refs.append(f"{path} (metadata.csv line {line})")
+            captions.append(caption)
+            try:
+                images.append(fs.cat_file(fs_path(path)))
+                missing.append(None)
+            except (FileNotFoundError, IsADirectoryError) as err:
+                images.append(None)
+                missing.append(f"{type(err).__name__}: {path}")
+        yield _batch(n, refs, images, captions, missing)
+    else:
+        raise ValueError(f"unknown read task kind {kind!r}")
+
+
+def _image_bytes(value):
+    """Image cells are bytes, or a Hugging Face datasets Image struct {bytes, path}."""
+    if isinstance(value, dict):
+        return value.get("bytes")
+    return value
+
+
+def iter_batches(tasks: list[dict], resources: ResourcesConfig) -> Iterator[dict]:
+    """All batches of all tasks in one process (the Ray-free path)."""
+    for t in tasks:
+        yield from read_task(t, resources)
+
+
+def ray_dataset(tasks: list[dict], resources: ResourcesConfig):
+    """The same reading as a Ray Dataset: one Ray task per read task, streamed."""
+    import ray.data
+
+    items = [{"task": json.dumps(t)} for t in tasks]
+
+    def read(batch):
+        for t in batch["task"]:
+            yield from read_task(json.loads(t), resources)
+
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(read, batch_size=1)
+
+
+def read_prompts(uri: str, resources: ResourcesConfig) -> list[str]:
+    """Prompts for synthesize: a text file (one per line) or a Parquet file/folder with a
+    `prompt` column, local or s3://. Blank lines are skipped."""
+    fs = filesystem(uri, resources)
+    if uri.endswith(".parquet") or (fs.exists(fs_path(uri)) and fs.isdir(fs_path(uri))):
+        out = []
+        for path in _parquet_files(uri, resources):
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+            if "prompt" not in table.column_names:
+                raise ValueError(f"{_display(path, uri)}: no `prompt` column; it has {table.column_names}")
+            out.extend(table.column("prompt").to_pylist())
+        return [p.strip() for p in out if p and p.strip()]
+    try:
+        with fs.open(fs_path(uri), "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data.prompts {uri}: no such file") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]

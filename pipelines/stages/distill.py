@@ -1,0 +1,370 @@
+"""Distill stage: Ray Train + DeepSpeed ZeRO, scale-wise DMD + MMD + GAN (DESIGN.md §2, §4).
+
+The driver (`run`) builds all Ray wiring in one place: the dataset from the precomputed store,
+`ScalingConfig`, `RunConfig` (storage local or s3://, `FailureConfig`), and a `TorchTrainer`.
+Each worker runs `train_loop_per_worker`: build the networks, wrap student and fake score in
+DeepSpeed engines, then the training loop, which reads top to bottom: round-robin scale,
+student pass, generator loss, step, fake-score updates, log, checkpoint.
+
+Layouts (distill.mode):
+- "lora": one frozen base per worker carries the student and fake adapters (teacher = adapters
+  off). Both engines hold only adapter (+ GAN head) parameters.
+- "full": the student is its own transformer, sharded by the student engine under the
+  definition's ZeRO stage (3 for large models); the teacher base carries the fake adapter.
+The fake engine runs at ZeRO ≤ 2: its module holds the frozen base the teacher also uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.schema import PipelineConfig
+
+CKPT_TAG = "ckpt"  # DeepSpeed checkpoint tag inside each Ray checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# worker side
+
+
+def deepspeed_config(cfg: PipelineConfig, lr: float, zero_stage: int, micro_batch: int, bf16: bool) -> dict:
+    d = cfg.distill
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": d.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        # torch's AdamW (no fused-op JIT build); DeepSpeed wraps it for ZeRO partitioning.
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(d.betas), "weight_decay": d.weight_decay,
+                                                  "torch_adam": True}},
+        # every node writes its own shards into its local checkpoint dir; Ray merges them in storage
+        "checkpoint": {"use_node_local_storage": True},
+        "steps_per_print": 10**9,
+    }
+
+
+def loss_settings(cfg: PipelineConfig):
+    from swd_core.training import LossSettings
+
+    losses = cfg.distill.losses
+    return LossSettings(
+        feature_block=losses.feature_block,
+        mmd_weight=losses.mmd.weight, mmd_kernel=losses.mmd.kernel, mmd_c=losses.mmd.c,
+        rbf_bandwidth=losses.mmd.rbf_bandwidth, mmd_range=tuple(losses.mmd.grid_range),
+        dmd_weight=losses.dmd.weight, guidance_scale=losses.dmd.guidance_scale, dmd_range=tuple(losses.dmd.grid_range),
+        gan_weight=losses.gan.weight, discriminator_weight=losses.gan.discriminator_weight,
+    )
+
+
+def build_networks(cfg: PipelineConfig, device: torch.device, separate_fake_base: bool = False):
+    """Teacher pipeline + adapters + GAN head on `device`; returns (adapter, Networks).
+    `separate_fake_base` reproduces the authors' two-copy layout (for bench/distill.py only)."""
+    from swd_core.adapters import load_adapter
+    from swd_core.gan_head import GANHead
+    from swd_core.lora import FAKE, STUDENT, add_swd_adapters
+    from swd_core.training import Networks
+
+    t, d = cfg.teacher, cfg.distill
+    adapter = load_adapter(t.family, t.path, dtype=t.dtype, device=str(device), max_sequence_length=t.max_sequence_length)
+    base = adapter.transformer
+    student = None
+    if d.mode == "full":
+        student = copy.deepcopy(base).requires_grad_(True)  # before adapters: a plain transformer
+    torch.manual_seed(d.seed)  # identical adapter/head init on every rank (DeepSpeed also broadcasts)
+    fake_base = None
+    if separate_fake_base:
+        fake_base = copy.deepcopy(base)
+        add_swd_adapters(fake_base, d.lora.rank, d.lora.alpha, d.lora.targets, names=(FAKE,))
+    roles = (STUDENT,) if fake_base is not None else (STUDENT, FAKE)
+    add_swd_adapters(base, d.lora.rank, d.lora.alpha, d.lora.targets, names=(FAKE,) if student is not None else roles)
+    if not 0 <= d.losses.feature_block < adapter.num_blocks:
+        raise ValueError(f"distill.losses.feature_block {d.losses.feature_block}: the teacher has "
+                         f"{adapter.num_blocks} blocks (0..{adapter.num_blocks - 1})")
+    dim = base.config.num_attention_heads * base.config.attention_head_dim
+    head = GANHead(dim).to(device)
+    return adapter, Networks(adapter, head, d.losses.feature_block, student_transformer=student, fake_transformer=fake_base)
+
+
+def _batches(shard, store, batch_size: int, start_epoch: int, skip: int):
+    """Endless (epoch, index-in-epoch, decoded batch); on resume skips what was already consumed."""
+    epoch = start_epoch
+    while True:
+        for index, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True)):
+            if epoch == start_epoch and index < skip:
+                continue
+            yield epoch, index + 1, store.decode(batch)
+        epoch += 1
+
+
+def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step: int,
+                    fake_updates: int, g: torch.Generator) -> tuple[int, dict[str, float]]:
+    """One generator update and its `fake_updates` fake-score updates (DESIGN.md §2).
+    `next_batch()` returns (text, {scale: latents}); engines are DeepSpeed engines (or anything
+    with backward/step/get_global_grad_norm). Returns (scale index, logged terms)."""
+    from swd_core.scale_ops import x0_from_velocity
+    from swd_core.training import fake_update_loss, frozen, generator_loss, student_input
+
+    i = step % schedule.num_steps  # round-robin scale, shared by the batch
+    z_i = schedule.scales[i]
+
+    # generator update: gradients pass through the frozen fake network into the student only
+    text, latents = next_batch()
+    x, sigma = student_input(latents, schedule, i, g)
+    with frozen(nets.fake_parameters()):
+        x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
+        loss, terms = generator_loss(nets, x0, latents[z_i], text, uncond, settings, g)
+        engine_g.backward(loss)
+        engine_g.step()
+    terms["grad_norm_g"] = float(engine_g.get_global_grad_norm() or 0.0)
+
+    # fake-score updates on fresh batches of stop-grad student samples at the same scale
+    for _ in range(fake_updates):
+        text, latents = next_batch()
+        with torch.no_grad():
+            x, sigma = student_input(latents, schedule, i, g)
+            x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
+        loss_f, terms_f = fake_update_loss(nets, x0, latents[z_i], text, settings, g)
+        engine_f.backward(loss_f)
+        engine_f.step()
+        terms.update(terms_f)
+    if fake_updates:
+        terms["grad_norm_f"] = float(engine_f.get_global_grad_norm() or 0.0)
+    return i, terms
+
+
+def train_loop_per_worker(config: dict) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    import ray.train
+    from ray.train.torch import get_device
+
+    from swd_core.adapters import TextEmbeddings
+
+    cfg = PipelineConfig.model_validate(config["pipeline"])
+    store, d = config["store"], cfg.distill
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    micro = d.batch_size // world
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    schedule = cfg.schedule()
+    settings = loss_settings(cfg)
+
+    adapter, nets = build_networks(cfg, device)
+    deepspeed.init_distributed()  # joins the process group Ray Train already set up
+    student_module = nets.student_transformer if not nets.lora_student else torch.nn.ModuleDict({"base": nets.base})
+    engine_g, *_ = deepspeed.initialize(model=student_module, model_parameters=nets.student_parameters(),
+                                        config=deepspeed_config(cfg, d.lr, d.zero_stage, micro, bf16))
+    engine_f, *_ = deepspeed.initialize(model=torch.nn.ModuleDict({"base": nets.fake_base, "head": nets.head}),
+                                        model_parameters=nets.fake_parameters(),
+                                        config=deepspeed_config(cfg, d.fake_lr or d.lr, min(d.zero_stage, 2), micro, bf16))
+    dtype = adapter.dtype
+    empty = store.empty_prompt()
+    uncond = TextEmbeddings(empty[0], empty[1]).to(device, dtype)
+
+    step, epoch, in_epoch = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine_g.load_checkpoint(f"{ckpt_dir}/student", tag=CKPT_TAG, load_module_strict=False)
+            engine_f.load_checkpoint(f"{ckpt_dir}/fake", tag=CKPT_TAG, load_module_strict=False)
+            state = json.loads(Path(ckpt_dir, "state.json").read_text())
+        step, epoch, in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+        if rank == 0:
+            print(f"[distill] resumed from checkpoint at step {step}", flush=True)
+    data = _batches(ray.train.get_dataset_shard("train"), store, micro, epoch, in_epoch)
+
+    data_wait = 0.0  # seconds spent waiting for batches: shows when training is input-bound
+
+    def next_batch():
+        nonlocal epoch, in_epoch, data_wait
+        start = time.perf_counter()
+        epoch, in_epoch, batch = next(data)
+        data_wait += time.perf_counter() - start
+        text = TextEmbeddings(batch["prompt_embeds"], batch["pooled_prompt_embeds"]).to(device, dtype)
+        latents = {s: batch[f"latents_{s}"].to(device) for s in set(schedule.scales)}
+        return text, latents
+
+    window = []
+    while step < d.steps:
+        t0, data_wait = time.perf_counter(), 0.0
+        g = torch.Generator().manual_seed(d.seed * 1_000_003 + rank * 10_007 + step)  # resume-exact noise
+        i, terms = train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step,
+                                   d.fake_updates, g)
+        step += 1
+        window.append(time.perf_counter() - t0)
+        metrics = {"step": step, "scale": schedule.scales[i], "iter_s": window[-1], "data_wait_s": data_wait,
+                   "samples_per_s": d.batch_size * (1 + d.fake_updates) / window[-1], **terms}
+        save = step % d.checkpoint_every == 0 or step == d.steps
+        if step % d.log_every == 0 or save or step == 1:
+            if rank == 0:
+                line = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
+                print(f"[distill] step {step}/{d.steps} scale {schedule.scales[i]} | {line} | "
+                      f"{sum(window) / len(window):.2f} s/it (data wait {data_wait:.2f} s), "
+                      f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+            window = []
+        if save:
+            _report_checkpoint(cfg, rank, engine_g, engine_f, metrics, adapter, nets,
+                               {"step": step, "epoch": epoch, "batches_in_epoch": in_epoch})
+        elif step % d.log_every == 0:
+            ray.train.report(metrics)
+
+    _export_student(cfg, rank, engine_g, adapter, nets, final=True)
+
+
+def _report_checkpoint(cfg, rank, engine_g, engine_f, metrics, adapter, nets, state) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # exclude_frozen_parameters: the frozen base is the teacher, already on disk; checkpoints hold
+        # only what training changes (adapters, head, or the sharded full student) plus optimizer state.
+        engine_g.save_checkpoint(f"{tmp}/student", tag=CKPT_TAG, exclude_frozen_parameters=True)
+        engine_f.save_checkpoint(f"{tmp}/fake", tag=CKPT_TAG, exclude_frozen_parameters=True)
+        if rank == 0:
+            Path(tmp, "state.json").write_text(json.dumps({**state, "metrics": metrics}, indent=2))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if cfg.distill.export_at_checkpoints and state["step"] < cfg.distill.steps:
+        _export_student(cfg, rank, engine_g, adapter, nets, final=False, step=state["step"])
+
+
+def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int | None = None) -> None:
+    """Rank 0 writes the student as a PEFT LoRA (LoRA mode) and a merged diffusers pipeline
+    folder, plus a sample grid, to <run_dir>/student (or student/step_<n>)."""
+    from swd_core.export import export_lora, export_merged_pipeline
+
+    full = not nets.lora_student
+    state = None
+    if full:  # every rank takes part in gathering ZeRO-3 shards
+        if cfg.distill.zero_stage == 3:
+            state = engine_g._zero3_consolidated_16bit_state_dict()
+        else:
+            state = engine_g.module.state_dict()
+    if rank != 0:
+        return
+    from pipelines.storage import upload_dir
+
+    dest = f"{cfg.run_dir}/student" + ("" if final else f"/step_{step}")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = cfg.teacher
+        if full:
+            student = type(nets.student_transformer).from_config(nets.student_transformer.config)
+            student.load_state_dict({k: v.float() for k, v in state.items()})
+            export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), transformer=student,
+                                   max_sequence_length=t.max_sequence_length, dtype=t.dtype)
+        else:
+            export_lora(adapter, f"{tmp}/lora")
+            export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), lora_dir=f"{tmp}/lora",
+                                   max_sequence_length=t.max_sequence_length, dtype=t.dtype)
+        _sample_grid(cfg, f"{tmp}/merged", f"{tmp}/samples.png")
+        upload_dir(tmp, dest, cfg.resources)
+    print(f"[distill] exported the student to {dest} (merged/, {'' if full else 'lora/, '}samples.png)", flush=True)
+
+
+def _sample_grid(cfg: PipelineConfig, merged_dir: str, out_png: str) -> None:
+    from swd_core.adapters import load_adapter
+    from swd_core.export import read_schedule
+    from swd_core.generate import generate_images
+    from swd_core.grid import image_grid
+    from swd_core.schedules import ScaleSchedule
+
+    rec = read_schedule(merged_dir)
+    adapter = load_adapter(cfg.teacher.family, merged_dir, dtype="float32", max_sequence_length=rec["max_sequence_length"])
+    schedule = ScaleSchedule(tuple(rec["scales"]), tuple(rec["sigmas"]), None, adapter.patch_size)
+    prompts = cfg.data.preview_prompts
+    seeds = [cfg.evaluate.seed + i for i in range(len(prompts))]
+    images = generate_images(adapter, prompts, seeds, schedule=schedule)
+    image_grid([[im] for im in images], prompts, [f"student, {schedule.num_steps} steps"],
+               title=f"{cfg.name}: scales {list(schedule.scales)}").save(out_png)
+
+
+# ----------------------------------------------------------------------------------------------
+# driver side
+
+
+def _absolute(cfg: PipelineConfig) -> PipelineConfig:
+    """Workers run in other directories (and on other nodes): give them an absolute storage path."""
+    storage = cfg.resources.storage
+    if storage.startswith("s3://") or os.path.isabs(storage):
+        return cfg
+    return cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"storage": os.path.abspath(storage)})})
+
+
+def storage_filesystem(cfg: PipelineConfig):
+    """pyarrow filesystem for Ray Train's RunConfig: S3 with the definition's endpoint, else None."""
+    if not cfg.resources.storage.startswith("s3://"):
+        return None
+    import pyarrow.fs
+
+    s3 = cfg.resources.s3
+    kwargs = {}
+    if s3.endpoint_url:
+        scheme, _, host = s3.endpoint_url.partition("://")
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    if s3.region:
+        kwargs["region"] = s3.region
+    return pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def build_trainer(cfg: PipelineConfig, store):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_runtime import worker_env
+
+    r, d = cfg.resources, cfg.distill
+    use_gpu = r.gpus_per_worker > 0
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+    storage_path = f"{cfg.run_dir}/train"
+    if storage_path.startswith("s3://"):
+        storage_path = storage_path.removeprefix("s3://")  # with an explicit filesystem Ray wants a bare path
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"pipeline": cfg.model_dump(mode="json"), "store": store},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=r.placement_strategy),
+        datasets={"train": store.dataset()},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name="distill", storage_path=storage_path, storage_filesystem=storage_filesystem(cfg),
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+    )
+
+
+def run(cfg: PipelineConfig) -> dict:
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.store import open_store
+
+    cfg = _absolute(cfg)
+    r, d = cfg.resources, cfg.distill
+    if d.batch_size % r.num_workers:
+        raise ValueError(f"distill.batch_size {d.batch_size} must be divisible by resources.num_workers {r.num_workers}")
+    store = open_store(cfg)  # refuses a store built for another definition, with what differs
+    missing = sorted(set(cfg.schedule().scales) - set(store.scales))
+    if missing:
+        raise ValueError(f"the store at {store.uri} has no latents at scales {missing}; rerun the precompute stage")
+    ensure_ray(cfg)
+    schedule = cfg.schedule()
+    print(f"[distill] {d.mode} student, ZeRO-{d.zero_stage}, {r.num_workers} workers, batch {d.batch_size}, "
+          f"{d.steps} steps, {'scale-wise' if schedule.is_scalewise else 'full-resolution'} scales {list(schedule.scales)}",
+          flush=True)
+    start = time.perf_counter()
+    result = build_trainer(cfg, store).fit()
+    if result.error:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    out = {"student": f"{cfg.run_dir}/student", "checkpoint": result.checkpoint.path if result.checkpoint else None,
+           "seconds": time.perf_counter() - start, "final_metrics": metrics}
+    print(f"[distill] done in {out['seconds']:.0f} s; student at {out['student']}", flush=True)
+    return out

@@ -1,0 +1,171 @@
+"""The distill stage end to end: Ray Train + DeepSpeed on a real local 2-node Ray cluster,
+the committed toy-sd3 teacher and a store made by the precompute stage."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipelines.schema import parse_pipeline_config
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.ray
+
+
+def definition(tmp: Path, name: str, **distill) -> dict:
+    d = {
+        "schedule": {"preset": "toy_4step"},
+        "losses": {"feature_block": 4, "dmd": {"guidance_scale": 4.5}},
+        "mode": "lora", "lora": {"rank": 4}, "zero_stage": 2,
+        "batch_size": 4, "steps": 2, "lr": 1e-3, "fake_updates": 1,
+        "checkpoint_every": 2, "log_every": 1,
+    }
+    d.update(distill)
+    return {
+        "name": name,
+        "teacher": {"path": "builtin:toy-sd3", "max_sequence_length": 0},
+        "data": {"sources": [{"path": "builtin:shapes", "format": "shapes", "limit": 32}],
+                 "preview_prompts": ["a red circle", "a blue square on a black background"]},
+        "precompute": {"batch_size": 16, "actors": 1, "cpus_per_actor": 1, "output": str(tmp / "store")},
+        "distill": d,
+        "resources": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "SPREAD",
+                      "storage": str(tmp / "runs")},
+    }
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory, ray_cluster):
+    tmp = tmp_path_factory.mktemp("distill")
+    from pipelines.stages import precompute
+
+    precompute.run(parse_pipeline_config(definition(tmp, "store")))
+    return tmp
+
+
+def _train_workers() -> dict[str, str]:
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True,
+                                                       limit=10_000)}
+
+
+def _stock_pipeline(folder: Path):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None,
+                                                    torch_dtype=torch.float32)
+
+
+def _stock_image(pipe, prompt: str, seed: int = 0):
+    """Stock diffusers sampling: 4 steps from 32 px (scale 8); the scheduler upscales to 64 px."""
+    return pipe(prompt, height=32, width=32, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=0,
+                generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+
+
+def test_lora_zero2_two_nodes_exports_a_stock_loadable_student(store_dir):
+    from pipelines.stages import distill
+
+    cfg = parse_pipeline_config(definition(store_dir, "lora2"))
+    before = set(_train_workers())
+    out = distill.run(cfg)
+    workers = {a: n for a, n in _train_workers().items() if a not in before}
+    assert len(workers) == 2 and len(set(workers.values())) == 2, f"workers not on 2 nodes: {workers}"
+
+    m = out["final_metrics"]
+    assert m["step"] == 2 and {"mmd", "dmd", "gan_g", "fake_denoise", "gan_d", "grad_norm_g"} <= set(m)
+    student = Path(out["student"])
+    assert (student / "samples.png").exists() and (student / "lora").is_dir()
+    merged = student / "merged"
+    record = json.loads((merged / "swd_schedule.json").read_text())
+    assert record["scales"] == [8, 10, 12, 16]
+
+    # the stock pipeline loads the merged student; its scheduler samples scale-wise up to 64 px
+    pipe = _stock_pipeline(merged)
+    assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
+    image = _stock_image(pipe, "a red circle")
+    assert image.shape == (64, 64, 3)
+    # the trained LoRA moved the weights away from the teacher's
+    from swd_core.tiny_models import resolve_pretrained
+
+    teacher = _stock_pipeline(Path(resolve_pretrained("builtin:toy-sd3")))
+    diff = max((a - b).abs().max().item() for a, b in zip(pipe.transformer.parameters(), teacher.transformer.parameters()))
+    assert diff > 0
+
+
+def test_full_finetune_zero3(store_dir):
+    from pipelines.stages import distill
+
+    cfg = parse_pipeline_config(definition(store_dir, "full3", mode="full", zero_stage=3,
+                                           losses={"feature_block": 4, "dmd": {"weight": 0.0}, "gan": {"weight": 0.0}}))
+    out = distill.run(cfg)
+    assert out["final_metrics"]["step"] == 2 and "mmd" in out["final_metrics"] and "dmd" not in out["final_metrics"]
+    merged = Path(out["student"]) / "merged"
+    assert not (Path(out["student"]) / "lora").exists()
+    pipe = _stock_pipeline(merged)
+    from swd_core.tiny_models import resolve_pretrained
+
+    teacher = _stock_pipeline(Path(resolve_pretrained("builtin:toy-sd3")))
+    changed = [n for (n, a), b in zip(pipe.transformer.named_parameters(), teacher.transformer.parameters())
+               if not torch.equal(a, b)]
+    assert changed, "full fine-tuning left every weight equal to the teacher's"
+    assert _stock_image(pipe, "a blue square").shape == (64, 64, 3)
+
+
+def _run_cli(cfg_dict: dict, tmp: Path, cluster, name: str):
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg_dict))
+    env = dict(os.environ, RAY_ADDRESS=cluster.address, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "pipelines/distill.py", "--config", str(path), "--stages", "distill"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
+    first = definition(store_dir, "resume", steps=2, checkpoint_every=2)
+    proc = _run_cli(first, store_dir, ray_cluster, "resume1")
+    out1, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out1[-4000:]
+    second = definition(store_dir, "resume", steps=4, checkpoint_every=2)  # same run, more steps
+    proc = _run_cli(second, store_dir, ray_cluster, "resume2")
+    out2, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out2[-4000:]
+    assert "resumed from checkpoint at step 2" in out2
+    assert "step 3/4" in out2 and "step 1/4" not in out2 and "step 2/4" not in out2
+
+
+def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster):
+    import signal
+
+    cfg = definition(store_dir, "killed", steps=6, checkpoint_every=2)
+    before = set(_train_workers())
+    proc = _run_cli(cfg, store_dir, ray_cluster, "killed")
+    train_dir = store_dir / "runs" / "killed" / "train"
+    deadline = time.time() + 600
+    while not list(train_dir.glob("**/checkpoint_*/state.json")):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(1)
+    from ray.util.state import list_actors
+
+    alive = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                    detail=True) if a.actor_id not in before]
+    assert alive, "no live train worker to kill"
+    os.kill(alive[0].pid, signal.SIGKILL)  # a real worker process dies mid-run
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from checkpoint at step" in out
+    assert "step 6/6" in out
+
+
+def test_store_made_for_another_definition_is_refused(store_dir):
+    from pipelines.stages import distill
+    from pipelines.store import StoreMismatchError
+
+    other = definition(store_dir, "mismatch", schedule={"preset": "toy_6step"})
+    with pytest.raises(StoreMismatchError, match=r"scales: store has \[8, 10, 12, 16\], definition has \[4, 6, 8, 10, 12, 16\]"):
+        distill.run(parse_pipeline_config(other))

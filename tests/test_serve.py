@@ -1,0 +1,319 @@
+"""The deploy stage's Ray Serve app on the shared local Ray cluster, over real HTTP on 127.0.0.1.
+
+Students are the toy teacher exported in the student format (pipelines.serve.stand_in) — the
+same export and loading path a distilled student takes — one of them perturbed for the hot swap.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from pipelines.schema import load_pipeline_config
+from pipelines.serve import app_builder, build_app
+from pipelines.serve.config import serve_config
+from pipelines.serve.model import load_student, render_pngs
+from pipelines.serve.stand_in import export_stand_in
+from swd_core.generate import generate_images
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.ray
+
+PROMPT = "a large red circle in the center on a white background"
+APP, ROUTE = "swd-test-serve", "/swd-test"
+
+
+def toy_cfg(**serve):
+    cfg = load_pipeline_config("pipelines/configs/toy.yaml")
+    base = {"app_name": APP, "route_prefix": ROUTE, "host": "127.0.0.1", "max_batch_size": 4,
+            "max_ongoing_requests": 8, "batch_wait_timeout_s": 0.3, "cpus_per_replica": 1}
+    return cfg.model_copy(update={"serve": cfg.serve.model_validate({**base, **serve})})
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    root = tmp_path_factory.mktemp("students")
+    cfg = toy_cfg()
+    return {"a": str(export_stand_in(cfg, root / "a")), "b": str(export_stand_in(cfg, root / "b", perturb=1.0, seed=1))}
+
+
+@pytest.fixture(scope="module")
+def http_base(ray_cluster):
+    """Serve's HTTP proxy on 127.0.0.1, head node only (both test nodes share the address)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
+    http = _get_global_client().http_config  # the port in effect, if Serve was already running
+    return f"http://127.0.0.1:{http.port}"
+
+
+def deploy(cfg, use_config_file: bool = False):
+    from ray import serve
+
+    # The generated Serve config's import path and args build the same app as the deploy stage.
+    app = app_builder(serve_config(cfg)["applications"][0]["args"]) if use_config_file else build_app(cfg)
+    serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=False)
+
+
+@pytest.fixture(scope="module")
+def app(http_base, students):
+    from ray import serve
+
+    cfg = toy_cfg(model=students["a"])
+    deploy(cfg, use_config_file=True)
+    try:
+        yield http_base + ROUTE, cfg
+    finally:
+        serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def offline(students):
+    """The students sampled in this process, as a user of swd_core would (1 thread, like a replica)."""
+    cfg = toy_cfg()
+    models = {k: load_student(cfg, path, k) for k, path in students.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield models
+    torch.set_num_threads(threads)
+
+
+def post(url, body, **kw):
+    return requests.post(f"{url}/v1/images/generations", json=body, timeout=60, **kw)
+
+
+def b64_pixels(item) -> np.ndarray:
+    return pixels(base64.b64decode(item["b64_json"]))
+
+
+def test_images_match_offline_sampler_and_do_not_depend_on_batching(app, offline):
+    url, cfg = app
+    seeds = [11, 12, 13, 14]
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        together = list(pool.map(lambda s: post(url, {"prompt": PROMPT, "seed": s}), seeds))
+    assert all(r.status_code == 200 for r in together), [r.text for r in together]
+    assert max(int(r.headers["x-swd-batch"]) for r in together) > 1, "concurrent requests were never batched"
+    alone = [post(url, {"prompt": PROMPT, "seed": s}) for s in seeds]
+    assert all(int(r.headers["x-swd-batch"]) == 1 for r in alone)
+    for s, t, a in zip(seeds, together, alone):
+        body = t.json()
+        assert set(body) == {"created", "data"} and body["data"][0]["seed"] == s
+        got = b64_pixels(body["data"][0])
+        assert got.shape == (64, 64, 3)
+        np.testing.assert_array_equal(got, b64_pixels(a.json()["data"][0]))  # batched == alone, exactly
+        # The offline sampler: exactly, at the replica's fixed batch shape ...
+        expected = pixels(render_pngs(offline["a"], [PROMPT], [s], cfg.serve.max_batch_size)[0])
+        np.testing.assert_array_equal(got, expected)
+        # ... and within one grey level of a plain batch-of-one call (kernels differ by batch size).
+        plain = np.asarray(generate_images(offline["a"].adapter, [PROMPT], [s], schedule=offline["a"].schedule)[0])
+        assert np.abs(got.astype(int) - plain.astype(int)).max() <= 1
+    # The PNG endpoint gives the same image for the same prompt and seed.
+    r = requests.get(f"{url}/generate", params={"prompt": PROMPT, "seed": 12}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.headers["x-swd-seed"] == "12"
+    np.testing.assert_array_equal(pixels(r.content), b64_pixels(together[1].json()["data"][0]))
+    # n images take consecutive seeds; no seed draws one and reports it.
+    r = post(url, {"prompt": PROMPT, "n": 2, "seed": 13})
+    assert [d["seed"] for d in r.json()["data"]] == [13, 14]
+    np.testing.assert_array_equal(b64_pixels(r.json()["data"][1]), b64_pixels(together[3].json()["data"][0]))
+    r = post(url, {"prompt": PROMPT})
+    assert r.status_code == 200 and isinstance(r.json()["data"][0]["seed"], int)
+
+
+def test_models_and_health(app, students):
+    url, _ = app
+    models = requests.get(f"{url}/v1/models", timeout=30).json()
+    (m,) = models["data"]
+    assert m["id"] == "toy-swd" and m["source"] == students["a"] and m["teacher"] == "builtin:toy-sd3"
+    assert m["schedule"]["scales"] == [8, 10, 12, 16] and m["sizes"] == ["64x64"]
+    health = requests.get(f"{url}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+BAD = [
+    # (description, request kwargs, status, words the message must contain)
+    ("missing prompt", {"json": {"seed": 1}}, 400, "prompt: required"),
+    ("empty prompt", {"json": {"prompt": "   "}}, 400, "prompt is empty"),
+    ("over-long prompt", {"json": {"prompt": "a" * 1001}}, 400, "limit is 1000"),
+    ("n too large", {"json": {"prompt": "x", "n": 5}}, 400, "between 1 and 4"),
+    ("n zero", {"json": {"prompt": "x", "n": 0}}, 400, "between 1 and 4"),
+    ("unsupported size", {"json": {"prompt": "x", "size": "1024x1024"}}, 400, "supported: 64x64"),
+    ("non-integer seed", {"json": {"prompt": "x", "seed": 1.5}}, 400, "seed: must be an integer"),
+    ("string seed", {"json": {"prompt": "x", "seed": "7"}}, 400, "seed: must be an integer"),
+    ("negative seed", {"json": {"prompt": "x", "seed": -1}}, 400, "seed"),
+    ("url response format", {"json": {"prompt": "x", "response_format": "url"}}, 400, "b64_json"),
+    ("unknown field", {"json": {"prompts": "x"}}, 400, "prompts: unknown field"),
+    ("unknown model", {"json": {"prompt": "x", "model": "dall-e-3"}}, 404, "available: toy-swd"),
+    ("malformed JSON", {"data": b'{"prompt": "x",', "headers": {"Content-Type": "application/json"}}, 400, "malformed JSON"),
+    ("JSON array", {"json": ["x"]}, 400, "must be an object"),
+    ("wrong content type", {"data": b"prompt=x", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+     415, "application/json"),
+    ("no content type", {"data": b'{"prompt": "x"}'}, 415, "application/json"),
+]
+
+
+@pytest.mark.parametrize("desc,kwargs,status,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_generation_requests_get_a_4xx_with_a_message(app, desc, kwargs, status, words):
+    url, _ = app
+    r = requests.post(f"{url}/v1/images/generations", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("params,words", [({"seed": "3"}, "prompt: required"), ({"prompt": "x", "seed": "abc"}, "integer"),
+                                          ({"prompt": "x", "seed": "1.5"}, "integer"), ({"prompt": ""}, "empty"),
+                                          ({"prompt": "x", "size": "8x8"}, "supported: 64x64")])
+def test_bad_png_requests_get_a_4xx_with_a_message(app, params, words):
+    url, _ = app
+    r = requests.get(f"{url}/generate", params=params, timeout=30)
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_replica_survives_bad_requests(app):
+    url, _ = app
+    assert requests.get(f"{url}/nope", timeout=30).status_code == 404
+    assert requests.get(f"{url}/v1/images/generations", timeout=30).status_code == 405
+    assert post(url, {"prompt": PROMPT, "seed": 0}).status_code == 200
+
+
+def test_auth_and_backpressure(http_base, students, tmp_path):
+    """A second app: API key required, capacity of one request in flight plus one queued."""
+    from ray import serve
+
+    key = "sk-test-" + "x" * 24
+    (tmp_path / "key").write_text(key + "\n")
+    cfg = toy_cfg(model=students["a"], app_name=APP + "-auth", route_prefix=ROUTE + "-auth", api_key_file=str(tmp_path / "key"),
+                  max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1, batch_wait_timeout_s=0)
+    from pipelines.stages import deploy as deploy_stage
+
+    out = deploy_stage.run(cfg)  # the pipeline's deploy stage, on the running cluster
+    url = http_base + ROUTE + "-auth"
+    assert out["url"] == url + "/" and out["model"]["model"] == students["a"]
+    ok = {"Authorization": f"Bearer {key}"}
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            r = post(url, {"prompt": PROMPT}, headers=headers)
+            assert r.status_code == 401 and "API key" in r.json()["error"]["message"] and key not in r.text
+            assert requests.get(f"{url}/v1/models", headers=headers, timeout=30).status_code == 401
+            assert requests.get(f"{url}/generate", params={"prompt": "x"}, headers=headers, timeout=30).status_code == 401
+        r = post(url, {"prompt": PROMPT, "seed": 1}, headers=ok)
+        assert r.status_code == 200 and key not in r.text
+        assert requests.get(f"{url}/v1/models", headers=ok, timeout=30).status_code == 200
+        # Health and the playground page need no key (probes, browsers); the page asks for it.
+        assert requests.get(f"{url}/health", timeout=30).status_code == 200
+        page = requests.get(f"{url}/", timeout=30)
+        assert page.status_code == 200 and 'id="key"' in page.text and key not in page.text
+
+        # Over capacity: 12 at once against room for 2 -> quick 503s, the rest served, nothing else.
+        def one(s):
+            start = time.perf_counter()
+            r = post(url, {"prompt": PROMPT, "seed": s}, headers=ok)
+            return r.status_code, time.perf_counter() - start, r
+
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(one, range(12)))
+        codes = sorted(c for c, _, _ in results)
+        assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 2, codes
+        refused = [r for c, _, r in results if c == 503]
+        assert all("capacity" in r.json()["error"]["message"] or "retry" in r.json()["error"]["message"].lower()
+                   for r in refused)
+        assert post(url, {"prompt": PROMPT, "seed": 2}, headers=ok).status_code == 200  # still alive
+        # The key is in no log of the cluster (replica, proxy, controller, access logs).
+        import ray
+
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+        leaked = [f for f in logs.rglob("*") if f.is_file() and key.encode() in f.read_bytes()]
+        assert not leaked, leaked
+    finally:
+        serve.delete(cfg.serve.app_name)
+
+
+def test_hot_swap_under_load_has_no_failures(app, students, offline):
+    from ray import serve
+
+    url, cfg = app
+    before = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["source"]
+    assert before == students["a"]
+    stop, results = threading.Event(), []
+
+    def client(i):
+        n = 0
+        while not stop.is_set():
+            r = requests.get(f"{url}/generate", params={"prompt": PROMPT, "seed": 5}, timeout=60)
+            results.append((r.status_code, r.headers.get("x-swd-source"), r.content if r.ok else r.text))
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        swapped = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": students["b"]})})
+        serve.run(build_app(swapped), name=APP, route_prefix=ROUTE, blocking=False)
+        deadline = time.time() + 60
+        while requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["source"] != students["b"]:
+            assert time.time() < deadline, "the swap never landed"
+            time.sleep(0.2)
+        seen = len(results)
+        while len(results) < seen + 4:  # load continues on the new model
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    failures = [(c, body) for c, _, body in results if c != 200]
+    assert not failures, failures[:3]
+    sources = [s for _, s, _ in results]
+    assert sources[0] == students["a"] and sources[-1] == students["b"]
+    # Outputs switch with the model: the new source gives the new student's pixels.
+    exp = {k: pixels(render_pngs(offline[k], [PROMPT], [5], cfg.serve.max_batch_size)[0]) for k in "ab"}
+    assert not np.array_equal(exp["a"], exp["b"])
+    for _, source, png in results:
+        np.testing.assert_array_equal(pixels(png), exp["a" if source == students["a"] else "b"])
+
+
+def chromium_binary() -> str:
+    """Debian's chromium, installed with apt-get when absent (the test setup's job, not the user's)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if shutil.which("apt-get") is None:
+        pytest.skip("chromium is not installed and there is no apt-get to install it")
+    proc = subprocess.run("apt-get install -y --no-install-recommends chromium || "
+                          "(apt-get update && apt-get install -y --no-install-recommends chromium)",
+                          shell=True, capture_output=True, text=True, timeout=900,
+                          env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    found = shutil.which("chromium")
+    if not found:
+        pytest.skip(f"could not install chromium with apt-get (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+    return found
+
+
+def test_playground_shows_a_generated_image_in_headless_chromium(app, tmp_path):
+    url, _ = app
+    chromium = chromium_binary()
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom",
+           f"{url}/?prompt={PROMPT.replace(' ', '+')}&seed=21"]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert 'data-state="done"' in dom, dom[-2000:]
+    src = dom.split('id="result"', 1)[1].split('src="data:image/png;base64,', 1)[1].split('"', 1)[0]
+    shown = pixels(base64.b64decode(src))
+    direct = requests.get(f"{url}/generate", params={"prompt": PROMPT, "seed": 21}, timeout=60)
+    np.testing.assert_array_equal(shown, pixels(direct.content))

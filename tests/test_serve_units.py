@@ -1,0 +1,86 @@
+"""Serving pieces that need no Ray: request validation, API-key reading, the serve schema."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.schema import PipelineConfigError, ServeConfig, load_pipeline_config, parse_pipeline_config
+from pipelines.serve.config import rayservice_manifest, serve_config
+from pipelines.serve.auth import BearerAuth, read_api_key
+from pipelines.serve.validation import Limits, RequestError, parse_json_request, parse_query_request
+
+LIMITS = Limits(max_images=4, max_prompt_chars=50, sizes=("64x64",))
+
+
+def test_valid_request_defaults():
+    req = parse_json_request(b'{"prompt": "  a red circle ", "seed": 3}', "application/json; charset=utf-8", LIMITS)
+    assert (req.prompt, req.n, req.size, req.seed, req.response_format) == ("a red circle", 1, "64x64", 3, "b64_json")
+    assert parse_query_request("x", " 42 ", None, LIMITS).seed == 42
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(RequestError) as err:
+        parse_json_request(b'{"prompt": "", "n": 9, "seed": true}', "application/json", LIMITS)
+    msg = err.value.message
+    assert err.value.status == 400 and "prompt is empty" in msg and "between 1 and 4" in msg and "seed" in msg
+
+
+@pytest.mark.parametrize("seed", ["1e3", "0x10", "", "1.0"])
+def test_query_seed_must_be_an_integer_literal(seed):
+    with pytest.raises(RequestError, match="seed: must be an integer"):
+        parse_query_request("x", seed, None, LIMITS)
+
+
+def test_oversized_body_is_413():
+    with pytest.raises(RequestError) as err:
+        parse_json_request(b"{" + b" " * 70000 + b"}", "application/json", LIMITS)
+    assert err.value.status == 413
+
+
+def test_api_key_from_env_or_file(monkeypatch, tmp_path):
+    assert read_api_key(ServeConfig()) is None
+    monkeypatch.setenv("SWD_TEST_KEY", "k-env")
+    assert read_api_key(ServeConfig(api_key_env="SWD_TEST_KEY")) == "k-env"
+    (tmp_path / "key").write_text("k-file\n")
+    assert read_api_key(ServeConfig(api_key_file=str(tmp_path / "key"))) == "k-file"
+    monkeypatch.delenv("SWD_TEST_KEY")
+    with pytest.raises(RuntimeError, match="SWD_TEST_KEY") as err:
+        read_api_key(ServeConfig(api_key_env="SWD_TEST_KEY"))
+    assert "k-env" not in str(err.value)
+    auth = BearerAuth("secret")
+    auth.check("Bearer secret")
+    for bad in (None, "secret", "Bearer nope", "Basic secret"):
+        with pytest.raises(RequestError) as e:
+            auth.check(bad)
+        assert e.value.status == 401 and "secret" not in e.value.message
+
+
+def test_serve_section_is_checked():
+    data = load_pipeline_config("pipelines/configs/toy.yaml").model_dump(mode="json")
+    for bad, words in [({"max_batch_size": 8, "max_ongoing_requests": 4}, "batches can never fill"),
+                       ({"min_replicas": 1}, "both min_replicas and max_replicas"),
+                       ({"api_key_env": "A", "api_key_file": "f"}, "at most one"),
+                       ({"route_prefix": "swd"}, "must start with '/'")]:
+        with pytest.raises(PipelineConfigError, match=words):
+            parse_pipeline_config({**data, "serve": {**data["serve"], **bad}})
+
+
+def test_generated_serve_config_and_rayservice_validate():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = load_pipeline_config("pipelines/configs/toy.yaml")
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"min_replicas": 1, "max_replicas": 3, "api_key_env": "SWD_API_KEY"})})
+    doc = serve_config(cfg)
+    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
+    (application,) = schema.applications
+    assert application.import_path == "pipelines.serve.app:app_builder"
+    gen = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Generator")
+    assert gen["autoscaling_config"]["max_replicas"] == 3 and gen["user_config"]["model"] == "runs/toy/student/merged"
+    assert "num_replicas" not in gen
+    manifest = rayservice_manifest(cfg, "example/swd:1")
+    assert manifest["kind"] == "RayService" and manifest["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"]
+    inner = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert inner == yaml.safe_load(yaml.safe_dump(doc))
+    env = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+    assert env[0]["name"] == "SWD_API_KEY" and "secretKeyRef" in env[0]["valueFrom"]
