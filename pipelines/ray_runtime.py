@@ -13,7 +13,9 @@ def worker_env() -> dict[str, str]:
     """Environment variables every Ray worker of a stage needs."""
     import torch
 
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # OMP_WAIT_POLICY: idle OpenMP threads sleep instead of spinning; workers, actors and the
+    # driver share cores, and spinning threads slow each other down many times over.
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed probes for CUDA otherwise and fails on CPU-only nodes
     return env

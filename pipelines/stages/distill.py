@@ -166,6 +166,14 @@ def train_loop_per_worker(config: dict) -> None:
     engine_f, *_ = deepspeed.initialize(model=torch.nn.ModuleDict({"base": nets.fake_base, "head": nets.head}),
                                         model_parameters=nets.fake_parameters(),
                                         config=deepspeed_config(cfg, d.fake_lr or d.lr, min(d.zero_stage, 2), micro, bf16))
+    # Where each rank runs (recorded in every checkpoint's state.json and printed once).
+    workers = [None] * world
+    torch.distributed.all_gather_object(workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                                                  "pid": os.getpid()})
+    n_nodes = len({w["node_id"] for w in workers})
+    if rank == 0:
+        print(f"[distill] {world} workers on {n_nodes} node(s): "
+              + ", ".join(f"rank {w['rank']} node {w['node_id'][:8]} pid {w['pid']}" for w in workers), flush=True)
     dtype = adapter.dtype
     empty = store.empty_prompt()
     uncond = TextEmbeddings(empty[0], empty[1]).to(device, dtype)
@@ -193,7 +201,7 @@ def train_loop_per_worker(config: dict) -> None:
         latents = {s: batch[f"latents_{s}"].to(device) for s in set(schedule.scales)}
         return text, latents
 
-    window = []
+    window, run_times = [], []
     while step < d.steps:
         t0, data_wait = time.perf_counter(), 0.0
         g = torch.Generator().manual_seed(d.seed * 1_000_003 + rank * 10_007 + step)  # resume-exact noise
@@ -201,7 +209,10 @@ def train_loop_per_worker(config: dict) -> None:
                                    d.fake_updates, g)
         step += 1
         window.append(time.perf_counter() - t0)
-        metrics = {"step": step, "scale": schedule.scales[i], "iter_s": window[-1], "data_wait_s": data_wait,
+        run_times.append(window[-1])
+        metrics = {"step": step, "scale": schedule.scales[i], "nodes": n_nodes, "iter_s": window[-1], "data_wait_s": data_wait,
+                   # mean over this run's iterations after the first (which pays for warm-up)
+                   "mean_iter_s": sum(run_times[1:]) / max(len(run_times) - 1, 1),
                    "samples_per_s": d.batch_size * (1 + d.fake_updates) / window[-1], **terms}
         save = step % d.checkpoint_every == 0 or step == d.steps
         if step % d.log_every == 0 or save or step == 1:
@@ -213,7 +224,7 @@ def train_loop_per_worker(config: dict) -> None:
             window = []
         if save:
             _report_checkpoint(cfg, rank, engine_g, engine_f, metrics, adapter, nets,
-                               {"step": step, "epoch": epoch, "batches_in_epoch": in_epoch})
+                               {"step": step, "epoch": epoch, "batches_in_epoch": in_epoch, "workers": workers})
         elif step % d.log_every == 0:
             ray.train.report(metrics)
 

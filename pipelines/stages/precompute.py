@@ -382,9 +382,7 @@ def run(cfg: PipelineConfig) -> dict:
          .map_batches(Encoder, fn_constructor_args=(spec, [keep_ref]), batch_size=pc.batch_size,
                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pc.actors),
                       num_cpus=pc.cpus_per_actor, num_gpus=pc.gpus_per_actor)
-         # writing is I/O: reserving a CPU for it would idle an encoder actor on small nodes
-         .write_parquet(store.fs_path(f"{uri}/{store.DATA}"), filesystem=store.arrow_filesystem(uri, resources),
-                        ray_remote_args={"num_cpus": 0}))
+         .write_parquet(store.fs_path(f"{uri}/{store.DATA}"), filesystem=store.arrow_filesystem(uri, resources)))
     rows = store.count_rows(f"{uri}/{store.DATA}", resources)
     manifest = write_manifest(uri, cfg, text, complete=True, rows=rows, previous=previous)
     result = {"store": uri, "rows": manifest["rows"], "new_rows": len(keep), "skipped_present": counts["skipped_present"],
