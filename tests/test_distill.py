@@ -140,11 +140,14 @@ def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster)
     cfg = definition(store_dir, "killed", steps=40, checkpoint_every=2, log_every=10)
     proc = _run_cli(cfg, store_dir, ray_cluster, "killed")
     run_dir = store_dir / "runs" / "killed"
+    snapshot = run_dir / "train" / "distill" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 600
-    while not _checkpoint_states(run_dir):
+    # Kill only once Ray Train has registered a checkpoint (its snapshot names one); files in
+    # storage alone may belong to a checkpoint still being reported.
+    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
         assert proc.poll() is None, proc.stdout.read()[-4000:]
         assert time.time() < deadline, "no checkpoint within 10 minutes"
-        time.sleep(1)
+        time.sleep(0.5)
     victim = _checkpoint_states(run_dir)[0]["workers"][1]["pid"]
     os.kill(victim, signal.SIGKILL)  # a real worker process (rank 1) dies mid-run
     out, _ = proc.communicate(timeout=900)

@@ -1,4 +1,4 @@
-"""`pipelines/distill.py` runs the default pipeline's available stages and writes the grid."""
+"""`pipelines/distill.py` runs the stages it is asked for (here the preview stage) and refuses unknown ones."""
 
 from pathlib import Path
 
@@ -19,10 +19,10 @@ def test_preview_stage_writes_a_labelled_grid(tmp_path, capsys):
     data["evaluate"]["teacher_steps"] = 4
     cfg = tmp_path / "toy.yaml"
     cfg.write_text(yaml.safe_dump(data))
-    assert main(["--config", str(cfg)]) == 0
+    assert main(["--config", str(cfg), "--stages", "preview"]) == 0
     out = capsys.readouterr().out
     grid = Image.open(tmp_path / "toy" / "preview.png")
     # 3 columns (teacher, full-res, scale-wise) of 128 px after a 220 px label column; 2 rows
     assert grid.size == (220 + 3 * 128, 56 + 2 * 128)
-    assert "scale-wise 4 steps" in out and "[distill] not available" in out
+    assert "scale-wise 4 steps" in out and "[preview] starting" in out and "[distill] starting" not in out
     assert main(["--config", str(cfg), "--stages", "bogus"]) == 2

@@ -27,6 +27,10 @@ def ray_head(tmp_path):
     (`ray stop` would also take down any other local cluster, e.g. the session fixture's)."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the conftest's loopback-only switch; a `ray start` head does without
+    # Head and client agree on no token auth (a token file left in ~/.ray by another local cluster
+    # would otherwise switch the head to token auth while the CLI sends none).
+    env["RAY_AUTH_MODE"] = "disabled"
     gcs, dash = _free_port(), _free_port()
     temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
     start = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -36,9 +40,9 @@ def ray_head(tmp_path):
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
-        while True:  # the job API answers once the head (and its dashboard) is up
+        while True:  # the dashboard answers (401 without a token: local clusters use token auth) once up
             try:
-                if requests.get(f"{address}/api/version", timeout=2).ok:
+                if requests.get(f"{address}/api/version", timeout=2).status_code < 500:
                     break
             except requests.RequestException:
                 pass
