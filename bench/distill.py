@@ -41,7 +41,7 @@ def _case(args) -> dict:
     import torch
 
     from pipelines.schema import load_pipeline_config
-    from pipelines.stages.distill import build_networks, deepspeed_config, loss_settings, train_iteration
+    from pipelines.stages.distill import build_engines, build_networks, loss_settings, train_iteration
     from swd_core.adapters import TextEmbeddings
 
     torch.set_num_threads(args.threads)
@@ -63,12 +63,7 @@ def _case(args) -> dict:
 
     adapter, nets = build_networks(cfg, torch.device("cpu"), separate_fake_base=args.two_copies)
     deepspeed.init_distributed(dist_backend="gloo")
-    student_module = torch.nn.ModuleDict({"base": nets.base})
-    engine_g, *_ = deepspeed.initialize(model=student_module, model_parameters=nets.student_parameters(),
-                                        config=deepspeed_config(cfg, 1e-4, 2, args.batch, False))
-    engine_f, *_ = deepspeed.initialize(model=torch.nn.ModuleDict({"base": nets.fake_base, "head": nets.head}),
-                                        model_parameters=nets.fake_parameters(),
-                                        config=deepspeed_config(cfg, 1e-4, 2, args.batch, False))
+    engine_g, engine_f = build_engines(cfg, nets, args.batch, bf16=False)
 
     text = adapter.encode_prompts(["a large red circle in the center"] * args.batch)
     uncond = adapter.empty_prompt()

@@ -93,6 +93,22 @@ def build_networks(cfg: PipelineConfig, device: torch.device, separate_fake_base
     return adapter, Networks(adapter, head, d.losses.feature_block, student_transformer=student, fake_transformer=fake_base)
 
 
+def build_engines(cfg: PipelineConfig, nets, micro_batch: int, bf16: bool):
+    """DeepSpeed engines for the student and for the fake score + GAN head (ZeRO ≤ 2: its
+    module holds the frozen base the teacher also uses)."""
+    import deepspeed
+
+    d = cfg.distill
+    student_module = nets.student_transformer if not nets.lora_student else torch.nn.ModuleDict({"base": nets.base})
+    engine_g, *_ = deepspeed.initialize(model=student_module, model_parameters=nets.student_parameters(),
+                                        config=deepspeed_config(cfg, d.lr, d.zero_stage, micro_batch, bf16))
+    engine_f, *_ = deepspeed.initialize(model=torch.nn.ModuleDict({"base": nets.fake_base, "head": nets.head}),
+                                        model_parameters=nets.fake_parameters(),
+                                        config=deepspeed_config(cfg, d.fake_lr or d.lr, min(d.zero_stage, 2),
+                                                                micro_batch, bf16))
+    return engine_g, engine_f
+
+
 def _batches(shard, store, batch_size: int, start_epoch: int, skip: int):
     """Endless (epoch, index-in-epoch, decoded batch); on resume skips what was already consumed."""
     epoch = start_epoch
@@ -160,12 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     adapter, nets = build_networks(cfg, device)
     deepspeed.init_distributed()  # joins the process group Ray Train already set up
-    student_module = nets.student_transformer if not nets.lora_student else torch.nn.ModuleDict({"base": nets.base})
-    engine_g, *_ = deepspeed.initialize(model=student_module, model_parameters=nets.student_parameters(),
-                                        config=deepspeed_config(cfg, d.lr, d.zero_stage, micro, bf16))
-    engine_f, *_ = deepspeed.initialize(model=torch.nn.ModuleDict({"base": nets.fake_base, "head": nets.head}),
-                                        model_parameters=nets.fake_parameters(),
-                                        config=deepspeed_config(cfg, d.fake_lr or d.lr, min(d.zero_stage, 2), micro, bf16))
+    engine_g, engine_f = build_engines(cfg, nets, micro, bf16)
     # Where each rank runs (recorded in every checkpoint's state.json and printed once).
     workers = [None] * world
     torch.distributed.all_gather_object(workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
@@ -280,15 +291,11 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
 
 
 def _sample_grid(cfg: PipelineConfig, merged_dir: str, out_png: str) -> None:
-    from swd_core.adapters import load_adapter
-    from swd_core.export import read_schedule
+    from swd_core.evaluate_model import load_exported_student
     from swd_core.generate import generate_images
     from swd_core.grid import image_grid
-    from swd_core.schedules import ScaleSchedule
 
-    rec = read_schedule(merged_dir)
-    adapter = load_adapter(cfg.teacher.family, merged_dir, dtype="float32", max_sequence_length=rec["max_sequence_length"])
-    schedule = ScaleSchedule(tuple(rec["scales"]), tuple(rec["sigmas"]), None, adapter.patch_size)
+    adapter, schedule, _ = load_exported_student(merged_dir, cfg.teacher.family)
     prompts = cfg.data.preview_prompts
     seeds = [cfg.evaluate.seed + i for i in range(len(prompts))]
     images = generate_images(adapter, prompts, seeds, schedule=schedule)
