@@ -32,10 +32,15 @@ def ray_head(tmp_path):
     # would otherwise switch the head to token auth while the CLI sends none).
     env["RAY_AUTH_MODE"] = "disabled"
     gcs, dash = _free_port(), _free_port()
+    # Every agent port free-picked too: the session's cluster (conftest) already holds the
+    # defaults (dashboard agent 52365, ...), and a head whose agent cannot bind answers every
+    # submission with "No available agent to submit job".
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
     temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
     start = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1", f"--temp-dir={temp_dir}",
-             "--disable-usage-stats"]
+             "--disable-usage-stats", *agent_ports]
     proc = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
