@@ -12,6 +12,12 @@ the values, and no precompute run is needed. Ray adds nothing per iteration, so 
 The timing cases use the toy teacher (toy-sd3, batch 8 per worker, the toy 4-step schedule);
 the memory cases also use a larger synthetic SD3 (`--memory-model`), where one base copy is big
 enough to stand out from the Python/torch baseline.
+
+On a GPU (`--device cuda`, bf16, NCCL) every case uses one model and definition, by default an
+SD3.5-Medium-wide transformer (1536 wide, random weights) at the paper's Medium scales
+(`sd35_medium_4step`: 64 80 96 128 latents), and peak memory is `torch.cuda.max_memory_allocated`:
+
+    python bench/distill.py --device cuda --batch 2 --rounds 2   # -> bench/results/distill_medium_cuda.json
 """
 
 from __future__ import annotations
@@ -31,11 +37,15 @@ sys.path.insert(0, str(ROOT))
 from bench.common import machine_info, write_result  # noqa: E402
 
 TOY = ROOT / "pipelines" / "configs" / "toy.yaml"
+MEDIUM = ROOT / "pipelines" / "configs" / "sd35_medium_4step.yaml"
+# SD3.5-Medium's width (24 heads x 64) and latent size, half its depth, tiny text encoders
+MEDIUM_LIKE = "builtin:tiny-sd3?layers=12&heads=24&head_dim=64&sample_size=128"
 
 
 def _case(args) -> dict:
     """Run one case in this process and return its numbers."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cuda = args.device == "cuda"
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
     import torch
@@ -45,7 +55,8 @@ def _case(args) -> dict:
     from swd_core.adapters import TextEmbeddings
 
     torch.set_num_threads(args.threads)
-    cfg = load_pipeline_config(TOY)
+    device = torch.device(args.device)
+    cfg = load_pipeline_config(MEDIUM if args.setup == "medium" else TOY)
     d = cfg.distill.model_dump()
     d["schedule"]["scalewise"] = args.scalewise
     if args.mmd_only:
@@ -56,19 +67,25 @@ def _case(args) -> dict:
     if args.model:
         teacher["path"] = args.model
         d["losses"]["feature_block"] = min(d["losses"]["feature_block"], args.model_blocks - 1)
+        teacher["max_sequence_length"] = 0  # builtin models have CLIP encoders only
     cfg = cfg.model_copy(update={"distill": type(cfg.distill).model_validate(d),
                                  "teacher": type(cfg.teacher).model_validate(teacher)})
     schedule = cfg.schedule()
     settings = loss_settings(cfg)
 
-    adapter, nets = build_networks(cfg, torch.device("cpu"), separate_fake_base=args.two_copies)
-    deepspeed.init_distributed(dist_backend="gloo")
-    engine_g, engine_f = build_engines(cfg, nets, args.batch, bf16=False)
+    adapter, nets = build_networks(cfg, device, separate_fake_base=args.two_copies)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    engine_g, engine_f = build_engines(cfg, nets, args.batch, bf16=cuda)
 
     text = adapter.encode_prompts(["a large red circle in the center"] * args.batch)
     uncond = adapter.empty_prompt()
     g = torch.Generator().manual_seed(0)
-    latents = {s: torch.randn(args.batch, adapter.latent_channels, s, s, generator=g) for s in set(schedule.scales)}
+    latents = {s: torch.randn(args.batch, adapter.latent_channels, s, s, generator=g).to(device)
+               for s in set(schedule.scales)}
+
+    def sync():
+        if cuda:  # kernels are asynchronous: time finished work only
+            torch.cuda.synchronize()
 
     def next_batch():
         return TextEmbeddings(text.prompt_embeds, text.pooled), latents
@@ -77,12 +94,27 @@ def _case(args) -> dict:
     for step in range(n):  # warm-up: one iteration per scale
         train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, g)
     times = []
+    sync()
     for step in range(n, n + n * args.rounds):  # whole rounds, so every scale counts equally
         start = time.perf_counter()
         train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, g)
+        sync()
         times.append(time.perf_counter() - start)
-    return {"iter_s": sum(times) / len(times), "iter_times_s": times,
+    if args.profile:  # one more round under the profiler: where an iteration's time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for step in range(n):
+                train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step,
+                                cfg.distill.fake_updates, g)
+            sync()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr, flush=True)
+        if cuda:
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), file=sys.stderr, flush=True)
+    return {"iter_s": sum(times) / len(times), "iter_times_s": times, "device": args.device,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "scales": list(schedule.scales), "fake_updates": cfg.distill.fake_updates, "batch": args.batch,
             "transformer_params": sum(p.numel() for p in nets.base.parameters() if p.requires_grad is False),
             "model": cfg.teacher.path, "losses": {k: v for k, v in vars(settings).items() if k.endswith("weight")}}
@@ -90,14 +122,15 @@ def _case(args) -> dict:
 
 def _run(name: str, extra: list[str], args, port: int) -> dict:
     cmd = [sys.executable, __file__, "--case", "--port", str(port), "--batch", str(args.batch),
-           "--rounds", str(args.rounds), "--threads", str(args.threads), *extra]
+           "--rounds", str(args.rounds), "--threads", str(args.threads), "--device", args.device, *extra]
     print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     line = next((ln for ln in proc.stdout.splitlines()[::-1] if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"case {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     out = json.loads(line.removeprefix("RESULT "))
-    print(f"[bench] {name}: {out['iter_s']:.3f} s/iter, peak RSS {out['peak_rss_mb']:.0f} MB", flush=True)
+    print(f"[bench] {name}: {out['iter_s']:.3f} s/iter, peak RSS {out['peak_rss_mb']:.0f} MB"
+          + (f", peak GPU {out['peak_gpu_mb']:.0f} MB" if out["peak_gpu_mb"] else ""), flush=True)
     return out
 
 
@@ -108,18 +141,28 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--memory-model", default="builtin:tiny-sd3?layers=12&heads=8&head_dim=64",
                    help="a larger SD3 for the memory comparison")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--setup", choices=["toy", "medium"], default=None,
+                   help="toy: toy-sd3 timing + a memory model (cpu default); medium: every case on the "
+                        "Medium-like model at the Medium scales (cuda default)")
+    p.add_argument("--model", default=None,
+                   help=f"teacher for every case (cuda default: {MEDIUM_LIKE}; cpu: the toy for timing)")
+    p.add_argument("--model-blocks", type=int, default=12, help="its number of blocks (caps the feature block)")
+    p.add_argument("--profile", action="store_true", help="with --case: print a torch.profiler table of one round")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=29511, help=argparse.SUPPRESS)
     p.add_argument("--scalewise", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--mmd-only", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--two-copies", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model-blocks", type=int, default=12, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
         print("RESULT " + json.dumps(_case(args)), flush=True)
         return
 
+    args.setup = args.setup or ("medium" if args.device == "cuda" else "toy")
+    if args.setup == "medium":
+        medium_cases(args)
+        return
     mem = ["--model", args.memory_model, "--rounds", "1"]
     cases = {
         "scalewise": _run("scalewise", [], args, 29511),
@@ -146,6 +189,32 @@ def main() -> None:
         "cases": cases,
     }
     path = write_result("distill", result)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("cases", "machine")}, indent=2))
+    print(f"[bench] wrote {path}")
+
+
+def medium_cases(args) -> None:
+    """Every case on one model (SD3.5-Medium-wide by default) at the Medium scales, bf16."""
+    model = ["--model", args.model or MEDIUM_LIKE, "--model-blocks", str(args.model_blocks), "--setup", "medium"]
+    cases = {
+        "scalewise": _run("scalewise", model, args, 29521),
+        "fullres": _run("fullres", model + ["--scalewise", "0"], args, 29522),
+        "two_copies": _run("two_copies", model + ["--two-copies", "1", "--rounds", "1"], args, 29524),
+        "mmd_only": _run("mmd_only", model + ["--mmd-only", "1"], args, 29523),
+    }
+    result = {
+        "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
+        "machine": machine_info(),
+        "model": args.model or MEDIUM_LIKE, "definition": MEDIUM.relative_to(ROOT).as_posix(),
+        "scalewise_iter_s": cases["scalewise"]["iter_s"],
+        "fullres_iter_s": cases["fullres"]["iter_s"],
+        "ratio_iter": cases["scalewise"]["iter_s"] / cases["fullres"]["iter_s"],
+        "mmd_only_iter_s": cases["mmd_only"]["iter_s"],
+        "peak_gpu_mb_shared": cases["scalewise"]["peak_gpu_mb"],
+        "peak_gpu_mb_two_copies": cases["two_copies"]["peak_gpu_mb"],
+        "cases": cases,
+    }
+    path = write_result(f"distill_medium_{args.device}", result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("cases", "machine")}, indent=2))
     print(f"[bench] wrote {path}")
 

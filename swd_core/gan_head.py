@@ -26,4 +26,6 @@ class GANHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (B, N, C) token features -> logits (B,)."""
-        return self.net(features.float().mean(dim=1)).squeeze(-1)
+        # token mean in float32, then the head's own dtype (bf16 once DeepSpeed casts it); logits in float32
+        pooled = features.float().mean(dim=1).to(self.net[-1].weight.dtype)
+        return self.net(pooled).squeeze(-1).float()

@@ -55,9 +55,10 @@ def generate_latents(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequ
     text = adapter.encode_prompts(list(prompts))
     gens = seed_generators(seeds)
     if schedule is not None:
-        noise = initial_noise(len(seeds), adapter.latent_channels, schedule.scales[0], gens)
+        noise = initial_noise(len(seeds), adapter.latent_channels, schedule.scales[0], gens, device=adapter.device)
         return sample_scalewise(text_denoiser(adapter, text), schedule, noise, gens)
-    noise = initial_noise(len(seeds), adapter.latent_channels, adapter.transformer.config.sample_size, gens)
+    noise = initial_noise(len(seeds), adapter.latent_channels, adapter.transformer.config.sample_size, gens,
+                          device=adapter.device)
     denoiser = (cfg_denoiser(adapter, text, adapter.empty_prompt(), guidance) if guidance > 1.0
                 else text_denoiser(adapter, text))
     return sample_euler(denoiser, noise, teacher_steps)

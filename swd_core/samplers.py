@@ -22,9 +22,11 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def initial_noise(batch: int, channels: int, size: int, generator: Generators = None,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Pure noise at `size`; a list of generators draws each image from its own stream."""
-    return randn_tensor((batch, channels, size, size), generator=generator, dtype=dtype)
+                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """Pure noise at `size` on `device`; a list of generators draws each image from its own
+    stream. CPU generators give the same noise on every device (diffusers' `randn_tensor`)."""
+    return randn_tensor((batch, channels, size, size), generator=generator, dtype=dtype,
+                        device=torch.device(device) if device is not None else None)
 
 
 @torch.no_grad()

@@ -144,15 +144,22 @@ def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Noise drawn from a CPU generator, then moved: the same numbers on every device, so a run's
+    noise does not depend on where it trains (and resumes exactly)."""
+    return torch.randn(shape, generator=generator).to(device)
+
+
 def student_input(latents: dict[int, torch.Tensor], schedule: ScaleSchedule, i: int,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's input at step i (shared by the batch): pure noise at s_0 for i = 0 (as at
     inference), else (1−σ_i)·bicubic(z_{i−1}, s_i) + σ_i·ε from the real latents at s_{i−1}.
     Returns (x, σ per sample)."""
     s_i = schedule.scales[i]
-    batch, channels = next(iter(latents.values())).shape[:2]
-    eps = torch.randn((batch, channels, s_i, s_i), generator=generator)
-    sigma = torch.full((batch,), float(schedule.sigmas[i]))
+    first = next(iter(latents.values()))
+    batch, channels = first.shape[:2]
+    eps = _randn((batch, channels, s_i, s_i), generator, first.device)
+    sigma = torch.full((batch,), float(schedule.sigmas[i]), device=first.device)
     if i == 0:
         return eps, sigma
     z_prev = latents[schedule.scales[i - 1]].float()
@@ -169,8 +176,8 @@ def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text:
     terms: dict[str, float] = {}
     if settings.mmd_weight > 0:
         # Real and generated latents noised with the same ε and σ, compared in feature space.
-        sigma = sample_grid_sigmas(batch, *settings.mmd_range, generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
+        sigma = sample_grid_sigmas(batch, *settings.mmd_range, generator=generator).to(x0.device)
+        eps = _randn(x0.shape, generator, x0.device)
         with torch.no_grad():
             _, feat_real = nets.fake(add_noise(z_real.float(), eps, sigma), sigma, text, features_only=True)
         _, feat_fake = nets.fake(add_noise(x0, eps, sigma), sigma, text, features_only=True)
@@ -181,8 +188,8 @@ def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text:
         total = total + settings.mmd_weight * mmd
         terms["mmd"] = mmd.item()
     if settings.dmd_weight > 0 or settings.gan_weight > 0:
-        sigma = sample_grid_sigmas(batch, *settings.dmd_range, generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
+        sigma = sample_grid_sigmas(batch, *settings.dmd_range, generator=generator).to(x0.device)
+        eps = _randn(x0.shape, generator, x0.device)
         x_t = add_noise(x0, eps, sigma)
         # One fake pass serves both terms: its velocity (detached) for DMD, its features for the GAN.
         with torch.no_grad() if settings.gan_weight == 0 else nullcontext():
@@ -210,8 +217,8 @@ def fake_update_loss(nets: Networks, x0_sample: torch.Tensor, z_real: torch.Tens
     generated latents noised with the same ε and σ."""
     x0_sample = x0_sample.detach().float()
     batch = x0_sample.shape[0]
-    sigma = sample_grid_sigmas(batch, *settings.fake_range, generator=generator)
-    eps = torch.randn(x0_sample.shape, generator=generator)
+    sigma = sample_grid_sigmas(batch, *settings.fake_range, generator=generator).to(x0_sample.device)
+    eps = _randn(x0_sample.shape, generator, x0_sample.device)
     x_t = add_noise(x0_sample, eps, sigma)
     v, feat_fake = nets.fake(x_t, sigma, text)
     denoise = fake_score_loss(x0_from_velocity(x_t, v, sigma), x0_sample)

@@ -77,3 +77,16 @@ def test_gan_head_architecture():
     # token-mean pooled: permuting tokens does not change the logit
     assert torch.allclose(out, head(feats[:, torch.randperm(10)]), atol=1e-6)
     assert torch.allclose(out, head(feats.mean(dim=1, keepdim=True)), atol=1e-6)
+
+
+def test_gan_head_in_bf16_reads_float32_features():
+    # DeepSpeed's bf16 mode casts the head to bfloat16 while the tapped features arrive in float32
+    # (found on an H200 run of bench/distill.py): the head must still run and return float32 logits.
+    head = GANHead(64)
+    feats = torch.randn(3, 10, 64)
+    expected = head(feats)
+    head = head.to(torch.bfloat16)
+    out = head(feats)
+    assert out.dtype == torch.float32 and out.shape == (3,)
+    assert torch.allclose(out, expected, atol=0.1)
+    assert torch.allclose(head(feats.to(torch.bfloat16)), out, atol=0.1)  # bf16 features: rounding only

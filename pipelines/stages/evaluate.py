@@ -181,9 +181,8 @@ def run(cfg: PipelineConfig) -> dict:
     ev, t = cfg.evaluate, cfg.teacher
     out_dir = f"{cfg.run_dir}/eval"
     domain = resolve_domain(cfg)
-    # swd_core.generate draws its noise on the CPU and does not move it to the model's device yet,
-    # so sampling runs where the preview stage's does; switch to CUDA here once it does.
-    device = "cpu"
+    # Noise comes from per-seed CPU generators (swd_core.generate), so images are the same on either device.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     student_uri = ev.student or f"{cfg.run_dir}/student/merged"
     n_few, n_cfg = ev.num_prompts, ev.teacher_num_prompts or ev.num_prompts
     prompts, samples, source, notes = eval_prompts(cfg, domain, max(n_few, n_cfg))

@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""Recipe sweep for the toy distillation: which learning rate, fake-update count, loss mix and
+LoRA rank make the 4-step scale-wise student beat the 4-step teacher, and how soon.
+
+    python bench/recipe_sweep.py --device cuda --recipes all     # -> bench/results/recipe_sweep.json
+    python bench/recipe_sweep.py --recipes default,lr3e-4 --steps 40 --eval-every 20   # a CPU smoke run
+
+Every recipe is a set of overrides of the toy definition's `distill` section (RECIPES below) and
+trains in its own process on one device: the distill stage's own `build_networks` and
+`train_iteration`, with torch AdamW and gradient clipping standing in for the DeepSpeed engines
+(what DeepSpeed does at world size 1). The data are the toy definition's shapes rows, encoded once
+by the precompute stage's own `Encoder` and round-tripped through the store's storage dtype.
+Every `--eval-every` iterations the student is scored as the evaluate stage scores it: 4-step
+scale-wise samples for the first `--prompts` held-out prompts (seeds 0..n-1), prompt accuracy and
+FD against real renders of the same prompts. The teacher at 4 steps is scored once on the same
+prompts, as the bar to beat: with its own Euler sampler (the evaluate stage's `teacher_4`) and with
+the student's sampler at full resolution (x0 jumps at the SwD sigmas).
+
+Results stream to `<out>.jsonl` (one line per evaluation), so a run cut short keeps what it had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import machine_info, write_result  # noqa: E402
+
+TOY = ROOT / "pipelines" / "configs" / "toy.yaml"
+
+# name -> overrides of `distill` (dotted keys reach into nested sections)
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "lr3e-4": {"lr": 3e-4},
+    "lr1e-3": {"lr": 1e-3},
+    "lr3e-4_fake2": {"lr": 3e-4, "fake_updates": 2},
+    "lr1e-3_fake1": {"lr": 1e-3, "fake_updates": 1},
+    "lr3e-4_rank64": {"lr": 3e-4, "lora.rank": 64},
+    "lr3e-4_no_gan": {"lr": 3e-4, "losses.gan.weight": 0.0},
+    "lr3e-4_mmd_only": {"lr": 3e-4, "losses.dmd.weight": 0.0, "losses.gan.weight": 0.0},
+    "lr3e-4_no_mmd": {"lr": 3e-4, "losses.mmd.weight": 0.0},
+    "lr3e-4_gan5e-2": {"lr": 3e-4, "losses.gan.weight": 5e-2},
+    "lr3e-4_cfg2": {"lr": 3e-4, "losses.dmd.guidance_scale": 2.0},
+    "lr3e-4_fakelr1e-3": {"lr": 3e-4, "fake_lr": 1e-3},
+    "lr1e-3_fake2_cfg2.5": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5},
+    "lr1e-3_fake1_cfg2.5": {"lr": 1e-3, "fake_updates": 1, "losses.dmd.guidance_scale": 2.5},
+    "lr3e-4_fake2_cfg2.5": {"lr": 3e-4, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5},
+}
+
+
+def recipe_config(name: str):
+    from pipelines.schema import load_pipeline_config
+
+    cfg = load_pipeline_config(TOY)
+    d = cfg.distill.model_dump()
+    for key, value in RECIPES[name].items():
+        node = d
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"recipe {name}: distill has no field {key!r}")
+        node[leaf] = value
+    return cfg.model_copy(update={"distill": type(cfg.distill).model_validate(d)})
+
+
+class PlainEngine:
+    """What `train_iteration` asks of a DeepSpeed engine, in one process: backward, and a step
+    with gradient clipping (DeepSpeed's `gradient_clipping`) and AdamW."""
+
+    def __init__(self, params, lr: float, betas, weight_decay: float, clip: float):
+        import torch
+
+        self.params = list(params)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        self.clip, self.norm = clip, None
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        import torch
+
+        self.norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+
+def encode_rows(cfg, rows: int, device: str, path: Path) -> None:
+    """The definition's shapes rows as the store would hold them, saved as one tensor file."""
+    import torch
+
+    from pipelines import sources, store
+    from pipelines.stages.precompute import EncodeSpec, Encoder, text_shapes
+
+    src = cfg.data.sources[0]
+    if src.format != "shapes":
+        raise ValueError("the recipe sweep trains on the toy definition's shapes rows")
+    spec = EncodeSpec.from_config(cfg)
+    encoder = Encoder(spec)
+    encoder.adapter.pipe.to(device)
+    text = text_shapes(spec)
+    manifest = store.expected_manifest(cfg)
+    manifest["text"].update(prompt_embeds_shape=text["prompt_embeds_shape"], pooled_shape=text["pooled_shape"])
+    cols: dict[str, list] = {}
+    for start in range(0, rows, 256):
+        task = {"kind": "shapes", "seed": src.seed, "start": start, "count": min(256, rows - start), "task": 0}
+        for batch in sources.read_task(task, cfg.resources):
+            encoded = store.decode_numpy(encoder.encode(batch["image"], batch["caption"]), manifest)
+            for k, v in encoded.items():
+                if k not in ("sample_id", "caption"):
+                    cols.setdefault(k, []).append(torch.from_numpy(v))
+    data = {k: torch.cat(v) for k, v in cols.items()}
+    data["uncond_prompt_embeds"], data["uncond_pooled"] = text["prompt_embeds"], text["pooled"]
+    torch.save(data, path)
+
+
+def evaluate(adapter, scorer, prompts, role=None, **sampling) -> dict:
+    """Scores of images for `prompts` (seeds 0..n-1); `sampling` goes to `sample_images`."""
+    from contextlib import nullcontext
+
+    from swd_core.evaluate_model import sample_images
+    from swd_core.lora import use_role
+
+    start = time.perf_counter()
+    with use_role(adapter.transformer, role) if role else nullcontext():
+        images = sample_images(adapter, prompts, list(range(len(prompts))), **sampling)
+    scores, _ = scorer.score(images)
+    return {"prompt_accuracy": scores["prompt_accuracy"], "acc_one_object": scores.get("acc_one_object"),
+            "acc_two_object": scores.get("acc_two_object"), "fd": scores["fd"], "eval_s": time.perf_counter() - start}
+
+
+def run_recipe(args) -> None:
+    """One recipe, in this process: train, evaluating every `eval_every` steps; JSON lines to stdout."""
+    import torch
+
+    from pipelines.stages.distill import build_networks, loss_settings, train_iteration
+    from swd_core.adapters import TextEmbeddings
+    from swd_core.evaluate_model import ShapesScorer
+    from swd_core.lora import STUDENT
+    from swd_core.toy import shapes
+
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device(args.device)
+    cfg = recipe_config(args.recipe)
+    d = cfg.distill
+    schedule, settings = cfg.schedule(), loss_settings(cfg)
+    adapter, nets = build_networks(cfg, device)
+    engine_g = PlainEngine(nets.student_parameters(), d.lr, d.betas, d.weight_decay, d.grad_clip)
+    engine_f = PlainEngine(nets.fake_parameters(), d.fake_lr or d.lr, d.betas, d.weight_decay, d.grad_clip)
+
+    data = torch.load(args.data)
+    uncond = TextEmbeddings(data.pop("uncond_prompt_embeds"), data.pop("uncond_pooled")).to(device, adapter.dtype)
+    data = {k: v.to(device) for k, v in data.items()}
+    rows = len(data["prompt_embeds"])
+    order_gen = torch.Generator().manual_seed(d.seed)
+    order, cursor = torch.randperm(rows, generator=order_gen), 0
+
+    def next_batch():
+        nonlocal order, cursor
+        if cursor + d.batch_size > rows:  # a new epoch, drop_last as the stage does
+            order, cursor = torch.randperm(rows, generator=order_gen), 0
+        idx = order[cursor:cursor + d.batch_size].to(device)
+        cursor += d.batch_size
+        text = TextEmbeddings(data["prompt_embeds"][idx], data["pooled_prompt_embeds"][idx]).to(device, adapter.dtype)
+        return text, {s: data[f"latents_{s}"][idx] for s in set(schedule.scales)}
+
+    samples = shapes.held_out_prompts()[:args.prompts]
+    prompts = [s.caption for s in samples]
+    scorer = ShapesScorer(samples)
+
+    def emit(**record):
+        print("RESULT " + json.dumps({"recipe": args.recipe, "overrides": RECIPES[args.recipe], **record}), flush=True)
+
+    evals = set(range(args.eval_every, args.steps + 1, args.eval_every)) | {args.steps}
+    emit(step=0, **evaluate(adapter, scorer, prompts, STUDENT, schedule=schedule))
+    train_s, started = 0.0, time.perf_counter()
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(d.seed * 1_000_003 + step)
+        _, terms = train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step,
+                                   d.fake_updates, g)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s += time.perf_counter() - t0
+        out_of_time = time.perf_counter() - started > args.time_limit
+        if step + 1 in evals or out_of_time:
+            emit(step=step + 1, train_iter_s=train_s / (step + 1), terms=terms,
+                 **evaluate(adapter, scorer, prompts, STUDENT, schedule=schedule))
+        if out_of_time:
+            break
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", default="all", help=f"comma-separated names or 'all': {', '.join(RECIPES)}")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rows", type=int, default=None, help="shapes rows (default: the toy definition's limit)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--prompts", type=int, default=192, help="held-out prompts per evaluation (the toy evaluate stage's count)")
+    p.add_argument("--jobs", type=int, default=1, help="recipes trained at once (each its own process)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per recipe process")
+    p.add_argument("--time-limit", type=float, default=1e9, help="seconds of training per recipe before a last evaluation")
+    p.add_argument("--out", default=None, help="result JSON (default bench/results/recipe_sweep.json)")
+    p.add_argument("--recipe", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.recipe:
+        run_recipe(args)
+        return
+
+    names = list(RECIPES) if args.recipes == "all" else args.recipes.split(",")
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        p.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / "recipe_sweep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = out.with_suffix(".jsonl")
+    cfg = recipe_config("default")
+    rows = args.rows or cfg.data.sources[0].limit
+    data = Path(tempfile.gettempdir()) / f"recipe_sweep_{os.getpid()}.pt"
+    t0 = time.perf_counter()
+    encode_rows(cfg, rows, args.device, data)
+    print(f"[sweep] encoded {rows} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    # the bar: the teacher at 4 steps on the same prompts and seeds
+    import torch
+
+    from swd_core.adapters import load_adapter
+    from swd_core.evaluate_model import ShapesScorer
+    from swd_core.toy import shapes
+
+    t = cfg.teacher
+    teacher = load_adapter(t.family, t.path, dtype=t.dtype, device=args.device, max_sequence_length=t.max_sequence_length)
+    samples = shapes.held_out_prompts()[:args.prompts]
+    scorer = ShapesScorer(samples)
+    # as the evaluate stage samples "teacher 4 steps": its own Euler sampler, 4 steps, no CFG
+    steps = cfg.schedule().num_steps
+    bar = evaluate(teacher, scorer, [s.caption for s in samples], teacher_steps=steps, guidance=0.0)
+    # and through the student's sampler at full resolution (x0 jumps at the SwD sigmas)
+    bar_x0 = evaluate(teacher, scorer, [s.caption for s in samples], schedule=cfg.schedule().full_resolution())
+    for label, b in ((f"teacher {steps} steps (Euler)", bar), (f"teacher {steps} steps (x0 jumps, SwD sigmas)", bar_x0)):
+        print(f"[sweep] {label}: accuracy {b['prompt_accuracy']:.3f}, FD {b['fd']:.3f}", flush=True)
+    del teacher
+
+    records, procs, queue = [], {}, list(names)
+    with lines.open("w") as log:
+        log.write(json.dumps({"recipe": "teacher_4", **bar}) + "\n")
+        log.write(json.dumps({"recipe": "teacher_4_x0_jumps", **bar_x0}) + "\n")
+        while queue or procs:
+            while queue and len(procs) < args.jobs:
+                name = queue.pop(0)
+                cmd = [sys.executable, __file__, "--recipe", name, "--data", str(data), "--device", args.device,
+                       "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--prompts", str(args.prompts),
+                       "--threads", str(args.threads), "--time-limit", str(args.time_limit)]
+                procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+            for name, proc in list(procs.items()):
+                if proc.poll() is None:
+                    continue
+                output = proc.stdout.read()
+                got = [json.loads(ln.removeprefix("RESULT ")) for ln in output.splitlines() if ln.startswith("RESULT ")]
+                for r in got:
+                    log.write(json.dumps(r) + "\n")
+                    print(f"[sweep] {name} step {r['step']}: accuracy {r['prompt_accuracy']:.3f}, FD {r['fd']:.3f}"
+                          + (f", {r['train_iter_s']:.3f} s/it" if "train_iter_s" in r else ""), flush=True)
+                log.flush()
+                records.extend(got)
+                if proc.returncode != 0:
+                    print(f"[sweep] {name} FAILED (exit {proc.returncode}):\n{output[-3000:]}", flush=True)
+                    records.append({"recipe": name, "failed": output[-2000:]})
+                del procs[name]
+            time.sleep(1)
+    data.unlink(missing_ok=True)
+    result = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
+              "machine": machine_info(), "device": args.device,
+              "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+              "rows": rows, "prompts": args.prompts, "teacher_4": bar, "teacher_4_x0_jumps": bar_x0, "recipes": {n: RECIPES[n] for n in names},
+              "evaluations": records}
+    if args.out is None:
+        out = write_result(out.stem, result)
+    else:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[sweep] wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
