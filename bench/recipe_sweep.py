@@ -54,14 +54,19 @@ RECIPES: dict[str, dict] = {
     "lr1e-3_fake2_cfg2.5": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5},
     "lr1e-3_fake1_cfg2.5": {"lr": 1e-3, "fake_updates": 1, "losses.dmd.guidance_scale": 2.5},
     "lr3e-4_fake2_cfg2.5": {"lr": 3e-4, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5},
+    "lr1e-3_fake2_cfg2.5_decay": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5,
+                                  "lr_decay_fraction": 0.5},
 }
 
 
-def recipe_config(name: str):
+def recipe_config(name: str, steps: int | None = None):
+    """The toy definition with recipe `name` applied (and `steps`, which sets the lr decay's length)."""
     from pipelines.schema import load_pipeline_config
 
     cfg = load_pipeline_config(TOY)
     d = cfg.distill.model_dump()
+    if steps is not None:
+        d["steps"] = steps
     for key, value in RECIPES[name].items():
         node = d
         *path, leaf = key.split(".")
@@ -77,11 +82,12 @@ class PlainEngine:
     """What `train_iteration` asks of a DeepSpeed engine, in one process: backward, and a step
     with gradient clipping (DeepSpeed's `gradient_clipping`) and AdamW."""
 
-    def __init__(self, params, lr: float, betas, weight_decay: float, clip: float):
+    def __init__(self, params, lr: float, betas, weight_decay: float, clip: float, schedule=None):
         import torch
 
         self.params = list(params)
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        self.scheduler = schedule(self.opt) if schedule else None  # the distill stage's lr_schedule
         self.clip, self.norm = clip, None
 
     def backward(self, loss):
@@ -93,6 +99,8 @@ class PlainEngine:
         self.norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def get_global_grad_norm(self):
         return self.norm
@@ -139,14 +147,15 @@ def evaluate(adapter, scorer, prompts, role=None, **sampling) -> dict:
         images = sample_images(adapter, prompts, list(range(len(prompts))), **sampling)
     scores, _ = scorer.score(images)
     return {"prompt_accuracy": scores["prompt_accuracy"], "acc_one_object": scores.get("acc_one_object"),
-            "acc_two_object": scores.get("acc_two_object"), "fd": scores["fd"], "eval_s": time.perf_counter() - start}
+            "acc_two_object": scores.get("acc_two_object"), "per_attribute": scores.get("per_attribute"),
+            "fd": scores["fd"], "eval_s": time.perf_counter() - start}
 
 
 def run_recipe(args) -> None:
     """One recipe, in this process: train, evaluating every `eval_every` steps; JSON lines to stdout."""
     import torch
 
-    from pipelines.stages.distill import build_networks, loss_settings, train_iteration
+    from pipelines.stages.distill import build_networks, loss_settings, lr_schedule, train_iteration
     from swd_core.adapters import TextEmbeddings
     from swd_core.evaluate_model import ShapesScorer
     from swd_core.lora import STUDENT
@@ -156,12 +165,14 @@ def run_recipe(args) -> None:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device(args.device)
-    cfg = recipe_config(args.recipe)
+    cfg = recipe_config(args.recipe, args.steps)
     d = cfg.distill
     schedule, settings = cfg.schedule(), loss_settings(cfg)
     adapter, nets = build_networks(cfg, device)
-    engine_g = PlainEngine(nets.student_parameters(), d.lr, d.betas, d.weight_decay, d.grad_clip)
-    engine_f = PlainEngine(nets.fake_parameters(), d.fake_lr or d.lr, d.betas, d.weight_decay, d.grad_clip)
+    engine_g = PlainEngine(nets.student_parameters(), d.lr, d.betas, d.weight_decay, d.grad_clip,
+                           lr_schedule(cfg, updates_per_step=1))
+    engine_f = PlainEngine(nets.fake_parameters(), d.fake_lr or d.lr, d.betas, d.weight_decay, d.grad_clip,
+                           lr_schedule(cfg, updates_per_step=d.fake_updates))
 
     data = torch.load(args.data)
     uncond = TextEmbeddings(data.pop("uncond_prompt_embeds"), data.pop("uncond_pooled")).to(device, adapter.dtype)

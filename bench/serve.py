@@ -1,7 +1,7 @@
 """Serving throughput and latency over HTTP on 127.0.0.1: dynamic batching vs max_batch_size=1,
 and errors during a hot swap.
 
-    python bench/serve.py [--concurrency 16 --requests 160 --batch 8 --cpus 1]
+    python bench/serve.py [--concurrency 16 --requests 160 --batch 16 --cpus 2]
     -> bench/results/serve.json
 
 Starts its own local Ray and Serve, exports two stand-in students (the toy teacher in the
@@ -94,10 +94,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=160)
-    parser.add_argument("--batch", type=int, default=8, help="max_batch_size of the batched run")
+    parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched run")
     parser.add_argument("--wait", type=float, default=0.05, help="batch_wait_timeout_s")
-    parser.add_argument("--cpus", type=float, default=1,
-                        help="CPUs (= torch threads) of the generator replica; 1 leaves a core for the clients, proxy and ingress")
+    parser.add_argument("--cpus", type=float, default=2,
+                        help="CPUs (= torch threads) of the generator replica, the same in both runs "
+                             "(2 = this machine's cores; 1 leaves a core for the clients, proxy and ingress)")
     parser.add_argument("--result", default="serve", help="result name: bench/results/<result>.json")
     args = parser.parse_args()
 

@@ -189,6 +189,8 @@ class DistillConfig(Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: Annotated[float, Field(gt=0)] = 10.0
+    # the last fraction of the steps over which both learning rates fall linearly to 0 (0: constant, as in the paper)
+    lr_decay_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     fake_updates: Annotated[int, Field(ge=0)] = 5
     checkpoint_every: Annotated[int, Field(ge=1)] = 250
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2

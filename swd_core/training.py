@@ -144,6 +144,15 @@ def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+def lr_factor(update: int, total: int, decay_fraction: float) -> float:
+    """Learning-rate multiplier after `update` optimizer steps of `total`: 1, then a linear fall to 0
+    over the last `decay_fraction` of them (a stable final iterate for short runs)."""
+    start = total * (1.0 - decay_fraction)
+    if decay_fraction <= 0 or update < start:
+        return 1.0
+    return max(0.0, (total - update) / (total - start))
+
+
 def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Noise drawn from a CPU generator, then moved: the same numbers on every device, so a run's
     noise does not depend on where it trains (and resumes exactly)."""

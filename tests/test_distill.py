@@ -137,7 +137,8 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
 def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster):
     import signal
 
-    cfg = definition(store_dir, "killed", steps=40, checkpoint_every=2, log_every=10)
+    # with a learning-rate decay over the last half: its state must survive the restart too
+    cfg = definition(store_dir, "killed", steps=40, checkpoint_every=2, log_every=10, lr_decay_fraction=0.5)
     proc = _run_cli(cfg, store_dir, ray_cluster, "killed")
     run_dir = store_dir / "runs" / "killed"
     snapshot = run_dir / "train" / "distill" / "checkpoint_manager_snapshot.json"
@@ -155,6 +156,9 @@ def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster)
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from checkpoint at step" in out, out[-6000:]
     assert "step 40/40" in out
+    # the restored schedule: lr = 1e-3 · (40 − step) / 20 over steps 20..40, so 1e-4 at 38 and 0 at 40
+    lrs = {s["step"]: s["metrics"]["lr"] for s in _checkpoint_states(run_dir)}
+    assert lrs[40] == 0.0 and lrs[38] == pytest.approx(1e-4), lrs
 
 
 def test_store_made_for_another_definition_is_refused(store_dir):

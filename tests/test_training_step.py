@@ -125,3 +125,12 @@ def test_full_finetune_student_is_separate(tiny_adapter, toy_schedule):
 def test_loss_settings_refuse_nothing_to_train():
     with pytest.raises(ValueError, match="all loss weights are 0"):
         LossSettings(mmd_weight=0, dmd_weight=0, gan_weight=0)
+
+
+def test_lr_factor_is_constant_then_falls_linearly_to_zero():
+    from swd_core.training import lr_factor
+
+    assert [lr_factor(u, 10, 0.0) for u in (0, 5, 10)] == [1.0, 1.0, 1.0]  # no decay: the paper's constant rate
+    # decay over the last 40% of 10 updates: 1 until update 6, then (10 − u) / 4
+    assert [lr_factor(u, 10, 0.4) for u in range(11)] == [1, 1, 1, 1, 1, 1, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_factor(3, 4, 1.0) == 0.25 and lr_factor(0, 4, 1.0) == 1.0

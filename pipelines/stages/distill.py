@@ -101,12 +101,28 @@ def build_engines(cfg: PipelineConfig, nets, micro_batch: int, bf16: bool):
     d = cfg.distill
     student_module = nets.student_transformer if not nets.lora_student else torch.nn.ModuleDict({"base": nets.base})
     engine_g, *_ = deepspeed.initialize(model=student_module, model_parameters=nets.student_parameters(),
-                                        config=deepspeed_config(cfg, d.lr, d.zero_stage, micro_batch, bf16))
+                                        config=deepspeed_config(cfg, d.lr, d.zero_stage, micro_batch, bf16),
+                                        lr_scheduler=lr_schedule(cfg, updates_per_step=1))
     engine_f, *_ = deepspeed.initialize(model=torch.nn.ModuleDict({"base": nets.fake_base, "head": nets.head}),
                                         model_parameters=nets.fake_parameters(),
                                         config=deepspeed_config(cfg, d.fake_lr or d.lr, min(d.zero_stage, 2),
-                                                                micro_batch, bf16))
+                                                                micro_batch, bf16),
+                                        lr_scheduler=lr_schedule(cfg, updates_per_step=d.fake_updates))
     return engine_g, engine_f
+
+
+def lr_schedule(cfg: PipelineConfig, updates_per_step: int):
+    """optimizer -> LambdaLR with `swd_core.training.lr_factor` (DeepSpeed steps it with the
+    optimizer and keeps its state in checkpoints); None when the rate is constant."""
+    from functools import partial
+
+    from swd_core.training import lr_factor
+
+    d = cfg.distill
+    if d.lr_decay_fraction == 0 or updates_per_step == 0:
+        return None
+    factor = partial(lr_factor, total=d.steps * updates_per_step, decay_fraction=d.lr_decay_fraction)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _batches(shard, store, batch_size: int, start_epoch: int, skip: int):
@@ -224,12 +240,13 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"step": step, "scale": schedule.scales[i], "nodes": n_nodes, "iter_s": window[-1], "data_wait_s": data_wait,
                    # mean over this run's iterations after the first (which pays for warm-up)
                    "mean_iter_s": sum(run_times[1:]) / max(len(run_times) - 1, 1),
-                   "samples_per_s": d.batch_size * (1 + d.fake_updates) / window[-1], **terms}
+                   "samples_per_s": d.batch_size * (1 + d.fake_updates) / window[-1],
+                   "lr": engine_g.get_lr()[0], **terms}
         save = step % d.checkpoint_every == 0 or step == d.steps
         if step % d.log_every == 0 or save or step == 1:
             if rank == 0:
                 line = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
-                print(f"[distill] step {step}/{d.steps} scale {schedule.scales[i]} | {line} | "
+                print(f"[distill] step {step}/{d.steps} scale {schedule.scales[i]} lr {metrics['lr']:.3g} | {line} | "
                       f"{sum(window) / len(window):.2f} s/it (data wait {data_wait:.2f} s), "
                       f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
             window = []
