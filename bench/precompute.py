@@ -85,10 +85,9 @@ def plain_loop(cfg) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pending, n = [], 0
     for batch in sources.iter_batches(tasks, cfg.resources):
-        for i in range(0, len(batch["ref"]), cfg.precompute.batch_size):
-            table = encoder({k: v[i:i + cfg.precompute.batch_size] for k, v in batch.items()})
-            if table.num_rows:
-                pending.append(table)
+        table = encoder(batch)  # one read task's rows, encoded `batch_size` at a time, as in the stage
+        if table.num_rows:
+            pending.append(table)
         if sum(t.num_rows for t in pending) >= 128:  # shards of about the size Ray writes
             pq.write_table(pa.concat_tables(pending), out / f"loop-{n:05d}.parquet")
             pending, n = [], n + 1

@@ -180,7 +180,10 @@ def iter_batches(tasks: list[dict], resources: ResourcesConfig) -> Iterator[dict
 
 
 def ray_dataset(tasks: list[dict], resources: ResourcesConfig):
-    """The same reading as a Ray Dataset: one Ray task per read task, streamed."""
+    """The same reading as a Ray Dataset: one Ray task per read task, streamed. Map it with
+    `batch_size=None` (a call per read task's block): Ray Data fuses the read into the next map and
+    bundles the one-row read items up to that map's batch size, so a row count there would put many
+    read tasks into one call."""
     import ray.data
 
     items = [{"task": json.dumps(t)} for t in tasks]

@@ -94,6 +94,7 @@ class EncodeSpec:
     downsample: int
     storage_dtype: str
     threads: int = 1
+    batch_size: int = 32  # rows per text-encoder / VAE call
 
     @property
     def min_side(self) -> int:
@@ -103,7 +104,8 @@ class EncodeSpec:
     def from_config(cfg: PipelineConfig) -> EncodeSpec:
         return EncodeSpec(cfg.teacher.path, cfg.teacher.family, cfg.teacher.dtype, cfg.teacher.max_sequence_length,
                           tuple(int(s) for s in cfg.schedule().scales), store.vae_settings(cfg.teacher.path)["downsample"],
-                          cfg.precompute.storage_dtype, max(1, int(cfg.precompute.cpus_per_actor)))
+                          cfg.precompute.storage_dtype, max(1, int(cfg.precompute.cpus_per_actor)),
+                          cfg.precompute.batch_size)
 
 
 @lru_cache(maxsize=4)
@@ -226,7 +228,10 @@ class Encoder:
         if not rows:
             return self.schema.empty_table()
         images, captions = zip(*rows)
-        return pa.table(self.encode(list(images), list(captions)), schema=self.schema)
+        # One call gets a whole read task's rows (see `run`); the models see `batch_size` at a time.
+        step = self.spec.batch_size
+        return pa.concat_tables([pa.table(self.encode(list(images[i:i + step]), list(captions[i:i + step])),
+                                          schema=self.schema) for i in range(0, len(images), step)])
 
 
 def text_shapes(spec: EncodeSpec) -> dict:
@@ -356,7 +361,10 @@ def run(cfg: PipelineConfig) -> dict:
     text_ref = ray.remote(num_cpus=pc.cpus_per_actor, num_gpus=pc.gpus_per_actor)(text_shapes).remote(spec)
 
     # Pass 1: check every row (Ray tasks), decide on the driver.
-    checks = sources.ray_dataset(tasks, resources).map_batches(check_batch, fn_kwargs={"spec": spec}, batch_size=256)
+    # batch_size=None in both passes: one call per read task. A row count would make Ray Data bundle
+    # the (one-row) read items of the fused read->map operator until it holds that many, i.e. all of
+    # them into a single call on a single worker (measured: 1 task for 16 read tasks, no parallelism).
+    checks = sources.ray_dataset(tasks, resources).map_batches(check_batch, fn_kwargs={"spec": spec}, batch_size=None)
     checks = pa.concat_tables([CHECK_SCHEMA.empty_table(), *checks.iter_batches(batch_format="pyarrow", batch_size=None)])
     present = set(store.read_column(f"{uri}/{store.DATA}", "sample_id", resources))
     keep, quarantined, counts, converted = decide(checks, present)
@@ -379,7 +387,7 @@ def run(cfg: PipelineConfig) -> dict:
         busy = {o >> sources.ORDER_SHIFT for r, o in zip(checks.column("ref").to_pylist(), checks.column("order").to_pylist())
                 if r in keep}
         (sources.ray_dataset([t for t in tasks if t["task"] in busy], resources)
-         .map_batches(Encoder, fn_constructor_args=(spec, [keep_ref]), batch_size=pc.batch_size,
+         .map_batches(Encoder, fn_constructor_args=(spec, [keep_ref]), batch_size=None,
                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pc.actors),
                       num_cpus=pc.cpus_per_actor, num_gpus=pc.gpus_per_actor)
          .write_parquet(store.fs_path(f"{uri}/{store.DATA}"), filesystem=store.arrow_filesystem(uri, resources)))
