@@ -54,6 +54,7 @@ RECIPES: dict[str, dict] = {
     "lr1e-3_fake2_cfg2.5": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5},
     "lr1e-3_fake1_cfg2.5": {"lr": 1e-3, "fake_updates": 1, "losses.dmd.guidance_scale": 2.5},
     "lr3e-4_fake2_cfg2.5": {"lr": 3e-4, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5},
+    "lr1e-3_fake2_cfg2.5_rank64": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "lora.rank": 64},
     "lr1e-3_fake2_cfg2.5_decay": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5,
                                   "lr_decay_fraction": 0.5},
 }
