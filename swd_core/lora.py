@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+if TYPE_CHECKING:  # peft (and the transformers it imports) loads on first use: the schema imports this module
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 STUDENT = "student"
 FAKE = "fake"
@@ -24,6 +26,8 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.
 
 def lora_config(rank: int = 64, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS) -> LoraConfig:
     """LoRA with alpha = rank and gaussian init by default (B = 0, so a fresh adapter is the teacher)."""
+    from peft import LoraConfig
+
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
                       target_modules=list(targets), init_lora_weights="gaussian")
 
@@ -46,6 +50,8 @@ def add_swd_adapters(transformer: nn.Module, rank: int = 64, alpha: float | None
 
 
 def lora_layers(transformer: nn.Module) -> list[BaseTunerLayer]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
 
 

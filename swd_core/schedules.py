@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 GRID_STEPS = 28
 GRID_SHIFT = 3.0
@@ -21,8 +20,11 @@ GRID_SHIFT = 3.0
 def sigma_grid(num_steps: int = GRID_STEPS, shift: float = GRID_SHIFT) -> torch.Tensor:
     """The teacher's sigma grid (float32, `num_steps` values, no terminal 0).
 
-    Taken from diffusers' `FlowMatchEulerDiscreteScheduler` so it matches what SD3 samples with.
+    Taken from diffusers' `FlowMatchEulerDiscreteScheduler` so it matches what SD3 samples with
+    (imported here: the pipeline schema imports this module, and diffusers takes a second to load).
     """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(num_steps)
     return scheduler.sigmas[:-1].to(torch.float32).clone()
