@@ -159,6 +159,14 @@ def _randn(shape, generator: torch.Generator | None, device: torch.device) -> to
     return torch.randn(shape, generator=generator).to(device)
 
 
+def _noised_at(like: torch.Tensor, grid_range: tuple[int, int],
+               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ per sample at grid indices uniform in `grid_range`, ε shaped like `like`), on its device;
+    σ is drawn first, then ε, from the one generator."""
+    sigma = sample_grid_sigmas(like.shape[0], *grid_range, generator=generator).to(like.device)
+    return sigma, _randn(like.shape, generator, like.device)
+
+
 def student_input(latents: dict[int, torch.Tensor], schedule: ScaleSchedule, i: int,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's input at step i (shared by the batch): pure noise at s_0 for i = 0 (as at
@@ -180,13 +188,11 @@ def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text:
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The student's loss on its clean prediction x0 at scale s_i against real latents z_i.
     Call inside `frozen(nets.fake_parameters())`."""
-    batch = x0.shape[0]
     total = x0.new_zeros(())
     terms: dict[str, float] = {}
     if settings.mmd_weight > 0:
         # Real and generated latents noised with the same ε and σ, compared in feature space.
-        sigma = sample_grid_sigmas(batch, *settings.mmd_range, generator=generator).to(x0.device)
-        eps = _randn(x0.shape, generator, x0.device)
+        sigma, eps = _noised_at(x0, settings.mmd_range, generator)
         with torch.no_grad():
             _, feat_real = nets.fake(add_noise(z_real.float(), eps, sigma), sigma, text, features_only=True)
         _, feat_fake = nets.fake(add_noise(x0, eps, sigma), sigma, text, features_only=True)
@@ -197,8 +203,7 @@ def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text:
         total = total + settings.mmd_weight * mmd
         terms["mmd"] = mmd.item()
     if settings.dmd_weight > 0 or settings.gan_weight > 0:
-        sigma = sample_grid_sigmas(batch, *settings.dmd_range, generator=generator).to(x0.device)
-        eps = _randn(x0.shape, generator, x0.device)
+        sigma, eps = _noised_at(x0, settings.dmd_range, generator)
         x_t = add_noise(x0, eps, sigma)
         # One fake pass serves both terms: its velocity (detached) for DMD, its features for the GAN.
         with torch.no_grad() if settings.gan_weight == 0 else nullcontext():
@@ -225,9 +230,7 @@ def fake_update_loss(nets: Networks, x0_sample: torch.Tensor, z_real: torch.Tens
     index uniform in [0, 28), plus `discriminator_weight` × the GAN discriminator loss on real and
     generated latents noised with the same ε and σ."""
     x0_sample = x0_sample.detach().float()
-    batch = x0_sample.shape[0]
-    sigma = sample_grid_sigmas(batch, *settings.fake_range, generator=generator).to(x0_sample.device)
-    eps = _randn(x0_sample.shape, generator, x0_sample.device)
+    sigma, eps = _noised_at(x0_sample, settings.fake_range, generator)
     x_t = add_noise(x0_sample, eps, sigma)
     v, feat_fake = nets.fake(x_t, sigma, text)
     denoise = fake_score_loss(x0_from_velocity(x_t, v, sigma), x0_sample)
