@@ -17,7 +17,7 @@ On a GPU (`--device cuda`, bf16, NCCL) every case uses one model and definition,
 SD3.5-Medium-wide transformer (1536 wide, random weights) at the paper's Medium scales
 (`sd35_medium_4step`: 64 80 96 128 latents), and peak memory is `torch.cuda.max_memory_allocated`:
 
-    python bench/distill.py --device cuda --batch 2 --rounds 2   # -> bench/results/distill_medium_cuda.json
+    python bench/distill.py --device cuda --batch 8 --rounds 1   # -> bench/results/distill_medium_cuda.json
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine_info, write_result  # noqa: E402
+from bench.common import write_result  # noqa: E402
 
 TOY = ROOT / "pipelines" / "configs" / "toy.yaml"
 MEDIUM = ROOT / "pipelines" / "configs" / "sd35_medium_4step.yaml"
@@ -170,27 +170,15 @@ def main() -> None:
         "mmd_only": _run("mmd_only", ["--mmd-only", "1"], args, 29513),
         "memory_shared": _run("memory_shared", mem, args, 29514),
         "memory_two_copies": _run("memory_two_copies", mem + ["--two-copies", "1"], args, 29515),
-        "toy_shared": None, "toy_two_copies": None,
+        "toy_two_copies": _run("toy_two_copies", ["--two-copies", "1", "--rounds", "1"], args, 29516),
     }
     cases["toy_shared"] = {"peak_rss_mb": cases["scalewise"]["peak_rss_mb"]}
-    cases["toy_two_copies"] = _run("toy_two_copies", ["--two-copies", "1", "--rounds", "1"], args, 29516)
-    result = {
-        "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
-        "machine": machine_info(),
-        "scalewise_iter_s": cases["scalewise"]["iter_s"],
-        "fullres_iter_s": cases["fullres"]["iter_s"],
-        "ratio_iter": cases["scalewise"]["iter_s"] / cases["fullres"]["iter_s"],
-        "mmd_only_iter_s": cases["mmd_only"]["iter_s"],
-        "peak_rss_mb_shared": cases["memory_shared"]["peak_rss_mb"],
-        "peak_rss_mb_two_copies": cases["memory_two_copies"]["peak_rss_mb"],
-        "peak_rss_note": f"per worker process, LoRA mode, model {args.memory_model}; toy-sd3: "
+    _write("distill", cases,
+           peak_rss_mb_shared=cases["memory_shared"]["peak_rss_mb"],
+           peak_rss_mb_two_copies=cases["memory_two_copies"]["peak_rss_mb"],
+           peak_rss_note=f"per worker process, LoRA mode, model {args.memory_model}; toy-sd3: "
                          f"{cases['toy_shared']['peak_rss_mb']:.0f} MB shared vs "
-                         f"{cases['toy_two_copies']['peak_rss_mb']:.0f} MB two copies",
-        "cases": cases,
-    }
-    path = write_result("distill", result)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("cases", "machine")}, indent=2))
-    print(f"[bench] wrote {path}")
+                         f"{cases['toy_two_copies']['peak_rss_mb']:.0f} MB two copies")
 
 
 def medium_cases(args) -> None:
@@ -202,20 +190,25 @@ def medium_cases(args) -> None:
         "two_copies": _run("two_copies", model + ["--two-copies", "1", "--rounds", "1"], args, 29524),
         "mmd_only": _run("mmd_only", model + ["--mmd-only", "1"], args, 29523),
     }
+    _write(f"distill_medium_{args.device}", cases,
+           model=args.model or MEDIUM_LIKE, definition=MEDIUM.relative_to(ROOT).as_posix(),
+           peak_gpu_mb_shared=cases["scalewise"]["peak_gpu_mb"],
+           peak_gpu_mb_two_copies=cases["two_copies"]["peak_gpu_mb"])
+
+
+def _write(name: str, cases: dict, **fields) -> None:
+    """The timing summary every setup reports (write_result adds the machine), plus `fields`."""
     result = {
         "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
-        "machine": machine_info(),
-        "model": args.model or MEDIUM_LIKE, "definition": MEDIUM.relative_to(ROOT).as_posix(),
         "scalewise_iter_s": cases["scalewise"]["iter_s"],
         "fullres_iter_s": cases["fullres"]["iter_s"],
         "ratio_iter": cases["scalewise"]["iter_s"] / cases["fullres"]["iter_s"],
         "mmd_only_iter_s": cases["mmd_only"]["iter_s"],
-        "peak_gpu_mb_shared": cases["scalewise"]["peak_gpu_mb"],
-        "peak_gpu_mb_two_copies": cases["two_copies"]["peak_gpu_mb"],
+        **fields,
         "cases": cases,
     }
-    path = write_result(f"distill_medium_{args.device}", result)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("cases", "machine")}, indent=2))
+    path = write_result(name, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "cases"}, indent=2))
     print(f"[bench] wrote {path}")
 
 
