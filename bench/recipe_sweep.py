@@ -16,7 +16,8 @@ FD against real renders of the same prompts. The teacher at 4 steps is scored on
 prompts, as the bar to beat: with its own Euler sampler (the evaluate stage's `teacher_4`) and with
 the student's sampler at full resolution (x0 jumps at the SwD sigmas).
 
-Results stream to `<out>.jsonl` (one line per evaluation), so a run cut short keeps what it had.
+`<out>.jsonl` gets one line per evaluation, written as each recipe's process ends, so a sweep cut
+short keeps the recipes that finished.
 """
 
 from __future__ import annotations
@@ -108,11 +109,12 @@ class PlainEngine:
 
 
 def encode_rows(cfg, rows: int, device: str, path: Path) -> None:
-    """The definition's shapes rows as the store would hold them, saved as one tensor file."""
+    """The definition's first `rows` shapes rows as the store would hold them (the precompute
+    stage's reading and `Encoder`, its storage dtype round trip), saved as one tensor file."""
     import torch
 
     from pipelines import sources, store
-    from pipelines.stages.precompute import EncodeSpec, Encoder, text_shapes
+    from pipelines.stages.precompute import EncodeSpec, Encoder, text_shapes, values_manifest
 
     src = cfg.data.sources[0]
     if src.format != "shapes":
@@ -121,16 +123,14 @@ def encode_rows(cfg, rows: int, device: str, path: Path) -> None:
     encoder = Encoder(spec)
     encoder.adapter.pipe.to(device)
     text = text_shapes(spec)
-    manifest = store.expected_manifest(cfg)
-    manifest["text"].update(prompt_embeds_shape=text["prompt_embeds_shape"], pooled_shape=text["pooled_shape"])
+    manifest = values_manifest(cfg, text)
     cols: dict[str, list] = {}
-    for start in range(0, rows, 256):
-        task = {"kind": "shapes", "seed": src.seed, "start": start, "count": min(256, rows - start), "task": 0}
-        for batch in sources.read_task(task, cfg.resources):
-            encoded = store.decode_numpy(encoder.encode(batch["image"], batch["caption"]), manifest)
-            for k, v in encoded.items():
-                if k not in ("sample_id", "caption"):
-                    cols.setdefault(k, []).append(torch.from_numpy(v))
+    for batch in sources.iter_batches(sources.read_tasks([src.model_copy(update={"limit": rows})], cfg.resources),
+                                      cfg.resources):
+        encoded = store.decode_numpy(encoder(batch).to_pydict(), manifest)
+        for k, v in encoded.items():
+            if k not in ("sample_id", "caption"):
+                cols.setdefault(k, []).append(torch.from_numpy(v))
     data = {k: torch.cat(v) for k, v in cols.items()}
     data["uncond_prompt_embeds"], data["uncond_pooled"] = text["prompt_embeds"], text["pooled"]
     torch.save(data, path)
@@ -251,8 +251,6 @@ def main() -> None:
     print(f"[sweep] encoded {rows} rows in {time.perf_counter() - t0:.1f} s", flush=True)
 
     # the bar: the teacher at 4 steps on the same prompts and seeds
-    import torch
-
     from swd_core.adapters import load_adapter
     from swd_core.evaluate_model import ShapesScorer
     from swd_core.toy import shapes
@@ -299,9 +297,7 @@ def main() -> None:
             time.sleep(1)
     data.unlink(missing_ok=True)
     result = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
-              "machine": machine_info(), "device": args.device,
-              "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-              "rows": rows, "prompts": args.prompts, "teacher_4": bar, "teacher_4_x0_jumps": bar_x0, "recipes": {n: RECIPES[n] for n in names},
+              "machine": machine_info(), "device": args.device, "rows": rows, "prompts": args.prompts, "teacher_4": bar, "teacher_4_x0_jumps": bar_x0, "recipes": {n: RECIPES[n] for n in names},
               "evaluations": records}
     if args.out is None:
         out = write_result(out.stem, result)

@@ -307,13 +307,20 @@ def write_quarantine(uri: str, rows: list[dict], resources: ResourcesConfig) -> 
     return len(new)
 
 
+def values_manifest(cfg: PipelineConfig, text: dict) -> dict:
+    """The manifest fields that say what the stored values are (enough for `store.decode_numpy`):
+    the definition's, plus the text embedding shapes from `text_shapes`."""
+    manifest = store.expected_manifest(cfg)
+    manifest["text"].update(prompt_embeds_shape=text["prompt_embeds_shape"], pooled_shape=text["pooled_shape"])
+    return manifest
+
+
 def write_manifest(uri: str, cfg: PipelineConfig, text: dict, complete: bool, rows: int,
                    previous: dict | None) -> dict:
     import json
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    manifest = store.expected_manifest(cfg)
-    manifest["text"].update(prompt_embeds_shape=text["prompt_embeds_shape"], pooled_shape=text["pooled_shape"])
+    manifest = values_manifest(cfg, text)
     manifest.update(rows=rows, empty_prompt=store.EMPTY_PROMPT, complete=complete,
                     created=(previous or {}).get("created", now), updated=now)
     store.write_file(f"{uri}/{store.MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode(), cfg.resources)
