@@ -58,6 +58,10 @@ RECIPES: dict[str, dict] = {
     "lr1e-3_fake2_cfg2.5_rank64": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "lora.rank": 64},
     "lr1e-3_fake2_cfg2.5_decay": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5,
                                   "lr_decay_fraction": 0.5},
+    "lr1e-3_fake2_cfg1": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 1.0},
+    "lr1e-3_mmd_only": {"lr": 1e-3, "losses.dmd.weight": 0.0, "losses.gan.weight": 0.0},
+    "lr1e-3_fake2_cfg2.5_ema0.98": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "ema_decay": 0.98},
+    "lr1e-3_fake2_cfg2.5_ema0.99": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "ema_decay": 0.99},
 }
 
 
@@ -98,7 +102,7 @@ class PlainEngine:
     def step(self):
         import torch
 
-        self.norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+        self.norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip).detach()  # read once per iteration
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.scheduler is not None:
@@ -156,7 +160,8 @@ def run_recipe(args) -> None:
     """One recipe, in this process: train, evaluating every `eval_every` steps; JSON lines to stdout."""
     import torch
 
-    from pipelines.stages.distill import build_networks, loss_settings, lr_schedule, train_iteration
+    from pipelines.stages.distill import (averaged_student, build_networks, loss_settings, lr_schedule, student_ema,
+                                          train_iteration)
     from swd_core.adapters import TextEmbeddings
     from swd_core.evaluate_model import ShapesScorer
     from swd_core.lora import STUDENT
@@ -174,6 +179,7 @@ def run_recipe(args) -> None:
                            lr_schedule(cfg, updates_per_step=1))
     engine_f = PlainEngine(nets.fake_parameters(), d.fake_lr or d.lr, d.betas, d.weight_decay, d.grad_clip,
                            lr_schedule(cfg, updates_per_step=d.fake_updates))
+    ema, student_params = student_ema(cfg, nets), nets.student_parameters()
 
     data = torch.load(args.data)
     uncond = TextEmbeddings(data.pop("uncond_prompt_embeds"), data.pop("uncond_pooled")).to(device, adapter.dtype)
@@ -206,13 +212,16 @@ def run_recipe(args) -> None:
         g = torch.Generator().manual_seed(d.seed * 1_000_003 + step)
         _, terms = train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step,
                                    d.fake_updates, g)
+        if ema is not None:
+            ema.step(student_params)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_s += time.perf_counter() - t0
         out_of_time = time.perf_counter() - started > args.time_limit
         if step + 1 in evals or out_of_time:
-            emit(step=step + 1, train_iter_s=train_s / (step + 1), terms=terms,
-                 **evaluate(adapter, scorer, prompts, STUDENT, schedule=schedule))
+            with averaged_student(ema, nets):  # the weights the stage would export
+                scores = evaluate(adapter, scorer, prompts, STUDENT, schedule=schedule)
+            emit(step=step + 1, train_iter_s=train_s / (step + 1), terms=terms, **scores)
         if out_of_time:
             break
 

@@ -192,12 +192,22 @@ class DistillConfig(Strict):
     # the last fraction of the steps over which both learning rates fall linearly to 0 (0: constant, as in the paper)
     lr_decay_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     fake_updates: Annotated[int, Field(ge=0)] = 5
+    # exponential moving average of the student's weights (diffusers' EMAModel, with its warm-up
+    # (1+n)/(10+n) up to this decay); the export and the evaluation use the average. 0: off.
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     checkpoint_every: Annotated[int, Field(ge=1)] = 250
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     max_failures: Annotated[int, Field(ge=-1)] = 2  # worker failures to recover from (-1: unlimited)
     log_every: Annotated[int, Field(ge=1)] = 10
     export_at_checkpoints: bool = False  # also export the student (LoRA + merged) at each checkpoint
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _ema_needs_whole_weights(self):
+        if self.ema_decay > 0 and self.mode == "full" and self.zero_stage == 3:
+            raise ValueError("distill.ema_decay averages whole student weights on every worker; ZeRO-3 shards "
+                             "them (mode: full, zero_stage: 3). Use zero_stage <= 2, LoRA mode, or ema_decay: 0")
+        return self
 
 
 class EvaluateConfig(Strict):

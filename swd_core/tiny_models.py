@@ -42,6 +42,12 @@ class TinySD3Config:
     text_dim: int = 32
     text_layers: int = 1
     text_max_length: int = 16
+    # SD3.5 crops its sincos position grid to the image (pos_embed_max_size), which suits a model
+    # trained at many resolutions. A model trained at one size then puts a smaller image's tokens
+    # on the centre positions; interpolating the grid (pos_embed_max_size=None) keeps a small
+    # image's corners on the corner positions, so the toy teacher, trained at 64 px only, still
+    # places objects right at the smaller scales of a scale-wise schedule.
+    interpolate_pos_embed: bool = False
     seed: int = 0
 
     def key(self) -> str:
@@ -78,7 +84,8 @@ def build_tiny_sd3(cfg: TinySD3Config = TinySD3Config(), vocab: list[str] | None
         sample_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels, num_layers=cfg.layers, attention_head_dim=cfg.head_dim,
         num_attention_heads=cfg.heads, joint_attention_dim=2 * cfg.text_dim, caption_projection_dim=inner,
-        pooled_projection_dim=2 * cfg.text_dim, pos_embed_max_size=cfg.sample_size // cfg.patch_size,
+        pooled_projection_dim=2 * cfg.text_dim,
+        pos_embed_max_size=None if cfg.interpolate_pos_embed else cfg.sample_size // cfg.patch_size,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
@@ -116,7 +123,10 @@ def parse_builtin(spec: str) -> TinySD3Config:
         k, _, v = part.partition("=")
         if k not in fields:
             raise ValueError(f"builtin:tiny-sd3 has no option {k!r}; allowed: {sorted(fields)}")
-        kwargs[k] = tuple(int(x) for x in v.split(",")) if k == "vae_channels" else int(v)
+        if k == "vae_channels":
+            kwargs[k] = tuple(int(x) for x in v.split(","))
+        else:
+            kwargs[k] = bool(int(v)) if fields[k].type in (bool, "bool") else int(v)
     return TinySD3Config(**kwargs)
 
 

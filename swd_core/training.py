@@ -153,17 +153,25 @@ def lr_factor(update: int, total: int, decay_fraction: float) -> float:
     return max(0.0, (total - update) / (total - start))
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor moved without stalling the GPU: a plain copy from pageable memory waits for
+    every queued kernel (about 20 such waits per iteration); from pinned memory it is queued."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Noise drawn from a CPU generator, then moved: the same numbers on every device, so a run's
     noise does not depend on where it trains (and resumes exactly)."""
-    return torch.randn(shape, generator=generator).to(device)
+    return _to_device(torch.randn(shape, generator=generator), device)
 
 
 def _noised_at(like: torch.Tensor, grid_range: tuple[int, int],
                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(σ per sample at grid indices uniform in `grid_range`, ε shaped like `like`), on its device;
     σ is drawn first, then ε, from the one generator."""
-    sigma = sample_grid_sigmas(like.shape[0], *grid_range, generator=generator).to(like.device)
+    sigma = _to_device(sample_grid_sigmas(like.shape[0], *grid_range, generator=generator), like.device)
     return sigma, _randn(like.shape, generator, like.device)
 
 
@@ -185,11 +193,12 @@ def student_input(latents: dict[int, torch.Tensor], schedule: ScaleSchedule, i: 
 
 def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text: TextEmbeddings,
                    uncond: TextEmbeddings, settings: LossSettings,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The student's loss on its clean prediction x0 at scale s_i against real latents z_i.
-    Call inside `frozen(nets.fake_parameters())`."""
+    Call inside `frozen(nets.fake_parameters())`. The logged terms are detached 0-dim tensors:
+    reading them (`logged_floats`) waits for the GPU, so the trainer does it once per iteration."""
     total = x0.new_zeros(())
-    terms: dict[str, float] = {}
+    terms: dict[str, torch.Tensor] = {}
     if settings.mmd_weight > 0:
         # Real and generated latents noised with the same ε and σ, compared in feature space.
         sigma, eps = _noised_at(x0, settings.mmd_range, generator)
@@ -201,7 +210,7 @@ def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text:
         else:
             mmd = mmd_rbf(feat_real, feat_fake, settings.rbf_bandwidth)
         total = total + settings.mmd_weight * mmd
-        terms["mmd"] = mmd.item()
+        terms["mmd"] = mmd.detach()
     if settings.dmd_weight > 0 or settings.gan_weight > 0:
         sigma, eps = _noised_at(x0, settings.dmd_range, generator)
         x_t = add_noise(x0, eps, sigma)
@@ -215,17 +224,17 @@ def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text:
             x0_fake = x0_from_velocity(x_t_detached, v_fake.detach(), sigma)
             dmd = dmd_loss(x0, x0_teacher, x0_fake)
             total = total + settings.dmd_weight * dmd
-            terms["dmd"] = dmd.item()
+            terms["dmd"] = dmd.detach()
         if settings.gan_weight > 0:
             gan = gan_generator_loss(nets.head(feats))
             total = total + settings.gan_weight * gan
-            terms["gan_g"] = gan.item()
-    terms["generator"] = total.item()
+            terms["gan_g"] = gan.detach()
+    terms["generator"] = total.detach()
     return total, terms
 
 
 def fake_update_loss(nets: Networks, x0_sample: torch.Tensor, z_real: torch.Tensor, text: TextEmbeddings,
-                     settings: LossSettings, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     settings: LossSettings, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fake-score network's loss on stop-grad student samples: x0-prediction MSE at a grid
     index uniform in [0, 28), plus `discriminator_weight` × the GAN discriminator loss on real and
     generated latents noised with the same ε and σ."""
@@ -234,11 +243,18 @@ def fake_update_loss(nets: Networks, x0_sample: torch.Tensor, z_real: torch.Tens
     x_t = add_noise(x0_sample, eps, sigma)
     v, feat_fake = nets.fake(x_t, sigma, text)
     denoise = fake_score_loss(x0_from_velocity(x_t, v, sigma), x0_sample)
-    total, terms = denoise, {"fake_denoise": denoise.item()}
+    total, terms = denoise, {"fake_denoise": denoise.detach()}
     if settings.gan_weight > 0:
         _, feat_real = nets.fake(add_noise(z_real.float(), eps, sigma), sigma, text, features_only=True)
         disc = gan_discriminator_loss(nets.head(feat_real), nets.head(feat_fake))
         total = total + settings.discriminator_weight * disc
-        terms["gan_d"] = disc.item()
-    terms["fake"] = total.item()
+        terms["gan_d"] = disc.detach()
+    terms["fake"] = total.detach()
     return total, terms
+
+
+def logged_floats(terms: dict) -> dict[str, float]:
+    """Logged terms (0-dim tensors, floats or None) as floats, in order, with one device sync."""
+    tensors = [v.detach().float().reshape(()) for v in terms.values() if torch.is_tensor(v)]
+    values = iter(torch.stack(tensors).tolist() if tensors else [])
+    return {k: next(values) if torch.is_tensor(v) else float(v or 0.0) for k, v in terms.items()}

@@ -122,16 +122,20 @@ def _run_cli(cfg_dict: dict, tmp: Path, cluster, name: str):
 
 
 def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
-    first = definition(store_dir, "resume", steps=2, checkpoint_every=2)
+    # with a student EMA: its average must come back from the checkpoint too
+    first = definition(store_dir, "resume", steps=2, checkpoint_every=2, ema_decay=0.9)
     proc = _run_cli(first, store_dir, ray_cluster, "resume1")
     out1, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out1[-4000:]
-    second = definition(store_dir, "resume", steps=4, checkpoint_every=2)  # same run, more steps
+    second = definition(store_dir, "resume", steps=4, checkpoint_every=2, ema_decay=0.9)  # same run, more steps
     proc = _run_cli(second, store_dir, ray_cluster, "resume2")
     out2, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out2[-4000:]
     assert "resumed from checkpoint at step 2" in out2
     assert "step 3/4" in out2 and "step 1/4" not in out2 and "step 2/4" not in out2
+    assert "holds no student EMA" not in out2
+    emas = sorted((store_dir / "runs" / "resume" / "train").glob("**/checkpoint_*/student_ema.pt"))
+    assert [torch.load(f)["optimization_step"] for f in emas][-1] == 4  # 2 before the restart + 2 after
 
 
 def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster):

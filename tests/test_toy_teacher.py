@@ -48,3 +48,26 @@ def test_loads_through_the_adapter_and_reconstructs_shapes():
     from swd_core.evaluation import psnr
 
     assert psnr(real, recon) > 26
+
+
+def _positions(transformer, side: int) -> torch.Tensor:
+    """The position embedding a latent of `side`×`side` gets: PatchEmbed(0) minus the conv bias."""
+    pe = transformer.pos_embed
+    out = pe(torch.zeros(1, transformer.config.in_channels, side, side))
+    return (out - pe.proj.bias)[0].reshape(side // 2, side // 2, -1)
+
+
+def test_small_scales_keep_their_corners_on_the_corner_positions():
+    """The toy teacher (64 px only) interpolates its position grid, so a 32 px image's corners sit
+    where the 64 px corners do; SD3.5's cropping would put them on the centre positions."""
+    from swd_core.tiny_models import TinySD3Config, build_tiny_sd3
+
+    assert SD3Transformer2DModel.load_config(TOY_TEACHER / "transformer")["pos_embed_max_size"] is None
+    with torch.no_grad():
+        interp = build_tiny_sd3(TinySD3Config(interpolate_pos_embed=True)).transformer
+        full, small = _positions(interp, 16), _positions(interp, 8)
+        assert torch.allclose(small[0, 0], full[0, 0]) and torch.allclose(small[3, 3], full[6, 6], atol=1e-6)
+        crop = build_tiny_sd3(TinySD3Config()).transformer
+        full, small = _positions(crop, 16), _positions(crop, 8)
+        assert torch.allclose(small[0, 0], full[2, 2]) and torch.allclose(small[3, 3], full[5, 5])
+        assert torch.allclose(_positions(crop, 16), _positions(interp, 16))  # the same grid at the native size

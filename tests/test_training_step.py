@@ -134,3 +134,46 @@ def test_lr_factor_is_constant_then_falls_linearly_to_zero():
     # decay over the last 40% of 10 updates: 1 until update 6, then (10 − u) / 4
     assert [lr_factor(u, 10, 0.4) for u in range(11)] == [1, 1, 1, 1, 1, 1, 1.0, 0.75, 0.5, 0.25, 0.0]
     assert lr_factor(3, 4, 1.0) == 0.25 and lr_factor(0, 4, 1.0) == 1.0
+
+
+def test_logged_floats_keeps_order_and_reads_tensors_once():
+    from swd_core.training import logged_floats
+
+    terms = {"mmd": torch.tensor(0.25), "grad_norm_g": 1.5, "dmd": torch.tensor([2.0]), "grad_norm_f": None}
+    out = logged_floats(terms)
+    assert list(out) == ["mmd", "grad_norm_g", "dmd", "grad_norm_f"]
+    assert out == {"mmd": 0.25, "grad_norm_g": 1.5, "dmd": 2.0, "grad_norm_f": 0.0}
+    assert all(type(v) is float for v in out.values())
+
+
+def test_student_ema_is_exported_and_training_weights_come_back():
+    """diffusers' EMAModel with its warm-up: update n uses decay min(ema_decay, n/(9+n)) (0 for the
+    first, which copies), so after weights 1 then 2 the average is 1 + (1 − 2/11)·(2 − 1) = 20/11;
+    inside `averaged_student` the student holds the average, after it its training weights."""
+    from types import SimpleNamespace
+
+    from pipelines.schema import parse_pipeline_config
+    from pipelines.stages.distill import averaged_student, student_ema
+
+    cfg = parse_pipeline_config({"name": "ema", "teacher": {"path": "builtin:tiny-sd3"},
+                                 "distill": {"schedule": {"preset": "toy_4step"}, "ema_decay": 0.5}})
+    p = torch.nn.Parameter(torch.zeros(3))
+    nets = SimpleNamespace(student_parameters=lambda: [p])
+    ema = student_ema(cfg, nets)
+    for _ in range(2):
+        with torch.no_grad():
+            p.add_(1.0)
+        ema.step([p])
+    with averaged_student(ema, nets):
+        assert torch.allclose(p, torch.full((3,), 20 / 11))
+    assert torch.equal(p.detach(), torch.full((3,), 2.0))
+    assert student_ema(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"ema_decay": 0.0})}), nets) is None
+
+
+def test_ema_with_a_sharded_full_student_is_refused():
+    from pipelines.schema import parse_pipeline_config
+
+    with pytest.raises(ValueError, match="ZeRO-3 shards"):
+        parse_pipeline_config({"name": "ema", "teacher": {"path": "builtin:tiny-sd3"},
+                               "distill": {"schedule": {"preset": "toy_4step"}, "ema_decay": 0.9, "mode": "full",
+                                           "zero_stage": 3}})

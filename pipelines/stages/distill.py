@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from pipelines.schema import PipelineConfig
 
 CKPT_TAG = "ckpt"  # DeepSpeed checkpoint tag inside each Ray checkpoint
+EMA_FILE = "student_ema.pt"  # the student's weight average (distill.ema_decay), beside state.json
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +113,34 @@ def build_engines(cfg: PipelineConfig, nets, micro_batch: int, bf16: bool):
     return engine_g, engine_f
 
 
+def student_ema(cfg: PipelineConfig, nets):
+    """diffusers' EMAModel over the student's trainable weights, kept in float32 (a bf16 average
+    would lose the small updates), or None when `distill.ema_decay` is 0."""
+    if cfg.distill.ema_decay == 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(nets.student_parameters(), decay=cfg.distill.ema_decay)
+    ema.to(dtype=torch.float32)
+    return ema
+
+
+@contextmanager
+def averaged_student(ema, nets):
+    """Inside the block the student holds its EMA weights (for export and evaluation); after it,
+    its training weights again."""
+    if ema is None:
+        yield
+        return
+    params = nets.student_parameters()
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
 def lr_schedule(cfg: PipelineConfig, updates_per_step: int):
     """optimizer -> LambdaLR with `swd_core.training.lr_factor` (DeepSpeed steps it with the
     optimizer and keeps its state in checkpoints); None when the rate is constant."""
@@ -141,8 +171,10 @@ def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, un
     """One generator update and its `fake_updates` fake-score updates (DESIGN.md §2).
     `next_batch()` returns (text, {scale: latents}); engines are DeepSpeed engines (or anything
     with backward/step/get_global_grad_norm). Returns (scale index, logged terms)."""
+    from torch.profiler import record_function
+
     from swd_core.scale_ops import x0_from_velocity
-    from swd_core.training import fake_update_loss, frozen, generator_loss, student_input
+    from swd_core.training import fake_update_loss, frozen, generator_loss, logged_floats, student_input
 
     i = step % schedule.num_steps  # round-robin scale, shared by the batch
     z_i = schedule.scales[i]
@@ -150,26 +182,27 @@ def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, un
     # generator update: gradients pass through the frozen fake network into the student only
     text, latents = next_batch()
     x, sigma = student_input(latents, schedule, i, g)
-    with frozen(nets.fake_parameters()):
+    with frozen(nets.fake_parameters()), record_function("generator_update"):  # names in a torch.profiler trace
         x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
         loss, terms = generator_loss(nets, x0, latents[z_i], text, uncond, settings, g)
         engine_g.backward(loss)
         engine_g.step()
-    terms["grad_norm_g"] = float(engine_g.get_global_grad_norm() or 0.0)
+    terms["grad_norm_g"] = engine_g.get_global_grad_norm()
 
     # fake-score updates on fresh batches of stop-grad student samples at the same scale
     for _ in range(fake_updates):
         text, latents = next_batch()
-        with torch.no_grad():
-            x, sigma = student_input(latents, schedule, i, g)
-            x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
-        loss_f, terms_f = fake_update_loss(nets, x0, latents[z_i], text, settings, g)
-        engine_f.backward(loss_f)
-        engine_f.step()
+        with record_function("fake_update"):
+            with torch.no_grad():
+                x, sigma = student_input(latents, schedule, i, g)
+                x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
+            loss_f, terms_f = fake_update_loss(nets, x0, latents[z_i], text, settings, g)
+            engine_f.backward(loss_f)
+            engine_f.step()
         terms.update(terms_f)
     if fake_updates:
-        terms["grad_norm_f"] = float(engine_f.get_global_grad_norm() or 0.0)
-    return i, terms
+        terms["grad_norm_f"] = engine_f.get_global_grad_norm()
+    return i, logged_floats(terms)  # the iteration's one wait for the GPU
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -193,6 +226,8 @@ def train_loop_per_worker(config: dict) -> None:
     adapter, nets = build_networks(cfg, device)
     deepspeed.init_distributed()  # joins the process group Ray Train already set up
     engine_g, engine_f = build_engines(cfg, nets, micro, bf16)
+    ema = student_ema(cfg, nets)
+    student_params = nets.student_parameters()
     # Where each rank runs (recorded in every checkpoint's state.json and printed once).
     workers = [None] * world
     torch.distributed.all_gather_object(workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
@@ -212,6 +247,10 @@ def train_loop_per_worker(config: dict) -> None:
             engine_g.load_checkpoint(f"{ckpt_dir}/student", tag=CKPT_TAG, load_module_strict=False)
             engine_f.load_checkpoint(f"{ckpt_dir}/fake", tag=CKPT_TAG, load_module_strict=False)
             state = json.loads(Path(ckpt_dir, "state.json").read_text())
+            if ema is not None and Path(ckpt_dir, EMA_FILE).exists():
+                ema.load_state_dict(torch.load(Path(ckpt_dir, EMA_FILE), map_location=device))
+            elif ema is not None and rank == 0:
+                print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
         step, epoch, in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         if rank == 0:
             print(f"[distill] resumed from checkpoint at step {step}", flush=True)
@@ -234,6 +273,8 @@ def train_loop_per_worker(config: dict) -> None:
         g = torch.Generator().manual_seed(d.seed * 1_000_003 + rank * 10_007 + step)  # resume-exact noise
         i, terms = train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step,
                                    d.fake_updates, g)
+        if ema is not None:
+            ema.step(student_params)
         step += 1
         window.append(time.perf_counter() - t0)
         run_times.append(window[-1])
@@ -251,15 +292,16 @@ def train_loop_per_worker(config: dict) -> None:
                       f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
             window = []
         if save:
-            _report_checkpoint(cfg, rank, engine_g, engine_f, metrics, adapter, nets,
+            _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets,
                                {"step": step, "epoch": epoch, "batches_in_epoch": in_epoch, "workers": workers})
         elif step % d.log_every == 0:
             ray.train.report(metrics)
 
-    _export_student(cfg, rank, engine_g, adapter, nets, final=True)
+    with averaged_student(ema, nets):
+        _export_student(cfg, rank, engine_g, adapter, nets, final=True)
 
 
-def _report_checkpoint(cfg, rank, engine_g, engine_f, metrics, adapter, nets, state) -> None:
+def _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets, state) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,9 +311,12 @@ def _report_checkpoint(cfg, rank, engine_g, engine_f, metrics, adapter, nets, st
         engine_f.save_checkpoint(f"{tmp}/fake", tag=CKPT_TAG, exclude_frozen_parameters=True)
         if rank == 0:
             Path(tmp, "state.json").write_text(json.dumps({**state, "metrics": metrics}, indent=2))
+            if ema is not None:  # the same on every rank (ZeRO <= 2 keeps whole student weights)
+                torch.save(ema.state_dict(), Path(tmp, EMA_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if cfg.distill.export_at_checkpoints and state["step"] < cfg.distill.steps:
-        _export_student(cfg, rank, engine_g, adapter, nets, final=False, step=state["step"])
+        with averaged_student(ema, nets):
+            _export_student(cfg, rank, engine_g, adapter, nets, final=False, step=state["step"])
 
 
 def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int | None = None) -> None:

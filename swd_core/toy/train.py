@@ -160,7 +160,7 @@ def train_vae(steps: int = 3000, batch: int = 32) -> None:
 # ---------------------------------------------------------------- transformer (the teacher)
 
 TEACHER_ARCH = dict(layers=8, heads=3, head_dim=64, text_dim=128, text_layers=2,
-                    text_max_length=shapes.MAX_CAPTION_TOKENS, seed=SEED)
+                    text_max_length=shapes.MAX_CAPTION_TOKENS, interpolate_pos_embed=True, seed=SEED)
 TRAIN_IMAGES = 60_000
 CKPT = WORK / "teacher_ckpt.pt"
 
