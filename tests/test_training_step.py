@@ -177,3 +177,23 @@ def test_ema_with_a_sharded_full_student_is_refused():
         parse_pipeline_config({"name": "ema", "teacher": {"path": "builtin:tiny-sd3"},
                                "distill": {"schedule": {"preset": "toy_4step"}, "ema_decay": 0.9, "mode": "full",
                                            "zero_stage": 3}})
+
+
+def test_workers_get_absolute_storage_and_store_paths(tmp_path, monkeypatch):
+    """Ray Train workers run in their own directories: relative local paths of the definition are
+    resolved on the driver (a relative `precompute.output` once failed every worker)."""
+    from pipelines.schema import parse_pipeline_config
+    from pipelines.stages.distill import _absolute
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _absolute(parse_pipeline_config({"name": "abs", "teacher": {"path": "builtin:tiny-sd3"},
+                                           "precompute": {"output": "stores/a"},
+                                           "distill": {"schedule": {"preset": "toy_4step"}},
+                                           "resources": {"storage": "runs"}}))
+    assert cfg.precompute.output == str(tmp_path / "stores" / "a")
+    assert cfg.resources.storage == str(tmp_path / "runs")
+    s3 = parse_pipeline_config({"name": "abs", "teacher": {"path": "builtin:tiny-sd3"},
+                                "precompute": {"output": "s3://bucket/store"},
+                                "distill": {"schedule": {"preset": "toy_4step"}},
+                                "resources": {"storage": "s3://bucket/runs"}})
+    assert _absolute(s3) == s3

@@ -370,11 +370,17 @@ def _sample_grid(cfg: PipelineConfig, merged_dir: str, out_png: str) -> None:
 
 
 def _absolute(cfg: PipelineConfig) -> PipelineConfig:
-    """Workers run in other directories (and on other nodes): give them an absolute storage path."""
-    storage = cfg.resources.storage
-    if storage.startswith("s3://") or os.path.isabs(storage):
-        return cfg
-    return cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"storage": os.path.abspath(storage)})})
+    """Workers run in other directories (and on other nodes): give them absolute paths for the
+    run's storage and for a store placed elsewhere (`precompute.output`)."""
+    def local_relative(path: str | None) -> bool:
+        return bool(path) and not path.startswith("s3://") and not os.path.isabs(path)
+
+    update = {}
+    if local_relative(cfg.resources.storage):
+        update["resources"] = cfg.resources.model_copy(update={"storage": os.path.abspath(cfg.resources.storage)})
+    if local_relative(cfg.precompute.output):
+        update["precompute"] = cfg.precompute.model_copy(update={"output": os.path.abspath(cfg.precompute.output)})
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def storage_filesystem(cfg: PipelineConfig):
