@@ -56,8 +56,11 @@ def merge(base: dict, update: dict) -> dict:
 
 def student_definition(base: dict, row: str) -> dict:
     d = merge(base, {"name": f"{base['name']}-{row}", "distill": VARIANTS[row]})
-    scales = "6" if d["distill"]["schedule"].get("preset") == "toy_6step" else "4"
-    d["precompute"] = {**d.get("precompute", {}), "output": f"{d['resources']['storage']}/{base['name']}-store-{scales}step"}
+    # one store per set of scales (a store holds the latents of exactly its definition's scales)
+    schedule = d["distill"]["schedule"]
+    scales = ("fullres" if schedule.get("scalewise") is False
+              else "6step" if schedule.get("preset") == "toy_6step" else "4step")
+    d["precompute"] = {**d.get("precompute", {}), "output": f"{d['resources']['storage']}/{base['name']}-store-{scales}"}
     return d
 
 

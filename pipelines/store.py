@@ -163,6 +163,12 @@ def vae_settings(teacher_path: str) -> dict:
     }
 
 
+def stored_scales(cfg) -> list[int]:
+    """The latent sizes a store holds for a definition: each scale of its schedule once, in
+    schedule order (a full-resolution schedule repeats its one scale at every step)."""
+    return list(dict.fromkeys(int(s) for s in cfg.schedule().scales))
+
+
 def expected_manifest(cfg: PipelineConfig) -> dict:
     """The manifest fields a store made for `cfg` must have (computed without loading models)."""
     vae = vae_settings(cfg.teacher.path)
@@ -171,7 +177,7 @@ def expected_manifest(cfg: PipelineConfig) -> dict:
         "teacher": {"path": cfg.teacher.path, "family": cfg.teacher.family,
                     "content_hash": teacher_content_hash(cfg.teacher.path)},
         "vae": {k: vae[k] for k in ("scaling_factor", "shift_factor", "downsample")},
-        "scales": [int(s) for s in cfg.schedule().scales],
+        "scales": stored_scales(cfg),
         "latent_channels": vae["latent_channels"],
         "storage_dtype": cfg.precompute.storage_dtype,
         "text": {"max_sequence_length": cfg.teacher.max_sequence_length},

@@ -110,3 +110,16 @@ def test_check_row_reasons(tmp_path):
         with pytest.raises(Refused) as err:
             check_row(image, caption, None, spec)
         assert err.value.reason == reason, (reason, err.value)
+
+
+def test_full_resolution_store_holds_its_one_scale_once():
+    """A full-resolution schedule repeats one scale; its store has one column for it (a duplicate
+    column once failed every encoder actor)."""
+    from pipelines.schema import parse_pipeline_config
+    from pipelines.stages.precompute import EncodeSpec, data_schema
+
+    cfg = parse_pipeline_config({"name": "fr", "teacher": {"path": "builtin:tiny-sd3"},
+                                 "distill": {"schedule": {"preset": "toy_4step", "scalewise": False}}})
+    assert list(cfg.schedule().scales) == [16, 16, 16, 16]
+    assert store.stored_scales(cfg) == [16] and EncodeSpec.from_config(cfg).scales == (16,)
+    assert data_schema(EncodeSpec.from_config(cfg).scales).names.count("latents_16") == 1

@@ -103,7 +103,7 @@ class EncodeSpec:
     @staticmethod
     def from_config(cfg: PipelineConfig) -> EncodeSpec:
         return EncodeSpec(cfg.teacher.path, cfg.teacher.family, cfg.teacher.dtype, cfg.teacher.max_sequence_length,
-                          tuple(int(s) for s in cfg.schedule().scales), store.vae_settings(cfg.teacher.path)["downsample"],
+                          tuple(store.stored_scales(cfg)), store.vae_settings(cfg.teacher.path)["downsample"],
                           cfg.precompute.storage_dtype, max(1, int(cfg.precompute.cpus_per_actor)),
                           cfg.precompute.batch_size)
 
