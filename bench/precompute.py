@@ -1,7 +1,7 @@
 """Precompute throughput: the Ray Data stage versus a plain single-process loop doing the same
 work on the same rows, plus stored bytes per sample (toy measured, SD3.5-Large by formula).
 
-    python bench/precompute.py [--rows 1000] [--repeats 2]      # or: make bench-precompute
+    python bench/precompute.py [--rows 8000] [--repeats 2]      # or: make bench-precompute
     -> bench/results/precompute.json
 
 Same work: both read the same Parquet file of rendered shapes rows, check every row (decode,
@@ -100,7 +100,7 @@ def plain_loop(cfg) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--rows", type=int, default=8000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
