@@ -219,7 +219,7 @@ def run_recipe(args) -> None:
         train_s += time.perf_counter() - t0
         out_of_time = time.perf_counter() - started > args.time_limit
         if step + 1 in evals or out_of_time:
-            with averaged_student(ema, nets):  # the weights the stage would export
+            with averaged_student(ema, student_params):  # the weights the stage would export
                 scores = evaluate(adapter, scorer, prompts, STUDENT, schedule=schedule)
             emit(step=step + 1, train_iter_s=train_s / (step + 1), terms=terms, **scores)
         if out_of_time:

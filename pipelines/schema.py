@@ -193,7 +193,7 @@ class DistillConfig(Strict):
     lr_decay_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     fake_updates: Annotated[int, Field(ge=0)] = 5
     # exponential moving average of the student's weights (diffusers' EMAModel, with its warm-up
-    # (1+n)/(10+n) up to this decay); the export and the evaluation use the average. 0: off.
+    # n/(9+n) at update n up to this decay); the export and the evaluation use the average. 0: off.
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     checkpoint_every: Annotated[int, Field(ge=1)] = 250
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2

@@ -74,7 +74,7 @@ def set_trainable(transformer: nn.Module, adapter: str, trainable: bool) -> None
 def use_role(transformer: nn.Module, role: str) -> Iterator[None]:
     """Run the shared transformer as the teacher, the student or the fake-score network.
 
-    The trainer switches roles about ten times per iteration, so this sets the two flags that a
+    The trainer switches roles about twenty times per iteration, so this sets the two flags that a
     LoRA layer's forward reads (`disable_adapters`, `active_adapters`) on a cached list of layers.
     peft's own `set_adapter` / `enable_adapters` would also walk every adapter parameter to flip
     `requires_grad` (which the trainer owns, so it would then have to be restored): 0.24 s of

@@ -164,7 +164,7 @@ def test_student_ema_is_exported_and_training_weights_come_back():
         with torch.no_grad():
             p.add_(1.0)
         ema.step([p])
-    with averaged_student(ema, nets):
+    with averaged_student(ema, nets.student_parameters()):
         assert torch.allclose(p, torch.full((3,), 20 / 11))
     assert torch.equal(p.detach(), torch.full((3,), 2.0))
     assert student_ema(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"ema_decay": 0.0})}), nets) is None

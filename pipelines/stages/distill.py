@@ -126,13 +126,13 @@ def student_ema(cfg: PipelineConfig, nets):
 
 
 @contextmanager
-def averaged_student(ema, nets):
-    """Inside the block the student holds its EMA weights (for export and evaluation); after it,
-    its training weights again."""
+def averaged_student(ema, params):
+    """Inside the block the student's `params` hold their EMA weights (for export and evaluation);
+    after it, their training weights again."""
     if ema is None:
         yield
         return
-    params = nets.student_parameters()
+    params = list(params)
     ema.store(params)
     ema.copy_to(params)
     try:
@@ -297,7 +297,7 @@ def train_loop_per_worker(config: dict) -> None:
         elif step % d.log_every == 0:
             ray.train.report(metrics)
 
-    with averaged_student(ema, nets):
+    with averaged_student(ema, student_params):
         _export_student(cfg, rank, engine_g, adapter, nets, final=True)
 
 
@@ -315,7 +315,7 @@ def _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, net
                 torch.save(ema.state_dict(), Path(tmp, EMA_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if cfg.distill.export_at_checkpoints and state["step"] < cfg.distill.steps:
-        with averaged_student(ema, nets):
+        with averaged_student(ema, nets.student_parameters()):
             _export_student(cfg, rank, engine_g, adapter, nets, final=False, step=state["step"])
 
 
