@@ -150,6 +150,9 @@ class DMDLoss(Strict):
     weight: Annotated[float, Field(ge=0)] = 1.0
     guidance_scale: Annotated[float, Field(ge=0)] = 7.0
     grid_range: GridRange = (12, 28)
+    # DMD only at scales (latent side) >= this: for a teacher trained at one resolution, whose
+    # scores at the small scales are off its training distribution. 0: every scale (the paper).
+    min_scale: Annotated[int, Field(ge=0)] = 0
 
 
 class GANLoss(Strict):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from swd_core.adapters.base import FamilyAdapter
-from swd_core.evaluation import ShapesClassifier, frechet_distance, load_classifier, prompt_accuracy, read_scenes
+from swd_core.evaluation import ShapesClassifier, fd_mean_term, frechet_distance, load_classifier, prompt_accuracy, read_scenes
 from swd_core.generate import generate_latents
 from swd_core.toy import shapes
 
@@ -154,10 +154,11 @@ class ShapesScorer:
 
     def score(self, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """Prompt accuracy (overall, one-/two-object, per attribute) against `samples[:len(images)]`
-        and the Fréchet distance; returns the scores and the classifier features."""
+        and the Fréchet distance with its mean-shift part; returns the scores and the classifier features."""
         readings, feats = self.features(images)
         acc = prompt_accuracy(self.samples[:len(images)], readings)
-        return {**acc, "fd": self.fd(feats), "fd_n": len(images)}, feats
+        return {**acc, "fd": self.fd(feats), "fd_mean_term": fd_mean_term(self.real_features[:len(feats)], feats),
+                "fd_n": len(images)}, feats
 
     def fd_floor(self, n: int, seed: int = FLOOR_RENDER_SEED) -> float:
         """FD of a second set of real renders (other jitter) of the first `n` prompts: roughly what a

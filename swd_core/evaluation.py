@@ -157,6 +157,14 @@ def prompt_accuracy(samples: Sequence[ShapesSample], readings: Sequence[SceneRea
             "per_attribute": {a: frac(verdicts, a) for a in ATTRIBUTES}, "n": len(verdicts)}
 
 
+def fd_mean_term(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
+    """The ‖μa − μb‖² part of the Fréchet distance: every image shifted the same way (brightness,
+    a colour cast), as opposed to lost or wrong variety (the covariance part)."""
+    a = np.asarray(features_a, dtype=np.float64)
+    b = np.asarray(features_b, dtype=np.float64)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum())
+
+
 def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets:
     ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½), the matrix square root by scipy."""

@@ -33,7 +33,8 @@ class LossSettings:
     """Weights and noise ranges of the generator loss L = w_mmd·MMD + w_dmd·DMD + w_gan·GAN.
 
     A weight of 0 removes the term and its network passes (MMD-only training runs no teacher).
-    Ranges are [low, high) indices into the 28-step sigma grid.
+    Ranges are [low, high) indices into the 28-step sigma grid. DMD runs only where the latent
+    side is >= `dmd_min_scale`.
     """
 
     feature_block: int = 11
@@ -45,6 +46,7 @@ class LossSettings:
     dmd_weight: float = 1.0
     guidance_scale: float = 7.0
     dmd_range: tuple[int, int] = (12, 28)
+    dmd_min_scale: int = 0
     gan_weight: float = 5e-3
     discriminator_weight: float = 1e-2
     fake_range: tuple[int, int] = (0, GRID_STEPS)
@@ -211,19 +213,20 @@ def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text:
             mmd = mmd_rbf(feat_real, feat_fake, settings.rbf_bandwidth)
         total = total + settings.mmd_weight * mmd
         terms["mmd"] = mmd.detach()
-    if settings.dmd_weight > 0 or settings.gan_weight > 0:
+    dmd_weight = settings.dmd_weight if x0.shape[-1] >= settings.dmd_min_scale else 0.0
+    if dmd_weight > 0 or settings.gan_weight > 0:
         sigma, eps = _noised_at(x0, settings.dmd_range, generator)
         x_t = add_noise(x0, eps, sigma)
         # One fake pass serves both terms: its velocity (detached) for DMD, its features for the GAN.
         with torch.no_grad() if settings.gan_weight == 0 else nullcontext():
-            v_fake, feats = nets.fake(x_t, sigma, text)
-        if settings.dmd_weight > 0:
+            v_fake, feats = nets.fake(x_t, sigma, text, features_only=dmd_weight == 0)
+        if dmd_weight > 0:
             x_t_detached = x_t.detach()
             v_teacher = nets.teacher_cfg(x_t_detached, sigma, text, uncond, settings.guidance_scale)
             x0_teacher = x0_from_velocity(x_t_detached, v_teacher, sigma)
             x0_fake = x0_from_velocity(x_t_detached, v_fake.detach(), sigma)
             dmd = dmd_loss(x0, x0_teacher, x0_fake)
-            total = total + settings.dmd_weight * dmd
+            total = total + dmd_weight * dmd
             terms["dmd"] = dmd.detach()
         if settings.gan_weight > 0:
             gan = gan_generator_loss(nets.head(feats))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from swd_core.evaluation import SceneReading, frechet_distance, judge, prompt_accuracy, psnr, read_scenes
+from swd_core.evaluation import SceneReading, fd_mean_term, frechet_distance, judge, prompt_accuracy, psnr, read_scenes
 from swd_core.toy import shapes
 from swd_core.toy.shapes import ShapeObject, ShapesSample
 
@@ -18,6 +18,9 @@ def test_frechet_distance_known_values():
     # N(0, I) vs N(0, 4I) in 3-d: Tr(I + 4I - 2·2I) = 3
     b = rng.normal(size=(200_000, 3))
     assert frechet_distance(b, 2 * rng.normal(size=(200_000, 3))) == pytest.approx(3.0, abs=0.1)
+    # the mean-shift part: all of the shifted pair's 9, none of the scaled pair's 3
+    assert fd_mean_term(a, a + np.array([3.0, 0, 0])) == pytest.approx(9.0, abs=1e-9)
+    assert fd_mean_term(b, 2 * rng.normal(size=(200_000, 3))) == pytest.approx(0.0, abs=1e-3)
 
 
 def test_psnr_known_value():

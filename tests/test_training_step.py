@@ -70,6 +70,27 @@ def test_generator_loss_trains_only_the_student(tiny_adapter, toy_schedule, term
     assert all(p.requires_grad for p in nets.fake_parameters())
 
 
+def test_dmd_runs_only_from_its_min_scale(tiny_adapter, toy_schedule, monkeypatch):
+    nets = _nets(tiny_adapter)
+    lat, text = _batch(tiny_adapter, toy_schedule)
+    settings = LossSettings(feature_block=1, guidance_scale=4.5, dmd_min_scale=16)
+    teacher_calls = []
+    real_teacher = nets.teacher_cfg
+    monkeypatch.setattr(nets, "teacher_cfg", lambda *a, **k: teacher_calls.append(a[0].shape[-1]) or real_teacher(*a, **k))
+    logged = {}
+    for i in (1, 3):  # scales 10 and 16
+        x, sigma = student_input(lat, toy_schedule, i, torch.Generator().manual_seed(1))
+        with frozen(nets.fake_parameters()):
+            x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
+            loss, logged[i] = generator_loss(nets, x0, lat[toy_schedule.scales[i]], text, tiny_adapter.empty_prompt(),
+                                             settings, torch.Generator().manual_seed(2))
+        assert torch.allclose(loss.detach(), sum(settings_w * logged[i].get(k, 0.0) for k, settings_w in
+                                                 (("mmd", 1.0), ("dmd", 1.0), ("gan_g", settings.gan_weight))))
+    assert "dmd" not in logged[1] and {"mmd", "gan_g"} <= set(logged[1])
+    assert {"mmd", "dmd", "gan_g"} <= set(logged[3])
+    assert teacher_calls == [16]  # the teacher ran at the 16 scale only
+
+
 def test_fake_update_trains_only_fake_and_head(tiny_adapter, toy_schedule):
     nets = _nets(tiny_adapter)
     lat, text = _batch(tiny_adapter, toy_schedule)

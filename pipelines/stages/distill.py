@@ -62,6 +62,7 @@ def loss_settings(cfg: PipelineConfig):
         mmd_weight=losses.mmd.weight, mmd_kernel=losses.mmd.kernel, mmd_c=losses.mmd.c,
         rbf_bandwidth=losses.mmd.rbf_bandwidth, mmd_range=tuple(losses.mmd.grid_range),
         dmd_weight=losses.dmd.weight, guidance_scale=losses.dmd.guidance_scale, dmd_range=tuple(losses.dmd.grid_range),
+        dmd_min_scale=losses.dmd.min_scale,
         gan_weight=losses.gan.weight, discriminator_weight=losses.gan.discriminator_weight,
     )
 

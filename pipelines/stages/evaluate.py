@@ -140,7 +140,7 @@ def evaluate_models(adapter, models: list[Model], prompts: list[str], seeds: lis
         lat = res["latency"]
         print(f"[evaluate] {m.name}: latency {lat['total_s']:.3f} s/image (text {lat['text_s']:.3f}, transformer "
               f"{lat['transformer_s']:.3f}, VAE {lat['vae_s']:.3f})"
-              + (f"; accuracy {res['prompt_accuracy']:.3f}, FD {res['fd']:.3f} (n={res['fd_n']})" if scorer else ""),
+              + (f"; accuracy {res['prompt_accuracy']:.3f}, FD {res['fd']:.3f} (mean shift {res['fd_mean_term']:.3f}, n={res['fd_n']})" if scorer else ""),
               flush=True)
         results[m.name] = res
         images[m.name] = imgs[:cfg.evaluate.grid_prompts]
