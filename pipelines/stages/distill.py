@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import tempfile
 import time
@@ -206,8 +207,19 @@ def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, un
     return i, logged_floats(terms)  # the iteration's one wait for the GPU
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every `report` at INFO with all its metrics, from every rank; the progress
+    line says the same once. Its logger is named after its file, so it is found through the module."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: leave its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    _quiet_report_log()
     import deepspeed
     import ray.train
     from ray.train.torch import get_device
@@ -424,7 +436,9 @@ def build_trainer(cfg: PipelineConfig, store):
             name="distill", storage_path=storage_path, storage_filesystem=storage_filesystem(cfg),
             failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env()},
+            # Ray Train's print patch tees each print of a worker (stdout is redirected there),
+            # so every progress line reached the driver twice.
+            worker_runtime_env={"env_vars": {**worker_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
 
