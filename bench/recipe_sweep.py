@@ -62,19 +62,19 @@ RECIPES: dict[str, dict] = {
     "lr1e-3_mmd_only": {"lr": 1e-3, "losses.dmd.weight": 0.0, "losses.gan.weight": 0.0},
     "lr1e-3_fake2_cfg2.5_ema0.98": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "ema_decay": 0.98},
     "lr1e-3_fake2_cfg2.5_ema0.99": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "ema_decay": 0.99},
+    # The toy definition's own recipe (lr 1e-3, 2 fake updates, DMD CFG 2.5) with one change each.
     # DMD only where the single-resolution toy teacher is in its training distribution
-    "lr1e-3_fake2_cfg2.5_dmd16": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "losses.dmd.min_scale": 16},
-    "lr1e-3_fake2_cfg2.5_dmd12": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "losses.dmd.min_scale": 12},
-    "lr1e-3_fake2_cfg4.5_dmd16": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 4.5, "losses.dmd.min_scale": 16},
+    "lr1e-3_fake2_cfg2.5_dmd16": {"losses.dmd.min_scale": 16},
+    "lr1e-3_fake2_cfg2.5_dmd12": {"losses.dmd.min_scale": 12},
+    "lr1e-3_fake2_cfg4.5_dmd16": {"losses.dmd.guidance_scale": 4.5, "losses.dmd.min_scale": 16},
     # what keeps DMD from swinging FD: a smaller DMD weight, a faster fake score, no GAN
-    "lr1e-3_fake2_cfg2.5_dmd0.25": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "losses.dmd.weight": 0.25},
-    "lr1e-3_fake2_cfg2.5_fakelr3e-3": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "fake_lr": 3e-3},
-    "lr1e-3_fake5_cfg2.5": {"lr": 1e-3, "fake_updates": 5, "losses.dmd.guidance_scale": 2.5},
-    "lr1e-3_fake2_cfg2.5_nogan": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "losses.gan.weight": 0.0},
+    "lr1e-3_fake2_cfg2.5_dmd0.25": {"losses.dmd.weight": 0.25},
+    "lr1e-3_fake2_cfg2.5_fakelr3e-3": {"fake_lr": 3e-3},
+    "lr1e-3_fake5_cfg2.5": {"fake_updates": 5},
+    "lr1e-3_fake2_cfg2.5_nogan": {"losses.gan.weight": 0.0},
     # against DMD's mode collapse (the background colour): a 10x GAN on real data, with a 4x MMD
-    "lr1e-3_fake2_cfg2.5_gan5e-2": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "losses.gan.weight": 5e-2},
-    "lr1e-3_fake2_cfg2.5_gan5e-2_mmd4": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5,
-                                         "losses.gan.weight": 5e-2, "losses.mmd.weight": 4.0},
+    "lr1e-3_fake2_cfg2.5_gan5e-2": {"losses.gan.weight": 5e-2},
+    "lr1e-3_fake2_cfg2.5_gan5e-2_mmd4": {"losses.gan.weight": 5e-2, "losses.mmd.weight": 4.0},
 }
 
 

@@ -170,10 +170,9 @@ def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarr
     ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½), the matrix square root by scipy."""
     a = np.asarray(features_a, dtype=np.float64)
     b = np.asarray(features_b, dtype=np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = np.real(scipy.linalg.sqrtm(cov_a @ cov_b))
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+    return fd_mean_term(a, b) + float(np.trace(cov_a + cov_b - 2 * covmean))
 
 
 def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:

@@ -209,7 +209,8 @@ def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, un
 
 def _quiet_report_log() -> None:
     """Ray Train logs every `report` at INFO with all its metrics, from every rank; the progress
-    line says the same once. Its logger is named after its file, so it is found through the module."""
+    line says the same once. Its logger is named after its file, so RunConfig's LoggingConfig
+    (which filters loggers named `ray.train*`) does not reach it: it is found through the module."""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: leave its logging as it is

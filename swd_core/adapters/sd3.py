@@ -92,13 +92,18 @@ class SD3Adapter:
 
         return cls(load_sd3_pipeline(path, dtype, load_transformer).to(device), max_sequence_length=max_sequence_length)
 
+    def _first_parameter(self) -> torch.nn.Parameter:
+        # diffusers' `ModelMixin.device` / `.dtype` walk every module (4 ms a call here); the
+        # training step asks for the dtype on each of its ~20 transformer calls.
+        return next((self.transformer or self.vae).parameters())
+
     @property
     def device(self) -> torch.device:
-        return (self.transformer or self.vae).device
+        return self._first_parameter().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return (self.transformer or self.vae).dtype
+        return self._first_parameter().dtype
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> TextEmbeddings:
@@ -130,15 +135,12 @@ class SD3Adapter:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
         timestep = (sigma * 1000).expand(batch) if sigma.ndim == 0 else sigma * 1000
         text = text.expand(batch)
-        # The input layer's dtype: `ModelMixin.dtype` walks every module (4 ms a call, ~20 calls per
-        # training iteration, host time that a GPU iteration at the small scales waits on).
-        dtype = self.transformer.pos_embed.proj.weight.dtype
         # JointTransformerBlock returns (context tokens, image tokens); MMD and the GAN read image tokens.
         with tap_block_outputs(self.transformer.transformer_blocks, feature_blocks,
                                select=lambda out: out[1], stop_after_last=features_only) as feats:
             try:
                 v = self.transformer(
-                    hidden_states=latents.to(dtype), timestep=timestep,
+                    hidden_states=latents.to(self.dtype), timestep=timestep,
                     encoder_hidden_states=text.prompt_embeds, pooled_projections=text.pooled,
                     return_dict=False,
                 )[0]
