@@ -18,6 +18,13 @@ SD3.5-Medium-wide transformer (1536 wide, random weights) at the paper's Medium 
 (`sd35_medium_4step`: 64 80 96 128 latents), and peak memory is `torch.cuda.max_memory_allocated`:
 
     python bench/distill.py --device cuda --batch 8 --rounds 1   # -> bench/results/distill_medium_cuda.json
+    python bench/distill.py --device cuda --batch 8 --rounds 2 \
+        --definition pipelines/configs/sd35_medium_6step.yaml    # -> distill_sd35_medium_6step_cuda.json
+
+Every result also carries `flop_model_ratio`: the ratio the FLOPs alone allow (arithmetic from
+the transformer's config, the scales and the text length, not a measurement). It shows which
+schedule a published ratio can come from: Medium's 4-step scales allow no less than ~0.51, its
+6-step scales (the authors' default) ~0.37.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import write_result  # noqa: E402
 
 TOY = ROOT / "pipelines" / "configs" / "toy.yaml"
-MEDIUM = ROOT / "pipelines" / "configs" / "sd35_medium_4step.yaml"
+MEDIUM = ROOT / "pipelines" / "configs" / "sd35_medium_4step.yaml"  # --definition's default
 # SD3.5-Medium's width (24 heads x 64) and latent size, half its depth, tiny text encoders
 MEDIUM_LIKE = "builtin:tiny-sd3?layers=12&heads=24&head_dim=64&sample_size=128"
 
@@ -56,7 +63,7 @@ def _case(args) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = load_pipeline_config(MEDIUM if args.setup == "medium" else TOY)
+    cfg = load_pipeline_config(args.definition if args.setup == "medium" else TOY)
     d = cfg.distill.model_dump()
     d["schedule"]["scalewise"] = args.scalewise
     if args.mmd_only:
@@ -78,6 +85,7 @@ def _case(args) -> dict:
     engine_g, engine_f = build_engines(cfg, nets, args.batch, bf16=cuda)
 
     text = adapter.encode_prompts(["a large red circle in the center"] * args.batch)
+    flops = flop_model_ratio(nets.base.config, schedule.scales, text.prompt_embeds.shape[1])
     uncond = adapter.empty_prompt()
     g = torch.Generator().manual_seed(0)
     latents = {s: torch.randn(args.batch, adapter.latent_channels, s, s, generator=g).to(device)
@@ -115,13 +123,28 @@ def _case(args) -> dict:
     return {"iter_s": sum(times) / len(times), "iter_times_s": times, "device": args.device,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-            "scales": list(schedule.scales), "fake_updates": cfg.distill.fake_updates, "batch": args.batch,
+            "scales": list(schedule.scales), "flop_model_ratio": flops, "fake_updates": cfg.distill.fake_updates, "batch": args.batch,
             "transformer_params": sum(p.numel() for p in nets.base.parameters() if p.requires_grad is False),
             "model": cfg.teacher.path, "losses": {k: v for k, v in vars(settings).items() if k.endswith("weight")}}
 
 
+def flop_model_ratio(config, scales, text_tokens: int) -> float:
+    """Scale-wise over full-resolution transformer FLOPs for one pass at each scale. Per joint
+    block, with N image tokens, T text tokens and width d: the projections and MLP cost
+    24·(N+T)·d² and attention 4·(N+T)²·d (forward; backward scales both alike). Hand-written:
+    arithmetic about this model, which no library states."""
+    d = config.num_attention_heads * config.attention_head_dim
+
+    def block(side: int) -> float:
+        tokens = (side // config.patch_size) ** 2 + text_tokens
+        return 24 * tokens * d * d + 4 * tokens * tokens * d
+
+    return sum(block(s) for s in scales) / (len(scales) * block(scales[-1]))
+
+
 def _run(name: str, extra: list[str], args, port: int) -> dict:
     cmd = [sys.executable, __file__, "--case", "--port", str(port), "--batch", str(args.batch),
+           "--definition", str(args.definition),
            "--rounds", str(args.rounds), "--threads", str(args.threads), "--device", args.device, *extra]
     print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -147,6 +170,8 @@ def main() -> None:
                         "Medium-like model at the Medium scales (cuda default)")
     p.add_argument("--model", default=None,
                    help=f"teacher for every case (cuda default: {MEDIUM_LIKE}; cpu: the toy for timing)")
+    p.add_argument("--definition", type=Path, default=MEDIUM,
+                   help="medium setup: the pipeline definition whose schedule and losses every case uses")
     p.add_argument("--model-blocks", type=int, default=12, help="its number of blocks (caps the feature block)")
     p.add_argument("--profile", action="store_true", help="with --case: print a torch.profiler table of one round")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
@@ -173,7 +198,7 @@ def main() -> None:
         "toy_two_copies": _run("toy_two_copies", ["--two-copies", "1", "--rounds", "1"], args, 29516),
     }
     cases["toy_shared"] = {"peak_rss_mb": cases["scalewise"]["peak_rss_mb"]}
-    _write("distill", cases,
+    _write("distill", cases, flop_model_ratio=cases["scalewise"]["flop_model_ratio"],
            peak_rss_mb_shared=cases["memory_shared"]["peak_rss_mb"],
            peak_rss_mb_two_copies=cases["memory_two_copies"]["peak_rss_mb"],
            peak_rss_note=f"per worker process, LoRA mode, model {args.memory_model}; toy-sd3: "
@@ -190,8 +215,11 @@ def medium_cases(args) -> None:
         "two_copies": _run("two_copies", model + ["--two-copies", "1", "--rounds", "1"], args, 29524),
         "mmd_only": _run("mmd_only", model + ["--mmd-only", "1"], args, 29523),
     }
-    _write(f"distill_medium_{args.device}", cases,
-           model=args.model or MEDIUM_LIKE, definition=MEDIUM.relative_to(ROOT).as_posix(),
+    definition = args.definition.resolve()
+    name = "medium" if definition == MEDIUM else definition.stem
+    _write(f"distill_{name}_{args.device}", cases,
+           model=args.model or MEDIUM_LIKE, definition=definition.relative_to(ROOT).as_posix(),
+           flop_model_ratio=cases["scalewise"]["flop_model_ratio"],
            peak_gpu_mb_shared=cases["scalewise"]["peak_gpu_mb"],
            peak_gpu_mb_two_copies=cases["two_copies"]["peak_gpu_mb"])
 
