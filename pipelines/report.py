@@ -21,6 +21,11 @@ def render_markdown(report: dict) -> str:
            f"Teacher `{report['teacher']}`; student "
            + (f"`{student['uri']}`" if student["found"] else f"**not found** at `{student['uri']}`")
            + f"; prompts: {report['prompts']['source']}; seeds: {report['prompts']['seeds']}.", ""]
+    chosen = student.get("chosen")
+    if chosen:
+        out += [f"The student is step {chosen['step']}, chosen by {chosen['metric']} {chosen['value']:.3f} among the "
+                f"checkpoints at steps {', '.join(map(str, chosen['candidates']))} on validation prompts that are "
+                f"not among these.", ""]
     out += [f"- {n}" for n in report["notes"]] + ([""] if report["notes"] else [])
 
     if report["checks"]:

@@ -179,6 +179,24 @@ class LoRAConfig(Strict):
     targets: list[str] = list(DEFAULT_TARGETS)
 
 
+class ValidationConfig(Strict):
+    """Choosing the exported student by a held-out score (early stopping): at every checkpoint the
+    student samples `num_prompts` validation prompts, disjoint from the evaluate stage's, and the
+    export in <run_dir>/student is replaced only when `metric` improves. Shapes domain only: it
+    is the domain with a scorer. 0 prompts: off, the last step is exported."""
+
+    num_prompts: Annotated[int, Field(ge=0, le=640)] = 0
+    metric: Literal["fd", "prompt_accuracy"] = "fd"  # fd: lower is better; prompt_accuracy: higher
+    batch_size: Annotated[int, Field(ge=1)] = 64
+
+    @field_validator("num_prompts")
+    @classmethod
+    def _enough_for_a_distance(cls, v: int):
+        if v == 1:
+            raise ValueError("validation.num_prompts: the Fréchet distance needs at least 2 images (0 turns validation off)")
+        return v
+
+
 class DistillConfig(Strict):
     schedule: ScheduleConfig
     losses: LossesConfig = LossesConfig()
@@ -203,6 +221,7 @@ class DistillConfig(Strict):
     max_failures: Annotated[int, Field(ge=-1)] = 2  # worker failures to recover from (-1: unlimited)
     log_every: Annotated[int, Field(ge=1)] = 10
     export_at_checkpoints: bool = False  # also export the student (LoRA + merged) at each checkpoint
+    validation: ValidationConfig = ValidationConfig()
     seed: int = 0
 
     @model_validator(mode="after")
@@ -293,6 +312,9 @@ class ResourcesConfig(Strict):
         return v
 
 
+TOY_TEACHER = "builtin:toy-sd3"
+
+
 class PipelineConfig(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     stages: list[Stage] = list(STAGES)
@@ -312,6 +334,25 @@ class PipelineConfig(Strict):
         except ValueError as err:
             raise ValueError(f"distill.schedule: {err} (teacher family {self.teacher.family!r})") from None
         return self
+
+    @model_validator(mode="after")
+    def _validation_has_a_scorer(self):
+        v = self.distill.validation
+        if v.num_prompts and self.evaluation_domain() != "shapes":
+            raise ValueError("distill.validation scores students with the shapes-domain evaluator, and this "
+                             f"definition's evaluation domain is {self.evaluation_domain()!r} (teacher "
+                             f"{self.teacher.path!r}); set distill.validation.num_prompts: 0")
+        if v.num_prompts % self.resources.num_workers:
+            raise ValueError(f"distill.validation.num_prompts {v.num_prompts} must be divisible by "
+                             f"resources.num_workers {self.resources.num_workers}: each worker samples an equal share")
+        return self
+
+    def evaluation_domain(self) -> str:
+        """shapes (the toy teacher or shapes data: prompt accuracy and FD mean something) or prompts."""
+        if self.evaluate.domain != "auto":
+            return self.evaluate.domain
+        shapes_data = any(s.format == "shapes" for s in self.data.sources)
+        return "shapes" if self.teacher.path == TOY_TEACHER or shapes_data else "prompts"
 
     def schedule(self) -> ScaleSchedule:
         return self.distill.schedule.build(self.teacher.resolved_patch_size)

@@ -37,18 +37,34 @@ def write_png(uri: str, image, resources: ResourcesConfig) -> str:
     return write_bytes(uri, buf.getvalue(), resources)
 
 
+def _cache_root(cache_dir: str | None) -> Path:
+    return Path(cache_dir or os.environ.get("SWD_CACHE", Path.home() / ".cache" / "swd" / "s3"))
+
+
 def local_copy(uri: str, resources: ResourcesConfig, cache_dir: str | None = None) -> Path:
     """A local directory holding `uri`: the path itself when local, else a download of the s3://
-    prefix into a cache keyed by the URI (downloaded once; `from_pretrained` needs local files)."""
+    prefix (`from_pretrained` needs local files) into a cache keyed by the URI and by its objects'
+    keys, sizes and ETags: a new export at the same URI (a retrained or re-chosen student) is a new
+    download, an unchanged one is read from the cache."""
     if not uri.startswith("s3://"):
         return Path(uri)
     import hashlib
+    import json
 
-    root = Path(cache_dir or os.environ.get("SWD_CACHE", Path.home() / ".cache" / "swd" / "s3"))
-    dest = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    fs = filesystem(uri, resources)
+    prefix = uri.rstrip("/") + "/"
+    objects = fs.find(prefix, detail=True)
+    if not objects:  # nothing there: no cache entry either; the caller says what is missing
+        return _cache_root(cache_dir) / "missing"
+    listing = sorted((k, v.get("size"), str(v.get("ETag") or v.get("LastModified"))) for k, v in objects.items())
+
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    dest = _cache_root(cache_dir) / f"{digest(uri)}-{digest(json.dumps(listing))}"
     done = dest / ".complete"
     if not done.exists():
-        filesystem(uri, resources).get(uri.rstrip("/") + "/", str(dest) + "/", recursive=True)
+        fs.get(prefix, str(dest) + "/", recursive=True)
         done.touch()
     return dest
 

@@ -106,6 +106,13 @@ class Networks:
         with role:
             return self._student.velocity(x, sigma, text)[0].float()
 
+    @contextmanager
+    def student_sampler(self) -> Iterator[FamilyAdapter]:
+        """The student as an adapter for the samplers (`swd_core.generate`): text encoder, VAE and
+        the student's transformer (or the shared base with the student adapter on)."""
+        with use_role(self.base, STUDENT) if self.lora_student else nullcontext():
+            yield self._student
+
     @torch.no_grad()
     def teacher_cfg(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings, uncond: TextEmbeddings,
                     guidance: float) -> torch.Tensor:

@@ -94,13 +94,30 @@ def test_lora_zero2_two_nodes_exports_a_stock_loadable_student(store_dir):
     assert diff > 0
 
 
+def _validation_record(student: Path) -> dict:
+    """The export's validation.json, checked against itself: the chosen step is the history's best."""
+    record = json.loads((student / "validation.json").read_text())
+    best, history = record["best"], record["history"]
+    key = best["metric"]
+    scores = [h[key] for h in history]
+    chosen = min(scores) if key == "val_fd" else max(scores)
+    assert best["value"] == chosen and history[scores.index(chosen)]["step"] == best["step"]
+    return record
+
+
 def test_full_finetune_zero3(store_dir):
+    # validation samples the student on every rank: under ZeRO-3 each forward gathers shards collectively
     from pipelines.stages import distill
 
-    cfg = parse_pipeline_config(definition(store_dir, "full3", mode="full", zero_stage=3,
+    cfg = parse_pipeline_config(definition(store_dir, "full3", mode="full", zero_stage=3, checkpoint_every=1,
+                                           validation={"num_prompts": 6, "batch_size": 2},
                                            losses={"feature_block": 4, "dmd": {"weight": 0.0}, "gan": {"weight": 0.0}}))
     out = distill.run(cfg)
-    assert out["final_metrics"]["step"] == 2 and "mmd" in out["final_metrics"] and "dmd" not in out["final_metrics"]
+    m = out["final_metrics"]
+    assert m["step"] == 2 and "mmd" in m and "dmd" not in m
+    assert {"val_fd", "val_prompt_accuracy", "val_best_step"} <= set(m)
+    record = _validation_record(Path(out["student"]))
+    assert [h["step"] for h in record["history"]] == [1, 2] and m["val_best_step"] == record["best"]["step"]
     merged = Path(out["student"]) / "merged"
     assert not (Path(out["student"]) / "lora").exists()
     pipe = _stock_pipeline(merged)
@@ -122,12 +139,14 @@ def _run_cli(cfg_dict: dict, tmp: Path, cluster, name: str):
 
 
 def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
-    # with a student EMA: its average must come back from the checkpoint too
-    first = definition(store_dir, "resume", steps=2, checkpoint_every=2, ema_decay=0.9)
+    # with a student EMA: its average must come back from the checkpoint too; and with validation,
+    # whose history and choice must survive the restart
+    val = {"num_prompts": 4, "metric": "prompt_accuracy"}
+    first = definition(store_dir, "resume", steps=2, checkpoint_every=2, ema_decay=0.9, validation=val)
     proc = _run_cli(first, store_dir, ray_cluster, "resume1")
     out1, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out1[-4000:]
-    second = definition(store_dir, "resume", steps=4, checkpoint_every=2, ema_decay=0.9)  # same run, more steps
+    second = definition(store_dir, "resume", steps=4, checkpoint_every=2, ema_decay=0.9, validation=val)  # more steps
     proc = _run_cli(second, store_dir, ray_cluster, "resume2")
     out2, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out2[-4000:]
@@ -136,6 +155,10 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
     assert "holds no student EMA" not in out2
     emas = sorted((store_dir / "runs" / "resume" / "train").glob("**/checkpoint_*/student_ema.pt"))
     assert [torch.load(f)["optimization_step"] for f in emas][-1] == 4  # 2 before the restart + 2 after
+    assert "validation at step 2" in out1 and "validation at step 4" in out2
+    record = _validation_record(store_dir / "runs" / "resume" / "student")
+    assert [h["step"] for h in record["history"]] == [2, 4]
+    assert f"the exported student is step {record['best']['step']} of 4" in out2
 
 
 def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster):

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from pipelines.schema import parse_pipeline_config
-from pipelines.storage import filesystem, upload_dir
+from pipelines.storage import filesystem, upload_dir, write_bytes
 from swd_core.evaluate_model import ShapesScorer, latency_split, render_real, sample_images
 from swd_core.export import export_merged_pipeline
 from swd_core.toy import shapes
@@ -79,6 +79,7 @@ def _config(tmp_path, **evaluate):
     data = yaml.safe_load(TOY.read_text())
     data["teacher"]["path"] = TINY
     data["distill"]["losses"]["feature_block"] = 1
+    data["distill"]["validation"] = {"num_prompts": 0}  # some of these definitions leave the shapes domain
     data["resources"]["storage"] = str(tmp_path / "runs")
     data["evaluate"] = {"teacher_steps": 3, "teacher_guidance": 4.5, "latency_repeats": 1, "batch_size": 4,
                         **evaluate}
@@ -101,6 +102,10 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, capsys):
     cfg = parse_pipeline_config(data)
     _export_student(cfg, tmp_path / "merged")
     upload_dir(tmp_path / "merged", f"{cfg.run_dir}/student/merged", cfg.resources)
+    # the record the distill stage leaves beside an export chosen by validation
+    history = [{"step": 50, "val_fd": 2.5}, {"step": 100, "val_fd": 1.25}, {"step": 150, "val_fd": 3.0}]
+    write_bytes(f"{cfg.run_dir}/student/validation.json", json.dumps(
+        {"best": {"step": 100, "metric": "val_fd", "value": 1.25}, "history": history}).encode(), cfg.resources)
 
     out = run(cfg)
     assert out["student_found"] and out["report_json"] == f"{cfg.run_dir}/eval/report.json"
@@ -116,6 +121,8 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, capsys):
     assert [m["n_prompts"] for m in report["models"]] == [4, 6, 6]
     assert models["swd_4"]["scales"] == [8, 10, 12, 16] and models["swd_4"]["sampler"] == "scale-wise"
     assert report["student"]["schedule"]["scales"] == [8, 10, 12, 16]
+    assert report["student"]["chosen"] == {"step": 100, "metric": "val_fd", "value": 1.25, "candidates": [50, 100, 150]}
+    assert "The student is step 100, chosen by val_fd 1.250 among the checkpoints at steps 50, 100, 150" in md
     floor = report["fd_floor"]
     assert set(floor) == {"4", "6"}
     for m in report["models"]:

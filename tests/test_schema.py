@@ -109,3 +109,16 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     (tmp_path / "broken.yaml").write_text("name: [unclosed")
     assert main(["--config", str(tmp_path / "broken.yaml")]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_validation_needs_the_shapes_scorer_and_an_equal_share_per_worker():
+    data = _medium6()  # a real SD3.5 teacher: no scorer to choose a checkpoint by
+    data["distill"]["validation"] = {"num_prompts": 64}
+    assert "distill.validation scores students with the shapes-domain evaluator" in _error(data)
+    toy = yaml.safe_load((MEDIUM6.parent / "toy.yaml").read_text())
+    toy["distill"]["validation"] = {"num_prompts": 9}  # 2 workers
+    assert "must be divisible by resources.num_workers 2" in _error(toy)
+    toy["distill"]["validation"] = {"num_prompts": 1}
+    assert "needs at least 2 images" in _error(toy)
+    toy["distill"]["validation"] = {"num_prompts": 64, "metric": "prompt_accuracy"}
+    assert parse_pipeline_config(toy).distill.validation.metric == "prompt_accuracy"

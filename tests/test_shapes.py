@@ -73,3 +73,11 @@ def test_held_out_prompts_are_fixed_and_include_unseen_combinations():
     assert len(unseen) >= len(ev) // 6
     train = {s.caption for _, s, _ in shapes.dataset(2, 5000)}
     assert all(s.caption not in train for s in unseen)
+
+
+def test_validation_prompts_are_disjoint_from_the_evaluation_set():
+    val = shapes.validation_prompts(192)
+    assert [s.caption for s in val] == [s.caption for s in shapes.validation_prompts(192)]
+    assert not {s.caption for s in val} & {s.caption for s in shapes.held_out_prompts()}
+    assert sum(len(s.objects) == 2 for s in val) == 96  # composed like the evaluation set
+    assert len({s.caption for s in val}) == 192

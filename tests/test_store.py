@@ -123,3 +123,23 @@ def test_full_resolution_store_holds_its_one_scale_once():
     assert list(cfg.schedule().scales) == [16, 16, 16, 16]
     assert store.stored_scales(cfg) == [16] and EncodeSpec.from_config(cfg).scales == (16,)
     assert data_schema(EncodeSpec.from_config(cfg).scales).names.count("latents_16") == 1
+
+
+def test_local_copy_of_an_s3_export_follows_a_new_export_at_the_same_uri(tmp_path, s3_server):
+    from pipelines.schema import ResourcesConfig
+    from pipelines.storage import local_copy, upload_dir
+
+    resources = ResourcesConfig(s3={"endpoint_url": s3_server})
+    uri, cache = "s3://swd-test/copies/student", str(tmp_path / "cache")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "weights.txt").write_text("first")
+    upload_dir(export, uri, resources)
+    first = local_copy(uri, resources, cache)
+    assert (first / "weights.txt").read_text() == "first"
+    assert local_copy(uri, resources, cache) == first  # unchanged: served from the cache
+    (export / "weights.txt").write_text("second")  # same size: the ETag tells them apart
+    upload_dir(export, uri, resources)
+    second = local_copy(uri, resources, cache)
+    assert second != first and (second / "weights.txt").read_text() == "second"
+    assert not local_copy("s3://swd-test/copies/nothing-here", resources, cache).exists()

@@ -23,7 +23,9 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -146,8 +148,6 @@ def averaged_student(ema, params):
 def lr_schedule(cfg: PipelineConfig, updates_per_step: int):
     """optimizer -> LambdaLR with `swd_core.training.lr_factor` (DeepSpeed steps it with the
     optimizer and keeps its state in checkpoints); None when the rate is constant."""
-    from functools import partial
-
     from swd_core.training import lr_factor
 
     d = cfg.distill
@@ -207,6 +207,74 @@ def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, un
     return i, logged_floats(terms)  # the iteration's one wait for the GPU
 
 
+class Validation:
+    """Early stopping on held-out prompts (`distill.validation`). At each checkpoint every worker
+    samples its share of the validation prompts with the student as it would be exported; rank 0
+    scores them all with the shapes evaluator and every rank receives the scores, so all agree on
+    whether the export is replaced (a ZeRO-3 export gathers shards on every rank)."""
+
+    def __init__(self, cfg: PipelineConfig, rank: int, world: int):
+        from swd_core.toy import shapes
+
+        self.cfg = cfg
+        v = cfg.distill.validation
+        self.key = f"val_{v.metric}"
+        self.lower_is_better = v.metric == "fd"
+        self.samples = shapes.validation_prompts(v.num_prompts)
+        self.seeds = [cfg.evaluate.seed + i for i in range(v.num_prompts)]
+        self.rank, self.world, self.batch_size = rank, world, v.batch_size
+        self.schedule = cfg.schedule()
+        self._scorer = None
+
+    def scores(self, nets) -> dict[str, float]:
+        from swd_core.evaluate_model import ShapesScorer, sample_images
+
+        share = slice(self.rank, None, self.world)  # worker r samples prompts r, r + world, ...
+        with nets.student_sampler() as student:
+            images = sample_images(student, [s.caption for s in self.samples[share]], self.seeds[share],
+                                   batch_size=self.batch_size, schedule=self.schedule)
+        shares = [None] * self.world
+        torch.distributed.all_gather_object(shares, images)
+        out = [None]
+        if self.rank == 0:
+            images = torch.stack([shares[i % self.world][i // self.world] for i in range(len(self.samples))])
+            if self._scorer is None:  # real renders and the classifier, once
+                self._scorer = ShapesScorer(self.samples)
+            scores, _ = self._scorer.score(images)
+            out = [{"val_fd": scores["fd"], "val_fd_mean_term": scores["fd_mean_term"],
+                    "val_prompt_accuracy": scores["prompt_accuracy"]}]
+        torch.distributed.broadcast_object_list(out, src=0)
+        return out[0]
+
+    def improves(self, value: float, best: dict | None) -> bool:
+        if best is None:
+            return True
+        return value < best["value"] if self.lower_is_better else value > best["value"]
+
+    def choose(self, step: int, nets, chosen: dict, export: Callable[..., None]) -> dict[str, float]:
+        """Score the student at `step` and add it to `chosen` (the best step and every score);
+        on a better score `export(validation=chosen)` replaces the export (called on every rank), else only
+        the export's `validation.json` is rewritten. Returns the metrics to report."""
+        scores = self.scores(nets)
+        value = scores[self.key]
+        improved = self.improves(value, chosen["best"])
+        chosen["history"].append({"step": step, **scores})
+        if improved:
+            chosen["best"] = {"step": step, "metric": self.key, "value": value}
+        if self.rank == 0:
+            print(f"[distill] validation at step {step}: fd {scores['val_fd']:.4g} (mean term "
+                  f"{scores['val_fd_mean_term']:.3g}), accuracy {scores['val_prompt_accuracy']:.3f} | "
+                  + ("best so far: exporting" if improved else f"best stays step {chosen['best']['step']}"), flush=True)
+        if improved:
+            export(validation=chosen)
+        elif self.rank == 0:
+            from pipelines.storage import write_bytes
+
+            write_bytes(f"{self.cfg.run_dir}/student/validation.json", json.dumps(chosen, indent=2).encode(),
+                        self.cfg.resources)
+        return {**scores, "val_best_step": chosen["best"]["step"]}
+
+
 def _quiet_report_log() -> None:
     """Ray Train logs every `report` at INFO with all its metrics, from every rank; the progress
     line says the same once. Its logger is named after its file, so RunConfig's LoggingConfig
@@ -255,6 +323,8 @@ def train_loop_per_worker(config: dict) -> None:
     uncond = TextEmbeddings(empty[0], empty[1]).to(device, dtype)
 
     step, epoch, in_epoch = 0, 0, 0
+    validation = Validation(cfg, rank, world) if d.validation.num_prompts else None
+    chosen = {"best": None, "history": []}  # the exported student's validation record
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
@@ -266,6 +336,7 @@ def train_loop_per_worker(config: dict) -> None:
             elif ema is not None and rank == 0:
                 print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
         step, epoch, in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+        chosen = state.get("validation", chosen)
         if rank == 0:
             print(f"[distill] resumed from checkpoint at step {step}", flush=True)
     data = _batches(ray.train.get_dataset_shard("train"), store, micro, epoch, in_epoch)
@@ -305,14 +376,26 @@ def train_loop_per_worker(config: dict) -> None:
                       f"{sum(window) / len(window):.2f} s/it (data wait {data_wait:.2f} s), "
                       f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
             window = []
+        if save and validation is not None:
+            # the student as exported (its EMA when on), scored and maybe exported before the
+            # checkpoint that records the choice is reported
+            with averaged_student(ema, student_params):
+                metrics.update(validation.choose(step, nets, chosen, export=partial(
+                    _export_student, cfg, rank, engine_g, adapter, nets, final=True)))
         if save:
             _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets,
-                               {"step": step, "epoch": epoch, "batches_in_epoch": in_epoch, "workers": workers})
+                               {"step": step, "epoch": epoch, "batches_in_epoch": in_epoch, "workers": workers,
+                                "validation": chosen})
         elif step % d.log_every == 0:
             ray.train.report(metrics)
 
-    with averaged_student(ema, student_params):
-        _export_student(cfg, rank, engine_g, adapter, nets, final=True)
+    if validation is None:
+        with averaged_student(ema, student_params):
+            _export_student(cfg, rank, engine_g, adapter, nets, final=True)
+    elif rank == 0 and chosen["best"] is not None:
+        best = chosen["best"]
+        print(f"[distill] the exported student is step {best['step']} of {d.steps}, chosen by "
+              f"{best['metric']} {best['value']:.4g} on {d.validation.num_prompts} validation prompts", flush=True)
 
 
 def _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets, state) -> None:
@@ -333,9 +416,11 @@ def _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, net
             _export_student(cfg, rank, engine_g, adapter, nets, final=False, step=state["step"])
 
 
-def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int | None = None) -> None:
+def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int | None = None,
+                    *, validation: dict | None = None) -> None:
     """Rank 0 writes the student as a PEFT LoRA (LoRA mode) and a merged diffusers pipeline
-    folder, plus a sample grid, to <run_dir>/student (or student/step_<n>)."""
+    folder, plus a sample grid, to <run_dir>/student (or student/step_<n>); with a `validation`
+    record (the chosen step and the score history) also `validation.json`."""
     from swd_core.export import export_lora, export_merged_pipeline
 
     full = not nets.lora_student
@@ -362,6 +447,8 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
             export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), lora_dir=f"{tmp}/lora",
                                    max_sequence_length=t.max_sequence_length, dtype=t.dtype)
         _sample_grid(cfg, f"{tmp}/merged", f"{tmp}/samples.png")
+        if validation is not None:
+            Path(tmp, "validation.json").write_text(json.dumps(validation, indent=2))
         upload_dir(tmp, dest, cfg.resources)
     print(f"[distill] exported the student to {dest} (merged/, {'' if full else 'lora/, '}samples.png)", flush=True)
 
@@ -436,7 +523,11 @@ def build_trainer(cfg: PipelineConfig, store):
         run_config=RunConfig(
             name="distill", storage_path=storage_path, storage_filesystem=storage_filesystem(cfg),
             failure_config=FailureConfig(max_failures=d.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),
+            # with validation, the kept checkpoints are the best scored ones (Ray always keeps the latest too)
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=d.keep_checkpoints,
+                checkpoint_score_attribute=f"val_{d.validation.metric}" if d.validation.num_prompts else None,
+                checkpoint_score_order="min" if d.validation.metric == "fd" else "max"),
             # Ray Train's print patch tees each print of a worker (stdout is redirected there),
             # so every progress line reached the driver twice.
             worker_runtime_env={"env_vars": {**worker_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
@@ -468,5 +559,6 @@ def run(cfg: PipelineConfig) -> dict:
     metrics = dict(result.metrics or {})
     out = {"student": f"{cfg.run_dir}/student", "checkpoint": result.checkpoint.path if result.checkpoint else None,
            "seconds": time.perf_counter() - start, "final_metrics": metrics}
-    print(f"[distill] done in {out['seconds']:.0f} s; student at {out['student']}", flush=True)
+    chosen = f" (step {metrics['val_best_step']}, chosen by validation)" if "val_best_step" in metrics else ""
+    print(f"[distill] done in {out['seconds']:.0f} s; student at {out['student']}{chosen}", flush=True)
     return out

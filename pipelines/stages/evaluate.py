@@ -33,9 +33,6 @@ from swd_core.generate import to_pil
 from swd_core.grid import image_grid
 from swd_core.toy import shapes
 
-TOY_TEACHER = "builtin:toy-sd3"
-
-
 @dataclass
 class Model:
     """One column of the report: a model and how it samples."""
@@ -56,13 +53,6 @@ class Model:
         if schedule is not None:
             out["scales"], out["sigmas"] = list(schedule.scales), list(schedule.sigmas)
         return out
-
-
-def resolve_domain(cfg: PipelineConfig) -> str:
-    if cfg.evaluate.domain != "auto":
-        return cfg.evaluate.domain
-    shapes_data = any(s.format == "shapes" for s in cfg.data.sources)
-    return "shapes" if cfg.teacher.path == TOY_TEACHER or shapes_data else "prompts"
 
 
 @contextmanager
@@ -102,6 +92,20 @@ def eval_prompts(cfg: PipelineConfig, domain: str, wanted: int) -> tuple[list[st
     if len(prompts) < wanted:
         notes.append(f"{source} has {len(prompts)} prompts; evaluated all of them instead of {wanted}")
     return prompts[:wanted], [], source, notes
+
+
+def chosen_by_validation(student_uri: str, cfg: PipelineConfig) -> dict | None:
+    """How the distill stage chose this export (`distill.validation`): the `validation.json`
+    beside `merged/`, summarized; None for an export of the last step."""
+    uri = student_uri.rstrip("/").rsplit("/", 1)[0] + "/validation.json"
+    fs = filesystem(uri, cfg.resources)
+    if not fs.exists(uri):
+        return None
+    record = json.loads(fs.cat_file(uri))
+    best = record.get("best")
+    if not best:
+        return None
+    return {**best, "candidates": [h["step"] for h in record.get("history", [])]}
 
 
 def machine() -> dict:
@@ -180,7 +184,7 @@ def run(cfg: PipelineConfig) -> dict:
     started = time.perf_counter()
     ev, t = cfg.evaluate, cfg.teacher
     out_dir = f"{cfg.run_dir}/eval"
-    domain = resolve_domain(cfg)
+    domain = cfg.evaluation_domain()
     # Noise comes from per-seed CPU generators (swd_core.generate), so images are the same on either device.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student_uri = ev.student or f"{cfg.run_dir}/student/merged"
@@ -204,6 +208,7 @@ def run(cfg: PipelineConfig) -> dict:
         else:
             record = read_schedule(student_dir)  # refuses a folder that is not an export, before any sampling
             n_steps = len(record["scales"])
+        chosen = chosen_by_validation(student_uri, cfg)
         models = [
             Model(f"teacher_{ev.teacher_steps}_cfg", "teacher_cfg",
                   f"teacher {ev.teacher_steps} steps, cfg {ev.teacher_guidance:g}", ev.teacher_steps,
@@ -232,7 +237,7 @@ def run(cfg: PipelineConfig) -> dict:
             del student
 
     report = {"name": cfg.name, "domain": domain, "teacher": t.path, "device": device, "machine": machine(),
-              "student": {"uri": student_uri, "found": record is not None, "schedule": record},
+              "student": {"uri": student_uri, "found": record is not None, "schedule": record, "chosen": chosen},
               "prompts": {"source": source, "seeds": f"{ev.seed} + prompt index, the same in every model"},
               "notes": notes}
     if scorer is not None:

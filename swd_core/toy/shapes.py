@@ -181,13 +181,15 @@ def to_tensor(images) -> torch.Tensor:
 
 
 EVAL_SEED = 20_251_125
+VALIDATION_SEED = 20_261_126
 
 
-def held_out_prompts(count: int = 640, seed: int = EVAL_SEED) -> list[ShapesSample]:
+def held_out_prompts(count: int = 640, seed: int = EVAL_SEED, exclude: frozenset[str] = frozenset()) -> list[ShapesSample]:
     """The fixed evaluation set: half one-object, half two-object prompts; a fifth of them use
-    (colour, shape) pairs never drawn in training. Deterministic; never used for training."""
+    (colour, shape) pairs never drawn in training. Deterministic; never used for training.
+    Captions in `exclude` are skipped."""
     out, rng = [], np.random.default_rng(seed)
-    seen = set()
+    seen = set(exclude)
     while len(out) < count:
         two = len(out) % 2 == 1
         unseen = len(out) % 5 == 0
@@ -198,3 +200,10 @@ def held_out_prompts(count: int = 640, seed: int = EVAL_SEED) -> list[ShapesSamp
         seen.add(s.caption)
         out.append(s)
     return out
+
+
+def validation_prompts(count: int) -> list[ShapesSample]:
+    """Prompts for choosing a checkpoint while training (`distill.validation`): drawn like the
+    evaluation set from another seed and never one of its captions, so the evaluate stage scores
+    the chosen student on prompts the choice never saw."""
+    return held_out_prompts(count, VALIDATION_SEED, exclude=frozenset(s.caption for s in held_out_prompts()))
