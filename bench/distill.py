@@ -180,6 +180,7 @@ def main() -> None:
     p.add_argument("--mmd-only", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--two-copies", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.definition = args.definition.resolve()  # the cases run with cwd=ROOT
     if args.case:
         print("RESULT " + json.dumps(_case(args)), flush=True)
         return
@@ -215,10 +216,11 @@ def medium_cases(args) -> None:
         "two_copies": _run("two_copies", model + ["--two-copies", "1", "--rounds", "1"], args, 29524),
         "mmd_only": _run("mmd_only", model + ["--mmd-only", "1"], args, 29523),
     }
-    definition = args.definition.resolve()
+    definition = args.definition
     name = "medium" if definition == MEDIUM else definition.stem
     _write(f"distill_{name}_{args.device}", cases,
-           model=args.model or MEDIUM_LIKE, definition=definition.relative_to(ROOT).as_posix(),
+           model=args.model or MEDIUM_LIKE,
+           definition=definition.relative_to(ROOT).as_posix() if definition.is_relative_to(ROOT) else str(definition),
            flop_model_ratio=cases["scalewise"]["flop_model_ratio"],
            peak_gpu_mb_shared=cases["scalewise"]["peak_gpu_mb"],
            peak_gpu_mb_two_copies=cases["two_copies"]["peak_gpu_mb"])

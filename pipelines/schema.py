@@ -196,6 +196,15 @@ class ValidationConfig(Strict):
             raise ValueError("validation.num_prompts: the Fréchet distance needs at least 2 images (0 turns validation off)")
         return v
 
+    @property
+    def score_key(self) -> str:
+        """The reported metric the choice follows (also Ray's checkpoint score attribute)."""
+        return f"val_{self.metric}"
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        return "min" if self.metric == "fd" else "max"
+
 
 class DistillConfig(Strict):
     schedule: ScheduleConfig

@@ -51,22 +51,37 @@ def local_copy(uri: str, resources: ResourcesConfig, cache_dir: str | None = Non
     import hashlib
     import json
 
+    import shutil
+
     fs = filesystem(uri, resources)
     prefix = uri.rstrip("/") + "/"
-    objects = fs.find(prefix, detail=True)
-    if not objects:  # nothing there: no cache entry either; the caller says what is missing
-        return _cache_root(cache_dir) / "missing"
-    listing = sorted((k, v.get("size"), str(v.get("ETag") or v.get("LastModified"))) for k, v in objects.items())
 
     def digest(text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    dest = _cache_root(cache_dir) / f"{digest(uri)}-{digest(json.dumps(listing))}"
-    done = dest / ".complete"
-    if not done.exists():
+    def listing() -> str:
+        fs.invalidate_cache()
+        objects = fs.find(prefix, detail=True)
+        return json.dumps(sorted((k, v.get("size"), str(v.get("ETag") or v.get("LastModified")))
+                                 for k, v in objects.items())) if objects else ""
+
+    root = _cache_root(cache_dir)
+    for _ in range(3):
+        before = listing()
+        if not before:  # nothing there: no cache entry either; the caller says what is missing
+            return root / "missing"
+        dest = root / f"{digest(uri)}-{digest(before)}"
+        if (dest / ".complete").exists():
+            return dest
+        shutil.rmtree(dest, ignore_errors=True)
         fs.get(prefix, str(dest) + "/", recursive=True)
-        done.touch()
-    return dest
+        if listing() == before:  # not overwritten while it downloaded
+            (dest / ".complete").touch()
+            for old in root.glob(f"{digest(uri)}-*"):  # earlier exports at this URI
+                if old != dest:
+                    shutil.rmtree(old, ignore_errors=True)
+            return dest
+    raise RuntimeError(f"{uri} kept changing while it downloaded (an export in progress?); try again when it is written")
 
 
 def upload_dir(local: str | Path, uri: str, resources: ResourcesConfig) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -213,19 +214,42 @@ class Validation:
     scores them all with the shapes evaluator and every rank receives the scores, so all agree on
     whether the export is replaced (a ZeRO-3 export gathers shards on every rank)."""
 
-    def __init__(self, cfg: PipelineConfig, rank: int, world: int):
+    def __init__(self, cfg: PipelineConfig, rank: int, world: int, image_size: int):
         from swd_core.toy import shapes
 
+        if image_size != shapes.IMAGE_SIZE:  # every rank, before training: not at the first checkpoint
+            raise ValueError(f"distill.validation: the student makes {image_size} px images and the shapes "
+                             f"evaluator reads {shapes.IMAGE_SIZE} px ones; set distill.validation.num_prompts: 0")
         self.cfg = cfg
         v = cfg.distill.validation
-        self.key = f"val_{v.metric}"
-        self.lower_is_better = v.metric == "fd"
+        self.num_prompts, self.key, self.lower_is_better = v.num_prompts, v.score_key, v.mode == "min"
         self.samples = shapes.validation_prompts(v.num_prompts)
         self.seeds = [cfg.evaluate.seed + i for i in range(v.num_prompts)]
         self.rank, self.world, self.batch_size = rank, world, v.batch_size
         self.schedule = cfg.schedule()
         self._scorer = None
 
+    def restore(self, record: dict | None) -> dict:
+        """The choice a checkpoint carried, if this definition chooses the same way. Its `best`
+        always names the exported weights, so a changed metric starts the choice afresh (the
+        next score replaces the export), and a changed prompt count drops the scores too (FD
+        depends on n)."""
+        fresh = {"num_prompts": self.num_prompts, "best": None, "history": []}
+        if not record:
+            return fresh
+        if record.get("num_prompts") != self.num_prompts:
+            self._say(f"validation.num_prompts changed ({record.get('num_prompts')} -> {self.num_prompts}): "
+                      "earlier scores are not comparable; the choice starts afresh")
+            return fresh
+        if record["best"] is not None and record["best"]["metric"] != self.key:
+            self._say(f"validation.metric changed ({record['best']['metric']} -> {self.key}): the choice starts "
+                      "afresh; the next checkpoint's student replaces the export")
+            return {**fresh, "history": list(record["history"])}
+        return record
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[distill] {message}", flush=True)
     def scores(self, nets) -> dict[str, float]:
         from swd_core.evaluate_model import ShapesScorer, sample_images
 
@@ -247,9 +271,13 @@ class Validation:
         return out[0]
 
     def improves(self, value: float, best: dict | None) -> bool:
-        if best is None:
+        """Better than `best`; a tie goes to the later step (as Ray ranks checkpoints); a
+        non-finite score never wins and never stays chosen against a finite one."""
+        if not math.isfinite(value):
+            return best is None
+        if best is None or not math.isfinite(best["value"]):
             return True
-        return value < best["value"] if self.lower_is_better else value > best["value"]
+        return value <= best["value"] if self.lower_is_better else value >= best["value"]
 
     def choose(self, step: int, nets, chosen: dict, export: Callable[..., None]) -> dict[str, float]:
         """Score the student at `step` and add it to `chosen` (the best step and every score);
@@ -261,10 +289,9 @@ class Validation:
         chosen["history"].append({"step": step, **scores})
         if improved:
             chosen["best"] = {"step": step, "metric": self.key, "value": value}
-        if self.rank == 0:
-            print(f"[distill] validation at step {step}: fd {scores['val_fd']:.4g} (mean term "
-                  f"{scores['val_fd_mean_term']:.3g}), accuracy {scores['val_prompt_accuracy']:.3f} | "
-                  + ("best so far: exporting" if improved else f"best stays step {chosen['best']['step']}"), flush=True)
+        self._say(f"validation at step {step}: fd {scores['val_fd']:.4g} (mean term {scores['val_fd_mean_term']:.3g}), "
+                  f"accuracy {scores['val_prompt_accuracy']:.3f} | "
+                  + ("best so far: exporting" if improved else f"best stays step {chosen['best']['step']}"))
         if improved:
             export(validation=chosen)
         elif self.rank == 0:
@@ -323,8 +350,10 @@ def train_loop_per_worker(config: dict) -> None:
     uncond = TextEmbeddings(empty[0], empty[1]).to(device, dtype)
 
     step, epoch, in_epoch = 0, 0, 0
-    validation = Validation(cfg, rank, world) if d.validation.num_prompts else None
-    chosen = {"best": None, "history": []}  # the exported student's validation record
+    validation = None
+    if d.validation.num_prompts:
+        validation = Validation(cfg, rank, world, image_size=schedule.scales[-1] * adapter.vae_scale_factor)
+    chosen = None  # with validation: the exported student's record (the chosen step and every score)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
@@ -336,9 +365,11 @@ def train_loop_per_worker(config: dict) -> None:
             elif ema is not None and rank == 0:
                 print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
         step, epoch, in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-        chosen = state.get("validation", chosen)
+        chosen = state.get("validation")
         if rank == 0:
             print(f"[distill] resumed from checkpoint at step {step}", flush=True)
+    if validation is not None:
+        chosen = validation.restore(chosen)
     data = _batches(ray.train.get_dataset_shard("train"), store, micro, epoch, in_epoch)
 
     data_wait = 0.0  # seconds spent waiting for batches: shows when training is input-bound
@@ -392,7 +423,7 @@ def train_loop_per_worker(config: dict) -> None:
     if validation is None:
         with averaged_student(ema, student_params):
             _export_student(cfg, rank, engine_g, adapter, nets, final=True)
-    elif rank == 0 and chosen["best"] is not None:
+    elif rank == 0 and chosen["best"] is not None:  # validation chose and exported already
         best = chosen["best"]
         print(f"[distill] the exported student is step {best['step']} of {d.steps}, chosen by "
               f"{best['metric']} {best['value']:.4g} on {d.validation.num_prompts} validation prompts", flush=True)
@@ -432,7 +463,7 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
             state = engine_g.module.state_dict()
     if rank != 0:
         return
-    from pipelines.storage import upload_dir
+    from pipelines.storage import filesystem, upload_dir
 
     dest = f"{cfg.run_dir}/student" + ("" if final else f"/step_{step}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -449,6 +480,10 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
         _sample_grid(cfg, f"{tmp}/merged", f"{tmp}/samples.png")
         if validation is not None:
             Path(tmp, "validation.json").write_text(json.dumps(validation, indent=2))
+        elif final:  # an earlier run's choice must not describe this export
+            fs = filesystem(dest, cfg.resources)
+            if fs.exists(f"{dest}/validation.json"):
+                fs.rm(f"{dest}/validation.json")
         upload_dir(tmp, dest, cfg.resources)
     print(f"[distill] exported the student to {dest} (merged/, {'' if full else 'lora/, '}samples.png)", flush=True)
 
@@ -526,8 +561,8 @@ def build_trainer(cfg: PipelineConfig, store):
             # with validation, the kept checkpoints are the best scored ones (Ray always keeps the latest too)
             checkpoint_config=CheckpointConfig(
                 num_to_keep=d.keep_checkpoints,
-                checkpoint_score_attribute=f"val_{d.validation.metric}" if d.validation.num_prompts else None,
-                checkpoint_score_order="min" if d.validation.metric == "fd" else "max"),
+                checkpoint_score_attribute=d.validation.score_key if d.validation.num_prompts else None,
+                checkpoint_score_order=d.validation.mode),
             # Ray Train's print patch tees each print of a worker (stdout is redirected there),
             # so every progress line reached the driver twice.
             worker_runtime_env={"env_vars": {**worker_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},

@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import platform
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 
 from pipelines.report import render_markdown
 from pipelines.schema import PipelineConfig
-from pipelines.storage import filesystem, write_bytes, write_png
+from pipelines.storage import filesystem, local_copy, write_bytes, write_png
 from swd_core.adapters import load_adapter
 from swd_core.evaluate_model import ShapesScorer, latency_split, load_exported_student, sample_images
 from swd_core.export import read_schedule
@@ -57,18 +56,10 @@ class Model:
 
 @contextmanager
 def student_folder(uri: str, cfg: PipelineConfig):
-    """A local copy of the exported student, or None when there is none at `uri`. An s3:// student
-    is downloaded afresh each time: a cached copy could be an older export at the same URI."""
+    """A local copy of the exported student (`local_copy`: downloaded again when the export
+    changed), or None when there is none at `uri`."""
     fs = filesystem(uri, cfg.resources)
-    if not fs.exists(uri.rstrip("/")):
-        yield None
-        return
-    if not uri.startswith("s3://"):
-        yield uri
-        return
-    with tempfile.TemporaryDirectory(prefix="swd-student-") as tmp:
-        fs.get(uri.rstrip("/") + "/", tmp + "/", recursive=True)
-        yield tmp
+    yield str(local_copy(uri, cfg.resources)) if fs.exists(uri.rstrip("/")) else None
 
 
 def eval_prompts(cfg: PipelineConfig, domain: str, wanted: int) -> tuple[list[str], list, str, list[str]]:
