@@ -102,9 +102,8 @@ class Networks:
         return adapter_parameters(self.fake_base, FAKE) + list(self.head.parameters())
 
     def student(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
-        role = use_role(self.base, STUDENT) if self.lora_student else nullcontext()
-        with role:
-            return self._student.velocity(x, sigma, text)[0].float()
+        with self.student_sampler() as student:
+            return student.velocity(x, sigma, text)[0].float()
 
     @contextmanager
     def student_sampler(self) -> Iterator[FamilyAdapter]:

@@ -58,8 +58,8 @@ class Model:
 def student_folder(uri: str, cfg: PipelineConfig):
     """A local copy of the exported student (`local_copy`: downloaded again when the export
     changed), or None when there is none at `uri`."""
-    fs = filesystem(uri, cfg.resources)
-    yield str(local_copy(uri, cfg.resources)) if fs.exists(uri.rstrip("/")) else None
+    folder = local_copy(uri, cfg.resources)
+    yield str(folder) if folder.exists() else None
 
 
 def eval_prompts(cfg: PipelineConfig, domain: str, wanted: int) -> tuple[list[str], list, str, list[str]]:
