@@ -70,6 +70,8 @@ def _case(args) -> dict:
         d["losses"]["dmd"]["weight"] = 0.0
         d["losses"]["gan"]["weight"] = 0.0
     d.update(batch_size=args.batch, zero_stage=2)
+    if args.fake_updates is not None:
+        d["fake_updates"] = args.fake_updates
     teacher = cfg.teacher.model_dump()
     if args.model:
         teacher["path"] = args.model
@@ -108,6 +110,9 @@ def _case(args) -> dict:
         train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, g)
         sync()
         times.append(time.perf_counter() - start)
+    ops = [count_ops(lambda: train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step,
+                                             cfg.distill.fake_updates, g))
+           for step in range(n)] if args.count_ops else None
     if args.profile:  # one more round under the profiler: where an iteration's time goes
         from torch.profiler import ProfilerActivity, profile
 
@@ -122,10 +127,34 @@ def _case(args) -> dict:
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), file=sys.stderr, flush=True)
     return {"iter_s": sum(times) / len(times), "iter_times_s": times, "device": args.device,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None, "ops_per_iter": ops,
             "scales": list(schedule.scales), "flop_model_ratio": flops, "fake_updates": cfg.distill.fake_updates, "batch": args.batch,
             "transformer_params": sum(p.numel() for p in nets.base.parameters() if p.requires_grad is False),
             "model": cfg.teacher.path, "losses": {k: v for k, v in vars(settings).items() if k.endswith("weight")}}
+
+
+# aten ops that only re-describe memory; every other op launches work (about one GPU kernel)
+VIEW_OPS = frozenset({"view", "_unsafe_view", "as_strided", "t", "transpose", "slice", "expand", "unsqueeze", "squeeze",
+                      "permute", "alias", "detach", "select", "split", "split_with_sizes", "chunk", "unbind", "reshape",
+                      "_reshape_alias", "lift_fresh", "empty", "empty_strided"})
+
+
+def count_ops(fn) -> int:
+    """How many aten ops other than views `fn()` dispatches: the eager host work a GPU waits on
+    when its kernels are short. Hand-written: torch.profiler records the same ops but slows the
+    call and names events, not dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ not in VIEW_OPS
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        fn()
+    return counter.n
 
 
 def flop_model_ratio(config, scales, text_tokens: int) -> float:
@@ -142,12 +171,13 @@ def flop_model_ratio(config, scales, text_tokens: int) -> float:
     return sum(block(s) for s in scales) / (len(scales) * block(scales[-1]))
 
 
-def _run(name: str, extra: list[str], args, port: int) -> dict:
-    cmd = [sys.executable, __file__, "--case", "--port", str(port), "--batch", str(args.batch),
+def _run(name: str, extra: list[str], args, port: int, root: Path = ROOT) -> dict:
+    """One case in a fresh process, with the code checked out at `root`."""
+    cmd = [sys.executable, str(root / "bench" / "distill.py"), "--case", "--port", str(port), "--batch", str(args.batch),
            "--definition", str(args.definition),
            "--rounds", str(args.rounds), "--threads", str(args.threads), "--device", args.device, *extra]
     print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     line = next((ln for ln in proc.stdout.splitlines()[::-1] if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"case {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -179,6 +209,8 @@ def main() -> None:
     p.add_argument("--scalewise", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--mmd-only", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--two-copies", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--fake-updates", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--count-ops", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.definition = args.definition.resolve()  # the cases run with cwd=ROOT
     if args.case:

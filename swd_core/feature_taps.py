@@ -2,7 +2,8 @@
 
 The fake-score network's block-k features feed the MMD loss and the GAN head. Hooks keep the
 model's own forward untouched (no copied forward); `stop_after_last` ends the forward pass once
-the deepest requested block has run, so a features-only call skips the remaining blocks.
+the deepest requested block has run, so a features-only call skips the remaining blocks, and
+`only_rows_onward` lets only some samples go on past it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,31 @@ def tap_block_outputs(
         handles.append(blocks[i].register_forward_hook(make_hook(i)))
     try:
         yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def only_rows_onward(modules: Sequence[nn.Module], rows: int | None, batch: int) -> Iterator[None]:
+    """Inside the block, `modules` (the blocks after a tapped one, then the output layers) see only
+    the first `rows` of the `batch` samples: a forward pre-hook cuts every batch-first tensor
+    argument. One call then gives features for all samples and velocities for the first `rows`
+    (two passes that share the blocks up to the tap run as one, with half the kernel launches).
+    Hand-written: a row-wise early exit is not a diffusers feature. `rows` None or >= batch: no-op."""
+    if rows is None or rows >= batch:
+        yield
+        return
+
+    def cut(t):
+        return t[:rows] if torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == batch else t
+
+    def hook(_module, args, kwargs):
+        return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield
     finally:
         for h in handles:
             h.remove()

@@ -122,11 +122,13 @@ class Networks:
         v_uncond, v_cond = v.chunk(2)
         return v_uncond + guidance * (v_cond - v_uncond)
 
-    def fake(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
-             features_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(velocity or None, block features (B, N, C)); `features_only` stops after the tapped block."""
+    def fake(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings, features_only: bool = False,
+             velocity_rows: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(velocity or None, block features (B, N, C)); `features_only` stops after the tapped block,
+        `velocity_rows` n lets only the first n samples go on to a velocity."""
         with use_role(self.fake_base, FAKE):
-            v, feats = self._fake.velocity(x, sigma, text, (self.feature_block,), features_only=features_only)
+            v, feats = self._fake.velocity(x, sigma, text, (self.feature_block,), features_only=features_only,
+                                           velocity_rows=velocity_rows)
         return (None if v is None else v.float()), feats[self.feature_block]
 
 
@@ -199,6 +201,21 @@ def student_input(latents: dict[int, torch.Tensor], schedule: ScaleSchedule, i: 
     return add_noise(upscale_latents(z_prev, s_i), eps, sigma), sigma
 
 
+def student_samples(nets: Networks, batches: list[tuple[TextEmbeddings, dict[int, torch.Tensor]]],
+                    schedule: ScaleSchedule, i: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """The student's clean predictions x0 at step i for several (text, latents) batches, from one
+    transformer call over all of them (fewer, larger kernels than a call per batch). Inputs are
+    drawn batch by batch, as `student_input` would one at a time."""
+    if not batches:
+        return []
+    inputs = [student_input(latents, schedule, i, generator) for _, latents in batches]
+    x = torch.cat([x for x, _ in inputs])
+    sigma = torch.cat([sigma for _, sigma in inputs])
+    text = TextEmbeddings.cat([t.expand(len(x_b)) for (t, _), (x_b, _) in zip(batches, inputs)])
+    x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
+    return list(x0.split([len(x_b) for x_b, _ in inputs]))
+
+
 def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text: TextEmbeddings,
                    uncond: TextEmbeddings, settings: LossSettings,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -207,37 +224,45 @@ def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text:
     reading them (`logged_floats`) waits for the GPU, so the trainer does it once per iteration."""
     total = x0.new_zeros(())
     terms: dict[str, torch.Tensor] = {}
-    if settings.mmd_weight > 0:
+    dmd_weight = settings.dmd_weight if x0.shape[-1] >= settings.dmd_min_scale else 0.0
+    mmd_on, adversarial = settings.mmd_weight > 0, dmd_weight > 0 or settings.gan_weight > 0
+    if mmd_on:
         # Real and generated latents noised with the same ε and σ, compared in feature space.
-        sigma, eps = _noised_at(x0, settings.mmd_range, generator)
+        sigma_mmd, eps = _noised_at(x0, settings.mmd_range, generator)
+        x_mmd = add_noise(x0, eps, sigma_mmd)
         with torch.no_grad():
-            _, feat_real = nets.fake(add_noise(z_real.float(), eps, sigma), sigma, text, features_only=True)
-        _, feat_fake = nets.fake(add_noise(x0, eps, sigma), sigma, text, features_only=True)
+            _, feat_real = nets.fake(add_noise(z_real.float(), eps, sigma_mmd), sigma_mmd, text, features_only=True)
+    if adversarial:
+        # One fake pass serves both terms: its velocity (detached) for DMD, its features for the GAN.
+        sigma, eps = _noised_at(x0, settings.dmd_range, generator)
+        x_t = add_noise(x0, eps, sigma)
+    if mmd_on and settings.gan_weight > 0:  # both fake passes on x0 need gradients: one call
+        v_fake, feats, feat_fake = _fake_pair(nets, (x_t, sigma), (x_mmd, sigma_mmd), text, velocity=dmd_weight > 0)
+    else:
+        if mmd_on:
+            _, feat_fake = nets.fake(x_mmd, sigma_mmd, text, features_only=True)
+        if adversarial:
+            with torch.no_grad() if settings.gan_weight == 0 else nullcontext():
+                v_fake, feats = nets.fake(x_t, sigma, text, features_only=dmd_weight == 0)
+    if mmd_on:
         if settings.mmd_kernel == "linear":
             mmd = mmd_linear(feat_real, feat_fake, settings.mmd_c)
         else:
             mmd = mmd_rbf(feat_real, feat_fake, settings.rbf_bandwidth)
         total = total + settings.mmd_weight * mmd
         terms["mmd"] = mmd.detach()
-    dmd_weight = settings.dmd_weight if x0.shape[-1] >= settings.dmd_min_scale else 0.0
-    if dmd_weight > 0 or settings.gan_weight > 0:
-        sigma, eps = _noised_at(x0, settings.dmd_range, generator)
-        x_t = add_noise(x0, eps, sigma)
-        # One fake pass serves both terms: its velocity (detached) for DMD, its features for the GAN.
-        with torch.no_grad() if settings.gan_weight == 0 else nullcontext():
-            v_fake, feats = nets.fake(x_t, sigma, text, features_only=dmd_weight == 0)
-        if dmd_weight > 0:
-            x_t_detached = x_t.detach()
-            v_teacher = nets.teacher_cfg(x_t_detached, sigma, text, uncond, settings.guidance_scale)
-            x0_teacher = x0_from_velocity(x_t_detached, v_teacher, sigma)
-            x0_fake = x0_from_velocity(x_t_detached, v_fake.detach(), sigma)
-            dmd = dmd_loss(x0, x0_teacher, x0_fake)
-            total = total + dmd_weight * dmd
-            terms["dmd"] = dmd.detach()
-        if settings.gan_weight > 0:
-            gan = gan_generator_loss(nets.head(feats))
-            total = total + settings.gan_weight * gan
-            terms["gan_g"] = gan.detach()
+    if dmd_weight > 0:
+        x_t_detached = x_t.detach()
+        v_teacher = nets.teacher_cfg(x_t_detached, sigma, text, uncond, settings.guidance_scale)
+        x0_teacher = x0_from_velocity(x_t_detached, v_teacher, sigma)
+        x0_fake = x0_from_velocity(x_t_detached, v_fake.detach(), sigma)
+        dmd = dmd_loss(x0, x0_teacher, x0_fake)
+        total = total + dmd_weight * dmd
+        terms["dmd"] = dmd.detach()
+    if settings.gan_weight > 0:
+        gan = gan_generator_loss(nets.head(feats))
+        total = total + settings.gan_weight * gan
+        terms["gan_g"] = gan.detach()
     terms["generator"] = total.detach()
     return total, terms
 
@@ -250,16 +275,30 @@ def fake_update_loss(nets: Networks, x0_sample: torch.Tensor, z_real: torch.Tens
     x0_sample = x0_sample.detach().float()
     sigma, eps = _noised_at(x0_sample, settings.fake_range, generator)
     x_t = add_noise(x0_sample, eps, sigma)
-    v, feat_fake = nets.fake(x_t, sigma, text)
+    if settings.gan_weight > 0:
+        v, feat_fake, feat_real = _fake_pair(nets, (x_t, sigma), (add_noise(z_real.float(), eps, sigma), sigma), text)
+    else:
+        v, _ = nets.fake(x_t, sigma, text)
     denoise = fake_score_loss(x0_from_velocity(x_t, v, sigma), x0_sample)
     total, terms = denoise, {"fake_denoise": denoise.detach()}
     if settings.gan_weight > 0:
-        _, feat_real = nets.fake(add_noise(z_real.float(), eps, sigma), sigma, text, features_only=True)
         disc = gan_discriminator_loss(nets.head(feat_real), nets.head(feat_fake))
         total = total + settings.discriminator_weight * disc
         terms["gan_d"] = disc.detach()
     terms["fake"] = total.detach()
     return total, terms
+
+
+def _fake_pair(nets: Networks, first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor],
+               text: TextEmbeddings, velocity: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Two fake passes, (x, σ) each with the same text, as one call: half the kernel launches, and
+    larger kernels at the small scales. Returns (velocity of the first or None, features of the
+    first, features of the second); the second's rows stop at the tapped block."""
+    n = len(first[0])
+    v, feats = nets.fake(torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]]),
+                         TextEmbeddings.cat([text.expand(n), text.expand(len(second[0]))]),
+                         features_only=not velocity, velocity_rows=n if velocity else None)
+    return v, feats[:n], feats[n:]
 
 
 def logged_floats(terms: dict) -> dict[str, float]:

@@ -1,6 +1,7 @@
 import torch
 
 from swd_core.adapters import load_adapter
+from swd_core.adapters.base import TextEmbeddings
 from swd_core.adapters.sd3 import SD3Adapter
 
 
@@ -49,6 +50,34 @@ def test_velocity_features_and_early_stop(tiny_adapter):
     assert v2 is None and not calls  # block 2 never ran
     assert torch.equal(feats2[1], feats[1])
     assert not a.transformer.transformer_blocks[1]._forward_hooks  # hooks removed
+
+
+def test_velocity_rows_give_all_features_and_the_first_rows_velocity(tiny_adapter):
+    """One call over [a; b] with velocity_rows = len(a) equals a full call on a and a
+    features-only call on b: the cut batch reaches the later blocks and the output layers."""
+    a = tiny_adapter
+    text = a.encode_prompts(["a red circle", "a blue star", "a green square"])
+    x, sigma = torch.randn(3, 4, 10, 10), torch.tensor([0.9, 0.5, 0.2])
+    for block in (0, 2):  # a middle block, and the last one (only the output layers follow)
+        seen = []
+        hook = a.transformer.transformer_blocks[-1].register_forward_pre_hook(
+            lambda _m, _args, kwargs: seen.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+        v, feats = a.velocity(x, sigma, text, feature_blocks=[block], velocity_rows=2)
+        hook.remove()
+        v_a, feats_a = a.velocity(x[:2], sigma[:2], TextEmbeddings(text.prompt_embeds[:2], text.pooled[:2]),
+                                  feature_blocks=[block])
+        _, feats_b = a.velocity(x[2:], sigma[2:], TextEmbeddings(text.prompt_embeds[2:], text.pooled[2:]),
+                                feature_blocks=[block], features_only=True)
+        assert v.shape == (2, 4, 10, 10) and torch.allclose(v, v_a, atol=1e-5)
+        assert torch.allclose(feats[block], torch.cat([feats_a[block], feats_b[block]]), atol=1e-5)
+        assert seen == [2 if block < 2 else 3]  # the last block ran on the cut batch only when after the tap
+    assert not any(m._forward_pre_hooks for m in [*a.transformer.transformer_blocks, a.transformer.norm_out])
+    try:
+        a.velocity(x, sigma, text, velocity_rows=2)
+    except ValueError as err:
+        assert "needs a feature block" in str(err)
+    else:
+        raise AssertionError("velocity_rows without a feature block accepted")
 
 
 def test_same_loading_path_for_folders(tmp_path, tiny_adapter):

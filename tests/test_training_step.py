@@ -108,24 +108,6 @@ def test_fake_update_trains_only_fake_and_head(tiny_adapter, toy_schedule):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(tiny_adapter.transformer, FAKE))
 
 
-def test_fake_denoise_term_is_x0_mse(tiny_adapter, toy_schedule):
-    """Without the GAN term the fake loss is exactly the x0-prediction MSE at the drawn σ."""
-    nets = _nets(tiny_adapter)
-    lat, text = _batch(tiny_adapter, toy_schedule)
-    settings = LossSettings(feature_block=1, gan_weight=0.0)
-    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
-    loss, _ = fake_update_loss(nets, x0, lat[16], text, settings, torch.Generator().manual_seed(9))
-    g = torch.Generator().manual_seed(9)
-    from swd_core.schedules import sample_grid_sigmas
-
-    sigma = sample_grid_sigmas(2, 0, 28, generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
-    v, _ = nets.fake(x_t, sigma, text)
-    expected = ((x_t - sigma.view(-1, 1, 1, 1) * v - x0) ** 2).mean()
-    assert torch.allclose(loss, expected, rtol=1e-5)
-
-
 def test_full_finetune_student_is_separate(tiny_adapter, toy_schedule):
     nets = _nets(tiny_adapter, full=True)
     lat, text = _batch(tiny_adapter, toy_schedule)
@@ -218,3 +200,87 @@ def test_workers_get_absolute_storage_and_store_paths(tmp_path, monkeypatch):
                                 "distill": {"schedule": {"preset": "toy_4step"}},
                                 "resources": {"storage": "s3://bucket/runs"}})
     assert _absolute(s3) == s3
+
+
+@pytest.mark.parametrize("gan_weight", [0.0, 5e-3])
+def test_fake_update_loss_by_hand(tiny_adapter, toy_schedule, gan_weight):
+    """The fake loss is the x0-prediction MSE at the drawn σ, plus (GAN on) w_d × the discriminator
+    loss on real and generated latents noised alike; the generated and real rows share one call,
+    and the terms are those of two separate passes."""
+    from swd_core.losses import gan_discriminator_loss
+    from swd_core.scale_ops import add_noise
+    from swd_core.schedules import sample_grid_sigmas
+
+    nets = _nets(tiny_adapter)
+    lat, text = _batch(tiny_adapter, toy_schedule)
+    settings = LossSettings(feature_block=1, gan_weight=gan_weight, discriminator_weight=0.5)
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    loss, logged = fake_update_loss(nets, x0, lat[16], text, settings, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    sigma = sample_grid_sigmas(2, 0, 28, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+    v, feat_fake = nets.fake(x_t, sigma, text)
+    denoise = ((x_t - sigma.view(-1, 1, 1, 1) * v - x0) ** 2).mean()
+    assert torch.allclose(logged["fake_denoise"], denoise, rtol=1e-5)
+    if gan_weight == 0:
+        assert set(logged) == {"fake_denoise", "fake"} and torch.allclose(loss, denoise, rtol=1e-5)
+        return
+    _, feat_real = nets.fake(add_noise(lat[16], eps, sigma), sigma, text, features_only=True)
+    disc = gan_discriminator_loss(nets.head(feat_real), nets.head(feat_fake))
+    assert torch.allclose(logged["gan_d"], disc, rtol=1e-5)
+    assert torch.allclose(loss, denoise + 0.5 * disc, rtol=1e-5)
+
+
+def test_student_samples_in_one_call_equal_one_call_per_batch(tiny_adapter, toy_schedule):
+    """Batched sampling for the fake updates draws the same inputs in the same order and gives the
+    same x0 as sampling each batch on its own (the student does not change between them)."""
+    from swd_core.training import student_samples
+
+    nets = _nets(tiny_adapter)
+    batches = [_batch(tiny_adapter, toy_schedule)[::-1], _batch(tiny_adapter, toy_schedule, b=1)[::-1]]
+    with torch.no_grad():
+        together = student_samples(nets, batches, toy_schedule, 2, torch.Generator().manual_seed(6))
+        g = torch.Generator().manual_seed(6)
+        inputs = [student_input(lat, toy_schedule, 2, g) for _, lat in batches]
+        alone = [x0_from_velocity(x, nets.student(x, sigma, text), sigma) for (text, _), (x, sigma) in zip(batches, inputs)]
+    assert [x.shape for x in together] == [(2, 4, 12, 12), (1, 4, 12, 12)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(together, alone))
+    assert student_samples(nets, [], toy_schedule, 2) == []
+
+
+def test_generator_loss_in_shared_calls_equals_separate_passes(tiny_adapter, toy_schedule):
+    """With MMD and GAN on, the two fake passes on x0 share one call; the terms and the gradient
+    reaching x0 are those of separate passes (DESIGN.md §2), drawn σ, ε in the same order."""
+    from swd_core.losses import dmd_loss, gan_generator_loss, mmd_linear
+    from swd_core.scale_ops import add_noise
+    from swd_core.schedules import sample_grid_sigmas
+
+    nets = _nets(tiny_adapter)
+    lat, text = _batch(tiny_adapter, toy_schedule)
+    uncond = tiny_adapter.empty_prompt()
+    settings = LossSettings(feature_block=1, guidance_scale=4.5, gan_weight=0.5)
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    with frozen(nets.fake_parameters()):
+        loss, logged = generator_loss(nets, x0, lat[16], text, uncond, settings, torch.Generator().manual_seed(2))
+        (grad_shared,) = torch.autograd.grad(loss, x0)
+
+        g = torch.Generator().manual_seed(2)
+        sigma_m = sample_grid_sigmas(2, *settings.mmd_range, generator=g)
+        eps_m = torch.randn(x0.shape, generator=g)
+        sigma = sample_grid_sigmas(2, *settings.dmd_range, generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        _, feat_real = nets.fake(add_noise(lat[16], eps_m, sigma_m), sigma_m, text, features_only=True)
+        _, feat_fake = nets.fake(add_noise(x0, eps_m, sigma_m), sigma_m, text, features_only=True)
+        x_t = add_noise(x0, eps, sigma)
+        v_fake, feats = nets.fake(x_t, sigma, text)
+        x_d = x_t.detach()
+        v_teacher = nets.teacher_cfg(x_d, sigma, text, uncond, 4.5)
+        mmd = mmd_linear(feat_real.detach(), feat_fake, settings.mmd_c)
+        dmd = dmd_loss(x0, x0_from_velocity(x_d, v_teacher, sigma), x0_from_velocity(x_d, v_fake.detach(), sigma))
+        gan = gan_generator_loss(nets.head(feats))
+        (grad_separate,) = torch.autograd.grad(mmd + dmd + 0.5 * gan, x0)
+    for name, value in (("mmd", mmd), ("dmd", dmd), ("gan_g", gan)):
+        assert torch.allclose(logged[name], value.detach(), rtol=1e-5), name
+    assert torch.allclose(loss, mmd + dmd + 0.5 * gan, rtol=1e-5)
+    assert grad_shared.abs().sum() > 0 and torch.allclose(grad_shared, grad_separate, rtol=1e-4, atol=1e-7)

@@ -177,7 +177,7 @@ def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, un
     from torch.profiler import record_function
 
     from swd_core.scale_ops import x0_from_velocity
-    from swd_core.training import fake_update_loss, frozen, generator_loss, logged_floats, student_input
+    from swd_core.training import fake_update_loss, frozen, generator_loss, logged_floats, student_input, student_samples
 
     i = step % schedule.num_steps  # round-robin scale, shared by the batch
     z_i = schedule.scales[i]
@@ -192,13 +192,13 @@ def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, un
         engine_g.step()
     terms["grad_norm_g"] = engine_g.get_global_grad_norm()
 
-    # fake-score updates on fresh batches of stop-grad student samples at the same scale
-    for _ in range(fake_updates):
-        text, latents = next_batch()
+    # fake-score updates on fresh batches of stop-grad student samples at the same scale; the
+    # student does not change meanwhile, so one batched call samples for all of them
+    batches = [next_batch() for _ in range(fake_updates)]
+    with torch.no_grad(), record_function("student_samples"):
+        samples = student_samples(nets, batches, schedule, i, g)
+    for (text, latents), x0 in zip(batches, samples):
         with record_function("fake_update"):
-            with torch.no_grad():
-                x, sigma = student_input(latents, schedule, i, g)
-                x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
             loss_f, terms_f = fake_update_loss(nets, x0, latents[z_i], text, settings, g)
             engine_f.backward(loss_f)
             engine_f.step()

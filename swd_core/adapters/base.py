@@ -57,6 +57,8 @@ class FamilyAdapter(Protocol):
         text: TextEmbeddings,
         feature_blocks: Sequence[int] = (),
         features_only: bool = False,
+        velocity_rows: int | None = None,
     ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
         """Velocity at noise level `sigma` (scalar or per sample) plus image-token features
-        (B, N, C) after each requested block. `features_only` stops after the deepest block."""
+        (B, N, C) after each requested block. `features_only` stops after the deepest block;
+        `velocity_rows` n lets only the first n samples go on past it (velocity of n rows)."""

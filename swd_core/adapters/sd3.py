@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from swd_core.adapters.base import TextEmbeddings
-from swd_core.feature_taps import StopForward, tap_block_outputs
+from swd_core.feature_taps import StopForward, only_rows_onward, tap_block_outputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,14 +130,20 @@ class SD3Adapter:
         return self.vae.decode(z, return_dict=False)[0].clamp(-1, 1)
 
     def velocity(self, latents, sigma, text: TextEmbeddings, feature_blocks: Sequence[int] = (),
-                 features_only: bool = False):
+                 features_only: bool = False, velocity_rows: int | None = None):
         batch = latents.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
         timestep = (sigma * 1000).expand(batch) if sigma.ndim == 0 else sigma * 1000
         text = text.expand(batch)
+        blocks = self.transformer.transformer_blocks
+        onward = []  # what runs after the deepest tapped block: later blocks, then the output layers
+        if velocity_rows is not None:
+            if not feature_blocks:
+                raise ValueError("velocity_rows needs a feature block to cut the batch after")
+            onward = [*blocks[max(feature_blocks) + 1:], self.transformer.norm_out]
         # JointTransformerBlock returns (context tokens, image tokens); MMD and the GAN read image tokens.
-        with tap_block_outputs(self.transformer.transformer_blocks, feature_blocks,
-                               select=lambda out: out[1], stop_after_last=features_only) as feats:
+        with tap_block_outputs(blocks, feature_blocks, select=lambda out: out[1], stop_after_last=features_only) as feats, \
+                only_rows_onward(onward, velocity_rows, batch):
             try:
                 v = self.transformer(
                     hidden_states=latents.to(self.dtype), timestep=timestep,
