@@ -243,7 +243,7 @@ def medium_cases(args) -> None:
     """Every case on one model (SD3.5-Medium-wide by default) at the Medium scales, bf16."""
     model = ["--model", args.model or MEDIUM_LIKE, "--model-blocks", str(args.model_blocks), "--setup", "medium"]
     cases = {
-        "scalewise": _run("scalewise", model, args, 29521),
+        "scalewise": _run("scalewise", model + ["--count-ops", "1"], args, 29521),  # + one round counting ops
         "fullres": _run("fullres", model + ["--scalewise", "0"], args, 29522),
         "two_copies": _run("two_copies", model + ["--two-copies", "1", "--rounds", "1"], args, 29524),
         "mmd_only": _run("mmd_only", model + ["--mmd-only", "1"], args, 29523),
