@@ -100,27 +100,27 @@ def _case(args) -> dict:
     def next_batch():
         return TextEmbeddings(text.prompt_embeds, text.pooled), latents
 
+    def iteration(step: int):
+        train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, g)
+
     n = schedule.num_steps
     for step in range(n):  # warm-up: one iteration per scale
-        train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, g)
+        iteration(step)
     times = []
     sync()
     for step in range(n, n + n * args.rounds):  # whole rounds, so every scale counts equally
         start = time.perf_counter()
-        train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, g)
+        iteration(step)
         sync()
         times.append(time.perf_counter() - start)
-    ops = [count_ops(lambda: train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step,
-                                             cfg.distill.fake_updates, g))
-           for step in range(n)] if args.count_ops else None
+    ops = [count_ops(lambda: iteration(step)) for step in range(n)] if args.count_ops else None
     if args.profile:  # one more round under the profiler: where an iteration's time goes
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
             for step in range(n):
-                train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step,
-                                cfg.distill.fake_updates, g)
+                iteration(step)
             sync()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr, flush=True)
         if cuda:
@@ -212,7 +212,7 @@ def main() -> None:
     p.add_argument("--fake-updates", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--count-ops", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.definition = args.definition.resolve()  # the cases run with cwd=ROOT
+    args.definition = args.definition.resolve()  # the cases run in their checkout's root
     if args.case:
         print("RESULT " + json.dumps(_case(args)), flush=True)
         return

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
+import shutil
 from pathlib import Path
 
 import fsspec
@@ -48,11 +51,6 @@ def local_copy(uri: str, resources: ResourcesConfig, cache_dir: str | None = Non
     download, an unchanged one is read from the cache."""
     if not uri.startswith("s3://"):
         return Path(uri)
-    import hashlib
-    import json
-
-    import shutil
-
     fs = filesystem(uri, resources)
     prefix = uri.rstrip("/") + "/"
 

@@ -250,6 +250,7 @@ class Validation:
     def _say(self, message: str) -> None:
         if self.rank == 0:
             print(f"[distill] {message}", flush=True)
+
     def scores(self, nets) -> dict[str, float]:
         from swd_core.evaluate_model import ShapesScorer, sample_images
 

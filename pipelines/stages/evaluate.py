@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,12 +53,11 @@ class Model:
         return out
 
 
-@contextmanager
-def student_folder(uri: str, cfg: PipelineConfig):
+def student_folder(uri: str, cfg: PipelineConfig) -> str | None:
     """A local copy of the exported student (`local_copy`: downloaded again when the export
     changed), or None when there is none at `uri`."""
     folder = local_copy(uri, cfg.resources)
-    yield str(folder) if folder.exists() else None
+    return str(folder) if folder.exists() else None
 
 
 def eval_prompts(cfg: PipelineConfig, domain: str, wanted: int) -> tuple[list[str], list, str, list[str]]:
@@ -188,44 +186,44 @@ def run(cfg: PipelineConfig) -> dict:
         notes.append(f"domain {domain!r} (teacher {t.path}): prompt accuracy and FD need the shapes evaluator, "
                      "which only reads the toy shapes domain; this report has latency and the grid only")
 
-    with student_folder(student_uri, cfg) as student_dir:
-        if student_dir is None:
-            msg = (f"no exported student at {student_uri}: evaluating the teacher only. Make one with the distill "
-                   f"stage (python pipelines/distill.py --config <your.yaml> --stages distill) or point "
-                   f"evaluate.student at an exported folder")
-            print(f"[evaluate] {msg}", flush=True)
-            notes.append(msg)
-            record, n_steps = None, cfg.schedule().num_steps
-        else:
-            record = read_schedule(student_dir)  # refuses a folder that is not an export, before any sampling
-            n_steps = len(record["scales"])
-        chosen = chosen_by_validation(student_uri, cfg)
-        models = [
-            Model(f"teacher_{ev.teacher_steps}_cfg", "teacher_cfg",
-                  f"teacher {ev.teacher_steps} steps, cfg {ev.teacher_guidance:g}", ev.teacher_steps,
-                  ev.teacher_guidance, n_cfg, dict(teacher_steps=ev.teacher_steps, guidance=ev.teacher_guidance)),
-            Model(f"teacher_{n_steps}", "teacher_few_step", f"teacher {n_steps} steps, no cfg", n_steps, 0.0, n_few,
-                  dict(teacher_steps=n_steps, guidance=0.0)),
-        ]
-        print(f"[evaluate] {domain} domain, prompts from {source}; models: "
-              + ", ".join(f"{m.name} ({m.n} prompts)" for m in models)
-              + (f", student from {student_uri} ({n_few} prompts)" if record else ""), flush=True)
-        # One model in memory at a time: the teacher, then the student (matters at SD3.5 sizes).
-        teacher = load_adapter(t.family, t.path, dtype=t.dtype, device=device, max_sequence_length=t.max_sequence_length)
-        results, images = evaluate_models(teacher, models, prompts, seeds, cfg, scorer)
-        del teacher
-        gc.collect()
-        if record is not None:
-            student, schedule, _ = load_exported_student(student_dir, t.family, t.dtype, device)
-            kind = "swd" if schedule.is_scalewise else "fullres"
-            sm = Model(f"{kind}_{n_steps}", "student",
-                       f"student, {'scale-wise' if schedule.is_scalewise else 'full-res'} {n_steps} steps",
-                       n_steps, 0.0, n_few, dict(schedule=schedule))
-            models.append(sm)
-            r, im = evaluate_models(student, [sm], prompts, seeds, cfg, scorer)
-            results.update(r)
-            images.update(im)
-            del student
+    student_dir = student_folder(student_uri, cfg)
+    if student_dir is None:
+        msg = (f"no exported student at {student_uri}: evaluating the teacher only. Make one with the distill "
+               f"stage (python pipelines/distill.py --config <your.yaml> --stages distill) or point "
+               f"evaluate.student at an exported folder")
+        print(f"[evaluate] {msg}", flush=True)
+        notes.append(msg)
+        record, n_steps = None, cfg.schedule().num_steps
+    else:
+        record = read_schedule(student_dir)  # refuses a folder that is not an export, before any sampling
+        n_steps = len(record["scales"])
+    chosen = chosen_by_validation(student_uri, cfg)
+    models = [
+        Model(f"teacher_{ev.teacher_steps}_cfg", "teacher_cfg",
+              f"teacher {ev.teacher_steps} steps, cfg {ev.teacher_guidance:g}", ev.teacher_steps,
+              ev.teacher_guidance, n_cfg, dict(teacher_steps=ev.teacher_steps, guidance=ev.teacher_guidance)),
+        Model(f"teacher_{n_steps}", "teacher_few_step", f"teacher {n_steps} steps, no cfg", n_steps, 0.0, n_few,
+              dict(teacher_steps=n_steps, guidance=0.0)),
+    ]
+    print(f"[evaluate] {domain} domain, prompts from {source}; models: "
+          + ", ".join(f"{m.name} ({m.n} prompts)" for m in models)
+          + (f", student from {student_uri} ({n_few} prompts)" if record else ""), flush=True)
+    # One model in memory at a time: the teacher, then the student (matters at SD3.5 sizes).
+    teacher = load_adapter(t.family, t.path, dtype=t.dtype, device=device, max_sequence_length=t.max_sequence_length)
+    results, images = evaluate_models(teacher, models, prompts, seeds, cfg, scorer)
+    del teacher
+    gc.collect()
+    if record is not None:
+        student, schedule, _ = load_exported_student(student_dir, t.family, t.dtype, device)
+        kind = "swd" if schedule.is_scalewise else "fullres"
+        sm = Model(f"{kind}_{n_steps}", "student",
+                   f"student, {'scale-wise' if schedule.is_scalewise else 'full-res'} {n_steps} steps",
+                   n_steps, 0.0, n_few, dict(schedule=schedule))
+        models.append(sm)
+        r, im = evaluate_models(student, [sm], prompts, seeds, cfg, scorer)
+        results.update(r)
+        images.update(im)
+        del student
 
     report = {"name": cfg.name, "domain": domain, "teacher": t.path, "device": device, "machine": machine(),
               "student": {"uri": student_uri, "found": record is not None, "schedule": record, "chosen": chosen},
