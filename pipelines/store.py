@@ -105,13 +105,18 @@ def remove_unreadable(uri: str, resources: ResourcesConfig) -> list[str]:
     return removed
 
 
-def count_rows(uri: str, resources: ResourcesConfig) -> int:
+def file_rows(uri: str, resources: ResourcesConfig) -> list[tuple[str, int]]:
+    """(path, row count) of every Parquet file under `uri`, in `list_parquet` order; footers only."""
     fs = filesystem(uri, resources)
-    total = 0
+    out = []
     for path in list_parquet(uri, resources):
         with fs.open(path, "rb") as f:
-            total += pq.read_metadata(f).num_rows
-    return total
+            out.append((path, pq.read_metadata(f).num_rows))
+    return out
+
+
+def count_rows(uri: str, resources: ResourcesConfig) -> int:
+    return sum(n for _, n in file_rows(uri, resources))
 
 
 def read_column(uri: str, column: str, resources: ResourcesConfig) -> list:
@@ -289,10 +294,14 @@ class Store:
     def files(self) -> list[str]:
         return list_parquet(f"{self.uri}/{DATA}", self.resources)
 
-    def dataset(self, columns: list[str] | None = None):
+    def file_rows(self) -> list[tuple[str, int]]:
+        return file_rows(f"{self.uri}/{DATA}", self.resources)
+
+    def dataset(self, columns: list[str] | None = None, files: list[str] | None = None):
+        """A Ray Dataset of the data files (or of `files`, a subset, read in that order)."""
         import ray.data
 
-        files = self.files()
+        files = self.files() if files is None else files
         if not files:
             raise StoreMismatchError(f"{self.uri}: the store has no data files; run the precompute stage")
         return ray.data.read_parquet(files, filesystem=arrow_filesystem(self.uri, self.resources), columns=columns)

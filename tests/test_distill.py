@@ -30,7 +30,8 @@ def definition(tmp: Path, name: str, **distill) -> dict:
     return {
         "name": name,
         "teacher": {"path": "builtin:toy-sd3", "max_sequence_length": 0},
-        "data": {"sources": [{"path": "builtin:shapes", "format": "shapes", "limit": 32}],
+        # 136 rows: three Parquet files (64 + 64 + 8), so the two workers' rows span files
+        "data": {"sources": [{"path": "builtin:shapes", "format": "shapes", "limit": 136}],
                  "preview_prompts": ["a red circle", "a blue square on a black background"]},
         "precompute": {"batch_size": 16, "actors": 1, "cpus_per_actor": 1, "output": str(tmp / "store")},
         "distill": d,
@@ -92,6 +93,23 @@ def test_lora_zero2_two_nodes_exports_a_stock_loadable_student(store_dir):
     teacher = _stock_pipeline(Path(resolve_pretrained("builtin:toy-sd3")))
     diff = max((a - b).abs().max().item() for a, b in zip(pipe.transformer.parameters(), teacher.transformer.parameters()))
     assert diff > 0
+
+
+def test_same_definition_and_store_train_the_same_student(store_dir):
+    """Two runs of one definition on one store export identical weights: each worker reads the
+    same rows in the same order (pipelines/sharding.py) and draws the same noise."""
+    from safetensors.torch import load_file
+
+    from pipelines.stages import distill
+
+    weights = []
+    for name in ("same_a", "same_b"):
+        out = distill.run(parse_pipeline_config(definition(store_dir, name, steps=3, checkpoint_every=3)))
+        weights.append(load_file(Path(out["student"]) / "lora" / "pytorch_lora_weights.safetensors"))
+    a, b = weights
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def _validation_record(student: Path) -> dict:
@@ -160,6 +178,9 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
     assert "validation at step 2" in out1 and "validation at step 4" in out2
     record = _validation_record(store_dir / "runs" / "resume" / "student")
     assert [h["step"] for h in record["history"]] == [2, 4]
+    # each rank's data position came back: 2 batches per step, so 8 after 4 steps (a restart from
+    # the epoch's start would say 4)
+    assert _checkpoint_states(store_dir / "runs" / "resume")[-1]["data_positions"] == [[0, 8], [0, 8]]
     assert f"the exported student is step {record['best']['step']} of 4" in out2
 
 

@@ -126,6 +126,9 @@ def test_local_store_values_resume_and_append(ray_cluster, tmp_path, adapter):
     torch.testing.assert_close(pooled, empty.pooled.half().float())
     plain = {r["sample_id"]: r for r in store.read_rows(st.uri)}
     assert plain.keys() == rows.keys()
+    # in file-name order the rows are in the sources' order (so training reads the same rows on every run)
+    in_sources = [sample_id(png(image), sample.caption) for _, sample, image in dataset(0, 12)]
+    assert list(plain) == in_sources + [sample_id(i, c) for i, c in zip(images, captions)]
     sid = sample_id(images[0], captions[0])
     np.testing.assert_array_equal(plain[sid]["latents_10"], rows[sid]["latents_10"].numpy())
 

@@ -158,15 +158,28 @@ def lr_schedule(cfg: PipelineConfig, updates_per_step: int):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _batches(shard, store, batch_size: int, start_epoch: int, skip: int):
-    """Endless (epoch, index-in-epoch, decoded batch); on resume skips what was already consumed."""
+def _batches(shard, rows, store, batch_size: int, start_epoch: int, skip: int):
+    """Endless (epoch, index-in-epoch, decoded batch) over this worker's `rows` (a
+    `pipelines.sharding.WorkerRows`), the same every epoch; on resume skips what was consumed."""
+    from pipelines.sharding import fixed_batches
+
     epoch = start_epoch
     while True:
-        for index, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True)):
+        blocks = shard.iter_batches(batch_size=None, batch_format="numpy")  # whole blocks, regrouped below
+        for index, batch in enumerate(fixed_batches(blocks, rows.skip, rows.count, batch_size)):
             if epoch == start_epoch and index < skip:
                 continue
             yield epoch, index + 1, store.decode(batch)
         epoch += 1
+
+
+def _data_position(state: dict, digest: str, rank: int) -> tuple[int, int, str | None]:
+    """(epoch, batches done in it) for this rank from a checkpoint's state, and a note when the
+    position cannot be kept: it is valid only for the same store files and worker count."""
+    if state.get("data_plan") == digest:
+        epoch, done = state["data_positions"][rank]
+        return epoch, done, None
+    return state["epoch"] + 1, 0, "the store or the number of workers changed since the checkpoint: data restarts at a new epoch"
 
 
 def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step: int,
@@ -323,8 +336,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     from swd_core.adapters import TextEmbeddings
 
+    from pipelines.sharding import plan_digest
+
     cfg = PipelineConfig.model_validate(config["pipeline"])
-    store, d = config["store"], cfg.distill
+    store, plan, d = config["store"], config["data_plan"], cfg.distill
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
@@ -365,13 +380,13 @@ def train_loop_per_worker(config: dict) -> None:
                 ema.load_state_dict(torch.load(Path(ckpt_dir, EMA_FILE), map_location=device))
             elif ema is not None and rank == 0:
                 print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
-        step, epoch, in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-        chosen = state.get("validation")
+        step, chosen = state["step"], state.get("validation")
+        epoch, in_epoch, note = _data_position(state, plan_digest(plan), rank)
         if rank == 0:
-            print(f"[distill] resumed from checkpoint at step {step}", flush=True)
+            print(f"[distill] resumed from checkpoint at step {step}" + (f"; {note}" if note else ""), flush=True)
     if validation is not None:
         chosen = validation.restore(chosen)
-    data = _batches(ray.train.get_dataset_shard("train"), store, micro, epoch, in_epoch)
+    data = _batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, in_epoch)
 
     data_wait = 0.0  # seconds spent waiting for batches: shows when training is input-bound
 
@@ -415,9 +430,11 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update(validation.choose(step, nets, chosen, export=partial(
                     _export_student, cfg, rank, engine_g, adapter, nets, final=True)))
         if save:
+            positions = [None] * world  # every rank's own place in its rows
+            torch.distributed.all_gather_object(positions, [epoch, in_epoch])
             _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets,
-                               {"step": step, "epoch": epoch, "batches_in_epoch": in_epoch, "workers": workers,
-                                "validation": chosen})
+                               {"step": step, "epoch": epoch, "workers": workers, "data_plan": plan_digest(plan),
+                                "data_positions": positions, "validation": chosen})
         elif step % d.log_every == 0:
             ray.train.report(metrics)
 
@@ -537,10 +554,11 @@ def storage_filesystem(cfg: PipelineConfig):
 
 
 def build_trainer(cfg: PipelineConfig, store):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.ray_runtime import worker_env
+    from pipelines.sharding import StoreShards, plan_shards
 
     r, d = cfg.resources, cfg.distill
     use_gpu = r.gpus_per_worker > 0
@@ -548,14 +566,15 @@ def build_trainer(cfg: PipelineConfig, store):
     storage_path = f"{cfg.run_dir}/train"
     if storage_path.startswith("s3://"):
         storage_path = storage_path.removeprefix("s3://")  # with an explicit filesystem Ray wants a bare path
+    plan = plan_shards(store.file_rows(), r.num_workers, d.batch_size // r.num_workers)  # each worker's rows
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"pipeline": cfg.model_dump(mode="json"), "store": store},
+        train_loop_config={"pipeline": cfg.model_dump(mode="json"), "store": store, "data_plan": plan},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=r.placement_strategy),
-        datasets={"train": store.dataset()},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets={"train": store.dataset()},  # by name; StoreShards reads each worker's part of it
+        dataset_config=StoreShards(store, plan),
         run_config=RunConfig(
             name="distill", storage_path=storage_path, storage_filesystem=storage_filesystem(cfg),
             failure_config=FailureConfig(max_failures=d.max_failures),

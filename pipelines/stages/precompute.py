@@ -393,11 +393,14 @@ def run(cfg: PipelineConfig) -> dict:
         # only the read tasks holding new rows: a resumed run does not reread what is done
         busy = {o >> sources.ORDER_SHIFT for r, o in zip(checks.column("ref").to_pylist(), checks.column("order").to_pylist())
                 if r in keep}
-        (sources.ray_dataset([t for t in tasks if t["task"] in busy], resources)
-         .map_batches(Encoder, fn_constructor_args=(spec, [keep_ref]), batch_size=None,
-                      batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pc.actors),
-                      num_cpus=pc.cpus_per_actor, num_gpus=pc.gpus_per_actor)
-         .write_parquet(store.fs_path(f"{uri}/{store.DATA}"), filesystem=store.arrow_filesystem(uri, resources)))
+        encoded = (sources.ray_dataset([t for t in tasks if t["task"] in busy], resources)
+                   .map_batches(Encoder, fn_constructor_args=(spec, [keep_ref]), batch_size=None,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pc.actors),
+                                num_cpus=pc.cpus_per_actor, num_gpus=pc.gpus_per_actor))
+        # Blocks leave in the sources' order (the actors still encode in parallel), and the file
+        # names follow it: a store made twice holds its rows in one order, which training reads.
+        encoded.context.execution_options.preserve_order = True
+        encoded.write_parquet(store.fs_path(f"{uri}/{store.DATA}"), filesystem=store.arrow_filesystem(uri, resources))
     rows = store.count_rows(f"{uri}/{store.DATA}", resources)
     manifest = write_manifest(uri, cfg, text, complete=True, rows=rows, previous=previous)
     result = {"store": uri, "rows": manifest["rows"], "new_rows": len(keep), "skipped_present": counts["skipped_present"],

@@ -1,0 +1,105 @@
+"""Each Ray Train worker's rows of the store: a fixed contiguous range, read in order."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.sharding import StoreShards, WorkerRows, fixed_batches, plan_digest, plan_shards
+
+
+def test_plan_gives_contiguous_ranges_that_cover_every_row_once():
+    # rows 0-4 in a, none in b, 5-11 in c, 12-14 in d; 15 rows over 4 workers: bounds 0 3 7 11 15
+    plan = plan_shards([("a", 5), ("b", 0), ("c", 7), ("d", 3)], world=4)
+    assert plan == [
+        WorkerRows(("a",), 0, 3),             # a[0:3]
+        WorkerRows(("a", "b", "c"), 3, 4),    # a[3:5] + c[0:2]
+        WorkerRows(("c",), 2, 4),             # c[2:6]
+        WorkerRows(("c", "d"), 6, 4),         # c[6:7] + d[0:3]
+    ]
+
+
+def test_plan_shares_one_file_among_more_workers_than_files():
+    assert plan_shards([("a", 4)], world=3) == [WorkerRows(("a",), 0, 1), WorkerRows(("a",), 1, 1),
+                                                WorkerRows(("a",), 2, 2)]
+
+
+def test_plan_refuses_a_store_that_cannot_give_every_worker_a_batch():
+    with pytest.raises(ValueError, match="3 rows for 4 workers, 0 each"):
+        plan_shards([("a", 2), ("b", 1)], world=4)
+    with pytest.raises(ValueError, match="7 rows for 2 workers, 3 each: fewer than a worker's batch of 4"):
+        plan_shards([("a", 7)], world=2, batch_size=4)
+    assert [w.count for w in plan_shards([("a", 8)], world=2, batch_size=4)] == [4, 4]
+
+
+def test_plan_digest_names_the_plan():
+    plan = plan_shards([("a", 5), ("b", 7)], world=2)
+    assert plan_digest(plan) == plan_digest(plan_shards([("a", 5), ("b", 7)], world=2))
+    assert plan_digest(plan) != plan_digest(plan_shards([("a", 5), ("b", 8)], world=2))  # the store grew
+    assert plan_digest(plan) != plan_digest(plan_shards([("a", 5), ("b", 7)], world=3))
+
+
+def test_fixed_batches_take_the_range_and_regroup_it():
+    # blocks of 3, 0, 5 and 2 rows holding 0..9; rows [2, 9) in batches of 3: the partial [8] is dropped
+    sizes, start, blocks = [3, 0, 5, 2], 0, []
+    for n in sizes:
+        ids = np.arange(start, start + n)
+        blocks.append({"id": ids, "name": np.array([f"r{i}" for i in ids], dtype=object)})
+        start += n
+    out = list(fixed_batches(iter(blocks), skip=2, count=7, batch_size=3))
+    assert [b["id"].tolist() for b in out] == [[2, 3, 4], [5, 6, 7]]
+    assert [b["name"].tolist() for b in out] == [["r2", "r3", "r4"], ["r5", "r6", "r7"]]
+
+
+def test_fixed_batches_stop_reading_after_the_range():
+    def blocks():
+        yield {"id": np.arange(4)}
+        raise AssertionError("read past the worker's rows")
+
+    assert [b["id"].tolist() for b in fixed_batches(blocks(), skip=1, count=2, batch_size=2)] == [[1, 2]]
+
+
+@pytest.mark.ray
+def test_each_worker_reads_its_rows_in_order_on_every_run(tmp_path, ray_cluster):
+    """Real Ray Data reads on the local cluster, the workers' iterators consumed concurrently:
+    the rows are the plan's, the same in two runs (Ray Train's default split varies between runs)."""
+    import ray
+
+    from pipelines.store import Store
+
+    data = tmp_path / "store" / "data"
+    data.mkdir(parents=True)
+    sizes = [1 + (7 * i) % 13 for i in range(40)]  # 40 files of 1 to 13 rows: many parallel read tasks
+    start = 0
+    for i, n in enumerate(sizes):
+        ids = [f"s{j:03d}" for j in range(start, start + n)]
+        pq.write_table(pa.table({"sample_id": ids, "pad": [bytes(20_000 * (i % 3))] * n}), data / f"part-{i:02d}.parquet")
+        start += n
+    store = Store(uri=str(tmp_path / "store"), manifest={})
+    plan = plan_shards(store.file_rows(), world=3)
+    total = sum(sizes)
+    bounds = [total * r // 3 for r in range(4)]
+
+    @ray.remote(num_cpus=0)
+    def consume(shard, rows):
+        blocks = shard.iter_batches(batch_size=None, batch_format="numpy")
+        return [i for b in fixed_batches(blocks, rows.skip, rows.count, 5) for i in b["sample_id"].tolist()]
+
+    def run():
+        shards = StoreShards(store, plan).configure({"train": None}, world_size=3, worker_handles=None,
+                                                    worker_node_ids=None)
+        return ray.get([consume.remote(s["train"], rows) for s, rows in zip(shards, plan)])
+
+    expected = [[f"s{j:03d}" for j in range(bounds[r], bounds[r] + (bounds[r + 1] - bounds[r]) // 5 * 5)] for r in range(3)]
+    assert run() == expected
+    assert run() == expected
+
+
+def test_a_saved_data_position_is_kept_only_under_the_same_plan():
+    from pipelines.stages.distill import _data_position
+
+    state = {"epoch": 3, "data_plan": "abc", "data_positions": [[3, 5], [3, 6]]}
+    assert _data_position(state, "abc", rank=1) == (3, 6, None)
+    epoch, done, note = _data_position(state, "other", rank=1)  # another store or worker count
+    assert (epoch, done) == (4, 0) and "new epoch" in note
+    assert _data_position({"epoch": 2, "batches_in_epoch": 7}, "abc", rank=0)[:2] == (3, 0)  # an older checkpoint
