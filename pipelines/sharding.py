@@ -57,30 +57,47 @@ def plan_digest(plan: Sequence[WorkerRows]) -> str:
     return hashlib.sha256(json.dumps([asdict(w) for w in plan]).encode()).hexdigest()[:16]
 
 
-def fixed_batches(blocks: Iterable[dict], skip: int, count: int, batch_size: int) -> Iterator[dict]:
-    """Column batches (dicts of equal-length arrays) -> rows [skip, skip + count) of the stream,
-    regrouped into batches of exactly `batch_size` rows; a last partial batch is dropped."""
-    pending: list[dict] = []  # pieces of the next batch
-    held = 0
+def worker_blocks(blocks: Iterable[dict], rows: WorkerRows, start: int = 0) -> Iterator[tuple[int, dict]]:
+    """The blocks (dicts of equal-length column arrays) of a worker's files -> its rows from row
+    `start` of its range on, as (offset in the range of the first row, block slice). Stops
+    reading once the range is done."""
+    skip, left, offset = rows.skip + start, rows.count - start, start
+    if left <= 0:
+        return
     for block in blocks:
         n = len(next(iter(block.values())))
-        lo, hi = min(skip, n), min(n, skip + count)
-        skip, count = skip - lo, count - (hi - lo)
-        while lo < hi:
-            take = min(batch_size - held, hi - lo)
+        lo, hi = min(skip, n), min(n, skip + left)
+        skip -= lo
+        if hi > lo:
+            yield offset, {k: v[lo:hi] for k, v in block.items()}
+            offset, left = offset + hi - lo, left - (hi - lo)
+            if left == 0:
+                return
+
+
+def fixed_batches(blocks: Iterable[tuple[tuple[int, int], dict]], batch_size: int) -> Iterator[tuple[tuple[int, int], dict]]:
+    """Blocks tagged (epoch, offset of their first row) -> batches of exactly `batch_size` rows, in
+    order; a batch may run on into the next epoch's rows, so no row is ever dropped. Each batch
+    comes with the position after it: (epoch, offset) of the next row it did not take."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: need at least 1")
+    pending: list[dict] = []  # pieces of the next batch
+    held = 0
+    for (epoch, offset), block in blocks:
+        n, lo = len(next(iter(block.values()))), 0
+        while lo < n:
+            take = min(batch_size - held, n - lo)
             pending.append({k: v[lo:lo + take] for k, v in block.items()})
             held, lo = held + take, lo + take
             if held == batch_size:
-                yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                yield (epoch, offset + lo), {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
                 pending, held = [], 0
-        if count == 0:
-            return
 
 
 class StoreShards(DataConfig):
     """Ray Train data config: worker r's `get_dataset_shard("train")` reads `plan[r].files` in
     order (Ray's public extension point: `DataConfig.configure`). The worker then takes its
-    `skip`/`count` rows with `fixed_batches`."""
+    rows with `worker_blocks` and batches them with `fixed_batches`."""
 
     def __init__(self, store, plan: Sequence[WorkerRows]):
         super().__init__(datasets_to_split=["train"])

@@ -30,8 +30,8 @@ def definition(tmp: Path, name: str, **distill) -> dict:
     return {
         "name": name,
         "teacher": {"path": "builtin:toy-sd3", "max_sequence_length": 0},
-        # 136 rows: three Parquet files (64 + 64 + 8), so the two workers' rows span files
-        "data": {"sources": [{"path": "builtin:shapes", "format": "shapes", "limit": 136}],
+        # 135 rows: three Parquet files (64 + 64 + 7), so the workers' rows (67 and 68) span files
+        "data": {"sources": [{"path": "builtin:shapes", "format": "shapes", "limit": 135}],
                  "preview_prompts": ["a red circle", "a blue square on a black background"]},
         "precompute": {"batch_size": 16, "actors": 1, "cpus_per_actor": 1, "output": str(tmp / "store")},
         "distill": d,
@@ -178,9 +178,9 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
     assert "validation at step 2" in out1 and "validation at step 4" in out2
     record = _validation_record(store_dir / "runs" / "resume" / "student")
     assert [h["step"] for h in record["history"]] == [2, 4]
-    # each rank's data position came back: 2 batches per step, so 8 after 4 steps (a restart from
-    # the epoch's start would say 4)
-    assert _checkpoint_states(store_dir / "runs" / "resume")[-1]["data_positions"] == [[0, 8], [0, 8]]
+    # each rank's data position came back: 2 batches of 2 rows per step, so 16 rows of epoch 0
+    # after 4 steps (a restart at a new epoch would say [1, 8])
+    assert _checkpoint_states(store_dir / "runs" / "resume")[-1]["data_positions"] == [[0, 16], [0, 16]]
     assert f"the exported student is step {record['best']['step']} of 4" in out2
 
 
@@ -209,6 +209,9 @@ def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster)
     # the restored schedule: lr = 1e-3 · (40 − step) / 20 over steps 20..40, so 1e-4 at 38 and 0 at 40
     lrs = {s["step"]: s["metrics"]["lr"] for s in _checkpoint_states(run_dir)}
     assert lrs[40] == 0.0 and lrs[38] == pytest.approx(1e-4), lrs
+    # and the data: 40 steps × 4 rows = 160 rows per rank, epochs running on into each other:
+    # rank 0 has 67 rows (2 epochs + 26), rank 1 has 68 (2 epochs + 24)
+    assert _checkpoint_states(run_dir)[-1]["data_positions"] == [[2, 26], [2, 24]]
 
 
 def test_store_made_for_another_definition_is_refused(store_dir):

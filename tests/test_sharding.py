@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sharding import StoreShards, WorkerRows, fixed_batches, plan_digest, plan_shards
+from pipelines.sharding import StoreShards, WorkerRows, fixed_batches, plan_digest, plan_shards, worker_blocks
 
 
 def test_plan_gives_contiguous_ranges_that_cover_every_row_once():
@@ -39,24 +39,45 @@ def test_plan_digest_names_the_plan():
     assert plan_digest(plan) != plan_digest(plan_shards([("a", 5), ("b", 7)], world=3))
 
 
-def test_fixed_batches_take_the_range_and_regroup_it():
-    # blocks of 3, 0, 5 and 2 rows holding 0..9; rows [2, 9) in batches of 3: the partial [8] is dropped
-    sizes, start, blocks = [3, 0, 5, 2], 0, []
+def _blocks(sizes, start=0):
+    """Column blocks of the given sizes holding consecutive ids from `start`."""
+    out = []
     for n in sizes:
         ids = np.arange(start, start + n)
-        blocks.append({"id": ids, "name": np.array([f"r{i}" for i in ids], dtype=object)})
+        out.append({"id": ids, "name": np.array([f"r{i}" for i in ids], dtype=object)})
         start += n
-    out = list(fixed_batches(iter(blocks), skip=2, count=7, batch_size=3))
-    assert [b["id"].tolist() for b in out] == [[2, 3, 4], [5, 6, 7]]
-    assert [b["name"].tolist() for b in out] == [["r2", "r3", "r4"], ["r5", "r6", "r7"]]
+    return out
 
 
-def test_fixed_batches_stop_reading_after_the_range():
+def test_worker_blocks_cut_the_range_out_of_its_files():
+    # blocks of 3, 0, 5 and 2 rows holding 0..9; the range is rows [2, 9): 7 rows
+    rows = WorkerRows(("f",), skip=2, count=7)
+    got = [(offset, b["id"].tolist()) for offset, b in worker_blocks(_blocks([3, 0, 5, 2]), rows)]
+    assert got == [(0, [2]), (1, [3, 4, 5, 6, 7]), (6, [8])]
+    # from row 4 of the range on (a resume): rows 6..8, offsets counted in the range
+    got = [(offset, b["id"].tolist()) for offset, b in worker_blocks(_blocks([3, 0, 5, 2]), rows, start=4)]
+    assert got == [(4, [6, 7]), (6, [8])]
+    assert list(worker_blocks(_blocks([3, 0, 5, 2]), rows, start=7)) == []  # the range is done
+
+
+def test_worker_blocks_stop_reading_after_the_range():
     def blocks():
         yield {"id": np.arange(4)}
         raise AssertionError("read past the worker's rows")
 
-    assert [b["id"].tolist() for b in fixed_batches(blocks(), skip=1, count=2, batch_size=2)] == [[1, 2]]
+    assert [b["id"].tolist() for _, b in worker_blocks(blocks(), WorkerRows(("f",), 1, 3))] == [[1, 2, 3]]
+
+
+def test_fixed_batches_run_on_into_the_next_epoch_and_say_where_they_stopped():
+    # a 5-row range, two epochs, batches of 3: no row is dropped at the epoch's end
+    rows = WorkerRows(("f",), skip=1, count=5)
+    tagged = [((e, off), b) for e in (0, 1) for off, b in worker_blocks(_blocks([4, 4]), rows)]
+    out = list(fixed_batches(iter(tagged), batch_size=3))
+    assert [b["id"].tolist() for _, b in out] == [[1, 2, 3], [4, 5, 1], [2, 3, 4]]
+    assert [b["name"].tolist() for _, b in out][1] == ["r4", "r5", "r1"]
+    assert [position for position, _ in out] == [(0, 3), (1, 1), (1, 4)]
+    with pytest.raises(ValueError, match="batch_size 0"):
+        next(fixed_batches(iter(tagged), batch_size=0))
 
 
 @pytest.mark.ray
@@ -82,15 +103,15 @@ def test_each_worker_reads_its_rows_in_order_on_every_run(tmp_path, ray_cluster)
 
     @ray.remote(num_cpus=0)
     def consume(shard, rows):
-        blocks = shard.iter_batches(batch_size=None, batch_format="numpy")
-        return [i for b in fixed_batches(blocks, rows.skip, rows.count, 5) for i in b["sample_id"].tolist()]
+        blocks = worker_blocks(shard.iter_batches(batch_size=None, batch_format="numpy"), rows)
+        return [i for _, b in blocks for i in b["sample_id"].tolist()]
 
     def run():
         shards = StoreShards(store, plan).configure({"train": None}, world_size=3, worker_handles=None,
                                                     worker_node_ids=None)
         return ray.get([consume.remote(s["train"], rows) for s, rows in zip(shards, plan)])
 
-    expected = [[f"s{j:03d}" for j in range(bounds[r], bounds[r] + (bounds[r + 1] - bounds[r]) // 5 * 5)] for r in range(3)]
+    expected = [[f"s{j:03d}" for j in range(bounds[r], bounds[r + 1])] for r in range(3)]
     assert run() == expected
     assert run() == expected
 

@@ -158,28 +158,33 @@ def lr_schedule(cfg: PipelineConfig, updates_per_step: int):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _batches(shard, rows, store, batch_size: int, start_epoch: int, skip: int):
-    """Endless (epoch, index-in-epoch, decoded batch) over this worker's `rows` (a
-    `pipelines.sharding.WorkerRows`), the same every epoch; on resume skips what was consumed."""
-    from pipelines.sharding import fixed_batches
+def _batches(shard, rows, store, batch_size: int, epoch: int, done: int):
+    """Endless ((epoch, rows of it done), decoded batch) over this worker's `rows` (a
+    `pipelines.sharding.WorkerRows`), epoch after epoch in one order, from row `done` of `epoch`
+    (a resume reads on from there)."""
+    from pipelines.sharding import fixed_batches, worker_blocks
 
-    epoch = start_epoch
-    while True:
-        blocks = shard.iter_batches(batch_size=None, batch_format="numpy")  # whole blocks, regrouped below
-        for index, batch in enumerate(fixed_batches(blocks, rows.skip, rows.count, batch_size)):
-            if epoch == start_epoch and index < skip:
-                continue
-            yield epoch, index + 1, store.decode(batch)
-        epoch += 1
+    def blocks():
+        e, start = epoch, done
+        while True:
+            whole = shard.iter_batches(batch_size=None, batch_format="numpy")  # Ray Data's blocks, cut below
+            for offset, block in worker_blocks(whole, rows, start):
+                yield (e, offset), block
+            e, start = e + 1, 0
+
+    for position, batch in fixed_batches(blocks(), batch_size):
+        yield position, store.decode(batch)
 
 
 def _data_position(state: dict, digest: str, rank: int) -> tuple[int, int, str | None]:
-    """(epoch, batches done in it) for this rank from a checkpoint's state, and a note when the
+    """(epoch, rows of it done) for this rank from a checkpoint's state, and a note when the
     position cannot be kept: it is valid only for the same store files and worker count."""
     if state.get("data_plan") == digest:
         epoch, done = state["data_positions"][rank]
         return epoch, done, None
-    return state["epoch"] + 1, 0, "the store or the number of workers changed since the checkpoint: data restarts at a new epoch"
+    why = ("the checkpoint predates per-worker data positions" if "data_plan" not in state
+           else "the store or the number of workers changed since the checkpoint")
+    return state["epoch"] + 1, 0, f"{why}: data restarts at a new epoch"
 
 
 def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step: int,
@@ -365,7 +370,7 @@ def train_loop_per_worker(config: dict) -> None:
     empty = store.empty_prompt()
     uncond = TextEmbeddings(empty[0], empty[1]).to(device, dtype)
 
-    step, epoch, in_epoch = 0, 0, 0
+    step, epoch, rows_done = 0, 0, 0  # the data position: rows of this epoch consumed
     validation = None
     if d.validation.num_prompts:
         validation = Validation(cfg, rank, world, image_size=schedule.scales[-1] * adapter.vae_scale_factor)
@@ -381,19 +386,19 @@ def train_loop_per_worker(config: dict) -> None:
             elif ema is not None and rank == 0:
                 print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
         step, chosen = state["step"], state.get("validation")
-        epoch, in_epoch, note = _data_position(state, plan_digest(plan), rank)
+        epoch, rows_done, note = _data_position(state, plan_digest(plan), rank)
         if rank == 0:
             print(f"[distill] resumed from checkpoint at step {step}" + (f"; {note}" if note else ""), flush=True)
     if validation is not None:
         chosen = validation.restore(chosen)
-    data = _batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, in_epoch)
+    data = _batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, rows_done)
 
     data_wait = 0.0  # seconds spent waiting for batches: shows when training is input-bound
 
     def next_batch():
-        nonlocal epoch, in_epoch, data_wait
+        nonlocal epoch, rows_done, data_wait
         start = time.perf_counter()
-        epoch, in_epoch, batch = next(data)
+        (epoch, rows_done), batch = next(data)
         data_wait += time.perf_counter() - start
         text = TextEmbeddings(batch["prompt_embeds"], batch["pooled_prompt_embeds"]).to(device, dtype)
         latents = {s: batch[f"latents_{s}"].to(device) for s in set(schedule.scales)}
@@ -431,7 +436,7 @@ def train_loop_per_worker(config: dict) -> None:
                     _export_student, cfg, rank, engine_g, adapter, nets, final=True)))
         if save:
             positions = [None] * world  # every rank's own place in its rows
-            torch.distributed.all_gather_object(positions, [epoch, in_epoch])
+            torch.distributed.all_gather_object(positions, [epoch, rows_done])
             _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets,
                                {"step": step, "epoch": epoch, "workers": workers, "data_plan": plan_digest(plan),
                                 "data_positions": positions, "validation": chosen})
