@@ -345,6 +345,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = PipelineConfig.model_validate(config["pipeline"])
     store, plan, d = config["store"], config["data_plan"], cfg.distill
+    digest = plan_digest(plan)  # names this run's data plan in checkpoints
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
@@ -386,7 +387,7 @@ def train_loop_per_worker(config: dict) -> None:
             elif ema is not None and rank == 0:
                 print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
         step, chosen = state["step"], state.get("validation")
-        epoch, rows_done, note = _data_position(state, plan_digest(plan), rank)
+        epoch, rows_done, note = _data_position(state, digest, rank)
         if rank == 0:
             print(f"[distill] resumed from checkpoint at step {step}" + (f"; {note}" if note else ""), flush=True)
     if validation is not None:
@@ -438,7 +439,7 @@ def train_loop_per_worker(config: dict) -> None:
             positions = [None] * world  # every rank's own place in its rows
             torch.distributed.all_gather_object(positions, [epoch, rows_done])
             _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets,
-                               {"step": step, "epoch": epoch, "workers": workers, "data_plan": plan_digest(plan),
+                               {"step": step, "epoch": epoch, "workers": workers, "data_plan": digest,
                                 "data_positions": positions, "validation": chosen})
         elif step % d.log_every == 0:
             ray.train.report(metrics)
@@ -571,14 +572,16 @@ def build_trainer(cfg: PipelineConfig, store):
     storage_path = f"{cfg.run_dir}/train"
     if storage_path.startswith("s3://"):
         storage_path = storage_path.removeprefix("s3://")  # with an explicit filesystem Ray wants a bare path
-    plan = plan_shards(store.file_rows(), r.num_workers, d.batch_size // r.num_workers)  # each worker's rows
+    file_rows = store.file_rows()  # one listing of the store: the plan and the named dataset share it
+    plan = plan_shards(file_rows, r.num_workers, d.batch_size // r.num_workers)  # each worker's rows
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pipeline": cfg.model_dump(mode="json"), "store": store, "data_plan": plan},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=r.placement_strategy),
-        datasets={"train": store.dataset()},  # by name; StoreShards reads each worker's part of it
+        # by name; StoreShards reads each worker's part of it
+        datasets={"train": store.dataset(files=[path for path, _ in file_rows])},
         dataset_config=StoreShards(store, plan),
         run_config=RunConfig(
             name="distill", storage_path=storage_path, storage_filesystem=storage_filesystem(cfg),
