@@ -16,6 +16,7 @@ import bisect
 import hashlib
 import itertools
 import json
+import posixpath
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -39,6 +40,8 @@ def plan_shards(file_rows: Sequence[tuple[str, int]], world: int, batch_size: in
     total = sum(n for _, n in file_rows)
     if world < 1:
         raise ValueError(f"{world} workers: need at least one")
+    if total == 0:
+        raise ValueError(f"the store has no rows ({len(file_rows)} data files); run the precompute stage")
     if total // world < batch_size:
         raise ValueError(f"the store has {total} rows for {world} workers, {total // world} each: fewer than "
                          f"a worker's batch of {batch_size}; add data or lower distill.batch_size")
@@ -52,15 +55,19 @@ def plan_shards(file_rows: Sequence[tuple[str, int]], world: int, batch_size: in
     return plan
 
 
-def plan_digest(plan: Sequence[WorkerRows]) -> str:
-    """Names a plan in checkpoints: a saved data position is valid only under the same plan."""
-    return hashlib.sha256(json.dumps([asdict(w) for w in plan]).encode()).hexdigest()[:16]
+def plan_digest(plan: Sequence[WorkerRows], root: str = "") -> str:
+    """Names a plan in checkpoints: a saved data position is valid only under the same plan.
+    Files count by their path under `root` (the store's data folder), so a store that is moved or
+    mounted elsewhere keeps its positions."""
+    named = [{**asdict(w), "files": [posixpath.relpath(f, root) if root else f for f in w.files]} for w in plan]
+    return hashlib.sha256(json.dumps(named).encode()).hexdigest()[:16]
 
 
 def worker_blocks(blocks: Iterable[dict], rows: WorkerRows, start: int = 0) -> Iterator[tuple[int, dict]]:
     """The blocks (dicts of equal-length column arrays) of a worker's files -> its rows from row
     `start` of its range on, as (offset in the range of the first row, block slice). Stops
-    reading once the range is done."""
+    reading once the range is done. Files that hold fewer rows than planned are an error: the
+    store changed under the run."""
     skip, left, offset = rows.skip + start, rows.count - start, start
     if left <= 0:
         return
@@ -73,6 +80,8 @@ def worker_blocks(blocks: Iterable[dict], rows: WorkerRows, start: int = 0) -> I
             offset, left = offset + hi - lo, left - (hi - lo)
             if left == 0:
                 return
+    raise RuntimeError(f"{', '.join(rows.files)}: {left} of the {rows.count} planned rows from row {rows.skip} "
+                       "are missing; the store changed after the run listed it (restart the run to plan again)")
 
 
 def fixed_batches(blocks: Iterable[tuple[tuple[int, int], dict]], batch_size: int) -> Iterator[tuple[tuple[int, int], dict]]:

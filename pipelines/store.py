@@ -19,6 +19,7 @@ import hashlib
 import json
 import posixpath
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,14 +106,22 @@ def remove_unreadable(uri: str, resources: ResourcesConfig) -> list[str]:
     return removed
 
 
+FOOTER_READERS = 16  # footer reads in flight at once
+
+
 def file_rows(uri: str, resources: ResourcesConfig) -> list[tuple[str, int]]:
-    """(path, row count) of every Parquet file under `uri`, in `list_parquet` order; footers only."""
+    """(path, row count) of every Parquet file under `uri`, in `list_parquet` order; footers only,
+    read concurrently: on S3 each footer is a few round trips, and a loop over thousands of files
+    would wait on their latency one by one."""
     fs = filesystem(uri, resources)
-    out = []
-    for path in list_parquet(uri, resources):
+    paths = list_parquet(uri, resources)
+
+    def rows(path: str) -> int:
         with fs.open(path, "rb") as f:
-            out.append((path, pq.read_metadata(f).num_rows))
-    return out
+            return pq.read_metadata(f).num_rows
+
+    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_READERS, len(paths)))) as pool:
+        return list(zip(paths, pool.map(rows, paths)))
 
 
 def count_rows(uri: str, resources: ResourcesConfig) -> int:
@@ -296,6 +305,10 @@ class Store:
 
     def file_rows(self) -> list[tuple[str, int]]:
         return file_rows(f"{self.uri}/{DATA}", self.resources)
+
+    def data_root(self) -> str:
+        """The data folder as the filesystem names it (the prefix of every `file_rows` path)."""
+        return fs_path(f"{self.uri}/{DATA}")
 
     def dataset(self, columns: list[str] | None = None, files: list[str] | None = None):
         """A Ray Dataset of the data files (or of `files`, a subset, read in that order)."""

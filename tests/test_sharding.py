@@ -30,6 +30,8 @@ def test_plan_refuses_a_store_that_cannot_give_every_worker_a_batch():
     with pytest.raises(ValueError, match="7 rows for 2 workers, 3 each: fewer than a worker's batch of 4"):
         plan_shards([("a", 7)], world=2, batch_size=4)
     assert [w.count for w in plan_shards([("a", 8)], world=2, batch_size=4)] == [4, 4]
+    with pytest.raises(ValueError, match="no rows .2 data files.; run the precompute stage"):
+        plan_shards([("a", 0), ("b", 0)], world=1)
 
 
 def test_plan_digest_names_the_plan():
@@ -37,6 +39,12 @@ def test_plan_digest_names_the_plan():
     assert plan_digest(plan) == plan_digest(plan_shards([("a", 5), ("b", 7)], world=2))
     assert plan_digest(plan) != plan_digest(plan_shards([("a", 5), ("b", 8)], world=2))  # the store grew
     assert plan_digest(plan) != plan_digest(plan_shards([("a", 5), ("b", 7)], world=3))
+    # the same store at another place: positions stay valid; another store's files do not
+    here, there = (plan_shards([(f"{root}/data/{n}", 6) for n in "ab"], world=2) for root in ("/runs/x", "bucket/y"))
+    assert plan_digest(here, "/runs/x/data") == plan_digest(there, "bucket/y/data")
+    assert plan_digest(here) != plan_digest(there)
+    assert plan_digest(here, "/runs/x/data") != plan_digest(plan_shards([("/runs/x/data/c", 6), ("/runs/x/data/b", 6)],
+                                                                        world=2), "/runs/x/data")
 
 
 def _blocks(sizes, start=0):
@@ -66,6 +74,12 @@ def test_worker_blocks_stop_reading_after_the_range():
         raise AssertionError("read past the worker's rows")
 
     assert [b["id"].tolist() for _, b in worker_blocks(blocks(), WorkerRows(("f",), 1, 3))] == [[1, 2, 3]]
+
+
+def test_worker_blocks_refuse_files_that_hold_fewer_rows_than_planned():
+    # the plan counted 8 rows from row 1; the files now hold 6 (the store was rewritten)
+    with pytest.raises(RuntimeError, match="f, g: 3 of the 8 planned rows from row 1 are missing"):
+        list(worker_blocks(_blocks([4, 2]), WorkerRows(("f", "g"), 1, 8)))
 
 
 def test_fixed_batches_run_on_into_the_next_epoch_and_say_where_they_stopped():

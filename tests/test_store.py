@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -143,3 +144,23 @@ def test_local_copy_of_an_s3_export_follows_a_new_export_at_the_same_uri(tmp_pat
     second = local_copy(uri, resources, cache)
     assert second != first and (second / "weights.txt").read_text() == "second"
     assert not local_copy("s3://swd-test/copies/nothing-here", resources, cache).exists()
+
+
+def test_file_rows_of_an_s3_store_come_in_listing_order_with_each_files_count(tmp_path, s3_server):
+    import pyarrow as pa
+
+    from pipelines.schema import ResourcesConfig
+    from pipelines.storage import filesystem
+
+    resources = ResourcesConfig(s3={"endpoint_url": s3_server})
+    uri = "s3://swd-test/file-rows"
+    fs = filesystem(uri, resources)
+    counts = {f"part-{i:03d}.parquet": (7 * i) % 11 for i in range(3 * store.FOOTER_READERS)}  # more files than readers
+    for name, n in counts.items():
+        with fs.open(f"swd-test/file-rows/{name}", "wb") as f:
+            pq.write_table(pa.table({"x": list(range(n))}), f)
+    fs.touch("swd-test/file-rows/_temporary.parquet")  # skipped like every listing of the store
+
+    rows = store.file_rows(uri, resources)
+    assert [(path.rsplit("/", 1)[1], n) for path, n in rows] == sorted(counts.items())
+    assert store.count_rows(uri, resources) == sum(counts.values())

@@ -41,9 +41,17 @@ def test_the_export_follows_the_best_score(tmp_path):
     assert [h["step"] for h in record["history"]] == [1, 2, 3, 4, 5, 6] and record["best"]["step"] == 4
 
 
+def _export_record(tmp_path, record: dict) -> None:
+    """The record `_export_student` writes last into the toy run's export."""
+    path = tmp_path / "toy" / "student" / "validation.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
 def test_a_resumed_choice_restarts_when_the_definition_chooses_differently(tmp_path, capsys):
     history = [_score(1, 1.0, accuracy=0.2), _score(2, 2.0, accuracy=0.3)]
     record = {"num_prompts": 8, "best": {"step": 1, "metric": "val_fd", "value": 1.0}, "history": history}
+    _export_record(tmp_path, record)
     assert _validation(tmp_path).restore(record) == record
     # `best` names the exported weights: under another metric nothing exported is chosen yet
     by_accuracy = _validation(tmp_path, metric="prompt_accuracy").restore(record)
@@ -52,6 +60,25 @@ def test_a_resumed_choice_restarts_when_the_definition_chooses_differently(tmp_p
     printed = capsys.readouterr().out
     assert "validation.metric changed (val_fd -> val_prompt_accuracy)" in printed
     assert "earlier scores are not comparable" in printed
+
+
+def test_a_resumed_choice_is_dropped_when_the_export_holds_another_step(tmp_path, capsys):
+    # the checkpoint chose step 1; an attempt after it exported step 3 (or stopped while
+    # exporting, before the record) and died before its checkpoint
+    history = [_score(1, 1.0)]
+    record = {"num_prompts": 8, "best": {"step": 1, "metric": "val_fd", "value": 1.0}, "history": history}
+    val = _validation(tmp_path)
+    assert val.restore(record) == {**record, "best": None}  # no record: the export is unfinished
+    _export_record(tmp_path, {**record, "best": {"step": 3, "metric": "val_fd", "value": 0.9},
+                              "history": [*history, _score(3, 0.9)]})
+    restored = val.restore(record)
+    assert restored["best"] is None and restored["history"] == history
+    assert "the export does not hold step 1, the checkpoint's choice" in capsys.readouterr().out
+    # so the next score replaces the export, whatever it is
+    val.scores = lambda nets: {k: v for k, v in _score(0, 5.0).items() if k != "step"}
+    exports = []
+    val.choose(3, None, restored, export=lambda validation: exports.append(validation["best"]["step"]))
+    assert exports == [3]
 
 
 def test_a_student_the_evaluator_cannot_read_is_refused_before_training(tmp_path):

@@ -251,7 +251,8 @@ class Validation:
         """The choice a checkpoint carried, if this definition chooses the same way. Its `best`
         always names the exported weights, so a changed metric starts the choice afresh (the
         next score replaces the export), and a changed prompt count drops the scores too (FD
-        depends on n)."""
+        depends on n). So does an export whose record names another step: an attempt stopped
+        after exporting and before its checkpoint, or while exporting (the record goes last)."""
         fresh = {"num_prompts": self.num_prompts, "best": None, "history": []}
         if not record:
             return fresh
@@ -263,7 +264,21 @@ class Validation:
             self._say(f"validation.metric changed ({record['best']['metric']} -> {self.key}): the choice starts "
                       "afresh; the next checkpoint's student replaces the export")
             return {**fresh, "history": list(record["history"])}
+        best = record["best"]
+        if best is not None and (self.exported_record() or {}).get("best") != best:
+            self._say(f"the export does not hold step {best['step']}, the checkpoint's choice (an attempt stopped "
+                      "after or while exporting): the next checkpoint's student replaces it")
+            return {**record, "best": None}
         return record
+
+    def exported_record(self) -> dict | None:
+        """The export's `validation.json`, or None: rank 0 reads it and every rank receives it."""
+        from pipelines.store import read_json
+
+        record = [read_json(f"{self.cfg.run_dir}/student/validation.json", self.cfg.resources) if self.rank == 0 else None]
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(record, src=0)
+        return record[0]
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
@@ -345,7 +360,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = PipelineConfig.model_validate(config["pipeline"])
     store, plan, d = config["store"], config["data_plan"], cfg.distill
-    digest = plan_digest(plan)  # names this run's data plan in checkpoints
+    digest = plan_digest(plan, store.data_root())  # names this run's data plan in checkpoints
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
@@ -456,6 +471,10 @@ def train_loop_per_worker(config: dict) -> None:
 def _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets, state) -> None:
     import ray.train
 
+    if cfg.distill.export_at_checkpoints and state["step"] < cfg.distill.steps:
+        # before the checkpoint: a restart from an earlier one exports this step again
+        with averaged_student(ema, nets.student_parameters()):
+            _export_student(cfg, rank, engine_g, adapter, nets, final=False, step=state["step"])
     with tempfile.TemporaryDirectory() as tmp:
         # exclude_frozen_parameters: the frozen base is the teacher, already on disk; checkpoints hold
         # only what training changes (adapters, head, or the sharded full student) plus optimizer state.
@@ -466,16 +485,14 @@ def _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, net
             if ema is not None:  # the same on every rank (ZeRO <= 2 keeps whole student weights)
                 torch.save(ema.state_dict(), Path(tmp, EMA_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    if cfg.distill.export_at_checkpoints and state["step"] < cfg.distill.steps:
-        with averaged_student(ema, nets.student_parameters()):
-            _export_student(cfg, rank, engine_g, adapter, nets, final=False, step=state["step"])
 
 
 def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int | None = None,
                     *, validation: dict | None = None) -> None:
     """Rank 0 writes the student as a PEFT LoRA (LoRA mode) and a merged diffusers pipeline
     folder, plus a sample grid, to <run_dir>/student (or student/step_<n>); with a `validation`
-    record (the chosen step and the score history) also `validation.json`."""
+    record (the chosen step and the score history) also `validation.json`, last: until it is
+    there again, the export names no step (`Validation.restore` checks it on resume)."""
     from swd_core.export import export_lora, export_merged_pipeline
 
     full = not nets.lora_student
@@ -487,9 +504,12 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
             state = engine_g.module.state_dict()
     if rank != 0:
         return
-    from pipelines.storage import filesystem, upload_dir
+    from pipelines.storage import filesystem, upload_dir, write_bytes
 
     dest = f"{cfg.run_dir}/student" + ("" if final else f"/step_{step}")
+    fs = filesystem(dest, cfg.resources)
+    if final and fs.exists(f"{dest}/validation.json"):  # the old record must not name the new weights
+        fs.rm(f"{dest}/validation.json")
     with tempfile.TemporaryDirectory() as tmp:
         t = cfg.teacher
         if full:
@@ -502,13 +522,9 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
             export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), lora_dir=f"{tmp}/lora",
                                    max_sequence_length=t.max_sequence_length, dtype=t.dtype)
         _sample_grid(cfg, f"{tmp}/merged", f"{tmp}/samples.png")
-        if validation is not None:
-            Path(tmp, "validation.json").write_text(json.dumps(validation, indent=2))
-        elif final:  # an earlier run's choice must not describe this export
-            fs = filesystem(dest, cfg.resources)
-            if fs.exists(f"{dest}/validation.json"):
-                fs.rm(f"{dest}/validation.json")
         upload_dir(tmp, dest, cfg.resources)
+    if validation is not None:
+        write_bytes(f"{dest}/validation.json", json.dumps(validation, indent=2).encode(), cfg.resources)
     print(f"[distill] exported the student to {dest} (merged/, {'' if full else 'lora/, '}samples.png)", flush=True)
 
 
