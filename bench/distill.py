@@ -18,6 +18,8 @@ SD3.5-Medium-wide transformer (1536 wide, random weights) at the paper's Medium 
 (`sd35_medium_4step`: 64 80 96 128 latents), and peak memory is `torch.cuda.max_memory_allocated`:
 
     python bench/distill.py --device cuda --batch 8 --rounds 1   # -> bench/results/distill_medium_cuda.json
+    python bench/distill.py --device cuda --batch 8 --rounds 2 --text-tokens 333 --ratio-only
+                                                                # SD3.5's prompt length -> distill_medium_t333_cuda.json
     python bench/distill.py --device cuda --batch 8 --rounds 2 \
         --definition pipelines/configs/sd35_medium_6step.yaml    # -> distill_sd35_medium_6step_cuda.json
 
@@ -87,8 +89,11 @@ def _case(args) -> dict:
     engine_g, engine_f = build_engines(cfg, nets, args.batch, bf16=cuda)
 
     text = adapter.encode_prompts(["a large red circle in the center"] * args.batch)
-    flops = flop_model_ratio(nets.base.config, schedule.scales, text.prompt_embeds.shape[1])
     uncond = adapter.empty_prompt()
+    if args.text_tokens:  # a real encoder's prompt length: the transformer's cost depends on it, not on the values
+        text, uncond = (TextEmbeddings(torch.nn.functional.pad(t.prompt_embeds, (0, 0, 0, args.text_tokens - t.prompt_embeds.shape[1])),
+                                       t.pooled) for t in (text, uncond))
+    flops = flop_model_ratio(nets.base.config, schedule.scales, text.prompt_embeds.shape[1])
     g = torch.Generator().manual_seed(0)
     latents = {s: torch.randn(args.batch, adapter.latent_channels, s, s, generator=g).to(device)
                for s in set(schedule.scales)}
@@ -128,7 +133,7 @@ def _case(args) -> dict:
     return {"iter_s": sum(times) / len(times), "iter_times_s": times, "device": args.device,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None, "ops_per_iter": ops,
-            "scales": list(schedule.scales), "flop_model_ratio": flops, "fake_updates": cfg.distill.fake_updates, "batch": args.batch,
+            "scales": list(schedule.scales), "text_tokens": text.prompt_embeds.shape[1], "flop_model_ratio": flops, "fake_updates": cfg.distill.fake_updates, "batch": args.batch,
             "transformer_params": sum(p.numel() for p in nets.base.parameters() if p.requires_grad is False),
             "model": cfg.teacher.path, "losses": {k: v for k, v in vars(settings).items() if k.endswith("weight")}}
 
@@ -175,7 +180,8 @@ def _run(name: str, extra: list[str], args, port: int, root: Path = ROOT) -> dic
     """One case in a fresh process, with the code checked out at `root`."""
     cmd = [sys.executable, str(root / "bench" / "distill.py"), "--case", "--port", str(port), "--batch", str(args.batch),
            "--definition", str(args.definition),
-           "--rounds", str(args.rounds), "--threads", str(args.threads), "--device", args.device, *extra]
+           "--rounds", str(args.rounds), "--threads", str(args.threads), "--device", args.device,
+           "--text-tokens", str(args.text_tokens), *extra]
     print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     line = next((ln for ln in proc.stdout.splitlines()[::-1] if ln.startswith("RESULT ")), None)
@@ -203,6 +209,10 @@ def main() -> None:
     p.add_argument("--definition", type=Path, default=MEDIUM,
                    help="medium setup: the pipeline definition whose schedule and losses every case uses")
     p.add_argument("--model-blocks", type=int, default=12, help="its number of blocks (caps the feature block)")
+    p.add_argument("--text-tokens", type=int, default=0,
+                   help="pad the prompt embeddings to this many tokens (SD3.5: 77 CLIP + 256 T5 = 333); "
+                        "0: the encoders' own length")
+    p.add_argument("--ratio-only", action="store_true", help="medium setup: only the scale-wise and full-resolution cases")
     p.add_argument("--profile", action="store_true", help="with --case: print a torch.profiler table of one round")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=29511, help=argparse.SUPPRESS)
@@ -243,19 +253,21 @@ def medium_cases(args) -> None:
     """Every case on one model (SD3.5-Medium-wide by default) at the Medium scales, bf16."""
     model = ["--model", args.model or MEDIUM_LIKE, "--model-blocks", str(args.model_blocks), "--setup", "medium"]
     cases = {
-        "scalewise": _run("scalewise", model + ["--count-ops", "1"], args, 29521),  # + one round counting ops
+        "scalewise": _run("scalewise", model + ["--count-ops", str(int(not args.ratio_only))], args, 29521),  # + a round counting ops
         "fullres": _run("fullres", model + ["--scalewise", "0"], args, 29522),
-        "two_copies": _run("two_copies", model + ["--two-copies", "1", "--rounds", "1"], args, 29524),
-        "mmd_only": _run("mmd_only", model + ["--mmd-only", "1"], args, 29523),
     }
+    if not args.ratio_only:
+        cases["two_copies"] = _run("two_copies", model + ["--two-copies", "1", "--rounds", "1"], args, 29524)
+        cases["mmd_only"] = _run("mmd_only", model + ["--mmd-only", "1"], args, 29523)
     definition = args.definition
-    name = "medium" if definition == MEDIUM else definition.stem
+    name = ("medium" if definition == MEDIUM else definition.stem) + (f"_t{args.text_tokens}" if args.text_tokens else "")
     _write(f"distill_{name}_{args.device}", cases,
            model=args.model or MEDIUM_LIKE,
            definition=definition.relative_to(ROOT).as_posix() if definition.is_relative_to(ROOT) else str(definition),
+           text_tokens=cases["scalewise"]["text_tokens"],
            flop_model_ratio=cases["scalewise"]["flop_model_ratio"],
            peak_gpu_mb_shared=cases["scalewise"]["peak_gpu_mb"],
-           peak_gpu_mb_two_copies=cases["two_copies"]["peak_gpu_mb"])
+           peak_gpu_mb_two_copies=cases["two_copies"]["peak_gpu_mb"] if "two_copies" in cases else None)
 
 
 def _write(name: str, cases: dict, **fields) -> None:
@@ -265,7 +277,7 @@ def _write(name: str, cases: dict, **fields) -> None:
         "scalewise_iter_s": cases["scalewise"]["iter_s"],
         "fullres_iter_s": cases["fullres"]["iter_s"],
         "ratio_iter": cases["scalewise"]["iter_s"] / cases["fullres"]["iter_s"],
-        "mmd_only_iter_s": cases["mmd_only"]["iter_s"],
+        "mmd_only_iter_s": cases["mmd_only"]["iter_s"] if "mmd_only" in cases else None,
         **fields,
         "cases": cases,
     }

@@ -16,7 +16,6 @@ import bisect
 import hashlib
 import itertools
 import json
-import posixpath
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -59,7 +58,8 @@ def plan_digest(plan: Sequence[WorkerRows], root: str = "") -> str:
     """Names a plan in checkpoints: a saved data position is valid only under the same plan.
     Files count by their path under `root` (the store's data folder), so a store that is moved or
     mounted elsewhere keeps its positions."""
-    named = [{**asdict(w), "files": [posixpath.relpath(f, root) if root else f for f in w.files]} for w in plan]
+    named = [{**asdict(w), "files": [f.removeprefix(root.rstrip("/") + "/") if root else f for f in w.files]}
+             for w in plan]
     return hashlib.sha256(json.dumps(named).encode()).hexdigest()[:16]
 
 

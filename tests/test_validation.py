@@ -73,6 +73,8 @@ def test_a_resumed_choice_is_dropped_when_the_export_holds_another_step(tmp_path
                               "history": [*history, _score(3, 0.9)]})
     restored = val.restore(record)
     assert restored["best"] is None and restored["history"] == history
+    (tmp_path / "toy" / "student" / "validation.json").write_text(json.dumps(record)[:40])  # cut short
+    assert val.restore(record)["best"] is None
     assert "the export does not hold step 1, the checkpoint's choice" in capsys.readouterr().out
     # so the next score replaces the export, whatever it is
     val.scores = lambda nets: {k: v for k, v in _score(0, 5.0).items() if k != "step"}

@@ -183,7 +183,8 @@ def _data_position(state: dict, digest: str, rank: int) -> tuple[int, int, str |
         epoch, done = state["data_positions"][rank]
         return epoch, done, None
     why = ("the checkpoint predates per-worker data positions" if "data_plan" not in state
-           else "the store or the number of workers changed since the checkpoint")
+           else "the data plan changed since the checkpoint (the store's files, the number of workers, "
+                "or a checkpoint from before plans named files under the store's data folder)")
     return state["epoch"] + 1, 0, f"{why}: data restarts at a new epoch"
 
 
@@ -275,7 +276,12 @@ class Validation:
         """The export's `validation.json`, or None: rank 0 reads it and every rank receives it."""
         from pipelines.store import read_json
 
-        record = [read_json(f"{self.cfg.run_dir}/student/validation.json", self.cfg.resources) if self.rank == 0 else None]
+        record = [None]
+        if self.rank == 0:
+            try:
+                record[0] = read_json(f"{self.cfg.run_dir}/student/validation.json", self.cfg.resources)
+            except ValueError:  # cut short by a stopped attempt: names no step
+                pass
         if self.world > 1:
             torch.distributed.broadcast_object_list(record, src=0)
         return record[0]
@@ -507,9 +513,11 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
     from pipelines.storage import filesystem, upload_dir, write_bytes
 
     dest = f"{cfg.run_dir}/student" + ("" if final else f"/step_{step}")
-    fs = filesystem(dest, cfg.resources)
-    if final and fs.exists(f"{dest}/validation.json"):  # the old record must not name the new weights
-        fs.rm(f"{dest}/validation.json")
+    if final:  # the old record must not name the new weights
+        try:
+            filesystem(dest, cfg.resources).rm(f"{dest}/validation.json")
+        except FileNotFoundError:
+            pass
     with tempfile.TemporaryDirectory() as tmp:
         t = cfg.teacher
         if full:
