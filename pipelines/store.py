@@ -21,6 +21,7 @@ import posixpath
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,7 @@ def remove_unreadable(uri: str, resources: ResourcesConfig) -> list[str]:
     removed = []
     for path in list_parquet(uri, resources):
         try:
-            with fs.open(path, "rb") as f:
-                pq.read_metadata(f)
+            _footer(fs, path)
         except Exception:  # noqa: BLE001 - any unreadable footer means a partial file
             fs.rm(path)
             removed.append(path)
@@ -109,19 +109,19 @@ def remove_unreadable(uri: str, resources: ResourcesConfig) -> list[str]:
 FOOTER_READERS = 16  # footer reads in flight at once
 
 
+def _footer(fs, path: str):
+    with fs.open(path, "rb") as f:
+        return pq.read_metadata(f)
+
+
 def file_rows(uri: str, resources: ResourcesConfig) -> list[tuple[str, int]]:
     """(path, row count) of every Parquet file under `uri`, in `list_parquet` order; footers only,
     read concurrently: on S3 each footer is a few round trips, and a loop over thousands of files
     would wait on their latency one by one."""
     fs = filesystem(uri, resources)
     paths = list_parquet(uri, resources)
-
-    def rows(path: str) -> int:
-        with fs.open(path, "rb") as f:
-            return pq.read_metadata(f).num_rows
-
     with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_READERS, len(paths)))) as pool:
-        return list(zip(paths, pool.map(rows, paths)))
+        return list(zip(paths, (meta.num_rows for meta in pool.map(partial(_footer, fs), paths))))
 
 
 def count_rows(uri: str, resources: ResourcesConfig) -> int:

@@ -171,6 +171,7 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
     out2, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out2[-4000:]
     assert "resumed from checkpoint at step 2" in out2
+    assert "the export does not hold" not in out2  # every rank got the export's record, and it names step 2
     assert "step 3/4" in out2 and "step 1/4" not in out2 and "step 2/4" not in out2
     assert "holds no student EMA" not in out2
     emas = sorted((store_dir / "runs" / "resume" / "train").glob("**/checkpoint_*/student_ema.pt"))

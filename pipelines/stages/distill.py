@@ -34,6 +34,7 @@ from pipelines.schema import PipelineConfig
 
 CKPT_TAG = "ckpt"  # DeepSpeed checkpoint tag inside each Ray checkpoint
 EMA_FILE = "student_ema.pt"  # the student's weight average (distill.ema_decay), beside state.json
+RECORD_FILE = "validation.json"  # in the export: the chosen step and every score (distill.validation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ class Validation:
         record = [None]
         if self.rank == 0:
             try:
-                record[0] = read_json(f"{self.cfg.run_dir}/student/validation.json", self.cfg.resources)
+                record[0] = read_json(f"{self.cfg.run_dir}/student/{RECORD_FILE}", self.cfg.resources)
             except ValueError:  # cut short by a stopped attempt: names no step
                 pass
         if self.world > 1:
@@ -335,10 +336,7 @@ class Validation:
         if improved:
             export(validation=chosen)
         elif self.rank == 0:
-            from pipelines.storage import write_bytes
-
-            write_bytes(f"{self.cfg.run_dir}/student/validation.json", json.dumps(chosen, indent=2).encode(),
-                        self.cfg.resources)
+            _write_record(f"{self.cfg.run_dir}/student", chosen, self.cfg.resources)
         return {**scores, "val_best_step": chosen["best"]["step"]}
 
 
@@ -510,12 +508,12 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
             state = engine_g.module.state_dict()
     if rank != 0:
         return
-    from pipelines.storage import filesystem, upload_dir, write_bytes
+    from pipelines.storage import filesystem, upload_dir
 
     dest = f"{cfg.run_dir}/student" + ("" if final else f"/step_{step}")
     if final:  # the old record must not name the new weights
         try:
-            filesystem(dest, cfg.resources).rm(f"{dest}/validation.json")
+            filesystem(dest, cfg.resources).rm(f"{dest}/{RECORD_FILE}")
         except FileNotFoundError:
             pass
     with tempfile.TemporaryDirectory() as tmp:
@@ -532,8 +530,14 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
         _sample_grid(cfg, f"{tmp}/merged", f"{tmp}/samples.png")
         upload_dir(tmp, dest, cfg.resources)
     if validation is not None:
-        write_bytes(f"{dest}/validation.json", json.dumps(validation, indent=2).encode(), cfg.resources)
+        _write_record(dest, validation, cfg.resources)
     print(f"[distill] exported the student to {dest} (merged/, {'' if full else 'lora/, '}samples.png)", flush=True)
+
+
+def _write_record(export: str, record: dict, resources) -> None:
+    from pipelines.storage import write_bytes
+
+    write_bytes(f"{export}/{RECORD_FILE}", json.dumps(record, indent=2).encode(), resources)
 
 
 def _sample_grid(cfg: PipelineConfig, merged_dir: str, out_png: str) -> None:
