@@ -72,7 +72,7 @@ def worker_blocks(blocks: Iterable[dict], rows: WorkerRows, start: int = 0) -> I
     if left <= 0:
         return
     for block in blocks:
-        n = len(next(iter(block.values())))
+        n = _num_rows(block)
         lo, hi = min(skip, n), min(n, skip + left)
         skip -= lo
         if hi > lo:
@@ -93,7 +93,7 @@ def fixed_batches(blocks: Iterable[tuple[tuple[int, int], dict]], batch_size: in
     pending: list[dict] = []  # pieces of the next batch
     held = 0
     for (epoch, offset), block in blocks:
-        n, lo = len(next(iter(block.values()))), 0
+        n, lo = _num_rows(block), 0
         while lo < n:
             take = min(batch_size - held, n - lo)
             pending.append({k: v[lo:lo + take] for k, v in block.items()})
@@ -101,6 +101,10 @@ def fixed_batches(blocks: Iterable[tuple[tuple[int, int], dict]], batch_size: in
             if held == batch_size:
                 yield (epoch, offset + lo), {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
                 pending, held = [], 0
+
+
+def _num_rows(block: dict) -> int:
+    return len(next(iter(block.values())))
 
 
 class StoreShards(DataConfig):

@@ -280,7 +280,7 @@ class Validation:
         record = [None]
         if self.rank == 0:
             try:
-                record[0] = read_json(f"{self.cfg.run_dir}/student/{RECORD_FILE}", self.cfg.resources)
+                record[0] = read_json(f"{student_dir(self.cfg)}/{RECORD_FILE}", self.cfg.resources)
             except ValueError:  # cut short by a stopped attempt: names no step
                 pass
         if self.world > 1:
@@ -336,7 +336,7 @@ class Validation:
         if improved:
             export(validation=chosen)
         elif self.rank == 0:
-            _write_record(f"{self.cfg.run_dir}/student", chosen, self.cfg.resources)
+            _write_record(student_dir(self.cfg), chosen, self.cfg.resources)
         return {**scores, "val_best_step": chosen["best"]["step"]}
 
 
@@ -510,7 +510,7 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
         return
     from pipelines.storage import filesystem, upload_dir
 
-    dest = f"{cfg.run_dir}/student" + ("" if final else f"/step_{step}")
+    dest = student_dir(cfg) + ("" if final else f"/step_{step}")
     if final:  # the old record must not name the new weights
         try:
             filesystem(dest, cfg.resources).rm(f"{dest}/{RECORD_FILE}")
@@ -532,6 +532,11 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
     if validation is not None:
         _write_record(dest, validation, cfg.resources)
     print(f"[distill] exported the student to {dest} (merged/, {'' if full else 'lora/, '}samples.png)", flush=True)
+
+
+def student_dir(cfg: PipelineConfig) -> str:
+    """Where the distilled student is exported (and the export's validation record lives)."""
+    return f"{cfg.run_dir}/student"
 
 
 def _write_record(export: str, record: dict, resources) -> None:
@@ -648,7 +653,7 @@ def run(cfg: PipelineConfig) -> dict:
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})
-    out = {"student": f"{cfg.run_dir}/student", "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    out = {"student": student_dir(cfg), "checkpoint": result.checkpoint.path if result.checkpoint else None,
            "seconds": time.perf_counter() - start, "final_metrics": metrics}
     chosen = f" (step {metrics['val_best_step']}, chosen by validation)" if "val_best_step" in metrics else ""
     print(f"[distill] done in {out['seconds']:.0f} s; student at {out['student']}{chosen}", flush=True)
