@@ -2,22 +2,27 @@
 """Recipe sweep for the toy distillation: which learning rate, fake-update count, loss mix and
 LoRA rank make the 4-step scale-wise student beat the 4-step teacher, and how soon.
 
-    python bench/recipe_sweep.py --device cuda --recipes all     # -> bench/results/recipe_sweep.json
+    python bench/recipe_sweep.py --device cuda --recipes all --seeds 0,1,2   # -> bench/results/recipe_sweep.json
     python bench/recipe_sweep.py --recipes default,lr3e-4 --steps 40 --eval-every 20   # a CPU smoke run
 
 Every recipe is a set of overrides of the toy definition's `distill` section (RECIPES below) and
-trains in its own process on one device: the distill stage's own `build_networks` and
-`train_iteration`, with torch AdamW and gradient clipping standing in for the DeepSpeed engines
-(what DeepSpeed does at world size 1). The data are the toy definition's shapes rows, encoded once
-by the precompute stage's own `Encoder` and round-tripped through the store's storage dtype.
-Every `--eval-every` iterations the student is scored as the evaluate stage scores it: 4-step
+trains, once per seed of `--seeds` (`distill.seed`: the adapters' initialisation, the noise and
+the data order), in its own process on one device: the distill stage's own `build_networks`,
+`train_iteration` and data order (`_batches`, one worker over all rows), with torch AdamW and
+gradient clipping standing in for the DeepSpeed engines (what DeepSpeed does at world size 1).
+The data are the toy definition's shapes rows, encoded once by the precompute stage's own
+`Encoder` and round-tripped through the store's storage dtype. Every `--eval-every` iterations
+(rounded up to a multiple of the schedule's step count, as the stage's checkpoints are) the
+student is scored as the evaluate stage scores it: 4-step
 scale-wise samples for the first `--prompts` held-out prompts (seeds 0..n-1), prompt accuracy and
 FD against real renders of the same prompts. The teacher at 4 steps is scored once on the same
 prompts, as the bar to beat: with its own Euler sampler (the evaluate stage's `teacher_4`) and with
 the student's sampler at full resolution (x0 jumps at the SwD sigmas).
 
 `<out>.jsonl` gets one line per evaluation, written as each recipe's process ends, so a sweep cut
-short keeps the recipes that finished.
+short keeps the recipes that finished. The JSON's `summary` gives, per recipe and evaluated step,
+the mean, standard deviation, min and max over the seeds, and the same for the mean over the
+evaluated steps of each seed.
 """
 
 from __future__ import annotations
@@ -80,14 +85,18 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def recipe_config(name: str, steps: int | None = None):
-    """The toy definition with recipe `name` applied (and `steps`, which sets the lr decay's length)."""
+def recipe_config(name: str, steps: int | None = None, seed: int | None = None):
+    """The toy definition with recipe `name` applied (and `steps`, which sets the lr decay's length,
+    and `distill.seed`)."""
     from pipelines.schema import load_pipeline_config
 
     cfg = load_pipeline_config(TOY)
     d = cfg.distill.model_dump()
     if steps is not None:
         d["steps"] = steps
+        d["checkpoint_every"] = steps  # the sweep evaluates on its own points (eval_steps)
+    if seed is not None:
+        d["seed"] = seed
     for key, value in RECIPES[name].items():
         node = d
         *path, leaf = key.split(".")
@@ -97,6 +106,55 @@ def recipe_config(name: str, steps: int | None = None):
             raise KeyError(f"recipe {name}: distill has no field {key!r}")
         node[leaf] = value
     return cfg.model_copy(update={"distill": type(cfg.distill).model_validate(d)})
+
+
+def eval_steps(steps: int, every: int, num_steps: int) -> list[int]:
+    """Every `every` iterations and the last, each rounded up to a multiple of the schedule's step
+    count (as the stage's checkpoints are: after a full round of scales), capped at `steps`."""
+    points = {min(steps, -(-k // num_steps) * num_steps) for k in range(every, steps + 1, every)} | {steps}
+    return sorted(points)
+
+
+class _AllRows:
+    """The in-memory rows as one block of row numbers, read like a worker's dataset shard."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def iter_batches(self, **_):
+        import numpy as np
+
+        return iter([{"row": np.arange(self.rows)}])
+
+
+class _Indices:
+    def decode(self, batch):
+        return batch
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per recipe: mean, std, min and max over seeds of FD and prompt accuracy at each evaluated
+    step, and of each seed's mean over the evaluated steps after step 0."""
+    import statistics
+
+    def spread(values):
+        return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+                "min": min(values), "max": max(values), "n": len(values)}
+
+    out = {}
+    for name in dict.fromkeys(r["recipe"] for r in records if "step" in r):
+        runs = [r for r in records if r.get("recipe") == name and "step" in r]
+        seeds = sorted({r["seed"] for r in runs})
+        by_step = {}
+        for step in sorted({r["step"] for r in runs}):
+            at = [r for r in runs if r["step"] == step]
+            by_step[str(step)] = {"fd": spread([r["fd"] for r in at]),
+                                  "prompt_accuracy": spread([r["prompt_accuracy"] for r in at])}
+        per_seed = {key: [statistics.fmean(r[key] for r in runs if r["seed"] == s and r["step"] > 0) for s in seeds
+                          if any(r["seed"] == s and r["step"] > 0 for r in runs)] for key in ("fd", "prompt_accuracy")}
+        out[name] = {"seeds": seeds, "by_step": by_step,
+                     "mean_over_steps": {k: spread(v) for k, v in per_seed.items() if v}}
+    return out
 
 
 class PlainEngine:
@@ -175,8 +233,9 @@ def run_recipe(args) -> None:
     """One recipe, in this process: train, evaluating every `eval_every` steps; JSON lines to stdout."""
     import torch
 
-    from pipelines.stages.distill import (averaged_student, build_networks, loss_settings, lr_schedule, student_ema,
-                                          train_iteration)
+    from pipelines.sharding import WorkerRows
+    from pipelines.stages.distill import (_batches, averaged_student, build_networks, loss_settings, lr_schedule,
+                                          student_ema, train_iteration)
     from swd_core.adapters import TextEmbeddings
     from swd_core.evaluate_model import ShapesScorer
     from swd_core.lora import STUDENT
@@ -186,7 +245,7 @@ def run_recipe(args) -> None:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device(args.device)
-    cfg = recipe_config(args.recipe, args.steps)
+    cfg = recipe_config(args.recipe, args.steps, args.seed)
     d = cfg.distill
     schedule, settings = cfg.schedule(), loss_settings(cfg)
     adapter, nets = build_networks(cfg, device)
@@ -200,15 +259,12 @@ def run_recipe(args) -> None:
     uncond = TextEmbeddings(data.pop("uncond_prompt_embeds"), data.pop("uncond_pooled")).to(device, adapter.dtype)
     data = {k: v.to(device) for k, v in data.items()}
     rows = len(data["prompt_embeds"])
-    order_gen = torch.Generator().manual_seed(d.seed)
-    order, cursor = torch.randperm(rows, generator=order_gen), 0
+    order = _batches(_AllRows(rows), WorkerRows(("memory",), 0, rows), _Indices(), d.batch_size, 0, 0,
+                     d.shuffle_window, d.seed)
 
     def next_batch():
-        nonlocal order, cursor
-        if cursor + d.batch_size > rows:  # a new epoch, drop_last as the stage does
-            order, cursor = torch.randperm(rows, generator=order_gen), 0
-        idx = order[cursor:cursor + d.batch_size].to(device)
-        cursor += d.batch_size
+        _, batch = next(order)
+        idx = torch.from_numpy(batch["row"]).to(device)
         text = TextEmbeddings(data["prompt_embeds"][idx], data["pooled_prompt_embeds"][idx]).to(device, adapter.dtype)
         return text, {s: data[f"latents_{s}"][idx] for s in set(schedule.scales)}
 
@@ -217,9 +273,10 @@ def run_recipe(args) -> None:
     scorer = ShapesScorer(samples)
 
     def emit(**record):
-        print("RESULT " + json.dumps({"recipe": args.recipe, "overrides": RECIPES[args.recipe], **record}), flush=True)
+        print("RESULT " + json.dumps({"recipe": args.recipe, "seed": args.seed, "overrides": RECIPES[args.recipe],
+                                      **record}), flush=True)
 
-    evals = set(range(args.eval_every, args.steps + 1, args.eval_every)) | {args.steps}
+    evals = eval_steps(args.steps, args.eval_every, schedule.num_steps)
     emit(step=0, **evaluate(adapter, scorer, prompts, STUDENT, schedule=schedule))
     train_s, started = 0.0, time.perf_counter()
     for step in range(args.steps):
@@ -253,7 +310,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per recipe process")
     p.add_argument("--time-limit", type=float, default=1e9, help="seconds of training per recipe before a last evaluation")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/recipe_sweep.json)")
+    p.add_argument("--seeds", default="0", help="comma-separated distill.seed values; every recipe runs once per seed")
     p.add_argument("--recipe", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.recipe:
@@ -261,6 +320,7 @@ def main() -> None:
         return
 
     names = list(RECIPES) if args.recipes == "all" else args.recipes.split(",")
+    seeds = [int(x) for x in args.seeds.split(",")]
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         p.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
@@ -292,37 +352,38 @@ def main() -> None:
         print(f"[sweep] {label}: accuracy {b['prompt_accuracy']:.3f}, FD {b['fd']:.3f}", flush=True)
     del teacher
 
-    records, procs, queue = [], {}, list(names)
+    records, procs, queue = [], {}, [(n, seed) for n in names for seed in seeds]
     with lines.open("w") as log:
         log.write(json.dumps({"recipe": "teacher_4", **bar}) + "\n")
         log.write(json.dumps({"recipe": "teacher_4_x0_jumps", **bar_x0}) + "\n")
         while queue or procs:
             while queue and len(procs) < args.jobs:
-                name = queue.pop(0)
-                cmd = [sys.executable, __file__, "--recipe", name, "--data", str(data), "--device", args.device,
+                name, seed = queue.pop(0)
+                cmd = [sys.executable, __file__, "--recipe", name, "--seed", str(seed), "--data", str(data), "--device", args.device,
                        "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--prompts", str(args.prompts),
                        "--threads", str(args.threads), "--time-limit", str(args.time_limit)]
-                procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-            for name, proc in list(procs.items()):
+                procs[name, seed] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                                     cwd=ROOT)
+            for (name, seed), proc in list(procs.items()):
                 if proc.poll() is None:
                     continue
                 output = proc.stdout.read()
                 got = [json.loads(ln.removeprefix("RESULT ")) for ln in output.splitlines() if ln.startswith("RESULT ")]
                 for r in got:
                     log.write(json.dumps(r) + "\n")
-                    print(f"[sweep] {name} step {r['step']}: accuracy {r['prompt_accuracy']:.3f}, FD {r['fd']:.3f}"
+                    print(f"[sweep] {name} seed {seed} step {r['step']}: accuracy {r['prompt_accuracy']:.3f}, FD {r['fd']:.3f}"
                           + (f", {r['train_iter_s']:.3f} s/it" if "train_iter_s" in r else ""), flush=True)
                 log.flush()
                 records.extend(got)
                 if proc.returncode != 0:
-                    print(f"[sweep] {name} FAILED (exit {proc.returncode}):\n{output[-3000:]}", flush=True)
-                    records.append({"recipe": name, "failed": output[-2000:]})
-                del procs[name]
+                    print(f"[sweep] {name} seed {seed} FAILED (exit {proc.returncode}):\n{output[-3000:]}", flush=True)
+                    records.append({"recipe": name, "seed": seed, "failed": output[-2000:]})
+                del procs[name, seed]
             time.sleep(1)
     data.unlink(missing_ok=True)
     result = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
               "machine": machine_info(), "device": args.device, "rows": rows, "prompts": args.prompts, "teacher_4": bar, "teacher_4_x0_jumps": bar_x0, "recipes": {n: RECIPES[n] for n in names},
-              "evaluations": records}
+              "seeds": seeds, "summary": summarize(records), "evaluations": records}
     if args.out is None:
         out = write_result(out.stem, result)
     else:

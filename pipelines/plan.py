@@ -25,12 +25,16 @@ def render_plan(cfg: PipelineConfig) -> str:
         f"  sigmas {[round(s, 4) for s in schedule.sigmas]}",
         "", "distill:",
         f"  mode {d.mode}" + (f" (LoRA rank {d.lora.rank}, alpha {d.lora.alpha or d.lora.rank})" if d.mode == "lora" else ""),
+        f"  LoRA targets ({'student and fake score' if d.mode == 'lora' else 'fake score'}): {', '.join(d.lora.targets)}",
         f"  DeepSpeed ZeRO stage {d.zero_stage}; global batch {d.batch_size}; {d.steps} generator steps; "
         f"lr {d.lr}; weight decay {d.weight_decay}; grad clip {d.grad_clip}",
         f"  loss = {losses.mmd.weight}·MMD({losses.mmd.kernel}, grid {list(losses.mmd.grid_range)}) "
         f"+ {losses.dmd.weight}·DMD(cfg {losses.dmd.guidance_scale}, grid {list(losses.dmd.grid_range)}) "
         f"+ {losses.gan.weight}·GAN; features after block {losses.feature_block}",
-        f"  fake-score updates per generator step: {d.fake_updates}",
+        f"  per iteration: {d.fake_updates} fake-score update(s), then 1 generator update, at one scale (round robin)",
+        f"  checkpoints and validation every {d.checkpoint_every} iterations ({d.checkpoint_every // schedule.num_steps} "
+        f"rounds of the {schedule.num_steps} scales); rows shuffled per epoch "
+        + (f"in windows of {d.shuffle_window}" if d.shuffle_window else "(off: file order)") + f", seed {d.seed}",
         "", "resources:",
         f"  {r.num_workers} worker(s) × {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU; placement {r.placement_strategy}",
         f"  precompute actors {cfg.precompute.actors} × ({cfg.precompute.cpus_per_actor} CPU, {cfg.precompute.gpus_per_actor} GPU), batch {cfg.precompute.batch_size}",

@@ -225,13 +225,30 @@ class DistillConfig(Strict):
     # exponential moving average of the student's weights (diffusers' EMAModel, with its warm-up
     # n/(9+n) at update n up to this decay); the export and the evaluation use the average. 0: off.
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    checkpoint_every: Annotated[int, Field(ge=1)] = 250
+    # a multiple of the schedule's step count, so every checkpoint (and validation) follows a
+    # full round of scales; 240 divides by 2, 3, 4, 5, 6 and 8
+    checkpoint_every: Annotated[int, Field(ge=1)] = 240
+    # rows are shuffled per epoch within consecutive windows of this many rows of each worker's
+    # range (the whole range when it is smaller), seeded by `seed` and the epoch; 0: file order
+    shuffle_window: Annotated[int, Field(ge=0)] = 4096
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     max_failures: Annotated[int, Field(ge=-1)] = 2  # worker failures to recover from (-1: unlimited)
     log_every: Annotated[int, Field(ge=1)] = 10
     export_at_checkpoints: bool = False  # also export the student (LoRA + merged) at each checkpoint
     validation: ValidationConfig = ValidationConfig()
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _in_phase(self):
+        n = self.schedule.build().num_steps
+        for name in ("checkpoint_every", "steps"):
+            value = getattr(self, name)
+            if value % n:
+                low, high = max(n, value - value % n), value - value % n + n
+                options = f"{low} or {high}" if low != high else f"{high}"
+                raise ValueError(f"{name} {value} is not a multiple of the schedule's {n} steps: checkpoints "
+                                 f"and validation must follow a full round of scales (use {options})")
+        return self
 
     @model_validator(mode="after")
     def _ema_needs_whole_weights(self):

@@ -54,13 +54,14 @@ def plan_shards(file_rows: Sequence[tuple[str, int]], world: int, batch_size: in
     return plan
 
 
-def plan_digest(plan: Sequence[WorkerRows], root: str = "") -> str:
-    """Names a plan in checkpoints: a saved data position is valid only under the same plan.
-    Files count by their path under `root` (the store's data folder), so a store that is moved or
-    mounted elsewhere keeps its positions."""
+def plan_digest(plan: Sequence[WorkerRows], root: str = "", shuffle: tuple[int, int] = (0, 0)) -> str:
+    """Names a plan and its row order (`shuffle`: window, seed) in checkpoints: a saved data
+    position is valid only under the same plan and order. Files count by their path under `root`
+    (the store's data folder), so a store that is moved or mounted elsewhere keeps its positions."""
     named = [{**asdict(w), "files": [f.removeprefix(root.rstrip("/") + "/") if root else f for f in w.files]}
              for w in plan]
-    return hashlib.sha256(json.dumps(named).encode()).hexdigest()[:16]
+    order = {"shuffle": list(shuffle)} if any(shuffle) else {}  # file order keeps the digests it had
+    return hashlib.sha256(json.dumps({"plan": named, **order} if order else named).encode()).hexdigest()[:16]
 
 
 def worker_blocks(blocks: Iterable[dict], rows: WorkerRows, start: int = 0) -> Iterator[tuple[int, dict]]:
@@ -82,6 +83,35 @@ def worker_blocks(blocks: Iterable[dict], rows: WorkerRows, start: int = 0) -> I
                 return
     raise RuntimeError(f"{', '.join(rows.files)}: {left} of the {rows.count} planned rows from row {rows.skip} "
                        "are missing; the store changed after the run listed it (restart the run to plan again)")
+
+
+def shuffled_windows(blocks: Iterable[tuple[int, dict]], count: int, window: int, seed: int, epoch: int,
+                     start: int = 0) -> Iterator[tuple[int, dict]]:
+    """One epoch of a worker's rows, shuffled: the range's rows in file order (`blocks` as
+    `worker_blocks` yields them, from the first row of the window holding row `start`) are cut
+    into consecutive windows of `window` rows, and each window is permuted by a generator seeded
+    with (seed, epoch, window index). Yields (offset in the shuffled epoch, block) from offset
+    `start` on. So the order is the same on every run, differs between epochs, and a resume at
+    any offset continues it exactly; memory holds one window. `window` 0: file order."""
+    if window <= 0:
+        yield from blocks
+        return
+    k = start // window  # the window holding `start`: the caller's blocks begin at its first row
+    pending: list[dict] = []
+    held = 0
+    for _, block in blocks:
+        n, lo = _num_rows(block), 0
+        while lo < n:
+            size = min(window, count - k * window)  # the last window may be shorter
+            take = min(size - held, n - lo)
+            pending.append({key: v[lo:lo + take] for key, v in block.items()})
+            held, lo = held + take, lo + take
+            if held == size:
+                rows = {key: np.concatenate([piece[key] for piece in pending]) for key in pending[0]}
+                order = np.random.default_rng([seed, epoch, k]).permutation(size)
+                skip = max(0, start - k * window)
+                yield k * window + skip, {key: v[order[skip:]] for key, v in rows.items()}
+                pending, held, k = [], 0, k + 1
 
 
 def fixed_batches(blocks: Iterable[tuple[tuple[int, int], dict]], batch_size: int) -> Iterator[tuple[tuple[int, int], dict]]:

@@ -22,7 +22,10 @@ STUDENT = "student"
 FAKE = "fake"
 TEACHER = "teacher"
 ROLES = (TEACHER, STUDENT, FAKE)
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+# Attention projections and both MLPs of every block: the image stream's `ff` and the text
+# stream's `ff_context` (the authors suffix-match `net.0.proj` / `net.2`, which takes both).
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+                   "ff_context.net.0.proj", "ff_context.net.2")
 
 
 def lora_config(rank: int = 64, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS) -> LoraConfig:

@@ -1,9 +1,10 @@
 """One SwD training iteration as plain tensor math (DESIGN.md §2); no Ray, no DeepSpeed.
 
 The trainer (pipelines/stages/distill.py) owns data, engines and optimizers and reads top to
-bottom: `student_input` -> student pass -> `generator_loss` -> backward/step -> `student_samples`
-(one call for all fake updates) -> `fake_update_loss` × fake_updates -> backward/step. This
-module only says what each of those computes.
+bottom, at one scale s_i per iteration: `student_samples` (one call for all fake updates) ->
+`fake_update_loss` × fake_updates -> backward/step, then `student_input` -> student pass ->
+`generator_loss` -> backward/step. The critic comes first so that the one judging the student
+at s_i has just been fitted to its samples at s_i. This module only says what each computes.
 
 Three networks, two layouts:
 - LoRA mode: teacher, student and fake score are roles of one transformer (one frozen base,

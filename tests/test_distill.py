@@ -20,7 +20,9 @@ pytestmark = pytest.mark.ray
 
 def definition(tmp: Path, name: str, **distill) -> dict:
     d = {
-        "schedule": {"preset": "toy_4step"},
+        # two scales (32 and 64 px): a round of the schedule is 2 iterations, so short runs still
+        # checkpoint after full rounds
+        "schedule": {"scales": [8, 16], "boundaries": [0, 14]},
         "losses": {"feature_block": 4, "dmd": {"guidance_scale": 4.5}},
         "mode": "lora", "lora": {"rank": 4}, "zero_stage": 2,
         "batch_size": 4, "steps": 2, "lr": 1e-3, "fake_updates": 1,
@@ -61,8 +63,8 @@ def _stock_pipeline(folder: Path):
 
 
 def _stock_image(pipe, prompt: str, seed: int = 0):
-    """Stock diffusers sampling: 4 steps from 32 px (scale 8); the scheduler upscales to 64 px."""
-    return pipe(prompt, height=32, width=32, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=0,
+    """Stock diffusers sampling: 2 steps from 32 px (scale 8); the scheduler upscales to 64 px."""
+    return pipe(prompt, height=32, width=32, num_inference_steps=2, guidance_scale=0.0, max_sequence_length=0,
                 generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
 
 
@@ -80,7 +82,7 @@ def test_lora_zero2_two_nodes_exports_a_stock_loadable_student(store_dir):
     assert (student / "samples.png").exists() and (student / "lora").is_dir()
     merged = student / "merged"
     record = json.loads((merged / "swd_schedule.json").read_text())
-    assert record["scales"] == [8, 10, 12, 16]
+    assert record["scales"] == [8, 16]
 
     # the stock pipeline loads the merged student; its scheduler samples scale-wise up to 64 px
     pipe = _stock_pipeline(merged)
@@ -104,7 +106,7 @@ def test_same_definition_and_store_train_the_same_student(store_dir):
 
     weights = []
     for name in ("same_a", "same_b"):
-        out = distill.run(parse_pipeline_config(definition(store_dir, name, steps=3, checkpoint_every=3)))
+        out = distill.run(parse_pipeline_config(definition(store_dir, name, steps=4, checkpoint_every=4)))
         weights.append(load_file(Path(out["student"]) / "lora" / "pytorch_lora_weights.safetensors"))
     a, b = weights
     assert a.keys() == b.keys() and len(a) > 0
@@ -129,15 +131,15 @@ def test_full_finetune_zero3(store_dir):
     # validation samples the student on every rank: under ZeRO-3 each forward gathers shards collectively
     from pipelines.stages import distill
 
-    cfg = parse_pipeline_config(definition(store_dir, "full3", mode="full", zero_stage=3, checkpoint_every=1,
+    cfg = parse_pipeline_config(definition(store_dir, "full3", mode="full", zero_stage=3, steps=4, checkpoint_every=2,
                                            validation={"num_prompts": 6, "batch_size": 2},
                                            losses={"feature_block": 4, "dmd": {"weight": 0.0}, "gan": {"weight": 0.0}}))
     out = distill.run(cfg)
     m = out["final_metrics"]
-    assert m["step"] == 2 and "mmd" in m and "dmd" not in m
+    assert m["step"] == 4 and "mmd" in m and "dmd" not in m
     assert {"val_fd", "val_prompt_accuracy", "val_best_step"} <= set(m)
     record = _validation_record(Path(out["student"]))
-    assert [h["step"] for h in record["history"]] == [1, 2] and m["val_best_step"] == record["best"]["step"]
+    assert [h["step"] for h in record["history"]] == [2, 4] and m["val_best_step"] == record["best"]["step"]
     merged = Path(out["student"]) / "merged"
     assert not (Path(out["student"]) / "lora").exists()
     pipe = _stock_pipeline(merged)
@@ -219,6 +221,6 @@ def test_store_made_for_another_definition_is_refused(store_dir):
     from pipelines.stages import distill
     from pipelines.store import StoreMismatchError
 
-    other = definition(store_dir, "mismatch", schedule={"preset": "toy_6step"})
-    with pytest.raises(StoreMismatchError, match=r"scales: store has \[8, 10, 12, 16\], definition has \[4, 6, 8, 10, 12, 16\]"):
+    other = definition(store_dir, "mismatch", schedule={"preset": "toy_6step"}, steps=6, checkpoint_every=6)
+    with pytest.raises(StoreMismatchError, match=r"scales: store has \[8, 16\], definition has \[4, 6, 8, 10, 12, 16\]"):
         distill.run(parse_pipeline_config(other))

@@ -132,3 +132,24 @@ def test_unknown_role_is_refused(lora_adapter):
     with pytest.raises(ValueError, match="allowed"):
         with use_role(lora_adapter.transformer, "critic"):
             pass
+
+
+def test_default_targets_adapt_attention_and_both_mlps_of_every_block(tiny_adapter):
+    """Both MLPs of a joint block, the image stream's `ff` and the text stream's `ff_context`
+    (the last block has no `ff_context`), for the student and the fake score."""
+    tr = tiny_adapter.transformer
+    add_swd_adapters(tr, rank=4)
+    adapted = {name for name, m in tr.named_modules() if hasattr(m, "lora_A")}
+    for b, block in enumerate(tr.transformer_blocks):
+        want = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2"}
+        if block.ff_context is not None:
+            want |= {"ff_context.net.0.proj", "ff_context.net.2"}
+        assert {f"transformer_blocks.{b}.{w}" for w in want} <= adapted, b
+    assert any(".ff_context." in n for n in adapted)
+    for layer in (tr.transformer_blocks[0].ff_context.net[2], tr.transformer_blocks[0].ff.net[2]):
+        assert set(layer.lora_A) == {STUDENT, FAKE}
+    # still one base and two adapters' worth of parameters
+    student, fake = adapter_parameters(tr, STUDENT), adapter_parameters(tr, FAKE)
+    base = base_parameters(tr)
+    assert _unique_numel(tr.parameters()) == sum(p.numel() for p in base + student + fake)
+    assert sum(p.numel() for p in student) == sum(p.numel() for p in fake)

@@ -37,6 +37,21 @@ def test_dry_run_prints_the_published_schedule(capsys):
     assert "scales [32, 48, 64, 80, 96, 128]" in out
     assert "sigmas [1.0, 0.9454, 0.8959, 0.7904, 0.7371, 0.6022]" in out
     assert "step 3: scale 80  sigma 0.7904" in out and "ZeRO stage 2" in out and "8 worker(s)" in out
+    assert "LoRA targets (student and fake score): to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, " \
+           "ff_context.net.0.proj, ff_context.net.2" in out
+    assert "5 fake-score update(s), then 1 generator update" in out and "every 240 iterations (40 rounds" in out
+
+
+@pytest.mark.parametrize("field,value,hint", [("checkpoint_every", 250, "use 246 or 252"),
+                                              ("steps", 3001, "use 3000 or 3006"), ("checkpoint_every", 4, "use 6")])
+def test_checkpoints_must_follow_a_full_round_of_scales(field, value, hint):
+    data = _medium6()  # 6 scales
+    data["distill"][field] = value
+    msg = _error(data)
+    assert f"{field} {value} is not a multiple of the schedule's 6 steps" in msg and hint in msg
+    data["distill"][field] = 12
+    data["distill"]["steps" if field == "checkpoint_every" else "checkpoint_every"] = 12
+    assert parse_pipeline_config(data).distill.checkpoint_every == 12
 
 
 def _medium6() -> dict:

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sharding import StoreShards, WorkerRows, fixed_batches, plan_digest, plan_shards, worker_blocks
+from pipelines.sharding import (StoreShards, WorkerRows, fixed_batches, plan_digest, plan_shards, shuffled_windows,
+                                worker_blocks)
 
 
 def test_plan_gives_contiguous_ranges_that_cover_every_row_once():
@@ -92,6 +93,61 @@ def test_fixed_batches_run_on_into_the_next_epoch_and_say_where_they_stopped():
     assert [position for position, _ in out] == [(0, 3), (1, 1), (1, 4)]
     with pytest.raises(ValueError, match="batch_size 0"):
         next(fixed_batches(iter(tagged), batch_size=0))
+
+
+def _epoch(rows, window, seed, epoch, start=0):
+    first = start - start % window if window else start
+    return list(shuffled_windows(worker_blocks(_blocks([4, 4, 4]), rows, first), rows.count, window, seed, epoch, start))
+
+
+def test_shuffled_windows_permute_each_window_the_same_way_on_every_run():
+    rows = WorkerRows(("a", "b", "c"), skip=1, count=10)  # ids 1..10; windows of 4, 4 and 2 rows
+    out = _epoch(rows, window=4, seed=0, epoch=0)
+    ids = [i for _, b in out for i in b["id"].tolist()]
+    assert [off for off, _ in out] == [0, 4, 8]
+    assert sorted(ids[:4]) == [1, 2, 3, 4] and sorted(ids[4:8]) == [5, 6, 7, 8] and sorted(ids[8:]) == [9, 10]
+    assert ids != list(range(1, 11))  # shuffled ...
+    assert [b["name"].tolist() for _, b in out][0] == [f"r{i}" for i in ids[:4]]  # columns stay together
+    assert ids == [i for _, b in _epoch(rows, 4, 0, 0) for i in b["id"].tolist()]  # ... the same way each run
+    assert ids != [i for _, b in _epoch(rows, 4, 0, 1) for i in b["id"].tolist()]  # another epoch, another order
+    assert ids != [i for _, b in _epoch(rows, 4, 1, 0) for i in b["id"].tolist()]  # another seed too
+    whole = [i for _, b in _epoch(rows, window=64, seed=0, epoch=0) for i in b["id"].tolist()]
+    assert sorted(whole) == list(range(1, 11)) and whole != list(range(1, 11))  # one window: the whole range
+    assert [i for _, b in _epoch(rows, window=0, seed=0, epoch=0) for i in b["id"].tolist()] == list(range(1, 11))
+
+
+@pytest.mark.parametrize("start", [0, 3, 4, 9])
+def test_shuffled_windows_resume_at_any_offset_exactly(start):
+    rows = WorkerRows(("a", "b", "c"), skip=1, count=10)
+    ids = [i for _, b in _epoch(rows, 4, 7, 2) for i in b["id"].tolist()]
+    resumed = _epoch(rows, 4, 7, 2, start=start)
+    assert resumed[0][0] == start
+    assert [i for _, b in resumed for i in b["id"].tolist()] == ids[start:]
+
+
+def test_the_stage_data_stream_resumes_a_shuffled_epoch_exactly():
+    """The distill stage's batches over a worker's range: a stream restarted at a saved
+    (epoch, rows done) position yields exactly the batches the uninterrupted one went on to."""
+    from pipelines.stages.distill import _batches
+
+    class Shard:  # a worker's Ray Data shard: its files' blocks, in order, each time it is read
+        def iter_batches(self, **_):
+            return iter(_blocks([4, 4, 4]))
+
+    class Store:
+        def decode(self, batch):
+            return batch
+
+    rows = WorkerRows(("a", "b", "c"), skip=1, count=10)
+    stream = _batches(Shard(), rows, Store(), batch_size=3, epoch=0, done=0, window=4, seed=5)
+    first = [next(stream) for _ in range(12)]  # 36 rows: three epochs and a bit
+    ids = [b["id"].tolist() for _, b in first]
+    epoch0 = [i for b in ids for i in b][:10]
+    assert sorted(epoch0) == list(range(1, 11)) and epoch0 != list(range(1, 11))
+    for k in (0, 2, 5, 8):
+        (epoch, done), _ = first[k]
+        resumed = _batches(Shard(), rows, Store(), batch_size=3, epoch=epoch, done=done, window=4, seed=5)
+        assert [next(resumed)[1]["id"].tolist() for _ in range(11 - k)] == ids[k + 1:], k
 
 
 @pytest.mark.ray

@@ -284,3 +284,52 @@ def test_generator_loss_in_shared_calls_equals_separate_passes(tiny_adapter, toy
         assert torch.allclose(logged[name], value.detach(), rtol=1e-5), name
     assert torch.allclose(loss, mmd + dmd + 0.5 * gan, rtol=1e-5)
     assert grad_shared.abs().sum() > 0 and torch.allclose(grad_shared, grad_separate, rtol=1e-4, atol=1e-7)
+
+
+class _Engine:
+    """What `train_iteration` asks of a DeepSpeed engine: backward, an SGD step, a grad norm."""
+
+    def __init__(self, params):
+        self.opt = torch.optim.SGD(list(params), lr=1e-2)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self):
+        return 0.0
+
+
+def test_the_critic_is_fitted_at_a_scale_before_the_generator_steps_there(tiny_adapter, toy_schedule, monkeypatch):
+    """The authors' order: at every iteration the fake-score updates run on student samples at
+    s_i, then the generator updates at s_i (2 rounds of the 4 scales)."""
+    import swd_core.training as training
+    from pipelines.stages.distill import train_iteration
+
+    events = []
+    for name, kind in (("fake_update_loss", "fake"), ("generator_loss", "generator")):
+        real = getattr(training, name)
+
+        def recorded(nets, x0, *args, _real=real, _kind=kind, **kwargs):
+            events.append((_kind, x0.shape[-1]))
+            return _real(nets, x0, *args, **kwargs)
+
+        monkeypatch.setattr(training, name, recorded)
+    nets = _nets(tiny_adapter)
+    uncond = tiny_adapter.empty_prompt()
+    settings = LossSettings(feature_block=1, guidance_scale=4.5)
+
+    def next_batch():
+        lat, text = _batch(tiny_adapter, toy_schedule)
+        return text, lat
+
+    g = torch.Generator().manual_seed(0)
+    for step in range(2 * toy_schedule.num_steps):
+        i, _ = train_iteration(nets, _Engine(nets.student_parameters()), _Engine(nets.fake_parameters()), next_batch,
+                               toy_schedule, settings, uncond, step, fake_updates=2, g=g)
+        assert i == step % toy_schedule.num_steps
+    expected = [e for s in list(toy_schedule.scales) * 2 for e in (("fake", s), ("fake", s), ("generator", s))]
+    assert events == expected

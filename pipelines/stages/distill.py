@@ -4,7 +4,7 @@ The driver (`run`) builds all Ray wiring in one place: the dataset from the prec
 `ScalingConfig`, `RunConfig` (storage local or s3://, `FailureConfig`), and a `TorchTrainer`.
 Each worker runs `train_loop_per_worker`: build the networks, wrap student and fake score in
 DeepSpeed engines, then the training loop, which reads top to bottom: round-robin scale,
-student pass, generator loss, step, fake-score updates, log, checkpoint.
+fake-score updates, student pass, generator loss, step, log, checkpoint.
 
 Layouts (distill.mode):
 - "lora": one frozen base per worker carries the student and fake adapters (teacher = adapters
@@ -159,17 +159,18 @@ def lr_schedule(cfg: PipelineConfig, updates_per_step: int):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _batches(shard, rows, store, batch_size: int, epoch: int, done: int):
+def _batches(shard, rows, store, batch_size: int, epoch: int, done: int, window: int, seed: int):
     """Endless ((epoch, rows of it done), decoded batch) over this worker's `rows` (a
-    `pipelines.sharding.WorkerRows`), epoch after epoch in one order, from row `done` of `epoch`
-    (a resume reads on from there)."""
-    from pipelines.sharding import fixed_batches, worker_blocks
+    `pipelines.sharding.WorkerRows`), epoch after epoch, each epoch shuffled in windows of
+    `window` rows (`shuffled_windows`), from row `done` of `epoch` (a resume reads on from there)."""
+    from pipelines.sharding import fixed_batches, shuffled_windows, worker_blocks
 
     def blocks():
         e, start = epoch, done
         while True:
+            first = start - start % window if window else start  # a resume re-reads its window
             whole = shard.iter_batches(batch_size=None, batch_format="numpy")  # Ray Data's blocks, cut below
-            for offset, block in worker_blocks(whole, rows, start):
+            for offset, block in shuffled_windows(worker_blocks(whole, rows, first), rows.count, window, seed, e, start):
                 yield (e, offset), block
             e, start = e + 1, 0
 
@@ -185,37 +186,30 @@ def _data_position(state: dict, digest: str, rank: int) -> tuple[int, int, str |
         return epoch, done, None
     why = ("the checkpoint predates per-worker data positions" if "data_plan" not in state
            else "the data plan changed since the checkpoint (the store's files, the number of workers, "
-                "or a checkpoint from before plans named files under the store's data folder)")
+                "distill.shuffle_window or distill.seed)")
     return state["epoch"] + 1, 0, f"{why}: data restarts at a new epoch"
 
 
 def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step: int,
                     fake_updates: int, g: torch.Generator) -> tuple[int, dict[str, float]]:
-    """One generator update and its `fake_updates` fake-score updates (DESIGN.md §2).
-    `next_batch()` returns (text, {scale: latents}); engines are DeepSpeed engines (or anything
-    with backward/step/get_global_grad_norm). Returns (scale index, logged terms)."""
+    """One SwD iteration at one scale, in the authors' order: `fake_updates` fake-score updates, then the
+    generator update, so the critic that judges the student at s_i has just been fitted to its
+    samples at s_i. Each update takes a fresh batch. `next_batch()` returns (text, {scale:
+    latents}); engines are DeepSpeed engines (or anything with backward/step/get_global_grad_norm).
+    Returns (scale index, logged terms)."""
     from torch.profiler import record_function
 
     from swd_core.scale_ops import x0_from_velocity
     from swd_core.training import fake_update_loss, frozen, generator_loss, logged_floats, student_input, student_samples
 
-    i = step % schedule.num_steps  # round-robin scale, shared by the batch
+    i = step % schedule.num_steps  # round-robin scale, shared by every batch of the iteration
     z_i = schedule.scales[i]
+    terms: dict = {}
 
-    # generator update: gradients pass through the frozen fake network into the student only
-    text, latents = next_batch()
-    x, sigma = student_input(latents, schedule, i, g)
-    with frozen(nets.fake_parameters()), record_function("generator_update"):  # names in a torch.profiler trace
-        x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
-        loss, terms = generator_loss(nets, x0, latents[z_i], text, uncond, settings, g)
-        engine_g.backward(loss)
-        engine_g.step()
-    terms["grad_norm_g"] = engine_g.get_global_grad_norm()
-
-    # fake-score updates on fresh batches of stop-grad student samples at the same scale; the
-    # student does not change meanwhile, so one batched call samples for all of them
+    # fake-score updates on stop-grad student samples at s_i; the student does not change
+    # meanwhile, so one batched call samples for all of them
     batches = [next_batch() for _ in range(fake_updates)]
-    with torch.no_grad(), record_function("student_samples"):
+    with torch.no_grad(), record_function("student_samples"):  # names in a torch.profiler trace
         samples = student_samples(nets, batches, schedule, i, g)
     for (text, latents), x0 in zip(batches, samples):
         with record_function("fake_update"):
@@ -225,6 +219,17 @@ def train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, un
         terms.update(terms_f)
     if fake_updates:
         terms["grad_norm_f"] = engine_f.get_global_grad_norm()
+
+    # generator update on one more batch: gradients pass through the frozen fake network into
+    # the student only
+    text, latents = next_batch()
+    x, sigma = student_input(latents, schedule, i, g)
+    with frozen(nets.fake_parameters()), record_function("generator_update"):
+        x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)
+        loss, terms_g = generator_loss(nets, x0, latents[z_i], text, uncond, settings, g)
+        engine_g.backward(loss)
+        engine_g.step()
+    terms = {**terms_g, "grad_norm_g": engine_g.get_global_grad_norm(), **terms}
     return i, logged_floats(terms)  # the iteration's one wait for the GPU
 
 
@@ -364,7 +369,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = PipelineConfig.model_validate(config["pipeline"])
     store, plan, d = config["store"], config["data_plan"], cfg.distill
-    digest = plan_digest(plan, store.data_root())  # names this run's data plan in checkpoints
+    digest = plan_digest(plan, store.data_root(), (d.shuffle_window, d.seed))  # names this run's data order in checkpoints
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
@@ -411,7 +416,8 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[distill] resumed from checkpoint at step {step}" + (f"; {note}" if note else ""), flush=True)
     if validation is not None:
         chosen = validation.restore(chosen)
-    data = _batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, rows_done)
+    data = _batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, rows_done,
+                    d.shuffle_window, d.seed)
 
     data_wait = 0.0  # seconds spent waiting for batches: shows when training is input-bound
 
