@@ -49,8 +49,9 @@ bench-distill: install
 bench-serve: install
 	$(PY) bench/serve.py
 
-# Trains the evaluator, the toy VAE and the toy SD3 teacher (hours on 2 cores). Resumable:
-# run it again to continue; finished phases are skipped. HOURS is the transformer's budget.
+# Trains the evaluator, the toy VAE and the toy SD3 teacher at every latent side the toy schedules
+# use (hours on 2 cores; a teacher trained at fewer sides is fine-tuned). Resumable: run it again
+# to continue; finished phases are skipped. HOURS is the transformer's budget.
 HOURS ?= 2.0
 toy-teacher: install
 	$(PY) -m swd_core.toy.train all --hours $(HOURS)

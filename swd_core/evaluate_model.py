@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from swd_core.adapters.base import FamilyAdapter
 from swd_core.evaluation import ShapesClassifier, fd_mean_term, frechet_distance, load_classifier, prompt_accuracy, read_scenes
@@ -105,9 +106,18 @@ def latency_split(adapter: FamilyAdapter, prompt: str, seed: int = 0, *, repeats
     return {**med, "transformer_calls": calls["transformer"], "repeats": repeats, "raw": raw}
 
 
-def render_real(samples: Sequence[shapes.ShapesSample], seed: int = REAL_RENDER_SEED) -> torch.Tensor:
-    """Real shapes images for prompts, (N, 3, 64, 64) in [-1, 1]; image i is drawn from [seed, i]."""
-    return shapes.to_tensor([shapes.render(s, np.random.default_rng([seed, i])) for i, s in enumerate(samples)])
+def render_real(samples: Sequence[shapes.ShapesSample], seed: int = REAL_RENDER_SEED, size: int = shapes.IMAGE_SIZE) -> torch.Tensor:
+    """Real shapes images for prompts, (N, 3, size, size) in [-1, 1]; image i is drawn from [seed, i]
+    at 64 px, then area-downscaled to `size` (as training images of that size are made)."""
+    real = shapes.to_tensor([shapes.render(s, np.random.default_rng([seed, i])) for i, s in enumerate(samples)])
+    return real if size == shapes.IMAGE_SIZE else F.interpolate(real, size=(size, size), mode="area")
+
+
+def to_evaluator_size(images: torch.Tensor) -> torch.Tensor:
+    """Images of any size -> the 64 px the shapes classifier reads (bilinear upscaling)."""
+    if images.shape[-1] == shapes.IMAGE_SIZE:
+        return images
+    return F.interpolate(images.float(), size=(shapes.IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False).clamp(-1, 1)
 
 
 class ShapesScorer:
@@ -117,6 +127,9 @@ class ShapesScorer:
         samples (`Sequence[ShapesSample]`): the prompts, in the order images are generated; a
             model may be scored on any prefix of them.
         classifier (`ShapesClassifier`, *optional*): defaults to the committed one.
+        size (`int`, defaults to 64): the side of the images it scores. Smaller images, generated
+            and real (renders area-downscaled to `size`), are upscaled to 64 px for the classifier,
+            so FD at a size compares a model with real images of that size.
         real_seed (`int`, defaults to 7): jitter stream of the real renders that the Fréchet
             distance compares against: one real image per sample, and n generated images are
             compared with the real images of the same n prompts (as COCO FID compares with the
@@ -126,24 +139,24 @@ class ShapesScorer:
     """
 
     def __init__(self, samples: Sequence[shapes.ShapesSample], classifier: ShapesClassifier | None = None,
-                 real_seed: int = REAL_RENDER_SEED):
+                 real_seed: int = REAL_RENDER_SEED, size: int = shapes.IMAGE_SIZE):
         if classifier is None:
             from swd_core.toy.train import CLASSIFIER
 
             classifier = load_classifier(CLASSIFIER)
         self.samples = list(samples)
         self.classifier = classifier
-        self.real = render_real(self.samples, real_seed)
-        readings, self.real_features = read_scenes(classifier, self.real)
+        self.size = int(size)
+        self.real = render_real(self.samples, real_seed, self.size)
+        readings, self.real_features = read_scenes(classifier, to_evaluator_size(self.real))
         self.real_accuracy = prompt_accuracy(self.samples, readings)
 
     def features(self, images: torch.Tensor) -> tuple[list, torch.Tensor]:
-        size = (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
-        if tuple(images.shape[-2:]) != size:
-            raise ValueError(f"the shapes evaluator reads {size[0]}x{size[1]} images, got {tuple(images.shape[-2:])}")
+        if tuple(images.shape[-2:]) != (self.size, self.size):
+            raise ValueError(f"this scorer reads {self.size}x{self.size} images, got {tuple(images.shape[-2:])}")
         if len(images) > len(self.samples):
             raise ValueError(f"{len(images)} images but only {len(self.samples)} prompts to score them against")
-        return read_scenes(self.classifier, images)
+        return read_scenes(self.classifier, to_evaluator_size(images))
 
     def fd(self, features: torch.Tensor) -> float:
         """Fréchet distance of the features of images for `samples[:n]` to the real renders of the
@@ -163,7 +176,7 @@ class ShapesScorer:
     def fd_floor(self, n: int, seed: int = FLOOR_RENDER_SEED) -> float:
         """FD of a second set of real renders (other jitter) of the first `n` prompts: roughly what a
         perfect model scores with `n` images, the floor of the metric at that sample size."""
-        _, feats = self.features(render_real(self.samples[:n], seed))
+        _, feats = self.features(render_real(self.samples[:n], seed, self.size))
         return self.fd(feats)
 
 

@@ -44,20 +44,22 @@ def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 @torch.no_grad()
 def generate_latents(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequence[int], *,
                      schedule: ScaleSchedule | None = None, teacher_steps: int = 28,
-                     guidance: float = 0.0) -> torch.Tensor:
+                     guidance: float = 0.0, size: int | None = None) -> torch.Tensor:
     """With a `schedule`: few-step sampling (scale-wise, or full-resolution for a constant-scale
     schedule), no CFG as in SwD. Without: the teacher's Euler sampler, `teacher_steps` steps at
-    the model's native latent size, CFG when `guidance` > 1."""
+    latent side `size` (default: the model's native one), CFG when `guidance` > 1."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     if schedule is not None and guidance > 1.0:
         raise ValueError("few-step (scale-wise / full-resolution) sampling uses no CFG; guidance applies to the teacher sampler")
+    if schedule is not None and size is not None:
+        raise ValueError("a schedule fixes its own sizes; `size` applies to the teacher sampler")
     text = adapter.encode_prompts(list(prompts))
     gens = seed_generators(seeds)
     if schedule is not None:
         noise = initial_noise(len(seeds), adapter.latent_channels, schedule.scales[0], gens, device=adapter.device)
         return sample_scalewise(text_denoiser(adapter, text), schedule, noise, gens)
-    noise = initial_noise(len(seeds), adapter.latent_channels, adapter.transformer.config.sample_size, gens,
+    noise = initial_noise(len(seeds), adapter.latent_channels, size or adapter.transformer.config.sample_size, gens,
                           device=adapter.device)
     denoiser = (cfg_denoiser(adapter, text, adapter.empty_prompt(), guidance) if guidance > 1.0
                 else text_denoiser(adapter, text))

@@ -84,3 +84,21 @@ def test_committed_classifier_reads_real_images_and_rejects_noise(classifier):
     other = shapes.to_tensor([shapes.render(s, rng) for s in shapes.held_out_prompts()[128:256]])
     _, other_feats = read_scenes(classifier, other)
     assert frechet_distance(feats, other_feats) * 10 < frechet_distance(feats, noise_feats)
+
+
+@pytest.mark.parametrize("px", [32, 40, 48])
+def test_smaller_images_are_upscaled_and_still_read(px):
+    """The evaluator reads every size the toy schedules generate at: real renders area-downscaled
+    to `px` and upscaled back to 64 px are read almost as well as full-size ones, and FD compares
+    them with real renders of the same size (a second render set is near 0)."""
+    from swd_core.evaluate_model import ShapesScorer, render_real
+
+    samples = shapes.held_out_prompts()[:160]
+    scorer = ShapesScorer(samples, size=px)
+    assert scorer.real.shape[-1] == px
+    assert scorer.real_accuracy["prompt_accuracy"] >= 0.95
+    assert scorer.fd_floor(160) < 0.1
+    acc, _ = scorer.score(render_real(samples, seed=9, size=px))
+    assert acc["prompt_accuracy"] >= 0.95 and acc["fd"] < 0.1
+    with pytest.raises(ValueError, match=f"reads {px}x{px} images"):
+        scorer.score(render_real(samples[:4]))

@@ -1,5 +1,6 @@
 """The project's samplers against stock diffusers on the same model and noise."""
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
 
@@ -97,3 +98,19 @@ def test_an_image_depends_only_on_its_seed(tiny_adapter, toy_schedule):
     batched = generate_latents(tiny_adapter, ["a red circle", "a blue star", "a cross"], [3, 11, 5], schedule=toy_schedule)
     assert torch.allclose(alone[0], batched[1], atol=1e-5)
     assert not torch.allclose(batched[0], batched[1], atol=1e-3)
+
+
+def test_the_teacher_samples_at_a_smaller_size_as_stock_sd3_does(tiny_adapter):
+    """`size` picks the latent side of the teacher's Euler sampler (teacher quality per resolution):
+    the same latents as the stock pipeline asked for 32 px images."""
+    a = tiny_adapter
+    a.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ours = generate_latents(a, ["a red circle"], [5], teacher_steps=6, guidance=4.5, size=8)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    stock = a.pipe(["a red circle"], latents=noise, height=32, width=32, num_inference_steps=6, guidance_scale=4.5,
+                   max_sequence_length=0, output_type="latent").images
+    assert ours.shape == (1, 4, 8, 8) and torch.allclose(ours, stock, atol=1e-4)
+    with pytest.raises(ValueError, match="a schedule fixes its own sizes"):
+        from swd_core.schedules import preset
+
+        generate_latents(a, ["a red circle"], [5], schedule=preset("toy_4step", patch_size=2), size=8)

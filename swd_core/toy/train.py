@@ -4,8 +4,11 @@
     python -m swd_core.toy.train classifier | vae | transformer
 
 Each phase writes its result under swd_core/toy/weights/ and skips itself when that exists;
-the transformer phase checkpoints to swd_core/toy/.work/ every few minutes and resumes from
-there. `weights/training_record.json` records commands, seeds, steps and wall time per phase.
+the transformer phase trains at every latent side of the toy schedules (4 6 8 10 12 16, one side
+per batch, images area-downscaled in pixel space), starting from the committed teacher when that
+was trained at fewer sides, checkpoints to swd_core/toy/.work/ every few minutes and resumes from
+there (`--hours` is its budget across runs). `weights/training_record.json` records commands,
+seeds, steps and wall time per phase.
 """
 
 from __future__ import annotations
@@ -161,7 +164,13 @@ def train_vae(steps: int = 3000, batch: int = 32) -> None:
 
 TEACHER_ARCH = dict(layers=8, heads=3, head_dim=64, text_dim=128, text_layers=2,
                     text_max_length=shapes.MAX_CAPTION_TOKENS, interpolate_pos_embed=True, seed=SEED)
-TRAIN_IMAGES = 60_000
+TRAIN_IMAGES = 30_000
+# Every latent side the toy schedules ask the teacher about (4 steps: 8 10 12 16; 6 steps: 4 6 8
+# 10 12 16). SwD queries the teacher at the student's scale, so it must be in distribution there,
+# as SD3.5 is after multi-resolution pre-training. The full size is drawn twice as often: it is
+# what 28-step sampling and the last student step run at.
+TOY_SIDES = (4, 6, 8, 10, 12, 16)
+SIDE_WEIGHTS = {16: 2.0}
 CKPT = WORK / "teacher_ckpt.pt"
 
 
@@ -173,27 +182,42 @@ def teacher_pipeline():
     from swd_core.tiny_models import TinySD3Config, build_tiny_sd3
 
     pipe = build_tiny_sd3(TinySD3Config(**TEACHER_ARCH), vocab=shapes.vocabulary())
-    pipe.vae = AutoencoderKL.from_pretrained(WORK / "vae")
+    vae_dir = WORK / "vae" if (WORK / "vae" / "config.json").exists() else TEACHER / "vae"
+    pipe.vae = AutoencoderKL.from_pretrained(vae_dir)
     pipe.vae.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def training_latents(adapter) -> tuple[torch.Tensor, list[str]]:
-    cache = WORK / "train_latents.pt"
+def downscale(images: torch.Tensor, side_px: int) -> torch.Tensor:
+    """Pixel-space area downscaling, as SwD's training targets are made (before the VAE)."""
+    if images.shape[-1] == side_px:
+        return images
+    return F.interpolate(images, size=(side_px, side_px), mode="area")
+
+
+def training_latents(adapter, sides: tuple[int, ...]) -> tuple[dict[int, torch.Tensor], list[str]]:
+    """VAE latents of the same TRAIN_IMAGES images at every latent side (fp16), and captions."""
+    cache = WORK / f"train_latents_{'_'.join(map(str, sides))}.pt"
     if cache.exists():
-        data = torch.load(cache, weights_only=False)
-        return data["latents"], data["captions"]
-    log(f"encoding {TRAIN_IMAGES} training images with the VAE")
-    latents, captions = [], []
+        data = torch.load(cache, weights_only=True)
+        return {int(k): v for k, v in data["latents"].items()}, data["captions"]
+    log(f"encoding {TRAIN_IMAGES} training images with the VAE at latent sides {list(sides)}")
+    factor = adapter.vae_scale_factor
+    latents, captions = {s: [] for s in sides}, []
     for start in range(0, TRAIN_IMAGES, 500):
         items = list(shapes.dataset(SEED + 2, 500, start))
+        images = shapes.to_tensor([im for _, _, im in items])
         with torch.no_grad():
-            latents.append(adapter.encode_images(shapes.to_tensor([im for _, _, im in items])).half())
+            for s in sides:
+                latents[s].append(adapter.encode_images(downscale(images, s * factor)).half())
         captions += [s.caption for _, s, _ in items]
-    data = {"latents": torch.cat(latents), "captions": captions}
+        if start % 10_000 == 0:
+            log(f"  encoded {start + 500}/{TRAIN_IMAGES}")
+    data = {"latents": {str(s): torch.cat(v) for s, v in latents.items()}, "captions": captions}
+    WORK.mkdir(parents=True, exist_ok=True)
     torch.save(data, cache)
-    return data["latents"], data["captions"]
+    return {s: data["latents"][str(s)] for s in sides}, captions
 
 
 def teacher_modules(pipe):
@@ -201,38 +225,56 @@ def teacher_modules(pipe):
 
 
 @torch.no_grad()
-def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: float = 4.5) -> dict:
-    """Teacher prompt accuracy on the first `count` held-out prompts (tracks learning)."""
+def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: float = 4.5, side: int | None = None) -> dict:
+    """Teacher prompt accuracy on the first `count` held-out prompts (tracks learning); `side`
+    samples at that latent side (images are upscaled to 64 px for the classifier)."""
     from swd_core.adapters.sd3 import SD3Adapter
     from swd_core.generate import generate_latents
 
     adapter = SD3Adapter(pipe, max_sequence_length=0)
     samples = shapes.held_out_prompts()[:count]
     lat = generate_latents(adapter, [s.caption for s in samples], list(range(count)), teacher_steps=steps,
-                           guidance=guidance)
-    readings, _ = read_scenes(classifier, adapter.decode_latents(lat))
+                           guidance=guidance, size=side)
+    images = adapter.decode_latents(lat)
+    if images.shape[-1] != shapes.IMAGE_SIZE:
+        images = F.interpolate(images, size=(shapes.IMAGE_SIZE,) * 2, mode="bilinear", antialias=False)
+    readings, _ = read_scenes(classifier, images)
     return prompt_accuracy(samples, readings)
 
 
-def train_transformer(hours: float = 2.0, batch: int = 64, lr: float = 3e-4, eval_every_s: float = 600,
-                      ckpt_every_s: float = 300, continue_teacher: bool = False) -> None:
-    """`hours` is the total budget across runs. `continue_teacher` resumes from the committed
-    teacher folder (its weights; a fresh optimizer) when the work checkpoint is gone, e.g. on a
-    new machine."""
+def trained_sides() -> tuple[int, ...]:
+    """The latent sides the committed teacher was trained at (v1 saw the full size only)."""
+    if not RECORD.exists():
+        return ()
+    done = json.loads(RECORD.read_text()).get("transformer", {})
+    return tuple(done.get("sides", (16,) if done else ()))
+
+
+def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = None, eval_every_s: float = 900,
+                      ckpt_every_s: float = 300, sides: tuple[int, ...] = TOY_SIDES, out: Path = TEACHER) -> None:
+    """Train the teacher at every latent side in `sides`, one side per batch (bucketed, as
+    multi-resolution pre-training does). `hours` is the budget of this training, across runs
+    (resumable from the work checkpoint).
+
+    Starts from the committed teacher when it exists but was trained at fewer sides (a
+    fine-tune, lr 1e-4), otherwise from scratch (lr 3e-4); skips when the committed teacher
+    already covers `sides`."""
     exists = (TEACHER / "model_index.json").exists()
-    if exists and not continue_teacher:
-        log(f"transformer: {TEACHER} exists, skipping (use --continue to train it further)")
+    if not CKPT.exists() and exists and set(sides) <= set(trained_sides()) and out == TEACHER:
+        log(f"transformer: {TEACHER} is trained at sides {list(trained_sides())}, skipping")
         return
     from swd_core.adapters.sd3 import SD3Adapter, load_sd3_pipeline
 
     torch.manual_seed(SEED)
-    if continue_teacher and exists:
-        pipe = load_sd3_pipeline(str(TEACHER), "float32")
-        pipe.vae.requires_grad_(False)
-    else:
-        pipe = teacher_pipeline()
+    ck = torch.load(CKPT, weights_only=False) if CKPT.exists() else None
+    init = ck["init"] if ck else ("teacher" if exists else "scratch")
+    if ck and tuple(ck["sides"]) != tuple(sides):
+        raise SystemExit(f"{CKPT} trains sides {ck['sides']}, not {list(sides)}: remove it to start over")
+    lr = lr or (1e-4 if init == "teacher" else 3e-4)
+    pipe = load_sd3_pipeline(str(TEACHER), "float32") if init == "teacher" else teacher_pipeline()
+    pipe.vae.requires_grad_(False)
     adapter = SD3Adapter(pipe, max_sequence_length=0)
-    latents, captions = training_latents(adapter)
+    latents, captions = training_latents(adapter, sides)
     modules = teacher_modules(pipe)
     params = [p for m in modules.values() for p in m.parameters()]
     ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
@@ -240,34 +282,33 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float = 3e-4, eva
     step, elapsed = 0, 0.0
     g = torch.Generator().manual_seed(SEED)
     history = []
-    if CKPT.exists():
-        ck = torch.load(CKPT, weights_only=False)
+    if ck:
         for k, m in modules.items():
             m.load_state_dict(ck["model"][k])
         ema, step, elapsed, history = ck["ema"], ck["step"], ck["elapsed"], ck["history"]
         opt.load_state_dict(ck["opt"])
         g.set_state(ck["rng"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
-    elif continue_teacher and exists:
-        done = json.loads(RECORD.read_text())["transformer"]
-        step, elapsed, history = done["steps"], done["minutes"] * 60, done.get("history", [])
-        log(f"continuing the committed teacher from step {step} ({done['minutes']} min trained)")
+    del ck
+    weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in sides])
     classifier = load_classifier(CLASSIFIER) if CLASSIFIER.exists() else None
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    log(f"teacher transformer {n_params / 1e6:.2f}M params; text encoders "
-        f"{sum(p.numel() for p in pipe.text_encoder.parameters()) * 2 / 1e6:.2f}M; {len(latents)} training latents")
+    log(f"teacher transformer {n_params / 1e6:.2f}M params (init: {init}, lr {lr}); sides {list(sides)}; "
+        f"{len(captions)} training images")
     budget = hours * 3600
+    warmup = 100 if init == "teacher" else 300
     last_ckpt = last_eval = time.time()
     t0 = time.time() - elapsed
     for m in modules.values():
         m.train()
     while time.time() - t0 < budget:
-        idx = torch.randint(len(latents), (batch,), generator=g)
+        side = sides[int(torch.multinomial(weights, 1, generator=g))]
+        idx = torch.randint(len(captions), (batch,), generator=g)
         keep = torch.rand(batch, generator=g) >= 0.1  # 10% caption dropout for CFG
         prompts = [captions[i] if k else "" for i, k in zip(idx.tolist(), keep.tolist())]
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
                                                   max_sequence_length=0)
-        z = latents[idx].float()
+        z = latents[side][idx].float()
         sigma = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal timesteps
         eps = torch.randn(z.shape, generator=g)
         s = sigma.view(-1, 1, 1, 1)
@@ -278,7 +319,7 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float = 3e-4, eva
         # the rate is worth more late in training than extra steps at a constant rate)
         remaining = budget - (time.time() - t0)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 300, remaining / (0.25 * budget))
+            group["lr"] = lr * min(1.0, (step + 1) / warmup, remaining / (0.25 * budget))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -293,47 +334,55 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float = 3e-4, eva
                         ema[k][n].copy_(t)
         step += 1
         if step % 50 == 0:
-            log(f"step {step} loss {loss.item():.4f} ({(time.time() - t0) / 60:.1f} min)")
+            log(f"step {step} side {side} loss {loss.item():.4f} ({(time.time() - t0) / 60:.1f} min)")
         now = time.time()
         if classifier is not None and now - last_eval > eval_every_s:
-            acc = _eval_ema(pipe, modules, ema, classifier)
-            history.append({"step": step, "minutes": round((now - t0) / 60, 1), "acc_one_object": acc["acc_one_object"],
-                            "acc_two_object": acc["acc_two_object"]})
-            log(f"eval at step {step}: one-object {acc['acc_one_object']:.2f} two-object {acc['acc_two_object']:.2f}")
+            entry = {"step": step, "minutes": round((now - t0) / 60, 1)}
+            for eval_side in (max(sides), min((s for s in sides if s >= 8), default=max(sides))):
+                acc = _eval_ema(pipe, modules, ema, classifier, side=eval_side)
+                entry[f"side_{eval_side}"] = {"acc_one_object": acc["acc_one_object"],
+                                              "acc_two_object": acc["acc_two_object"]}
+            history.append(entry)
+            log(f"eval at step {step}: {json.dumps({k: v for k, v in entry.items() if k.startswith('side')})}")
             last_eval = time.time()
             t0 += last_eval - now  # evaluation time does not count against the training budget
         if now - last_ckpt > ckpt_every_s:
-            _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history)
+            _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history, init, sides)
             last_ckpt = time.time()
-    _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history)
+    _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history, init, sides)
     for k, m in modules.items():
         m.load_state_dict(ema[k])
     pipe.vae.requires_grad_(True)
+    previous = json.loads(RECORD.read_text()).get("transformer") if RECORD.exists() and init == "teacher" else None
     # fp16 on disk keeps the folder small; loading with dtype=float32 upcasts.
-    pipe.to(torch.float16).save_pretrained(TEACHER)
-    record("transformer", seed=SEED, steps=step, batch=batch, lr=lr, minutes=round((time.time() - t0) / 60, 1),
-           architecture=TEACHER_ARCH, transformer_params=n_params, history=history)
-    log(f"teacher saved to {TEACHER} after {step} steps")
+    pipe.to(torch.float16).save_pretrained(out)
+    if out == TEACHER:
+        record("transformer", seed=SEED, steps=step, batch=batch, lr=lr, minutes=round((time.time() - t0) / 60, 1),
+               architecture=TEACHER_ARCH, transformer_params=n_params, history=history, sides=list(sides),
+               side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in sides}, init=init,
+               **({"started_from": previous} if previous else {}))
+    log(f"teacher saved to {out} after {step} steps")
 
 
-def _eval_ema(pipe, modules, ema, classifier):
+def _eval_ema(pipe, modules, ema, classifier, side=None):
     live = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
     for k, m in modules.items():
         m.load_state_dict(ema[k])
         m.eval()
     try:
-        return quick_eval(pipe, classifier)
+        return quick_eval(pipe, classifier, side=side)
     finally:
         for k, m in modules.items():
             m.load_state_dict(live[k])
             m.train()
 
 
-def _save_ckpt(modules, ema, opt, step, elapsed, g, history) -> None:
+def _save_ckpt(modules, ema, opt, step, elapsed, g, history, init, sides) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     tmp = CKPT.with_suffix(".tmp")  # written aside, then renamed: a kill never leaves half a checkpoint
     torch.save({"model": {k: m.state_dict() for k, m in modules.items()}, "ema": ema, "opt": opt.state_dict(),
-                "step": step, "elapsed": elapsed, "rng": g.get_state(), "history": history}, tmp)
+                "step": step, "elapsed": elapsed, "rng": g.get_state(), "history": history, "init": init,
+                "sides": list(sides)}, tmp)
     tmp.replace(CKPT)
     log(f"checkpoint at step {step}")
 
@@ -341,7 +390,8 @@ def _save_ckpt(modules, ema, opt, step, elapsed, g, history) -> None:
 # ---------------------------------------------------------------- entry point
 
 PHASES = {"classifier": lambda a: train_classifier(), "vae": lambda a: train_vae(a.vae_steps, a.vae_batch),
-          "transformer": lambda a: train_transformer(a.hours, a.batch, continue_teacher=a.continue_teacher)}
+          "transformer": lambda a: train_transformer(a.hours, a.batch, a.lr, sides=tuple(a.sides),
+                                                     out=Path(a.out) if a.out else TEACHER)}
 
 
 def main(argv=None) -> None:
@@ -351,8 +401,9 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--hours", type=float, default=2.0, help="transformer training budget (wall clock, resumable)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--continue", dest="continue_teacher", action="store_true",
-                        help="train the committed teacher further, up to --hours in total")
+    parser.add_argument("--lr", type=float, default=None, help="default: 1e-4 for a fine-tune, 3e-4 from scratch")
+    parser.add_argument("--sides", type=int, nargs="+", default=list(TOY_SIDES), help="latent sides to train at")
+    parser.add_argument("--out", default=None, help="write the teacher folder here instead of the committed one")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     for name, fn in PHASES.items():
