@@ -229,8 +229,9 @@ class DistillConfig(Strict):
     # full round of scales; 240 divides by 2, 3, 4, 5, 6 and 8
     checkpoint_every: Annotated[int, Field(ge=1)] = 240
     # rows are shuffled per epoch within consecutive windows of this many rows of each worker's
-    # range (the whole range when it is smaller), seeded by `seed` and the epoch; 0: file order
-    shuffle_window: Annotated[int, Field(ge=0)] = 4096
+    # range (the whole range when it is smaller), seeded by `seed` and the epoch; 0: file order.
+    # A worker holds one window of decoded rows: size it by the row's bytes (text embeddings + latents)
+    shuffle_window: Annotated[int, Field(ge=0)] = 1024
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     max_failures: Annotated[int, Field(ge=-1)] = 2  # worker failures to recover from (-1: unlimited)
     log_every: Annotated[int, Field(ge=1)] = 10

@@ -60,7 +60,7 @@ def plan_digest(plan: Sequence[WorkerRows], root: str = "", shuffle: tuple[int, 
     (the store's data folder), so a store that is moved or mounted elsewhere keeps its positions."""
     named = [{**asdict(w), "files": [f.removeprefix(root.rstrip("/") + "/") if root else f for f in w.files]}
              for w in plan]
-    order = {"shuffle": list(shuffle)} if any(shuffle) else {}  # file order keeps the digests it had
+    order = {"shuffle": list(shuffle)} if shuffle[0] else {}  # file order (window 0) ignores the seed
     return hashlib.sha256(json.dumps({"plan": named, **order} if order else named).encode()).hexdigest()[:16]
 
 
@@ -108,7 +108,7 @@ def shuffled_windows(blocks: Iterable[tuple[int, dict]], count: int, window: int
             held, lo = held + take, lo + take
             if held == size:
                 rows = {key: np.concatenate([piece[key] for piece in pending]) for key in pending[0]}
-                order = np.random.default_rng([seed, epoch, k]).permutation(size)
+                order = np.random.default_rng([seed % 2**63, epoch, k]).permutation(size)  # any int seed
                 skip = max(0, start - k * window)
                 yield k * window + skip, {key: v[order[skip:]] for key, v in rows.items()}
                 pending, held, k = [], 0, k + 1

@@ -111,12 +111,13 @@ def test_shuffled_windows_permute_each_window_the_same_way_on_every_run():
     assert ids == [i for _, b in _epoch(rows, 4, 0, 0) for i in b["id"].tolist()]  # ... the same way each run
     assert ids != [i for _, b in _epoch(rows, 4, 0, 1) for i in b["id"].tolist()]  # another epoch, another order
     assert ids != [i for _, b in _epoch(rows, 4, 1, 0) for i in b["id"].tolist()]  # another seed too
+    assert [i for _, b in _epoch(rows, 4, -3, 0) for i in b["id"].tolist()] != ids  # a negative seed works too
     whole = [i for _, b in _epoch(rows, window=64, seed=0, epoch=0) for i in b["id"].tolist()]
     assert sorted(whole) == list(range(1, 11)) and whole != list(range(1, 11))  # one window: the whole range
     assert [i for _, b in _epoch(rows, window=0, seed=0, epoch=0) for i in b["id"].tolist()] == list(range(1, 11))
 
 
-@pytest.mark.parametrize("start", [0, 3, 4, 9])
+@pytest.mark.parametrize("start", [0, 3, 4, 8, 9, 10])
 def test_shuffled_windows_resume_at_any_offset_exactly(start):
     rows = WorkerRows(("a", "b", "c"), skip=1, count=10)
     ids = [i for _, b in _epoch(rows, 4, 7, 2) for i in b["id"].tolist()]
@@ -144,7 +145,8 @@ def test_the_stage_data_stream_resumes_a_shuffled_epoch_exactly():
     ids = [b["id"].tolist() for _, b in first]
     epoch0 = [i for b in ids for i in b][:10]
     assert sorted(epoch0) == list(range(1, 11)) and epoch0 != list(range(1, 11))
-    for k in (0, 2, 5, 8):
+    assert [first[k][0] for k in (6, 9)] == [(2, 1), (2, 10)]  # across an epoch's end; at a range's end
+    for k in (0, 2, 5, 6, 8, 9):
         (epoch, done), _ = first[k]
         resumed = _batches(Shard(), rows, Store(), batch_size=3, epoch=epoch, done=done, window=4, seed=5)
         assert [next(resumed)[1]["id"].tolist() for _ in range(11 - k)] == ids[k + 1:], k
