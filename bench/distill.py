@@ -60,7 +60,11 @@ def _case(args) -> dict:
     import torch
 
     from pipelines.schema import load_pipeline_config
-    from pipelines.stages.distill import build_engines, build_networks, loss_settings, train_iteration
+    try:
+        from pipelines.stages.distill.engines import build_engines, build_networks, loss_settings
+        from pipelines.stages.distill.iteration import train_iteration
+    except ModuleNotFoundError:  # bench/host_overhead.py --baseline: a tree with the stage in one module
+        from pipelines.stages.distill import build_engines, build_networks, loss_settings, train_iteration
     from swd_core.adapters import TextEmbeddings
 
     torch.set_num_threads(args.threads)

@@ -234,8 +234,10 @@ def run_recipe(args) -> None:
     import torch
 
     from pipelines.sharding import WorkerRows
-    from pipelines.stages.distill import (_batches, averaged_student, build_networks, loss_settings, lr_schedule,
-                                          student_ema, train_iteration)
+    from pipelines.stages.distill.data import _batches
+    from pipelines.stages.distill.engines import (averaged_student, build_networks, loss_settings, lr_schedule,
+                                                  student_ema)
+    from pipelines.stages.distill.iteration import train_iteration
     from swd_core.adapters import TextEmbeddings
     from swd_core.evaluate_model import ShapesScorer
     from swd_core.lora import STUDENT

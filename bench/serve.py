@@ -123,9 +123,9 @@ def main() -> int:
 
     ray.init(address="local", num_cpus=max(2, int(args.cpus)), include_dashboard=False, logging_level="WARNING")
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
-    from ray.serve.context import _get_global_client
+    from pipelines.ray_compat import serve_http_address
 
-    url = f"http://127.0.0.1:{_get_global_client().http_config.port}/bench"
+    url = f"http://127.0.0.1:{serve_http_address()[1]}/bench"
     runs = {}
     try:
         for name, batch in (("unbatched", 1), ("batched", args.batch)):

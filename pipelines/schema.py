@@ -1,4 +1,4 @@
-"""The pipeline definition: one typed schema for every stage (DESIGN.md §1).
+"""The pipeline definition: one typed schema for every stage.
 
 Loaded from YAML by `load_pipeline_config`; an invalid file fails with `PipelineConfigError`,
 whose message names each bad field, the value given and what is allowed.

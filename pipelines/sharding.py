@@ -60,7 +60,7 @@ def plan_digest(plan: Sequence[WorkerRows], root: str = "", shuffle: tuple[int, 
     (the store's data folder), so a store that is moved or mounted elsewhere keeps its positions."""
     named = [{**asdict(w), "files": [f.removeprefix(root.rstrip("/") + "/") if root else f for f in w.files]}
              for w in plan]
-    order = {"shuffle": list(shuffle)} if shuffle[0] else {}  # file order (window 0) ignores the seed
+    order = {"shuffle": list(shuffle)} if shuffle[0] else {}  # file order (window 0): the plan alone names it
     return hashlib.sha256(json.dumps({"plan": named, **order} if order else named).encode()).hexdigest()[:16]
 
 
@@ -152,7 +152,7 @@ class StoreShards(DataConfig):
         out = []
         for rows in self.plan:
             ds = self.store.dataset(files=list(rows.files))
-            options = self._resolve_execution_options("train")
+            options = self.default_ingest_options()  # what Ray Train applies to a shard by default
             options.preserve_order = True  # blocks in file order, not in order of completion
             ds.context.execution_options = options
             out.append({"train": ds.iterator()})

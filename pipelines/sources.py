@@ -21,8 +21,8 @@ from collections.abc import Iterator
 import pyarrow.parquet as pq
 
 from pipelines.schema import DataSource, ResourcesConfig
-from pipelines.storage import filesystem
-from pipelines.store import fs_path, list_parquet
+from pipelines.storage import filesystem, fs_path
+from pipelines.store.shards import list_parquet
 
 # Rows per read task for csv folders and shapes (Parquet: one task per row group). Each task's
 # rows become one output shard, so this is also how much work a killed run can lose.

@@ -1,4 +1,11 @@
-"""Where a run's outputs go: a local directory or an s3:// prefix, through fsspec (s3fs)."""
+"""Where a run's inputs and outputs live: a local directory or an s3:// prefix.
+
+The one place that builds filesystems: `filesystem` (fsspec; s3fs for s3://) from the
+definition's `resources.s3` (endpoint_url, region), and `arrow_filesystem`, the pyarrow view of
+that same filesystem for Ray Data and Ray Train. pyarrow's own S3 client ignores the endpoint
+environment variables and reads credentials its own way; wrapping s3fs keeps one set of settings
+and one credential chain for every reader and writer.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from pipelines.schema import ResourcesConfig
 
 
 def filesystem(uri: str, resources: ResourcesConfig) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for `uri`: s3fs with the definition's endpoint and region, else local."""
     if uri.startswith("s3://"):
         opts = {}
         if resources.s3.endpoint_url:
@@ -23,6 +31,31 @@ def filesystem(uri: str, resources: ResourcesConfig) -> fsspec.AbstractFileSyste
             opts["client_kwargs"] = {"region_name": resources.s3.region}
         return fsspec.filesystem("s3", **opts)
     return fsspec.filesystem("file")
+
+
+def arrow_filesystem(uri: str, resources: ResourcesConfig):
+    """The pyarrow filesystem for `uri`: `filesystem(uri)` wrapped for s3://, else the local one.
+    Paths on it are `fs_path(uri)`."""
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+    if uri.startswith("s3://"):
+        return PyFileSystem(FSSpecHandler(filesystem(uri, resources)))
+    return LocalFileSystem()
+
+
+def fs_path(uri: str) -> str:
+    """`uri` as both filesystems name it: s3 without the scheme, local absolute."""
+    return uri.removeprefix("s3://") if uri.startswith("s3://") else str(Path(uri).resolve())
+
+
+def read_json(uri: str, resources: ResourcesConfig) -> dict | None:
+    """The JSON document at `uri`, or None when there is none."""
+    fs = filesystem(uri, resources)
+    try:
+        with fs.open(fs_path(uri), "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
 
 
 def write_bytes(uri: str, data: bytes, resources: ResourcesConfig) -> str:
@@ -87,7 +120,5 @@ def upload_dir(local: str | Path, uri: str, resources: ResourcesConfig) -> str:
     if uri.startswith("s3://"):
         filesystem(uri, resources).put(str(local).rstrip("/") + "/", uri.rstrip("/") + "/", recursive=True)
     elif Path(local).resolve() != Path(uri).resolve():
-        import shutil
-
         shutil.copytree(local, uri, dirs_exist_ok=True)
     return uri

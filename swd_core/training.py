@@ -1,6 +1,6 @@
 """One SwD training iteration as plain tensor math (DESIGN.md §2); no Ray, no DeepSpeed.
 
-The trainer (pipelines/stages/distill.py) owns data, engines and optimizers and reads top to
+The trainer (pipelines/stages/distill/) owns data, engines and optimizers and reads top to
 bottom, at one scale s_i per iteration: `student_samples` (one call for all fake updates) ->
 `fake_update_loss` × fake_updates -> backward/step, then `student_input` -> student pass ->
 `generator_loss` -> backward/step. The critic comes first so that the one judging the student

@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipelines import store
+from pipelines import storage, store
 from pipelines.schema import parse_pipeline_config
 from pipelines.stages import precompute
 from pipelines.stages.precompute import load_rgb, sample_id, square_pixels
@@ -274,7 +274,7 @@ def test_synthesize_then_precompute_on_s3(ray_cluster, s3_server, adapter):
 
     syn = synthesize.run(cfg)
     assert syn["sampled"] == 4 and syn["rows"] == 4
-    table = pq.read_table("swd-test/runs/pc/synthesized", filesystem=store.arrow_filesystem("s3://x", cfg.resources))
+    table = pq.read_table("swd-test/runs/pc/synthesized", filesystem=storage.arrow_filesystem("s3://x", cfg.resources))
     made = {r["caption"]: r for r in table.to_pylist()}
     assert set(made) == set(prompts) and {r["seed"] for r in made.values()} == {7, 8, 9, 10}
     assert all(r["num_steps"] == 3 and r["guidance_scale"] == 4.5 and r["teacher"] == TOY for r in made.values())

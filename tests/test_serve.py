@@ -57,11 +57,12 @@ def students(tmp_path_factory):
 def http_base(ray_cluster):
     """Serve's HTTP proxy on 127.0.0.1, head node only (both test nodes share the address)."""
     from ray import serve
-    from ray.serve.context import _get_global_client
+
+    from pipelines.ray_compat import serve_http_address
 
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
-    http = _get_global_client().http_config  # the port in effect, if Serve was already running
-    return f"http://127.0.0.1:{http.port}"
+    _, port = serve_http_address()  # the port in effect, if Serve was already running
+    return f"http://127.0.0.1:{port}"
 
 
 def deploy(cfg, use_config_file: bool = False):
@@ -235,9 +236,9 @@ def test_auth_and_backpressure(http_base, students, tmp_path):
                    for r in refused)
         assert post(url, {"prompt": PROMPT, "seed": 2}, headers=ok).status_code == 200  # still alive
         # The key is in no log of the cluster (replica, proxy, controller, access logs).
-        import ray
+        from pipelines.ray_compat import session_logs_dir
 
-        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+        logs = Path(session_logs_dir())
         leaked = [f for f in logs.rglob("*") if f.is_file() and key.encode() in f.read_bytes()]
         assert not leaked, leaked
     finally:

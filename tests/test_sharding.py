@@ -129,7 +129,7 @@ def test_shuffled_windows_resume_at_any_offset_exactly(start):
 def test_the_stage_data_stream_resumes_a_shuffled_epoch_exactly():
     """The distill stage's batches over a worker's range: a stream restarted at a saved
     (epoch, rows done) position yields exactly the batches the uninterrupted one went on to."""
-    from pipelines.stages.distill import _batches
+    from pipelines.stages.distill.data import _batches
 
     class Shard:  # a worker's Ray Data shard: its files' blocks, in order, each time it is read
         def iter_batches(self, **_):
@@ -189,7 +189,7 @@ def test_each_worker_reads_its_rows_in_order_on_every_run(tmp_path, ray_cluster)
 
 
 def test_a_saved_data_position_is_kept_only_under_the_same_plan():
-    from pipelines.stages.distill import _data_position
+    from pipelines.stages.distill.data import _data_position
 
     state = {"epoch": 3, "data_plan": "abc", "data_positions": [[3, 5], [3, 6]]}
     assert _data_position(state, "abc", rank=1) == (3, 6, None)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from pipelines import store
+from pipelines.store import codec
 from pipelines.schema import parse_pipeline_config
 from pipelines.stages.precompute import (
     EncodeSpec,
@@ -32,7 +33,7 @@ def test_tensor_bytes_round_trip(dtype):
     t = torch.randn(3, 4, 5)
     raw = [store.encode_tensor(x, dtype) for x in t]
     assert all(len(b) == 4 * 5 * store.DTYPE_BYTES[dtype] for b in raw)
-    back = store._decode_column(raw, dtype, (4, 5))
+    back = codec._decode_column(raw, dtype, (4, 5))
     from swd_core.adapters.sd3 import torch_dtype
 
     expect = t.to(torch_dtype(dtype)).to(torch.float32).numpy()

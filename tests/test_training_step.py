@@ -156,7 +156,7 @@ def test_student_ema_is_exported_and_training_weights_come_back():
     from types import SimpleNamespace
 
     from pipelines.schema import parse_pipeline_config
-    from pipelines.stages.distill import averaged_student, student_ema
+    from pipelines.stages.distill.engines import averaged_student, student_ema
 
     cfg = parse_pipeline_config({"name": "ema", "teacher": {"path": "builtin:tiny-sd3"},
                                  "distill": {"schedule": {"preset": "toy_4step"}, "ema_decay": 0.5}})
@@ -186,7 +186,7 @@ def test_workers_get_absolute_storage_and_store_paths(tmp_path, monkeypatch):
     """Ray Train workers run in their own directories: relative local paths of the definition are
     resolved on the driver (a relative `precompute.output` once failed every worker)."""
     from pipelines.schema import parse_pipeline_config
-    from pipelines.stages.distill import _absolute
+    from pipelines.stages.distill.trainer import _absolute
 
     monkeypatch.chdir(tmp_path)
     cfg = _absolute(parse_pipeline_config({"name": "abs", "teacher": {"path": "builtin:tiny-sd3"},
@@ -307,7 +307,7 @@ def test_the_critic_is_fitted_at_a_scale_before_the_generator_steps_there(tiny_a
     """The authors' order: at every iteration the fake-score updates run on student samples at
     s_i, then the generator updates at s_i (2 rounds of the 4 scales)."""
     import swd_core.training as training
-    from pipelines.stages.distill import train_iteration
+    from pipelines.stages.distill.iteration import train_iteration
 
     events = []
     for name, kind in (("fake_update_loss", "fake"), ("generator_loss", "generator")):

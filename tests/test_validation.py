@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipelines.schema import parse_pipeline_config
-from pipelines.stages.distill import Validation
+from pipelines.stages.distill.validation import Validation
 
 TOY = Path(__file__).parents[1] / "pipelines" / "configs" / "toy.yaml"
 NAN = float("nan")

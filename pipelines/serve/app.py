@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ray.serve import Application
 
+from pipelines.ray_compat import deployment_version
 from pipelines.schema import PipelineConfig, load_pipeline_config, parse_pipeline_config
 from pipelines.serve.generator import Generator
 from pipelines.serve.ingress import Ingress
@@ -78,8 +79,7 @@ def code_version(args: dict) -> str:
 
 def build_app(cfg: PipelineConfig) -> Application:
     args = definition_args(cfg)
-    # `version` is internal to Serve's options (the public decorator argument was removed).
-    version = {"version": code_version(args), "_internal": True}
+    version = deployment_version(code_version(args))
     generator = Generator.options(**generator_options(cfg), **version).bind(args)
     return Ingress.options(**ingress_options(cfg), **version).bind(generator, args)
 

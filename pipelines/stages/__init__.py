@@ -11,8 +11,11 @@ from pathlib import Path
 
 from pipelines.schema import STAGES
 
-# A stage is available when its module exists: pipelines/stages/<stage>.py.
-AVAILABLE = {s: f"pipelines.stages.{s}" for s in STAGES if (Path(__file__).parent / f"{s}.py").exists()}
+# A stage is available when its module exists: pipelines/stages/<stage>.py, or the package
+# pipelines/stages/<stage>/ for a stage of several modules.
+HERE = Path(__file__).parent
+AVAILABLE = {s: f"pipelines.stages.{s}" for s in STAGES
+             if (HERE / f"{s}.py").exists() or (HERE / s / "__init__.py").exists()}
 
 
 def run_stage(name: str, cfg) -> dict:

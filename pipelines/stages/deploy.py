@@ -10,18 +10,11 @@ from __future__ import annotations
 import ray
 from ray import serve
 
+from pipelines.ray_compat import serve_http_address
 from pipelines.ray_runtime import ensure_ray
 from pipelines.schema import PipelineConfig
 from pipelines.serve import app_name, build_app
 from pipelines.serve.app import model_user_config
-
-
-def _http_address() -> tuple[str, int]:
-    # Serve keeps its first http_options; ask the controller which ones are in effect.
-    from ray.serve.context import _get_global_client
-
-    http = _get_global_client().http_config
-    return http.host, http.port
 
 
 def run(cfg: PipelineConfig) -> dict:
@@ -33,7 +26,7 @@ def run(cfg: PipelineConfig) -> dict:
     model = model_user_config(cfg)
     print(f"[deploy] deploying {name}: model {model['model_id']} from {model['model']}", flush=True)
     serve.run(build_app(cfg), name=name, route_prefix=s.route_prefix, blocking=False)
-    host, port = _http_address()
+    host, port = serve_http_address()  # Serve keeps the http_options it first started with
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}{s.route_prefix.rstrip('/')}/"
     print(f"[deploy] {name} is serving at {url}  (playground: {url}, API: {url}v1/images/generations)", flush=True)

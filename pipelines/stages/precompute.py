@@ -1,5 +1,5 @@
 """Precompute stage (Ray Data): (image, caption) rows -> text embeddings and VAE latents at every
-scale of the schedule -> the store (pipelines/store.py, DESIGN.md §5).
+scale of the schedule -> the store (pipelines/store/).
 
 Two passes over the input, both streamed:
 1. check (Ray tasks, cheap): decode each image, test size and caption, hash it into `sample_id`.
@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipelines import sources, store
 from pipelines.schema import DataSource, PipelineConfig, ResourcesConfig
+from pipelines.storage import arrow_filesystem, fs_path, read_json, write_bytes
 
 # Why a row is refused (the quarantine's `reason` column).
 REASONS = ("missing_image", "undecodable_image", "too_small", "empty_caption", "caption_too_long", "duplicate")
@@ -303,7 +304,7 @@ def write_quarantine(uri: str, rows: list[dict], resources: ResourcesConfig) -> 
         buf = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(new, schema=QUARANTINE_SCHEMA), buf)
         name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.parquet"
-        store.write_file(f"{uri}/{store.QUARANTINE}/{name}", buf.getvalue().to_pybytes(), resources)
+        write_bytes(f"{uri}/{store.QUARANTINE}/{name}", buf.getvalue().to_pybytes(), resources)
     return len(new)
 
 
@@ -323,14 +324,14 @@ def write_manifest(uri: str, cfg: PipelineConfig, text: dict, complete: bool, ro
     manifest = values_manifest(cfg, text)
     manifest.update(rows=rows, empty_prompt=store.EMPTY_PROMPT, complete=complete,
                     created=(previous or {}).get("created", now), updated=now)
-    store.write_file(f"{uri}/{store.MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode(), cfg.resources)
+    write_bytes(f"{uri}/{store.MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode(), cfg.resources)
     return manifest
 
 
 def prepare(cfg: PipelineConfig) -> tuple[str, dict | None, list[str]]:
     """Refuse a store made by another definition; drop partial shards of a killed run."""
     uri = store.store_uri(cfg)
-    previous = store.read_json(f"{uri}/{store.MANIFEST}", cfg.resources)
+    previous = read_json(f"{uri}/{store.MANIFEST}", cfg.resources)
     if previous is not None:
         diffs = store.manifest_differences(previous, store.expected_manifest(cfg))
         if diffs:
@@ -400,7 +401,7 @@ def run(cfg: PipelineConfig) -> dict:
         # Blocks leave in the sources' order (the actors still encode in parallel), and the file
         # names follow it: a store made twice holds its rows in one order, which training reads.
         encoded.context.execution_options.preserve_order = True
-        encoded.write_parquet(store.fs_path(f"{uri}/{store.DATA}"), filesystem=store.arrow_filesystem(uri, resources))
+        encoded.write_parquet(fs_path(f"{uri}/{store.DATA}"), filesystem=arrow_filesystem(uri, resources))
     rows = store.count_rows(f"{uri}/{store.DATA}", resources)
     manifest = write_manifest(uri, cfg, text, complete=True, rows=rows, previous=previous)
     result = {"store": uri, "rows": manifest["rows"], "new_rows": len(keep), "skipped_present": counts["skipped_present"],

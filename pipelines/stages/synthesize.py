@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from pipelines import sources, store
 from pipelines.schema import PipelineConfig
+from pipelines.storage import arrow_filesystem, filesystem, fs_path
 
 SCHEMA = pa.schema([("image", pa.binary()), ("caption", pa.string()), ("seed", pa.int64()), ("num_steps", pa.int64()),
                     ("guidance_scale", pa.float64()), ("teacher", pa.string())])
@@ -75,7 +76,7 @@ def run(cfg: PipelineConfig) -> dict:
     for path in store.list_parquet(out, resources):
         import pyarrow.parquet as pq
 
-        with store.filesystem(out, resources).open(path, "rb") as f:
+        with filesystem(out, resources).open(path, "rb") as f:
             t = pq.read_table(f, columns=["caption", "seed", "num_steps", "guidance_scale", "teacher"])
         for r in t.to_pylist():
             if (r["num_steps"], r["guidance_scale"], r["teacher"]) == (sc.num_steps, float(sc.guidance_scale), cfg.teacher.path):
@@ -90,7 +91,7 @@ def run(cfg: PipelineConfig) -> dict:
                                            max(1, int(sc.cpus_per_actor))),
                       compute=ray.data.ActorPoolStrategy(size=sc.actors), num_cpus=sc.cpus_per_actor,
                       num_gpus=sc.gpus_per_actor)
-         .write_parquet(store.fs_path(out), filesystem=store.arrow_filesystem(out, resources)))
+         .write_parquet(fs_path(out), filesystem=arrow_filesystem(out, resources)))
     rows = store.count_rows(out, resources)
     result = {"output": out, "prompts": len(prompts), "sampled": len(todo), "skipped_present": len(wanted) - len(todo),
               "rows": rows, "seconds": time.perf_counter() - start}

@@ -1,0 +1,70 @@
+"""The stage's Ray Train checkpoints: each holds both DeepSpeed engines' checkpoints (tag
+`CKPT_TAG`, only what training changes), the student's EMA (`EMA_FILE`) and `state.json`: the
+step, every rank's data position under the run's data plan, where the workers ran, the
+validation choice and the step's metrics."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipelines.stages.distill.data import _data_position
+from pipelines.stages.distill.engines import averaged_student
+from pipelines.stages.distill.export import _export_student
+
+CKPT_TAG = "ckpt"  # DeepSpeed checkpoint tag inside each Ray checkpoint
+EMA_FILE = "student_ema.pt"  # the student's weight average (distill.ema_decay), beside state.json
+
+
+def restore_checkpoint(rank: int, engine_g, engine_f, ema, device, digest: str) -> tuple[int, int, int, dict | None]:
+    """Loads the run's latest checkpoint, if any, into the engines and the EMA. Returns (step,
+    epoch, rows of it done, validation record) to go on from: zeros and None for a fresh run."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, 0, 0, None
+    with checkpoint.as_directory() as ckpt_dir:
+        engine_g.load_checkpoint(f"{ckpt_dir}/student", tag=CKPT_TAG, load_module_strict=False)
+        engine_f.load_checkpoint(f"{ckpt_dir}/fake", tag=CKPT_TAG, load_module_strict=False)
+        state = json.loads(Path(ckpt_dir, "state.json").read_text())
+        if ema is not None and Path(ckpt_dir, EMA_FILE).exists():
+            ema.load_state_dict(torch.load(Path(ckpt_dir, EMA_FILE), map_location=device))
+        elif ema is not None and rank == 0:
+            print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
+    epoch, rows_done, note = _data_position(state, digest, rank)
+    if rank == 0:
+        print(f"[distill] resumed from checkpoint at step {state['step']}" + (f"; {note}" if note else ""), flush=True)
+    return state["step"], epoch, rows_done, state.get("validation")
+
+
+def checkpoint_state(step: int, position: list[int], world: int, workers: list[dict], digest: str,
+                     chosen: dict | None) -> dict:
+    """`state.json` of the checkpoint at `step` (rank 0 writes it), less the metrics; `position`
+    is this rank's (epoch, rows of it done), gathered from every rank (a collective call)."""
+    positions = [None] * world  # every rank's own place in its rows
+    torch.distributed.all_gather_object(positions, position)
+    return {"step": step, "epoch": position[0], "workers": workers, "data_plan": digest,
+            "data_positions": positions, "validation": chosen}
+
+
+def _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets, state) -> None:
+    import ray.train
+
+    if cfg.distill.export_at_checkpoints and state["step"] < cfg.distill.steps:
+        # before the checkpoint: a restart from an earlier one exports this step again
+        with averaged_student(ema, nets.student_parameters()):
+            _export_student(cfg, rank, engine_g, adapter, nets, final=False, step=state["step"])
+    with tempfile.TemporaryDirectory() as tmp:
+        # exclude_frozen_parameters: the frozen base is the teacher, already on disk; checkpoints hold
+        # only what training changes (adapters, head, or the sharded full student) plus optimizer state.
+        engine_g.save_checkpoint(f"{tmp}/student", tag=CKPT_TAG, exclude_frozen_parameters=True)
+        engine_f.save_checkpoint(f"{tmp}/fake", tag=CKPT_TAG, exclude_frozen_parameters=True)
+        if rank == 0:
+            Path(tmp, "state.json").write_text(json.dumps({**state, "metrics": metrics}, indent=2))
+            if ema is not None:  # the same on every rank (ZeRO <= 2 keeps whole student weights)
+                torch.save(ema.state_dict(), Path(tmp, EMA_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

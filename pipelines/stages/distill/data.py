@@ -1,0 +1,62 @@
+"""A worker's training data: its rows of the store, epoch after epoch in seeded windows
+(`_batches`), where it stands in them (`DataStream`, saved in checkpoints), and where a resume
+starts (`_data_position`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+
+def _batches(shard, rows, store, batch_size: int, epoch: int, done: int, window: int, seed: int):
+    """Endless ((epoch, rows of it done), decoded batch) over this worker's `rows` (a
+    `pipelines.sharding.WorkerRows`), epoch after epoch, each epoch shuffled in windows of
+    `window` rows (`shuffled_windows`), from row `done` of `epoch` (a resume reads on from there)."""
+    from pipelines.sharding import fixed_batches, shuffled_windows, worker_blocks
+
+    def blocks():
+        e, start = epoch, done
+        while True:
+            first = start - start % window if window else start  # a resume re-reads its window
+            whole = shard.iter_batches(batch_size=None, batch_format="numpy")  # Ray Data's blocks, cut below
+            for offset, block in shuffled_windows(worker_blocks(whole, rows, first), rows.count, window, seed, e, start):
+                yield (e, offset), block
+            e, start = e + 1, 0
+
+    for position, batch in fixed_batches(blocks(), batch_size):
+        yield position, store.decode(batch)
+
+
+def _data_position(state: dict, digest: str, rank: int) -> tuple[int, int, str | None]:
+    """(epoch, rows of it done) for this rank from a checkpoint's state, and a note when the
+    position cannot be kept: it is valid only for the same store files and worker count."""
+    if state.get("data_plan") == digest:
+        epoch, done = state["data_positions"][rank]
+        return epoch, done, None
+    why = ("the checkpoint holds no per-worker data positions" if "data_plan" not in state
+           else "the data plan changed since the checkpoint (the store's files, the number of workers, "
+                "distill.shuffle_window or distill.seed)")
+    return state["epoch"] + 1, 0, f"{why}: data restarts at a new epoch"
+
+
+class DataStream:
+    """This worker's batches on its device, and its place in its rows: `epoch` and `rows_done`
+    (rows of that epoch consumed), as of the last batch taken. `data_wait` adds up the seconds
+    spent waiting for batches since it was last set to 0: it shows when training is input-bound."""
+
+    def __init__(self, batches: Iterator, epoch: int, rows_done: int, device, dtype, scales):
+        self._batches = batches  # as `_batches` yields them
+        self.epoch, self.rows_done = epoch, rows_done
+        self.data_wait = 0.0
+        self._device, self._dtype, self._scales = device, dtype, scales
+
+    def next_batch(self):
+        """(text embeddings, {scale: latents}) of the next batch, on the device."""
+        from swd_core.adapters import TextEmbeddings
+
+        start = time.perf_counter()
+        (self.epoch, self.rows_done), batch = next(self._batches)
+        self.data_wait += time.perf_counter() - start
+        text = TextEmbeddings(batch["prompt_embeds"], batch["pooled_prompt_embeds"]).to(self._device, self._dtype)
+        latents = {s: batch[f"latents_{s}"].to(self._device) for s in set(self._scales)}
+        return text, latents

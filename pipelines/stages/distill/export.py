@@ -1,0 +1,79 @@
+"""The distilled student as the stage hands it on: a merged diffusers pipeline folder (and a PEFT
+LoRA in LoRA mode) with a sample grid, under `student_dir`, and with validation the record of
+the chosen step (`RECORD_FILE`)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+from pipelines.schema import PipelineConfig
+
+RECORD_FILE = "validation.json"  # in the export: the chosen step and every score (distill.validation)
+
+
+def student_dir(cfg: PipelineConfig) -> str:
+    """Where the distilled student is exported (and the export's validation record lives)."""
+    return f"{cfg.run_dir}/student"
+
+
+def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int | None = None,
+                    *, validation: dict | None = None) -> None:
+    """Rank 0 writes the student as a PEFT LoRA (LoRA mode) and a merged diffusers pipeline
+    folder, plus a sample grid, to <run_dir>/student (or student/step_<n>); with a `validation`
+    record (the chosen step and the score history) also `validation.json`, last: until it is
+    there again, the export names no step (`Validation.restore` checks it on resume)."""
+    from swd_core.export import export_lora, export_merged_pipeline
+
+    full = not nets.lora_student
+    state = None
+    if full:  # every rank takes part in gathering ZeRO-3 shards
+        if cfg.distill.zero_stage == 3:
+            state = engine_g._zero3_consolidated_16bit_state_dict()
+        else:
+            state = engine_g.module.state_dict()
+    if rank != 0:
+        return
+    from pipelines.storage import filesystem, upload_dir
+
+    dest = student_dir(cfg) + ("" if final else f"/step_{step}")
+    if final:  # the previous export's record must not name the new weights
+        try:
+            filesystem(dest, cfg.resources).rm(f"{dest}/{RECORD_FILE}")
+        except FileNotFoundError:
+            pass
+    with tempfile.TemporaryDirectory() as tmp:
+        t = cfg.teacher
+        if full:
+            student = type(nets.student_transformer).from_config(nets.student_transformer.config)
+            student.load_state_dict({k: v.float() for k, v in state.items()})
+            export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), transformer=student,
+                                   max_sequence_length=t.max_sequence_length, dtype=t.dtype)
+        else:
+            export_lora(adapter, f"{tmp}/lora")
+            export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), lora_dir=f"{tmp}/lora",
+                                   max_sequence_length=t.max_sequence_length, dtype=t.dtype)
+        _sample_grid(cfg, f"{tmp}/merged", f"{tmp}/samples.png")
+        upload_dir(tmp, dest, cfg.resources)
+    if validation is not None:
+        _write_record(dest, validation, cfg.resources)
+    print(f"[distill] exported the student to {dest} (merged/, {'' if full else 'lora/, '}samples.png)", flush=True)
+
+
+def _write_record(export: str, record: dict, resources) -> None:
+    from pipelines.storage import write_bytes
+
+    write_bytes(f"{export}/{RECORD_FILE}", json.dumps(record, indent=2).encode(), resources)
+
+
+def _sample_grid(cfg: PipelineConfig, merged_dir: str, out_png: str) -> None:
+    from swd_core.evaluate_model import load_exported_student
+    from swd_core.generate import generate_images
+    from swd_core.grid import image_grid
+
+    adapter, schedule, _ = load_exported_student(merged_dir, cfg.teacher.family)
+    prompts = cfg.data.preview_prompts
+    seeds = [cfg.evaluate.seed + i for i in range(len(prompts))]
+    images = generate_images(adapter, prompts, seeds, schedule=schedule)
+    image_grid([[im] for im in images], prompts, [f"student, {schedule.num_steps} steps"],
+               title=f"{cfg.name}: scales {list(schedule.scales)}").save(out_png)

@@ -1,0 +1,37 @@
+"""What a worker reports of each iteration: its metrics (to Ray Train, and in checkpoints) and,
+every `distill.log_every` steps, the progress line rank 0 prints."""
+
+from __future__ import annotations
+
+from pipelines.schema import PipelineConfig
+
+
+class Progress:
+    def __init__(self, cfg: PipelineConfig, rank: int, nodes: int):
+        self.d, self.rank, self.nodes = cfg.distill, rank, nodes
+        self.scales = cfg.schedule().scales
+        self.window: list[float] = []  # iteration seconds since the last progress line
+        self.run_times: list[float] = []  # iteration seconds of this run (attempt)
+
+    def metrics(self, step: int, i: int, terms: dict[str, float], seconds: float, data_wait: float,
+                lr: float) -> dict:
+        """The metrics of iteration `step` at scale index `i` that took `seconds`."""
+        d = self.d
+        self.window.append(seconds)
+        self.run_times.append(seconds)
+        return {"step": step, "scale": self.scales[i], "nodes": self.nodes, "iter_s": seconds, "data_wait_s": data_wait,
+                # mean over this run's iterations after the first (which pays for warm-up)
+                "mean_iter_s": sum(self.run_times[1:]) / max(len(self.run_times) - 1, 1),
+                "samples_per_s": d.batch_size * (1 + d.fake_updates) / seconds,
+                "lr": lr, **terms}
+
+    def log(self, metrics: dict, terms: dict[str, float], save: bool) -> None:
+        """The progress line, at every `log_every` steps, at checkpoints and after the first step."""
+        d, step = self.d, metrics["step"]
+        if step % d.log_every == 0 or save or step == 1:
+            if self.rank == 0:
+                line = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
+                print(f"[distill] step {step}/{d.steps} scale {metrics['scale']} lr {metrics['lr']:.3g} | {line} | "
+                      f"{sum(self.window) / len(self.window):.2f} s/it (data wait {metrics['data_wait_s']:.2f} s), "
+                      f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+            self.window = []

@@ -1,0 +1,97 @@
+"""The distill stage's driver (`run`): all its Ray wiring in one place: the dataset from the
+precomputed store and each worker's fixed share of it, `ScalingConfig`, `RunConfig` (storage
+local or s3://, `FailureConfig`, `CheckpointConfig`), and a `TorchTrainer` whose workers run
+`worker.train_loop_per_worker`."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pipelines.schema import PipelineConfig
+from pipelines.stages.distill.export import student_dir
+from pipelines.stages.distill.worker import train_loop_per_worker
+
+
+def _absolute(cfg: PipelineConfig) -> PipelineConfig:
+    """Workers run in other directories (and on other nodes): give them absolute paths for the
+    run's storage and for a store placed elsewhere (`precompute.output`)."""
+    def local_relative(path: str | None) -> bool:
+        return bool(path) and not path.startswith("s3://") and not os.path.isabs(path)
+
+    update = {}
+    if local_relative(cfg.resources.storage):
+        update["resources"] = cfg.resources.model_copy(update={"storage": os.path.abspath(cfg.resources.storage)})
+    if local_relative(cfg.precompute.output):
+        update["precompute"] = cfg.precompute.model_copy(update={"output": os.path.abspath(cfg.precompute.output)})
+    return cfg.model_copy(update=update) if update else cfg
+
+
+def build_trainer(cfg: PipelineConfig, store):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_compat import TRAIN_WORKER_ENV
+    from pipelines.ray_runtime import worker_env
+    from pipelines.sharding import StoreShards, plan_shards
+    from pipelines.storage import arrow_filesystem, fs_path
+
+    r, d = cfg.resources, cfg.distill
+    use_gpu = r.gpus_per_worker > 0
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+    storage_path = f"{cfg.run_dir}/train"
+    storage_filesystem = None  # a local path: Ray Train picks its own filesystem
+    if storage_path.startswith("s3://"):
+        storage_filesystem = arrow_filesystem(storage_path, r)
+        storage_path = fs_path(storage_path)  # with an explicit filesystem Ray wants a bare path
+    file_rows = store.file_rows()  # one listing of the store: the plan and the named dataset share it
+    plan = plan_shards(file_rows, r.num_workers, d.batch_size // r.num_workers)  # each worker's rows
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"pipeline": cfg.model_dump(mode="json"), "store": store, "data_plan": plan},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=r.placement_strategy),
+        # by name; StoreShards reads each worker's part of it
+        datasets={"train": store.dataset(files=[path for path, _ in file_rows])},
+        dataset_config=StoreShards(store, plan),
+        run_config=RunConfig(
+            name="distill", storage_path=storage_path, storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            # with validation, the kept checkpoints are the best scored ones (Ray always keeps the latest too)
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=d.keep_checkpoints,
+                checkpoint_score_attribute=d.validation.score_key if d.validation.num_prompts else None,
+                checkpoint_score_order=d.validation.mode),
+            worker_runtime_env={"env_vars": {**worker_env(), **TRAIN_WORKER_ENV}},
+        ),
+    )
+
+
+def run(cfg: PipelineConfig) -> dict:
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.store import open_store
+
+    cfg = _absolute(cfg)
+    r, d = cfg.resources, cfg.distill
+    if d.batch_size % r.num_workers:
+        raise ValueError(f"distill.batch_size {d.batch_size} must be divisible by resources.num_workers {r.num_workers}")
+    store = open_store(cfg)  # refuses a store built for another definition, with what differs
+    missing = sorted(set(cfg.schedule().scales) - set(store.scales))
+    if missing:
+        raise ValueError(f"the store at {store.uri} has no latents at scales {missing}; rerun the precompute stage")
+    ensure_ray(cfg)
+    schedule = cfg.schedule()
+    print(f"[distill] {d.mode} student, ZeRO-{d.zero_stage}, {r.num_workers} workers, batch {d.batch_size}, "
+          f"{d.steps} steps, {'scale-wise' if schedule.is_scalewise else 'full-resolution'} scales {list(schedule.scales)}",
+          flush=True)
+    start = time.perf_counter()
+    result = build_trainer(cfg, store).fit()
+    if result.error:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    out = {"student": student_dir(cfg), "checkpoint": result.checkpoint.path if result.checkpoint else None,
+           "seconds": time.perf_counter() - start, "final_metrics": metrics}
+    chosen = f" (step {metrics['val_best_step']}, chosen by validation)" if "val_best_step" in metrics else ""
+    print(f"[distill] done in {out['seconds']:.0f} s; student at {out['student']}{chosen}", flush=True)
+    return out

@@ -1,0 +1,106 @@
+"""One Ray Train worker of the distill stage (`train_loop_per_worker`): build the networks and
+their engines, restore the latest checkpoint, then per step one iteration and its metrics, and
+at checkpoints validation and the checkpoint itself; last, the export of the student."""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import partial
+
+import torch
+
+from pipelines.ray_compat import quiet_train_report_log
+from pipelines.schema import PipelineConfig
+from pipelines.stages.distill.checkpoint import _report_checkpoint, checkpoint_state, restore_checkpoint
+from pipelines.stages.distill.data import DataStream, _batches
+from pipelines.stages.distill.engines import averaged_student, build_engines, build_networks, loss_settings, student_ema
+from pipelines.stages.distill.export import _export_student
+from pipelines.stages.distill.iteration import train_iteration
+from pipelines.stages.distill.progress import Progress
+from pipelines.stages.distill.validation import Validation
+
+
+def train_loop_per_worker(config: dict) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    quiet_train_report_log()
+    import deepspeed
+    import ray.train
+    from ray.train.torch import get_device
+
+    from swd_core.adapters import TextEmbeddings
+
+    from pipelines.sharding import plan_digest
+
+    cfg = PipelineConfig.model_validate(config["pipeline"])
+    store, plan, d = config["store"], config["data_plan"], cfg.distill
+    digest = plan_digest(plan, store.data_root(), (d.shuffle_window, d.seed))  # names this run's data order in checkpoints
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    micro = d.batch_size // world
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    schedule = cfg.schedule()
+    settings = loss_settings(cfg)
+
+    adapter, nets = build_networks(cfg, device)
+    deepspeed.init_distributed()  # joins the process group Ray Train already set up
+    engine_g, engine_f = build_engines(cfg, nets, micro, bf16)
+    ema = student_ema(cfg, nets)
+    student_params = nets.student_parameters()
+    workers = _placement(rank, world)
+    empty = store.empty_prompt()
+    uncond = TextEmbeddings(empty[0], empty[1]).to(device, adapter.dtype)
+    validation = None
+    if d.validation.num_prompts:
+        validation = Validation(cfg, rank, world, image_size=schedule.scales[-1] * adapter.vae_scale_factor)
+
+    # with validation, `chosen` is the exported student's record (the chosen step and every score)
+    step, epoch, rows_done, chosen = restore_checkpoint(rank, engine_g, engine_f, ema, device, digest)
+    if validation is not None:
+        chosen = validation.restore(chosen)
+    data = DataStream(_batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, rows_done,
+                               d.shuffle_window, d.seed), epoch, rows_done, device, adapter.dtype, schedule.scales)
+    progress = Progress(cfg, rank, nodes=len({w["node_id"] for w in workers}))
+    export = partial(_export_student, cfg, rank, engine_g, adapter, nets, final=True)
+
+    while step < d.steps:
+        t0, data.data_wait = time.perf_counter(), 0.0
+        g = torch.Generator().manual_seed(d.seed * 1_000_003 + rank * 10_007 + step)  # resume-exact noise
+        i, terms = train_iteration(nets, engine_g, engine_f, data.next_batch, schedule, settings, uncond, step,
+                                   d.fake_updates, g)
+        if ema is not None:
+            ema.step(student_params)
+        step += 1
+        metrics = progress.metrics(step, i, terms, time.perf_counter() - t0, data.data_wait, engine_g.get_lr()[0])
+        save = step % d.checkpoint_every == 0 or step == d.steps
+        progress.log(metrics, terms, save)
+        if save and validation is not None:
+            # the student as exported (its EMA when on), scored and maybe exported before the
+            # checkpoint that records the choice is reported
+            with averaged_student(ema, student_params):
+                metrics.update(validation.choose(step, nets, chosen, export=export))
+        if save:
+            state = checkpoint_state(step, [data.epoch, data.rows_done], world, workers, digest, chosen)
+            _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets, state)
+        elif step % d.log_every == 0:
+            ray.train.report(metrics)
+
+    if validation is None:
+        with averaged_student(ema, student_params):
+            export()
+    elif rank == 0:  # validation chose and exported already
+        validation.announce(chosen)
+
+
+def _placement(rank: int, world: int) -> list[dict]:
+    """Where each rank runs (recorded in every checkpoint's state.json and printed once)."""
+    import ray
+
+    workers = [None] * world
+    torch.distributed.all_gather_object(workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                                                  "pid": os.getpid()})
+    if rank == 0:
+        print(f"[distill] {world} workers on {len({w['node_id'] for w in workers})} node(s): "
+              + ", ".join(f"rank {w['rank']} node {w['node_id'][:8]} pid {w['pid']}" for w in workers), flush=True)
+    return workers
