@@ -41,10 +41,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def record(phase: str, **info) -> None:
+def record(phase: str, replace: bool = False, **info) -> None:
+    """Add `info` to the phase's entry (`replace`: instead of it)."""
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     data = json.loads(RECORD.read_text()) if RECORD.exists() else {}
-    entry = data.get(phase, {})
+    entry = {} if replace else data.get(phase, {})
     entry.update(info, command=" ".join(["python -m swd_core.toy.train", *sys.argv[1:]]))
     data[phase] = entry
     RECORD.write_text(json.dumps(data, indent=2) + "\n")
@@ -229,16 +230,14 @@ def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: flo
     """Teacher prompt accuracy on the first `count` held-out prompts (tracks learning); `side`
     samples at that latent side (images are upscaled to 64 px for the classifier)."""
     from swd_core.adapters.sd3 import SD3Adapter
+    from swd_core.evaluate_model import to_evaluator_size
     from swd_core.generate import generate_latents
 
     adapter = SD3Adapter(pipe, max_sequence_length=0)
     samples = shapes.held_out_prompts()[:count]
     lat = generate_latents(adapter, [s.caption for s in samples], list(range(count)), teacher_steps=steps,
                            guidance=guidance, size=side)
-    images = adapter.decode_latents(lat)
-    if images.shape[-1] != shapes.IMAGE_SIZE:
-        images = F.interpolate(images, size=(shapes.IMAGE_SIZE,) * 2, mode="bilinear", antialias=False)
-    readings, _ = read_scenes(classifier, images)
+    readings, _ = read_scenes(classifier, to_evaluator_size(adapter.decode_latents(lat)))
     return prompt_accuracy(samples, readings)
 
 
@@ -260,17 +259,28 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     fine-tune, lr 1e-4), otherwise from scratch (lr 3e-4); skips when the committed teacher
     already covers `sides`."""
     exists = (TEACHER / "model_index.json").exists()
-    if not CKPT.exists() and exists and set(sides) <= set(trained_sides()) and out == TEACHER:
+    ck = torch.load(CKPT, weights_only=False) if CKPT.exists() else None
+    budget = hours * 3600
+    if exists and set(sides) <= set(trained_sides()) and out == TEACHER and (ck is None or ck["elapsed"] >= budget):
         log(f"transformer: {TEACHER} is trained at sides {list(trained_sides())}, skipping")
         return
     from swd_core.adapters.sd3 import SD3Adapter, load_sd3_pipeline
 
     torch.manual_seed(SEED)
-    ck = torch.load(CKPT, weights_only=False) if CKPT.exists() else None
-    init = ck["init"] if ck else ("teacher" if exists else "scratch")
-    if ck and tuple(ck["sides"]) != tuple(sides):
-        raise SystemExit(f"{CKPT} trains sides {ck['sides']}, not {list(sides)}: remove it to start over")
-    lr = lr or (1e-4 if init == "teacher" else 3e-4)
+    init = ck.get("init", "scratch") if ck else ("teacher" if exists else "scratch")
+    if ck and tuple(ck.get("sides", (16,))) != tuple(sides):
+        raise SystemExit(f"{CKPT} trains sides {list(ck.get('sides', (16,)))}, not {list(sides)}: remove it to start over")
+    if ck and lr and ck.get("lr") not in (None, lr):
+        raise SystemExit(f"{CKPT} trains at lr {ck['lr']}, not {lr}: leave --lr out to continue, or remove it to start over")
+    lr = (ck.get("lr") if ck else None) or lr or (1e-4 if init == "teacher" else 3e-4)
+    # the record of the teacher a fine-tune starts from, kept with its checkpoints
+    previous = json.loads(RECORD.read_text()).get("transformer") if RECORD.exists() else None
+    if ck and "started_from" in ck:
+        started_from = ck["started_from"]
+    elif init == "teacher" and previous:  # the committed teacher: itself, or what it was fine-tuned from
+        started_from = previous if "sides" not in previous else previous.get("started_from")
+    else:
+        started_from = None
     pipe = load_sd3_pipeline(str(TEACHER), "float32") if init == "teacher" else teacher_pipeline()
     pipe.vae.requires_grad_(False)
     adapter = SD3Adapter(pipe, max_sequence_length=0)
@@ -290,12 +300,12 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         g.set_state(ck["rng"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
     del ck
+    extra = {"init": init, "sides": list(sides), "lr": lr, "started_from": started_from}
     weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in sides])
     classifier = load_classifier(CLASSIFIER) if CLASSIFIER.exists() else None
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     log(f"teacher transformer {n_params / 1e6:.2f}M params (init: {init}, lr {lr}); sides {list(sides)}; "
         f"{len(captions)} training images")
-    budget = hours * 3600
     warmup = 100 if init == "teacher" else 300
     last_ckpt = last_eval = time.time()
     t0 = time.time() - elapsed
@@ -338,7 +348,7 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         now = time.time()
         if classifier is not None and now - last_eval > eval_every_s:
             entry = {"step": step, "minutes": round((now - t0) / 60, 1)}
-            for eval_side in (max(sides), min((s for s in sides if s >= 8), default=max(sides))):
+            for eval_side in sorted({max(sides), min((s for s in sides if s >= 8), default=max(sides))}, reverse=True):
                 acc = _eval_ema(pipe, modules, ema, classifier, side=eval_side)
                 entry[f"side_{eval_side}"] = {"acc_one_object": acc["acc_one_object"],
                                               "acc_two_object": acc["acc_two_object"]}
@@ -347,20 +357,19 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
             last_eval = time.time()
             t0 += last_eval - now  # evaluation time does not count against the training budget
         if now - last_ckpt > ckpt_every_s:
-            _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history, init, sides)
+            _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history, extra)
             last_ckpt = time.time()
-    _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history, init, sides)
+    _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history, extra)
     for k, m in modules.items():
         m.load_state_dict(ema[k])
     pipe.vae.requires_grad_(True)
-    previous = json.loads(RECORD.read_text()).get("transformer") if RECORD.exists() and init == "teacher" else None
     # fp16 on disk keeps the folder small; loading with dtype=float32 upcasts.
     pipe.to(torch.float16).save_pretrained(out)
     if out == TEACHER:
-        record("transformer", seed=SEED, steps=step, batch=batch, lr=lr, minutes=round((time.time() - t0) / 60, 1),
-               architecture=TEACHER_ARCH, transformer_params=n_params, history=history, sides=list(sides),
-               side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in sides}, init=init,
-               **({"started_from": previous} if previous else {}))
+        record("transformer", replace=True, seed=SEED, steps=step, batch=batch, lr=lr,
+               minutes=round((time.time() - t0) / 60, 1), architecture=TEACHER_ARCH, transformer_params=n_params,
+               history=history, sides=list(sides), side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in sides},
+               init=init, **({"started_from": started_from} if started_from else {}))
     log(f"teacher saved to {out} after {step} steps")
 
 
@@ -377,12 +386,11 @@ def _eval_ema(pipe, modules, ema, classifier, side=None):
             m.train()
 
 
-def _save_ckpt(modules, ema, opt, step, elapsed, g, history, init, sides) -> None:
+def _save_ckpt(modules, ema, opt, step, elapsed, g, history, extra: dict) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     tmp = CKPT.with_suffix(".tmp")  # written aside, then renamed: a kill never leaves half a checkpoint
     torch.save({"model": {k: m.state_dict() for k, m in modules.items()}, "ema": ema, "opt": opt.state_dict(),
-                "step": step, "elapsed": elapsed, "rng": g.get_state(), "history": history, "init": init,
-                "sides": list(sides)}, tmp)
+                "step": step, "elapsed": elapsed, "rng": g.get_state(), "history": history, **extra}, tmp)
     tmp.replace(CKPT)
     log(f"checkpoint at step {step}")
 

@@ -17,6 +17,8 @@ def _batches(shard, rows, store, batch_size: int, epoch: int, done: int, window:
     def blocks():
         e, start = epoch, done
         while True:
+            if start >= rows.count:  # a position at the end of an epoch: the next one starts
+                e, start = e + 1, 0
             first = start - start % window if window else start  # a resume re-reads its window
             whole = shard.iter_batches(batch_size=None, batch_format="numpy")  # Ray Data's blocks, cut below
             for offset, block in shuffled_windows(worker_blocks(whole, rows, first), rows.count, window, seed, e, start):
