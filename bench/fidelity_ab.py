@@ -5,7 +5,8 @@
 prompt accuracy per evaluated step: mean, spread and every seed.
 
     python bench/recipe_sweep.py --recipes default --seeds 0,1,2 --steps 300 --eval-every 50 --out after.json
-    (the same on the other version, in a checkout of it)
+    (the same on the other version, in a checkout of it, evaluating at the same steps: the sweep
+    rounds them up to whole rounds of scales, 52 100 152 200 252 300 here)
     python bench/fidelity_ab.py --before before.json --after after.json --name fidelity_ab
     -> bench/results/fidelity_ab.json
 
@@ -51,6 +52,9 @@ def main() -> None:
     p.add_argument("--note", default="", help="what differs between the sides, for the record")
     args = p.parse_args()
     result = {"before": side(args.before, "before"), "after": side(args.after, "after"), "note": args.note}
+    steps = {label: sorted(map(int, result[label]["summary"]["by_step"])) for label in ("before", "after")}
+    if steps["before"] != steps["after"]:
+        p.error(f"the sides evaluated different steps ({steps}): compare at the same points")
     for label in ("before", "after"):
         s = result[label]["summary"]
         print(f"{label}: seeds {s['seeds']}")

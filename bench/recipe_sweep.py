@@ -329,7 +329,7 @@ def main() -> None:
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / "recipe_sweep.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = out.with_suffix(".jsonl")
-    cfg = recipe_config("default")
+    cfg = recipe_config("default", args.steps)  # refuses --steps that are not whole rounds of scales, before any work
     rows = args.rows or cfg.data.sources[0].limit
     data = Path(tempfile.gettempdir()) / f"recipe_sweep_{os.getpid()}.pt"
     t0 = time.perf_counter()
