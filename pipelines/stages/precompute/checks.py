@@ -1,0 +1,121 @@
+"""Pass 1 of the precompute stage: decode each input row, test its image and caption, and hash it
+into its `sample_id`. A row that cannot be used is refused with one of `REASONS`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipelines.stages.precompute.spec import EncodeSpec
+
+# Why a row is refused (the quarantine's `reason` column).
+REASONS = ("missing_image", "undecodable_image", "too_small", "empty_caption", "caption_too_long", "duplicate")
+
+
+class Refused(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def sample_id(image: bytes | None, caption: str | None) -> str:
+    """Stable content hash of (image bytes, caption); length-prefixed so the parts cannot blur."""
+    h = hashlib.sha256()
+    for part in (image or b"", (caption or "").encode("utf-8")):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:32]
+
+
+def load_rgb(data: bytes) -> tuple[np.ndarray, str | None]:
+    """Image bytes -> uint8 RGB (H, W, 3) and what was converted (None when it was plain RGB).
+
+    Greyscale, palette, CMYK become RGB; transparency is composited on white (what a viewer
+    shows); 16-bit images are scaled to 8 bits rather than clipped."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()  # decode now: truncated files fail here, not later
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds for corrupt input
+        raise Refused("undecodable_image", f"{type(err).__name__}: {err}") from None
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im), None
+    if mode.startswith("I"):  # 16/32-bit integer greyscale
+        arr = np.asarray(im).astype(np.float64)
+        arr = arr / 257.0 if (mode.startswith("I;16") or arr.max() > 255) else arr
+        grey = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2), f"{mode} (16-bit) -> RGB"
+    if mode == "F":
+        grey = np.clip(np.asarray(im), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2), "F -> RGB"
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")), f"{mode} -> RGB on white"
+    return np.asarray(im.convert("RGB")), f"{mode} -> RGB"
+
+
+@lru_cache(maxsize=4)
+def caption_limit(teacher: str, max_sequence_length: int):
+    """(tokenizer, token limit) deciding an over-long caption: the longest window any text
+    encoder sees — T5's `max_sequence_length` when the teacher has T5, else CLIP's."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from swd_core.tiny_models import resolve_pretrained
+
+    path = resolve_pretrained(teacher)
+    index = Path(path) / "model_index.json"
+    has_t5 = index.exists() and (json.loads(index.read_text()).get("tokenizer_3") or [None])[0] is not None
+    if has_t5 and max_sequence_length > 0:
+        tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3")
+        return tok, max_sequence_length
+    tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+    return tok, int(tok.model_max_length)
+
+
+def check_row(image: bytes | None, caption: str | None, missing: str | None, spec: EncodeSpec) -> str | None:
+    """Raise `Refused` for a row that cannot be used; return the conversion note otherwise."""
+    if image is None:
+        raise Refused("missing_image", missing or "no image")
+    if caption is None or not caption.strip():
+        raise Refused("empty_caption", "the caption is empty")
+    tok, limit = caption_limit(spec.teacher, spec.max_sequence_length)
+    n = len(tok(caption.strip())["input_ids"])
+    if n > limit:
+        raise Refused("caption_too_long", f"{n} tokens, the text encoder sees {limit}")
+    rgb, converted = load_rgb(image)
+    h, w = rgb.shape[:2]
+    if min(h, w) < spec.min_side:
+        raise Refused("too_small", f"{w}x{h} px; the largest scale {max(spec.scales)} needs "
+                                   f"{spec.min_side}x{spec.min_side} (scale x VAE factor {spec.downsample})")
+    return converted
+
+
+CHECK_SCHEMA = pa.schema([("ref", pa.string()), ("order", pa.int64()), ("sample_id", pa.string()),
+                          ("reason", pa.string()), ("detail", pa.string()), ("converted", pa.string())])
+
+
+def check_batch(batch: dict, spec: EncodeSpec) -> pa.Table:
+    """Pass 1 on a column batch: sample_id, reason/detail (None when usable), conversion note."""
+    out = {"ref": [], "order": [], "sample_id": [], "reason": [], "detail": [], "converted": []}
+    for ref, order, image, caption, missing in zip(batch["ref"], batch["order"], batch["image"], batch["caption"], batch["missing"]):
+        reason = detail = converted = None
+        try:
+            converted = check_row(image, caption, missing, spec)
+        except Refused as err:
+            reason, detail = err.reason, err.detail
+        out["ref"].append(ref)
+        out["order"].append(int(order))
+        out["sample_id"].append(sample_id(image, caption))
+        out["reason"].append(reason)
+        out["detail"].append(detail)
+        out["converted"].append(converted)
+    return pa.table(out, schema=CHECK_SCHEMA)

@@ -1,0 +1,68 @@
+"""The precompute stage's decisions on checked rows (keep, skip, quarantine) and the quarantine
+table: refused rows and duplicates with their reason, recorded once across reruns."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+
+import pyarrow as pa
+
+from pipelines import store
+from pipelines.schema import ResourcesConfig
+from pipelines.storage import write_bytes
+
+QUARANTINE_SCHEMA = pa.schema([("quarantine_id", pa.string()), ("ref", pa.string()), ("sample_id", pa.string()),
+                               ("reason", pa.string()), ("detail", pa.string()), ("time", pa.string())])
+
+
+def quarantine_id(ref: str, sid: str, reason: str) -> str:
+    return hashlib.sha256(f"{ref}\0{sid}\0{reason}".encode()).hexdigest()[:32]
+
+
+def decide(checks: pa.Table, present: set[str]) -> tuple[set[str], list[dict], Counter, Counter]:
+    """Driver side, in input order: keep / quarantine / skip each checked row.
+    Returns (refs to encode, quarantine rows, counts, conversions of kept rows)."""
+    checks = checks.sort_by("order")
+    keep, quarantined, counts, converted = set(), [], Counter(), Counter()
+    first: dict[str, str] = {}
+    for row in checks.to_pylist():
+        sid, ref = row["sample_id"], row["ref"]
+        if row["reason"]:
+            quarantined.append({"ref": ref, "sample_id": sid, "reason": row["reason"], "detail": row["detail"]})
+            continue
+        if sid in first:  # decided before "present", so reruns quarantine the same rows
+            quarantined.append({"ref": ref, "sample_id": sid, "reason": "duplicate",
+                                "detail": f"same image and caption as {first[sid]}"})
+            continue
+        first[sid] = ref
+        if sid in present:
+            counts["skipped_present"] += 1
+            continue
+        keep.add(ref)
+        if row["converted"]:
+            converted[row["converted"]] += 1
+    counts["new"] = len(keep)
+    return keep, quarantined, counts, converted
+
+
+def write_quarantine(uri: str, rows: list[dict], resources: ResourcesConfig) -> int:
+    """Append quarantine rows not recorded by an earlier run; returns how many were new."""
+    import pyarrow.parquet as pq
+
+    known = set(store.read_column(f"{uri}/{store.QUARANTINE}", "quarantine_id", resources))
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    new = []
+    for r in rows:
+        qid = quarantine_id(r["ref"], r["sample_id"], r["reason"])
+        if qid not in known:
+            known.add(qid)
+            new.append({"quarantine_id": qid, **r, "time": now})
+    if new:
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(new, schema=QUARANTINE_SCHEMA), buf)
+        name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.parquet"
+        write_bytes(f"{uri}/{store.QUARANTINE}/{name}", buf.getvalue().to_pybytes(), resources)
+    return len(new)
