@@ -1,7 +1,8 @@
 """The stage's Ray Train checkpoints: each holds both DeepSpeed engines' checkpoints (tag
 `CKPT_TAG`, only what training changes), the student's EMA (`EMA_FILE`) and `state.json`: the
 step, every rank's data position under the run's data plan, where the workers ran, the
-validation choice and the step's metrics."""
+validation choice, what the trained parameters are (mode, LoRA rank and targets) and the step's
+metrics."""
 
 from __future__ import annotations
 
@@ -19,18 +20,31 @@ CKPT_TAG = "ckpt"  # DeepSpeed checkpoint tag inside each Ray checkpoint
 EMA_FILE = "student_ema.pt"  # the student's weight average (distill.ema_decay), beside state.json
 
 
-def restore_checkpoint(rank: int, engine_g, engine_f, ema, device, digest: str) -> tuple[int, int, int, dict | None]:
+def trained_parameters(cfg) -> dict:
+    """What decides the shapes and names of the parameters a checkpoint holds (state.json)."""
+    d = cfg.distill
+    return {"mode": d.mode, "lora_rank": d.lora.rank, "lora_targets": list(d.lora.targets)}
+
+
+def restore_checkpoint(cfg, rank: int, engine_g, engine_f, ema, device, digest: str) -> tuple[int, int, int, dict | None]:
     """Loads the run's latest checkpoint, if any, into the engines and the EMA. Returns (step,
-    epoch, rows of it done, validation record) to go on from: zeros and None for a fresh run."""
+    epoch, rows of it done, validation record) to go on from: zeros and None for a fresh run.
+    A checkpoint whose trained parameters differ from the definition's is refused: its adapters
+    would load partly (DeepSpeed loads modules non-strictly) and the rest would train from scratch."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return 0, 0, 0, None
     with checkpoint.as_directory() as ckpt_dir:
+        state = json.loads(Path(ckpt_dir, "state.json").read_text())
+        saved, wanted = state.get("trained_parameters"), trained_parameters(cfg)
+        if saved is not None and saved != wanted:
+            differ = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in wanted.items() if saved.get(k) != v)
+            raise ValueError(f"the checkpoint of run {cfg.name!r} trained other parameters than the definition asks "
+                             f"for ({differ}): give the run another `name`, or set distill back to the checkpoint's")
         engine_g.load_checkpoint(f"{ckpt_dir}/student", tag=CKPT_TAG, load_module_strict=False)
         engine_f.load_checkpoint(f"{ckpt_dir}/fake", tag=CKPT_TAG, load_module_strict=False)
-        state = json.loads(Path(ckpt_dir, "state.json").read_text())
         if ema is not None and Path(ckpt_dir, EMA_FILE).exists():
             ema.load_state_dict(torch.load(Path(ckpt_dir, EMA_FILE), map_location=device))
         elif ema is not None and rank == 0:
@@ -41,14 +55,14 @@ def restore_checkpoint(rank: int, engine_g, engine_f, ema, device, digest: str) 
     return state["step"], epoch, rows_done, state.get("validation")
 
 
-def checkpoint_state(step: int, position: list[int], world: int, workers: list[dict], digest: str,
+def checkpoint_state(cfg, step: int, position: list[int], world: int, workers: list[dict], digest: str,
                      chosen: dict | None) -> dict:
     """`state.json` of the checkpoint at `step` (rank 0 writes it), less the metrics; `position`
     is this rank's (epoch, rows of it done), gathered from every rank (a collective call)."""
     positions = [None] * world  # every rank's own place in its rows
     torch.distributed.all_gather_object(positions, position)
     return {"step": step, "epoch": position[0], "workers": workers, "data_plan": digest,
-            "data_positions": positions, "validation": chosen}
+            "data_positions": positions, "validation": chosen, "trained_parameters": trained_parameters(cfg)}
 
 
 def _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets, state) -> None:

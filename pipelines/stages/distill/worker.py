@@ -56,7 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
         validation = Validation(cfg, rank, world, image_size=schedule.scales[-1] * adapter.vae_scale_factor)
 
     # with validation, `chosen` is the exported student's record (the chosen step and every score)
-    step, epoch, rows_done, chosen = restore_checkpoint(rank, engine_g, engine_f, ema, device, digest)
+    step, epoch, rows_done, chosen = restore_checkpoint(cfg, rank, engine_g, engine_f, ema, device, digest)
     if validation is not None:
         chosen = validation.restore(chosen)
     data = DataStream(_batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, rows_done,
@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
             with averaged_student(ema, student_params):
                 metrics.update(validation.choose(step, nets, chosen, export=export))
         if save:
-            state = checkpoint_state(step, [data.epoch, data.rows_done], world, workers, digest, chosen)
+            state = checkpoint_state(cfg, step, [data.epoch, data.rows_done], world, workers, digest, chosen)
             _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets, state)
         elif step % d.log_every == 0:
             ray.train.report(metrics)
