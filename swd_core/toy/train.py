@@ -250,23 +250,30 @@ def trained_sides() -> tuple[int, ...]:
 
 
 def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = None, eval_every_s: float = 900,
-                      ckpt_every_s: float = 300, sides: tuple[int, ...] = TOY_SIDES, out: Path = TEACHER) -> None:
+                      ckpt_every_s: float = 300, sides: tuple[int, ...] = TOY_SIDES, out: Path = TEACHER,
+                      continue_teacher: bool = False) -> None:
     """Train the teacher at every latent side in `sides`, one side per batch (bucketed, as
     multi-resolution pre-training does). `hours` is the budget of this training, across runs
     (resumable from the work checkpoint).
 
     Starts from the committed teacher when it exists but was trained at fewer sides (a
     fine-tune, lr 1e-4), otherwise from scratch (lr 3e-4); skips when the committed teacher
-    already covers `sides`."""
+    already covers `sides`, unless `continue_teacher`: then it is fine-tuned further for `hours`
+    (a new round with a fresh optimizer; the record lists the earlier rounds)."""
     exists = (TEACHER / "model_index.json").exists()
     ck = torch.load(CKPT, weights_only=False) if CKPT.exists() else None
     budget = hours * 3600
-    if exists and set(sides) <= set(trained_sides()) and out == TEACHER and (ck is None or ck["elapsed"] >= budget):
+    if continue_teacher and ck is not None and ck["elapsed"] >= budget:
+        ck = None  # that round is done: --continue starts another
+    covered = exists and set(sides) <= set(trained_sides()) and out == TEACHER
+    if covered and ((ck is None and not continue_teacher) or (ck is not None and ck["elapsed"] >= budget)):
         log(f"transformer: {TEACHER} is trained at sides {list(trained_sides())}, skipping")
         return
     from swd_core.adapters.sd3 import SD3Adapter, load_sd3_pipeline
 
     torch.manual_seed(SEED)
+    if continue_teacher and not exists:
+        raise SystemExit(f"--continue: there is no teacher at {TEACHER} to train further")
     init = ck.get("init", "scratch") if ck else ("teacher" if exists else "scratch")
     if ck and tuple(ck.get("sides", (16,))) != tuple(sides):
         raise SystemExit(f"{CKPT} trains sides {list(ck.get('sides', (16,)))}, not {list(sides)}: remove it to start over")
@@ -281,6 +288,10 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         started_from = previous if "sides" not in previous else previous.get("started_from")
     else:
         started_from = None
+    rounds = ck.get("previous_rounds", []) if ck else []
+    if not ck and continue_teacher and previous and "sides" in previous:  # another round on this teacher
+        rounds = previous.get("previous_rounds", []) + [
+            {k: previous[k] for k in ("steps", "minutes", "lr", "batch", "command", "history") if k in previous}]
     pipe = load_sd3_pipeline(str(TEACHER), "float32") if init == "teacher" else teacher_pipeline()
     pipe.vae.requires_grad_(False)
     adapter = SD3Adapter(pipe, max_sequence_length=0)
@@ -290,7 +301,7 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     step, elapsed = 0, 0.0
-    g = torch.Generator().manual_seed(SEED)
+    g = torch.Generator().manual_seed(SEED + 1000 * len(rounds))  # each round draws its own batches
     history = []
     if ck:
         for k, m in modules.items():
@@ -300,7 +311,7 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         g.set_state(ck["rng"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
     del ck
-    extra = {"init": init, "sides": list(sides), "lr": lr, "started_from": started_from}
+    extra = {"init": init, "sides": list(sides), "lr": lr, "started_from": started_from, "previous_rounds": rounds}
     weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in sides])
     classifier = load_classifier(CLASSIFIER) if CLASSIFIER.exists() else None
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
@@ -369,7 +380,8 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         record("transformer", replace=True, seed=SEED, steps=step, batch=batch, lr=lr,
                minutes=round((time.time() - t0) / 60, 1), architecture=TEACHER_ARCH, transformer_params=n_params,
                history=history, sides=list(sides), side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in sides},
-               init=init, **({"started_from": started_from} if started_from else {}))
+               init=init, **({"started_from": started_from} if started_from else {}),
+               **({"previous_rounds": rounds} if rounds else {}))
     log(f"teacher saved to {out} after {step} steps")
 
 
@@ -399,7 +411,8 @@ def _save_ckpt(modules, ema, opt, step, elapsed, g, history, extra: dict) -> Non
 
 PHASES = {"classifier": lambda a: train_classifier(), "vae": lambda a: train_vae(a.vae_steps, a.vae_batch),
           "transformer": lambda a: train_transformer(a.hours, a.batch, a.lr, sides=tuple(a.sides),
-                                                     out=Path(a.out) if a.out else TEACHER)}
+                                                     out=Path(a.out) if a.out else TEACHER,
+                                                     continue_teacher=a.continue_teacher)}
 
 
 def main(argv=None) -> None:
@@ -412,6 +425,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: 1e-4 for a fine-tune, 3e-4 from scratch")
     parser.add_argument("--sides", type=int, nargs="+", default=list(TOY_SIDES), help="latent sides to train at")
     parser.add_argument("--out", default=None, help="write the teacher folder here instead of the committed one")
+    parser.add_argument("--continue", dest="continue_teacher", action="store_true",
+                        help="fine-tune the committed teacher further for --hours (a new round)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     for name, fn in PHASES.items():
