@@ -9,7 +9,9 @@ at 28 steps with CFG and at 4 steps without, sampled at that size. Images smalle
 upscaled (bilinear) for the classifier, and their FD compares them with real renders
 area-downscaled to the same size and upscaled the same way (`ShapesScorer(size=...)`), so a
 column measures the teacher at that resolution, not the resolution's blur. The evaluator's own
-accuracy on those real renders is reported per resolution too. Then the teacher sampled
+accuracy on those real renders is reported per resolution too, and on the same renders
+encoded and decoded by the VAE (`vae_round_trip`: the ceiling the VAE leaves a perfect
+transformer). Then the teacher sampled
 scale-wise with the toy 4-step schedule and no distillation (`teacher_scalewise_4`, 64 px).
 """
 
@@ -72,7 +74,9 @@ def main() -> None:
         row = {"latent_side": side, "classifier_real_accuracy": scorer.real_accuracy["prompt_accuracy"],
                "classifier_real_acc_one_object": scorer.real_accuracy["acc_one_object"],
                "classifier_real_acc_two_object": scorer.real_accuracy["acc_two_object"],
-               "vae_psnr_db": psnr(real, recon), "fd_floor": scorer.fd_floor(len(samples))}
+               "vae_psnr_db": psnr(real, recon), "fd_floor": scorer.fd_floor(len(samples)),
+               # real renders through the VAE and back: what a perfect transformer could reach
+               "vae_round_trip": scores(scorer.score(recon)[0])}
         for name, steps, guidance in (("teacher_28_cfg", 28, GUIDANCE), ("teacher_4", 4, 0.0)):
             start = time.perf_counter()
             images = sample_images(adapter, prompts, seeds, teacher_steps=steps, guidance=guidance, size=side)
