@@ -58,7 +58,7 @@ def _positions(transformer, side: int) -> torch.Tensor:
 
 
 def test_small_scales_keep_their_corners_on_the_corner_positions():
-    """The toy teacher (64 px only) interpolates its position grid, so a 32 px image's corners sit
+    """The toy teacher interpolates its position grid, so a 32 px image's corners sit
     where the 64 px corners do; SD3.5's cropping would put them on the centre positions."""
     from swd_core.tiny_models import TinySD3Config, build_tiny_sd3
 
@@ -71,3 +71,20 @@ def test_small_scales_keep_their_corners_on_the_corner_positions():
         full, small = _positions(crop, 16), _positions(crop, 8)
         assert torch.allclose(small[0, 0], full[2, 2]) and torch.allclose(small[3, 3], full[5, 5])
         assert torch.allclose(_positions(crop, 16), _positions(interp, 16))  # the same grid at the native size
+
+
+def test_trained_at_every_scale_the_toy_schedules_ask_about():
+    """SwD queries the teacher at the student's scale: the committed teacher was trained at every
+    latent side of the toy 4- and 6-step schedules, and the record says from what."""
+    from swd_core.schedules import preset
+    from swd_core.toy.train import RECORD, TOY_SIDES, downscale, trained_sides
+
+    needed = set(preset("toy_4step", patch_size=2).scales) | set(preset("toy_6step", patch_size=2).scales)
+    assert needed <= set(TOY_SIDES) <= set(trained_sides())
+    record = json.loads(RECORD.read_text())["transformer"]
+    assert record["init"] in ("teacher", "scratch") and record["steps"] > 0
+    if record["init"] == "teacher":
+        assert record["started_from"]["steps"] > 0 and "sides" not in record["started_from"]
+    # training images of a side are the 64 px renders area-downscaled in pixel space
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert torch.equal(downscale(x, 2), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
