@@ -1,7 +1,9 @@
 """The pipeline definition: one typed schema for every stage.
 
 Loaded from YAML by `load_pipeline_config`; an invalid file fails with `PipelineConfigError`,
-whose message names each bad field, the value given and what is allowed.
+whose message names each bad field, the value given and what is allowed. One module for the
+whole definition (longer than the others): a reader finds every field, its default and its
+checks in one place, in the order of the YAML's sections.
 """
 
 from __future__ import annotations
