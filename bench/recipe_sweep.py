@@ -257,7 +257,7 @@ def run_recipe(args) -> None:
                            lr_schedule(cfg, updates_per_step=d.fake_updates))
     ema, student_params = student_ema(cfg, nets), nets.student_parameters()
 
-    data = torch.load(args.data)
+    data = torch.load(args.data, weights_only=True)
     uncond = TextEmbeddings(data.pop("uncond_prompt_embeds"), data.pop("uncond_pooled")).to(device, adapter.dtype)
     data = {k: v.to(device) for k, v in data.items()}
     rows = len(data["prompt_embeds"])

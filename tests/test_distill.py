@@ -177,7 +177,7 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
     assert "step 3/4" in out2 and "step 1/4" not in out2 and "step 2/4" not in out2
     assert "holds no student EMA" not in out2
     emas = sorted((store_dir / "runs" / "resume" / "train").glob("**/checkpoint_*/student_ema.pt"))
-    assert [torch.load(f)["optimization_step"] for f in emas][-1] == 4  # 2 before the restart + 2 after
+    assert [torch.load(f, weights_only=True)["optimization_step"] for f in emas][-1] == 4  # 2 before the restart + 2 after
     assert "validation at step 2" in out1 and "validation at step 4" in out2
     record = _validation_record(store_dir / "runs" / "resume" / "student")
     assert [h["step"] for h in record["history"]] == [2, 4]

@@ -261,7 +261,7 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     already covers `sides`, unless `continue_teacher`: then it is fine-tuned further for `hours`
     (a new round with a fresh optimizer; the record lists the earlier rounds)."""
     exists = (TEACHER / "model_index.json").exists()
-    ck = torch.load(CKPT, weights_only=False) if CKPT.exists() else None
+    ck = torch.load(CKPT, weights_only=True) if CKPT.exists() else None
     budget = hours * 3600
     if continue_teacher and ck is not None and ck["elapsed"] >= budget:
         ck = None  # that round is done: --continue starts another

@@ -46,7 +46,7 @@ def restore_checkpoint(cfg, rank: int, engine_g, engine_f, ema, device, digest: 
         engine_g.load_checkpoint(f"{ckpt_dir}/student", tag=CKPT_TAG, load_module_strict=False)
         engine_f.load_checkpoint(f"{ckpt_dir}/fake", tag=CKPT_TAG, load_module_strict=False)
         if ema is not None and Path(ckpt_dir, EMA_FILE).exists():
-            ema.load_state_dict(torch.load(Path(ckpt_dir, EMA_FILE), map_location=device))
+            ema.load_state_dict(torch.load(Path(ckpt_dir, EMA_FILE), map_location=device, weights_only=True))
         elif ema is not None and rank == 0:
             print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
     epoch, rows_done, note = _data_position(state, digest, rank)
