@@ -312,7 +312,8 @@ def rayjob_spec(cfg: PipelineConfig, opts: Options) -> dict:
         "entrypoint": f"python -m pipelines.distill --config {DEFINITION_DIR}/definition.yaml",
         "runtimeEnvYAML": yaml.safe_dump({"env_vars": dict(ENV_VARS)}, sort_keys=False),
         "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": 3600,  # an hour to read the finished job's logs
+        # the cluster outlives the job by ten minutes: time to read it in the dashboard
+        "ttlSecondsAfterFinished": 600,
         "rayClusterSpec": ray_cluster_spec(cfg, opts, size_groups(pipeline_units(cfg)), autoscale=True,
                                            head_mounts=[mount], head_volumes=[volume]),
     }
