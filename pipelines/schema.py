@@ -24,6 +24,11 @@ Stage = Literal["synthesize", "precompute", "distill", "evaluate", "deploy", "pr
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
+# Memory of one actor, worker or replica, as a Kubernetes quantity ("48Gi", "512Mi"): rendered
+# cluster manifests size their pods from it (pipelines/cluster.py). None: the renderer's default.
+Memory = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -79,6 +84,7 @@ class SynthesizeConfig(Strict):
     actors: Annotated[int, Field(ge=1)] = 1
     cpus_per_actor: Annotated[float, Field(ge=0)] = 1.0
     gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+    memory_per_actor: Memory | None = None
     output: str | None = None  # default: <run_dir>/synthesized
 
 
@@ -87,6 +93,7 @@ class PrecomputeConfig(Strict):
     actors: Annotated[int, Field(ge=1)] = 1
     cpus_per_actor: Annotated[float, Field(ge=0)] = 1.0
     gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+    memory_per_actor: Memory | None = None
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     output: str | None = None  # default: <run_dir>/store
 
@@ -292,6 +299,7 @@ class ServeConfig(Strict):
     replicas: Annotated[int, Field(ge=1)] = 1
     cpus_per_replica: Annotated[float, Field(ge=0)] = 1.0
     gpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
+    memory_per_replica: Memory | None = None
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 16  # per generator replica; >= max_batch_size
     max_queued_requests: Annotated[int, Field(ge=1)] = 64  # beyond this, a quick 503
     max_batch_size: Annotated[int, Field(ge=1)] = 8
@@ -329,6 +337,7 @@ class ResourcesConfig(Strict):
     num_workers: Annotated[int, Field(ge=1)] = 1
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    memory_per_worker: Memory | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     storage: str = "runs"  # local directory or s3://bucket/prefix
     s3: S3Config = S3Config()
