@@ -38,7 +38,7 @@ VARIANTS = {
     "swd_4_mmd_only": {"losses": {"dmd": {"weight": 0.0}, "gan": {"weight": 0.0}}},
     "swd_4_no_mmd": {"losses": {"mmd": {"weight": 0.0}}},
 }
-# The paper's published costs (DESIGN.md §2; 8×A100 training, A100 inference incl. text+VAE), for
+# The paper's published costs (8×A100 training, A100 inference incl. text+VAE), for
 # orientation only: another model, another machine.
 PAPER = {
     "swd_4": "SD3.5-Medium: 3.2 s/iter, 0.17 s/img; Large: 7.8 s/iter, 0.32 s/img",

@@ -1,5 +1,5 @@
 """Per-image latency on this machine: scale-wise 4 steps vs full-resolution 4 steps vs the
-teacher's 28 CFG steps, with the toy scales 8 10 12 16 (DESIGN.md §6).
+teacher's 28 CFG steps, with the toy scales 8 10 12 16.
 
     python bench/sampler.py            # or: make bench-sampler
     -> bench/results/sampler.json

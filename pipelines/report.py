@@ -31,8 +31,8 @@ def render_markdown(report: dict) -> str:
     if report["checks"]:
         out += ["## Checks", ""]
         out += [f"- **{'PASS' if c['passed'] else 'FAIL'}** {c['check']} ({c['detail']})" for c in report["checks"]]
-        out += ["", ("The first two are what `make run` must show; the rest are the paper-table targets "
-                     "(issue 6), reported for orientation."), ""] if shapes_domain else [""]
+        out += ["", ("The first two are what `make run` must show; the rest are the paper-table targets, "
+                     "reported for orientation."), ""] if shapes_domain else [""]
 
     out += ["## Metrics", ""]
     if shapes_domain:

@@ -1,4 +1,4 @@
-"""Student and fake-score LoRA adapters on one shared frozen base (DESIGN.md §4).
+"""Student and fake-score LoRA adapters on one shared frozen base.
 
 The teacher, the student and the fake-score network are three views of one transformer:
 teacher = adapters disabled, student = the "student" adapter, fake = the "fake" adapter.

@@ -1,4 +1,4 @@
-"""SwD losses as pure functions from tensors to a scalar (DESIGN.md §2).
+"""SwD losses as pure functions from tensors to a scalar.
 
 The trainer owns the networks and optimizers; these functions only do the math, so each can
 be checked against a value computed by hand.

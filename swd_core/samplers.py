@@ -32,7 +32,7 @@ def initial_noise(batch: int, channels: int, size: int, generator: Generators = 
 @torch.no_grad()
 def sample_scalewise(denoiser: Denoiser, schedule: ScaleSchedule, noise: torch.Tensor,
                      generator: Generators = None) -> torch.Tensor:
-    """SwD inference (DESIGN.md §2): predict x̂0 at each scale, bicubic-upscale x̂0 (never the
+    """SwD inference: predict x̂0 at each scale, bicubic-upscale x̂0 (never the
     noisy latent) to the next scale and re-noise it with fresh noise from `generator`.
 
     `noise` is the pure-noise latent at `schedule.scales[0]`. Returns the clean latent at the

@@ -1,4 +1,4 @@
-"""Scale operations (DESIGN.md §2).
+"""Scale operations.
 
 - Training targets are downscaled in *pixel* space with area interpolation before the VAE.
 - Between sampling steps the x0 prediction (never the noisy latent) is upscaled with bicubic

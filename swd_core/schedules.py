@@ -1,4 +1,4 @@
-"""Sigma grids and scale schedules for scale-wise sampling (DESIGN.md §2).
+"""Sigma grids and scale schedules for scale-wise sampling.
 
 A scale-wise schedule pairs every sampling step with a latent side length ("scale") and a noise
 level sigma. The sigmas are picked from the teacher's 28-step shift-3 flow-matching grid by grid
@@ -126,7 +126,7 @@ def validate_schedule(scales: Sequence[int], sigmas: Sequence[float], patch_size
             raise ValueError(f"scales {list(scales)}: {bad} not divisible by the transformer patch size {patch_size}")
 
 
-# Published schedules (paper v2 / authors' release) and the toy ones (DESIGN.md §2, §6).
+# Published schedules (paper v2 / authors' release) and the toy ones.
 PRESETS: dict[str, dict[str, list[int]]] = {
     "sd35_medium_6step": {"scales": [32, 48, 64, 80, 96, 128], "boundaries": [0, 4, 7, 12, 14, 18]},
     "sd35_medium_4step": {"scales": [64, 80, 96, 128], "boundaries": [0, 7, 14, 18]},

@@ -1,4 +1,4 @@
-"""One SwD training iteration as plain tensor math (DESIGN.md §2); no Ray, no DeepSpeed.
+"""One SwD training iteration as plain tensor math; no Ray, no DeepSpeed.
 
 The trainer (pipelines/stages/distill/) owns data, engines and optimizers and reads top to
 bottom, at one scale s_i per iteration: `student_samples` (one call for all fake updates) ->
@@ -8,7 +8,7 @@ at s_i has just been fitted to its samples at s_i. This module only says what ea
 
 Three networks, two layouts:
 - LoRA mode: teacher, student and fake score are roles of one transformer (one frozen base,
-  a "student" and a "fake" adapter; DESIGN.md §4).
+  a "student" and a "fake" adapter).
 - Full fine-tuning: the student is its own transformer; teacher and fake share the other one.
 """
 

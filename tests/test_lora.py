@@ -1,4 +1,4 @@
-"""LoRA roles on one shared base: storage sharing and where gradients may flow (DESIGN.md §2, §4)."""
+"""LoRA roles on one shared base: storage sharing and where gradients may flow."""
 
 import pytest
 import torch

@@ -251,7 +251,7 @@ def test_student_samples_in_one_call_equal_one_call_per_batch(tiny_adapter, toy_
 
 def test_generator_loss_in_shared_calls_equals_separate_passes(tiny_adapter, toy_schedule):
     """With MMD and GAN on, the two fake passes on x0 share one call; the terms and the gradient
-    reaching x0 are those of separate passes (DESIGN.md §2), drawn σ, ε in the same order."""
+    reaching x0 are those of separate passes, drawn σ, ε in the same order."""
     from swd_core.losses import dmd_loss, gan_generator_loss, mmd_linear
     from swd_core.scale_ops import add_noise
     from swd_core.schedules import sample_grid_sigmas

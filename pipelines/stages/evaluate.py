@@ -142,7 +142,7 @@ def evaluate_models(adapter, models: list[Model], prompts: list[str], seeds: lis
 
 def checks(results: dict, models: list[Model], shapes_domain: bool) -> list[dict]:
     """Pass/fail of the student against the baselines. The first two are what `make run` must
-    show; the others are the paper-table targets (issue 6), reported for orientation."""
+    show; the others are the paper-table targets, reported for orientation."""
     by_role = {m.role: results[m.name] for m in models}
     s, few, cfg_t = by_role.get("student"), by_role.get("teacher_few_step"), by_role.get("teacher_cfg")
     if s is None:

@@ -1,4 +1,4 @@
-"""Model-family adapters: the one place that knows a family's components (DESIGN.md §3)."""
+"""Model-family adapters: the one place that knows a family's components."""
 
 from swd_core.adapters.base import FamilyAdapter, TextEmbeddings
 from swd_core.adapters.sd3 import SD3Adapter
