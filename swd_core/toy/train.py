@@ -167,7 +167,11 @@ def train_vae(steps: int = 3000, batch: int = 32) -> None:
 # was trained on far broader images than any prompt split; the held-out pairs stay unseen by the
 # transformer. Before this refinement the committed VAE, trained at 64 px on the training pairs,
 # was the toy's ceiling: real renders encoded and decoded scored 0.156 prompt accuracy at 32 px.
-DECODER_SIDES = (4, 6, 8, 10, 12, 16)
+# The sides are the teacher's (TOY_SIDES), with its side weights.
+
+
+def vae_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def scene_pool(seed: int, count: int) -> torch.Tensor:
@@ -187,8 +191,8 @@ def round_trip(vae, count: int = 320) -> dict:
 
     samples = shapes.held_out_prompts()[:count]
     out = {}
-    for side in DECODER_SIDES[2:]:
-        px = side * 2 ** (len(vae.config.block_out_channels) - 1)
+    for side in TOY_SIDES[2:]:  # 32 px and up, as bench/teacher_quality.py reports
+        px = side * vae_factor(vae)
         scorer = ShapesScorer(samples, size=px)
         rec = torch.cat([vae.decode(vae.encode(scorer.real[i:i + 64]).latent_dist.mode()).sample.clamp(-1, 1)
                          for i in range(0, count, 64)])
@@ -200,7 +204,7 @@ def round_trip(vae, count: int = 320) -> dict:
 
 
 def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> None:
-    """Refine the VAE's decoder at every latent side of the toy schedules (see DECODER_SIDES)."""
+    """Refine the VAE's decoder at every latent side of the toy schedules (TOY_SIDES)."""
     from diffusers import AutoencoderKL
 
     vae_dir = WORK / "vae" if (WORK / "vae" / "config.json").exists() else TEACHER / "vae"
@@ -218,8 +222,8 @@ def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> N
     for p in trained:
         p.requires_grad_(True)
     pool = scene_pool(SEED + 3, 20_000)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in DECODER_SIDES])
+    factor = vae_factor(vae)
+    weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES])
     opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -228,7 +232,7 @@ def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> N
     start = time.time()
     vae.decoder.train()
     for step in range(steps):
-        side = DECODER_SIDES[int(torch.multinomial(weights, 1, generator=g))]
+        side = TOY_SIDES[int(torch.multinomial(weights, 1, generator=g))]
         x = downscale(shapes.from_uint8(pool[torch.randint(len(pool), (batch,), generator=g)]), side * factor)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=g)
@@ -246,9 +250,9 @@ def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> N
     log(f"vae-decoder: round trip after {json.dumps(after)}")
     # fp16 on disk like the rest of the teacher folder; the encoder's weights come back unchanged
     vae.to(torch.float16).save_pretrained(vae_dir)
-    marker.write_text(json.dumps({"sides": list(DECODER_SIDES)}) + "\n")
-    record("vae_decoder", seed=SEED, steps=steps, batch=batch, lr=lr, sides=list(DECODER_SIDES),
-           side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in DECODER_SIDES}, images=len(pool),
+    marker.write_text(json.dumps({"sides": list(TOY_SIDES)}) + "\n")
+    record("vae_decoder", seed=SEED, steps=steps, batch=batch, lr=lr, sides=list(TOY_SIDES),
+           side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES}, images=len(pool),
            seconds=round(time.time() - start), trained="decoder and post_quant_conv; encoder frozen",
            round_trip_320_held_out={"before": before, "after": after})
 
