@@ -350,6 +350,82 @@ class ResourcesConfig(Strict):
         return v
 
 
+class GateMetric(Strict):
+    """One metric of the promotion gate. The candidate passes it when it beats the champion by at
+    least `min_margin` in the metric's `direction` (an absolute difference); a negative margin is
+    a tolerance: the candidate may be that much worse."""
+
+    name: Literal["teacher_denoise", "teacher_fd", "fd", "prompt_accuracy"] = "teacher_denoise"
+    direction: Literal["min", "max"] | None = None  # default: the metric's own (max for prompt_accuracy)
+    min_margin: float = 0.0
+
+    @property
+    def resolved_direction(self) -> Literal["min", "max"]:
+        return self.direction or ("max" if self.name == "prompt_accuracy" else "min")
+
+
+class GateConfig(Strict):
+    """The promotion gate: candidate and champion sample the same held-out prompts (the evaluate
+    stage's) with the same seeds, `seed + i` for prompt i, and are scored with `metrics`; every
+    metric must pass. teacher_denoise and teacher_fd need only the teacher (swd_core.teacher_metrics);
+    fd and prompt_accuracy need the shapes domain's scorer."""
+
+    metrics: list[GateMetric] = Field(default_factory=lambda: [GateMetric()], min_length=1)
+    num_prompts: Annotated[int, Field(ge=2)] = 64
+    seed: int = 0
+    sigma: Annotated[float, Field(gt=0, lt=1)] = 0.5  # the fixed noise level of the teacher metrics
+    teacher_steps: Annotated[int, Field(ge=1)] = 28  # the teacher's reference samples for teacher_fd
+    teacher_guidance: Annotated[float, Field(ge=0)] = 4.5
+    batch_size: Annotated[int, Field(ge=1)] = 32
+
+
+class RegistryConfig(Strict):
+    """MLflow tracking and model registry. Default: a SQLite file under the run's storage (local
+    storage only); on a cluster a tracking server, here or in MLFLOW_TRACKING_URI."""
+
+    tracking_uri: str | None = None
+    model_name: str | None = None  # registered model; default: the definition's name
+
+
+class RetrainConfig(Strict):
+    """Scheduled retraining (pipelines/retrain.py, docs/retrain.md): on each cron tick one cycle
+    encodes the new rows of `data.sources` into the shared store, trains the champion
+    `iterations` more steps, scores candidate and champion with the gate, and promotes the
+    candidate only when it passes."""
+
+    schedule: str = "0 3 * * *"  # 5-field cron, as KubeRay's RayCronJob and Kubernetes' CronJob read it
+    timezone: str = "UTC"  # IANA name, e.g. Europe/Berlin
+    iterations: Annotated[int, Field(ge=1)] = 240  # training steps per cycle: whole rounds of the schedule
+    warm_start: bool = True  # from the champion's checkpoint: adapters, GAN head, optimizer state, EMA
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    lock_ttl_s: Annotated[float, Field(ge=5)] = 60.0  # a dead holder's lock expires after this
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str):
+        from croniter import croniter
+
+        fields = v.split()
+        if len(fields) != 5 or v.startswith("@"):
+            raise ValueError(f"the schedule must be a 5-field cron expression (minute hour day-of-month month "
+                             f"day-of-week), as KubeRay and Kubernetes accept it; got {len(fields)} field(s)")
+        if not croniter.is_valid(v):
+            raise ValueError("not a valid cron expression (minute hour day-of-month month day-of-week)")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str):
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown time zone; use an IANA name such as UTC or Europe/Berlin") from None
+        return v
+
+
 TOY_TEACHER = "builtin:toy-sd3"
 
 
@@ -364,6 +440,7 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    retrain: RetrainConfig | None = None  # scheduled retraining (pipelines/retrain.py); not part of `make run`
 
     @model_validator(mode="after")
     def _schedule_fits_model(self):
@@ -383,6 +460,29 @@ class PipelineConfig(Strict):
         if v.num_prompts % self.resources.num_workers:
             raise ValueError(f"distill.validation.num_prompts {v.num_prompts} must be divisible by "
                              f"resources.num_workers {self.resources.num_workers}: each worker samples an equal share")
+        return self
+
+    @model_validator(mode="after")
+    def _retrain_consistent(self):
+        r = self.retrain
+        if r is None:
+            return self
+        n = self.distill.schedule.build().num_steps
+        if r.iterations % n:
+            low, high = max(n, r.iterations - r.iterations % n), r.iterations - r.iterations % n + n
+            options = f"{low} or {high}" if low != high else f"{high}"
+            raise ValueError(f"retrain.iterations {r.iterations} is not a multiple of the schedule's {n} steps: "
+                             f"each cycle must train whole rounds of scales (use {options})")
+        shapes_only = [m.name for m in r.gate.metrics if m.name in ("fd", "prompt_accuracy")]
+        if shapes_only and self.evaluation_domain() != "shapes":
+            raise ValueError(f"retrain.gate.metrics {shapes_only} need the shapes-domain scorer and this definition's "
+                             f"evaluation domain is {self.evaluation_domain()!r}; use teacher_denoise or teacher_fd")
+        if self.resources.storage.startswith("s3://") and not r.registry.tracking_uri:
+            import os
+
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                raise ValueError("retrain.registry.tracking_uri: storage is on s3:// and the registry's default "
+                                 "SQLite file must be local; set a tracking server URI here or in MLFLOW_TRACKING_URI")
         return self
 
     def evaluation_domain(self) -> str:
