@@ -11,6 +11,11 @@ Kinds (docs/cluster.md says how to run each):
   rayservice   a KubeRay RayService serving the distilled student (the Serve config of
                `python -m pipelines.serve.config` inside)
   launcher     a Ray cluster launcher file for AWS (`ray up`)
+  raycronjob   scheduled retraining (a `retrain` section): a KubeRay RayCronJob (KubeRay >= 1.6,
+               alpha, feature gate `RayCronJob`) whose RayJobs run `pipelines.retrain --once` on
+               the standing RayCluster of `--kind raycluster`, where the Serve app follows the champion
+  cronjob      the same for older operators: a Kubernetes CronJob whose pod runs `ray job submit`
+               of one cycle against that RayCluster (concurrencyPolicy Forbid)
 
 Pods are sized from the definition: a head without GPUs that runs no tasks (`num-cpus: 0`: the
 driver, Serve's controller and proxy, the autoscaler), a GPU worker group shaped like the largest
@@ -28,6 +33,7 @@ Storage credentials come from a Secret (as environment variables) or a service a
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -325,9 +331,72 @@ def render_rayjob(cfg: PipelineConfig, opts: Options) -> list[dict]:
     return [job, definition_configmap(cfg, opts)]
 
 
+def _definition_mount(cfg: PipelineConfig) -> tuple[list[dict], list[dict]]:
+    volume = {"name": "definition", "configMap": {"name": f"{resource_name(cfg)}-definition"}}
+    return [{"name": "definition", "mountPath": DEFINITION_DIR, "readOnly": True}], [volume]
+
+
 def render_raycluster(cfg: PipelineConfig, opts: Options) -> list[dict]:
-    spec = ray_cluster_spec(cfg, opts, size_groups(pipeline_units(cfg)), autoscale=True)
+    """A standing cluster for the pipeline, with the definition mounted on the head. With a
+    `retrain` section it is also where cycles run and the Serve app lives: generator pods
+    beside the pipeline's groups, since serving goes on while a cycle trains."""
+    groups = size_groups(pipeline_units(cfg))
+    if cfg.retrain is not None:
+        groups += serve_groups(cfg)
+    mounts, volumes = _definition_mount(cfg)
+    spec = ray_cluster_spec(cfg, opts, groups, autoscale=True, head_mounts=mounts, head_volumes=volumes,
+                            head_ports=[{"containerPort": cfg.serve.port, "name": "serve"}] if cfg.retrain else ())
     return [{"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _metadata(cfg, opts, resource_name(cfg)),
+             "spec": spec}, definition_configmap(cfg, opts)]
+
+
+RETRAIN_ENTRYPOINT = "python -m pipelines.retrain --once --config {}/definition.yaml"
+
+
+def _needs_retrain(cfg: PipelineConfig, kind: str) -> None:
+    if cfg.retrain is None:
+        raise ValueError(f"--kind {kind}: the definition has no `retrain` section (docs/retrain.md)")
+
+
+def render_raycronjob(cfg: PipelineConfig, opts: Options) -> list[dict]:
+    """Each tick, KubeRay creates a RayJob that submits one cycle to the standing RayCluster
+    (`clusterSelector`; render it with --kind raycluster). The operator does not prevent
+    overlapping runs; the cycle's lock does (a second exits and changes nothing)."""
+    _needs_retrain(cfg, "raycronjob")
+    r = cfg.retrain
+    job = {
+        "entrypoint": RETRAIN_ENTRYPOINT.format(DEFINITION_DIR),
+        "runtimeEnvYAML": yaml.safe_dump({"env_vars": dict(ENV_VARS)}, sort_keys=False),
+        "clusterSelector": {"ray.io/cluster": resource_name(cfg)},
+        # a cycle that fails is resumed by the next tick, not retried at once
+        "backoffLimit": 0,
+    }
+    spec = {"schedule": r.schedule, "timeZone": r.timezone, "jobTemplate": job}
+    return [{"apiVersion": "ray.io/v1", "kind": "RayCronJob",
+             "metadata": _metadata(cfg, opts, f"{resource_name(cfg)}-retrain"), "spec": spec}]
+
+
+def render_cronjob(cfg: PipelineConfig, opts: Options) -> list[dict]:
+    """A Kubernetes CronJob (any KubeRay version): its pod submits one cycle to the standing
+    RayCluster's job API with the cluster's token; `concurrencyPolicy: Forbid` skips a tick while
+    the previous cycle's submitter still runs (and the cycle's lock guards the rest)."""
+    _needs_retrain(cfg, "cronjob")
+    r, name = cfg.retrain, resource_name(cfg)
+    secret = opts.auth_secret or f"{name}-ray-token"
+    submit = ["ray", "job", "submit", "--address", f"http://{name}-head-svc:{DASHBOARD_PORT}",
+              "--runtime-env-json", json.dumps({"env_vars": dict(ENV_VARS)}), "--",
+              *RETRAIN_ENTRYPOINT.format(DEFINITION_DIR).split()]
+    container = {"name": "submit-cycle", "image": opts.image, "command": submit,
+                 "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
+                         {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "auth_token"}}}],
+                 "resources": {"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "1", "memory": "1Gi"}}}
+    pod = {"restartPolicy": "Never", "containers": [container]}
+    if opts.service_account:
+        pod["serviceAccountName"] = opts.service_account
+    spec = {"schedule": r.schedule, "timeZone": r.timezone, "concurrencyPolicy": "Forbid",
+            "successfulJobsHistoryLimit": 3, "failedJobsHistoryLimit": 3,
+            "jobTemplate": {"spec": {"backoffLimit": 0, "template": {"spec": pod}}}}
+    return [{"apiVersion": "batch/v1", "kind": "CronJob", "metadata": _metadata(cfg, opts, f"{name}-retrain"),
              "spec": spec}]
 
 
@@ -398,6 +467,8 @@ RENDERERS: dict[str, Callable[[PipelineConfig, Options], list[dict]]] = {
     "raycluster": render_raycluster,
     "rayservice": render_rayservice,
     "launcher": render_launcher,
+    "raycronjob": render_raycronjob,
+    "cronjob": render_cronjob,
 }
 
 

@@ -374,9 +374,11 @@ class GateConfig(Strict):
     num_prompts: Annotated[int, Field(ge=2)] = 64
     seed: int = 0
     sigma: Annotated[float, Field(gt=0, lt=1)] = 0.5  # the fixed noise level of the teacher metrics
+    block: Annotated[int, Field(ge=0)] | None = None  # teacher block of teacher_fd's features; default the middle one
     teacher_steps: Annotated[int, Field(ge=1)] = 28  # the teacher's reference samples for teacher_fd
     teacher_guidance: Annotated[float, Field(ge=0)] = 4.5
     batch_size: Annotated[int, Field(ge=1)] = 32
+    grid_prompts: Annotated[int, Field(ge=1)] = 6  # rows of the candidate-vs-champion grid
 
 
 class RegistryConfig(Strict):
@@ -397,8 +399,11 @@ class RetrainConfig(Strict):
     timezone: str = "UTC"  # IANA name, e.g. Europe/Berlin
     iterations: Annotated[int, Field(ge=1)] = 240  # training steps per cycle: whole rounds of the schedule
     warm_start: bool = True  # from the champion's checkpoint: adapters, GAN head, optimizer state, EMA
+    # a cycle that finds fewer new rows than this in data.sources changes nothing (0: train anyway)
+    min_new_rows: Annotated[int, Field(ge=0)] = 1
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
+    serve: bool = True  # the cycle deploys the champion (first) or hot-swaps the running app to it
     lock_ttl_s: Annotated[float, Field(ge=5)] = 60.0  # a dead holder's lock expires after this
 
     @field_validator("schedule")

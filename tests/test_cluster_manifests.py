@@ -29,7 +29,7 @@ CRDS = ROOT / "cluster" / "crds" / "kuberay-v1.7.0"
 CONFIGS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
 KUBERAY_KINDS = {"rayjob": "RayJob", "raycluster": "RayCluster", "rayservice": "RayService"}
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml.gz", "RayCluster": "ray.io_rayclusters.yaml.gz",
-             "RayService": "ray.io_rayservices.yaml.gz"}
+             "RayService": "ray.io_rayservices.yaml.gz", "RayCronJob": "ray.io_raycronjobs.yaml.gz"}
 KUBERNETES_VERSION = "1.33"
 PRIVATE_PORTS = {8265, 10001}  # the dashboard / job API and the Ray client
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -355,3 +355,51 @@ def test_runtime_env_file_matches_the_renderer():
         for word in path.read_text().split():
             if word.strip("`'\"(),").startswith("cluster/") and word.strip("`'\"(),").endswith(".yaml"):
                 assert (ROOT / word.strip("`'\"(),")).exists(), f"{path.name} names {word}"
+
+
+# --- scheduled retraining ------------------------------------------------------------------------
+
+RETRAIN = ROOT / "pipelines" / "configs" / "toy_retrain.yaml"
+
+
+def test_retraining_manifests_validate_and_target_the_standing_cluster():
+    cfg = definition(RETRAIN)
+    opts = Options(image="registry.example/swd-ray:1", namespace="ml")
+    cluster_doc, configmap = render(cfg, "raycluster", opts)
+    assert crd_errors(cluster_doc) == []
+    kubernetes_validate.validate(configmap, KUBERNETES_VERSION, strict=True)
+    name = cluster_doc["metadata"]["name"]
+    # cycles and the Serve app share it: generator pods beside the pipeline's groups, and the
+    # head mounts the definition the cycles read
+    assert "generator" in {g["groupName"] for g in cluster_doc["spec"]["workerGroupSpecs"]}
+    head = cluster_doc["spec"]["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/swd"
+    assert yaml.safe_load(configmap["data"]["definition.yaml"])["retrain"]["schedule"] == "0 3 * * *"
+
+    (cron,) = render(cfg, "raycronjob", opts)
+    assert cron["kind"] == "RayCronJob" and crd_errors(cron) == []
+    assert cron["spec"]["schedule"] == "0 3 * * *" and cron["spec"]["timeZone"] == "Europe/Berlin"
+    job = cron["spec"]["jobTemplate"]
+    assert job["clusterSelector"] == {"ray.io/cluster": name}
+    assert job["entrypoint"] == "python -m pipelines.retrain --once --config /etc/swd/definition.yaml"
+    broken = {**cron, "spec": {**cron["spec"], "schedul": "0 3 * * *"}}
+    assert crd_errors(broken)  # the strict check sees a misspelt field
+
+    (cronjob,) = render(cfg, "cronjob", opts)
+    kubernetes_validate.validate(cronjob, KUBERNETES_VERSION, strict=True)
+    spec = cronjob["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid" and spec["timeZone"] == "Europe/Berlin"
+    container = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:5] == ["ray", "job", "submit", "--address", f"http://{name}-head-svc:8265"]
+    assert container["command"][-6:] == job["entrypoint"].split()
+    token = next(e for e in container["env"] if e["name"] == "RAY_AUTH_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": f"{name}-ray-token", "key": "auth_token"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({**cronjob, "spec": {**spec, "concurrency": "Forbid"}},
+                                     KUBERNETES_VERSION, strict=True)
+
+
+def test_retraining_kinds_need_a_retrain_section():
+    for kind in ("raycronjob", "cronjob"):
+        with pytest.raises(ValueError, match="no `retrain` section"):
+            render(definition(ROOT / "pipelines" / "configs" / "toy.yaml"), kind)

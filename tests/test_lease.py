@@ -1,4 +1,4 @@
-"""The retraining lock (pipelines/lease.py): one holder at a time, on a local disk and on a real
+"""The retraining lock (pipelines/retraining/lease.py): one holder at a time, on a local disk and on a real
 S3 endpoint (moto's server), racing processes included; a SIGKILLed holder's lease expires."""
 
 import multiprocessing as mp
@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from pipelines.lease import Lease, LeaseHeld, read_lease
+from pipelines.retraining.lease import Lease, LeaseHeld, read_lease
 from pipelines.schema import ResourcesConfig, S3Config
 
 
@@ -86,7 +86,7 @@ def test_racing_takers_of_a_stale_lease_one_wins(where):
 
 HOLDER = """
 import sys, time
-from pipelines.lease import Lease
+from pipelines.retraining.lease import Lease
 from pipelines.schema import ResourcesConfig, S3Config
 res = ResourcesConfig(storage=sys.argv[2], s3=S3Config(endpoint_url=sys.argv[3] or None))
 Lease(sys.argv[1], res, ttl_s=2.0).acquire()

@@ -27,7 +27,7 @@ def _absolute(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update=update) if update else cfg
 
 
-def build_trainer(cfg: PipelineConfig, store):
+def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -55,6 +55,10 @@ def build_trainer(cfg: PipelineConfig, store):
         # by name; StoreShards reads each worker's part of it
         datasets={"train": store.dataset(files=[path for path, _ in file_rows])},
         dataset_config=StoreShards(store, plan),
+        # a start from another run's checkpoint (scheduled retraining trains the champion further);
+        # Ray Train uses it only while this run has no checkpoint of its own, so a restarted cycle
+        # resumes from its own latest
+        resume_from_checkpoint=_checkpoint(warm_start, r) if warm_start else None,
         run_config=RunConfig(
             name="distill", storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=d.max_failures),
@@ -68,7 +72,19 @@ def build_trainer(cfg: PipelineConfig, store):
     )
 
 
-def run(cfg: PipelineConfig) -> dict:
+def _checkpoint(uri: str, resources):
+    from ray.train import Checkpoint
+
+    from pipelines.storage import arrow_filesystem, fs_path
+
+    if uri.startswith("s3://"):
+        return Checkpoint(fs_path(uri), filesystem=arrow_filesystem(uri, resources))
+    return Checkpoint(os.path.abspath(uri))
+
+
+def run(cfg: PipelineConfig, warm_start: str | None = None) -> dict:
+    """Train the definition's student; `warm_start`: a checkpoint (of this stage, from another
+    run) to start from when the run has none of its own."""
     from pipelines.ray_runtime import ensure_ray
     from pipelines.store import open_store
 
@@ -86,12 +102,33 @@ def run(cfg: PipelineConfig) -> dict:
           f"{d.steps} steps, {'scale-wise' if schedule.is_scalewise else 'full-resolution'} scales {list(schedule.scales)}",
           flush=True)
     start = time.perf_counter()
-    result = build_trainer(cfg, store).fit()
+    result = build_trainer(cfg, store, warm_start).fit()
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})
     out = {"student": student_dir(cfg), "checkpoint": result.checkpoint.path if result.checkpoint else None,
-           "seconds": time.perf_counter() - start, "final_metrics": metrics}
+           "seconds": time.perf_counter() - start, "final_metrics": metrics, "history": _history(result)}
+    # the checkpoint of the exported weights (validation keeps the best scored, Ray the latest too):
+    # where a further run of this student starts
+    exported = result.checkpoint
+    if d.validation.num_prompts and result.best_checkpoints:
+        exported = result.get_best_checkpoint(d.validation.score_key, d.validation.mode) or exported
+    out["export_checkpoint"] = exported.path if exported else None
+    for key in ("checkpoint", "export_checkpoint"):
+        if out[key] and cfg.run_dir.startswith("s3://"):  # Ray names it by its bare filesystem path
+            out[key] = "s3://" + out[key]
     chosen = f" (step {metrics['val_best_step']}, chosen by validation)" if "val_best_step" in metrics else ""
     print(f"[distill] done in {out['seconds']:.0f} s; student at {out['student']}{chosen}", flush=True)
     return out
+
+
+def _history(result) -> list[dict]:
+    """Every metrics row the workers reported (per `log_every` step and at checkpoints)."""
+    try:
+        frame = result.metrics_dataframe
+    except Exception:  # noqa: BLE001 - a result read back without its metrics file
+        return []
+    if frame is None:
+        return []
+    return [{k: v for k, v in row.items() if isinstance(v, (int, float)) and v == v}
+            for row in frame.to_dict(orient="records")]

@@ -1,0 +1,118 @@
+"""The promotion gate: candidate and champion sample the same held-out prompts with the same seeds
+(the evaluate stage's prompts, seed `gate.seed + i` for prompt i) and are scored alike; the
+candidate is promoted only when it passes every metric of `retrain.gate.metrics`.
+
+Metrics: `teacher_denoise` and `teacher_fd` need only the teacher (swd_core.teacher_metrics), so
+they gate any teacher; `fd` and `prompt_accuracy` are the shapes domain's (the toy's classifier).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipelines.schema import PipelineConfig
+from pipelines.storage import local_copy
+
+TEACHER_METRICS = ("teacher_denoise", "teacher_fd")
+SHAPES_METRICS = ("fd", "prompt_accuracy")
+
+
+@dataclass
+class Scored:
+    metrics: dict
+    images: torch.Tensor  # the first `grid_prompts` images, for the comparison grid
+
+
+class Gate:
+    """Scores models for one definition; the teacher, the prompts and the references load once."""
+
+    def __init__(self, cfg: PipelineConfig):
+        from pipelines.stages.evaluate import eval_prompts
+
+        self.cfg, self.g = cfg, cfg.retrain.gate
+        self.names = [m.name for m in self.g.metrics]
+        domain = cfg.evaluation_domain()
+        self.prompts, self.samples, self.source, _ = eval_prompts(cfg, domain, self.g.num_prompts)
+        self.seeds = [self.g.seed + i for i in range(len(self.prompts))]
+        self._teacher = None
+        self._reference = None
+        self._scorer = None
+        if any(n in SHAPES_METRICS for n in self.names):
+            from swd_core.evaluate_model import ShapesScorer
+
+            self._scorer = ShapesScorer(self.samples)
+
+    def describe(self) -> dict:
+        return {"prompts": self.source, "num_prompts": len(self.prompts), "seeds": f"{self.g.seed}..{self.seeds[-1]}",
+                "metrics": [m.model_dump() for m in self.g.metrics], "sigma": self.g.sigma}
+
+    def teacher(self):
+        if self._teacher is None:
+            from swd_core.adapters import load_adapter
+
+            t = self.cfg.teacher
+            self._teacher = load_adapter(t.family, t.path, dtype=t.dtype, max_sequence_length=t.max_sequence_length)
+        return self._teacher
+
+    def _readings(self, latents: torch.Tensor):
+        from swd_core.teacher_metrics import teacher_readings
+
+        return teacher_readings(self.teacher(), latents, self.prompts, self.seeds, sigma=self.g.sigma,
+                                block=self.g.block, batch_size=self.g.batch_size)
+
+    def reference_features(self) -> torch.Tensor:
+        """The teacher's own samples (its full sampler with CFG) read by `teacher_readings`."""
+        if self._reference is None:
+            from swd_core.generate import generate_latents
+
+            teacher, out = self.teacher(), []
+            for start in range(0, len(self.prompts), self.g.batch_size):
+                stop = start + self.g.batch_size
+                out.append(generate_latents(teacher, self.prompts[start:stop], self.seeds[start:stop],
+                                            teacher_steps=self.g.teacher_steps, guidance=self.g.teacher_guidance))
+            self._reference = self._readings(torch.cat(out))[1]
+        return self._reference
+
+    @torch.no_grad()
+    def score(self, student_uri: str) -> Scored:
+        """Every gate metric of the exported student at `student_uri` (a merged pipeline folder)."""
+        from swd_core.evaluate_model import load_exported_student
+        from swd_core.generate import generate_latents
+
+        adapter, schedule, _ = load_exported_student(str(local_copy(student_uri, self.cfg.resources)),
+                                                     self.cfg.teacher.family)
+        latents = torch.cat([generate_latents(adapter, self.prompts[i:i + self.g.batch_size],
+                                              self.seeds[i:i + self.g.batch_size], schedule=schedule)
+                             for i in range(0, len(self.prompts), self.g.batch_size)])
+        images = torch.cat([adapter.decode_latents(latents[i:i + self.g.batch_size]).float()
+                            for i in range(0, len(latents), self.g.batch_size)])
+        del adapter
+        metrics = {}
+        if any(n in TEACHER_METRICS for n in self.names):
+            from swd_core.teacher_metrics import teacher_fd
+
+            losses, feats = self._readings(latents)
+            metrics["teacher_denoise"] = float(losses.mean())
+            if "teacher_fd" in self.names:
+                metrics["teacher_fd"] = teacher_fd(feats, self.reference_features())
+        if self._scorer is not None:
+            scores, _ = self._scorer.score(images)
+            metrics["fd"], metrics["prompt_accuracy"] = scores["fd"], scores["prompt_accuracy"]
+        return Scored(metrics, images[:self.g.grid_prompts])
+
+    def verdict(self, candidate: dict, champion: dict | None) -> tuple[bool, list[str]]:
+        """(passed, one line per metric). With no champion, the first candidate passes."""
+        if champion is None:
+            return True, ["no champion yet: the first version is promoted"]
+        passed, lines = True, []
+        for m in self.g.metrics:
+            c, h = candidate[m.name], champion[m.name]
+            gain = (h - c) if m.resolved_direction == "min" else (c - h)  # > 0: the candidate is better
+            ok = gain >= m.min_margin
+            passed &= ok
+            better = "lower" if m.resolved_direction == "min" else "higher"
+            lines.append(f"{m.name}: candidate {c:.4f} vs champion {h:.4f} ({better} is better; gain {gain:+.4f}, "
+                         f"needs >= {m.min_margin:+.4f}): {'pass' if ok else 'FAIL'}")
+        return passed, lines

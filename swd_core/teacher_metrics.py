@@ -1,0 +1,74 @@
+"""Scores of a model's samples computed with the teacher alone: no classifier, no hub weights, so
+they apply to any teacher (the promotion gate of scheduled retraining uses them).
+
+- `teacher_denoise`: the teacher's flow-matching loss on the samples noised to one fixed sigma,
+  with their own prompts. It is low where the samples lie where the teacher puts its data.
+- `teacher_fd`: the Fréchet distance between the features of the samples and of the teacher's own
+  samples of the same prompts and seeds. The features are the teacher's image tokens at one block,
+  mean-pooled, taken at that same sigma and noise, and projected to `dim` dimensions by a fixed
+  random orthonormal map. The projection keeps the covariances full rank with a few hundred
+  samples: SD3.5's 1536-wide tokens would otherwise need thousands.
+
+The noise for image i comes from its seed alone, so two models scored on the same prompts and
+seeds see the same noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from swd_core.adapters import FamilyAdapter
+from swd_core.evaluation import frechet_distance
+
+NOISE_OFFSET = 1_000_003  # the scoring noise is not the sampling noise of the same seed
+
+
+def _noise(shape: tuple[int, ...], seeds: Sequence[int]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s) + NOISE_OFFSET))
+                        for s in seeds])
+
+
+def projection(width: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """A fixed (width, dim) matrix with orthonormal columns (the identity when dim >= width)."""
+    if dim >= width:
+        return torch.eye(width)
+    q, _ = torch.linalg.qr(torch.randn(width, dim, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+@torch.no_grad()
+def teacher_readings(teacher: FamilyAdapter, latents: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int], *,
+                     sigma: float = 0.5, block: int | None = None, dim: int = 64,
+                     batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-image denoising loss (N,), projected pooled features (N, dim)) of `latents` (at the
+    teacher's latent size) under the teacher at `sigma`; `block` defaults to the middle one."""
+    if not (len(latents) == len(prompts) == len(seeds)):
+        raise ValueError(f"got {len(latents)} latents, {len(prompts)} prompts and {len(seeds)} seeds")
+    blocks = teacher.num_blocks
+    block = blocks // 2 if block is None else block
+    if not 0 <= block < blocks:
+        raise ValueError(f"block {block}: the teacher has blocks 0..{blocks - 1}")
+    losses, feats = [], []
+    proj = None
+    for start in range(0, len(prompts), batch_size):
+        stop = min(start + batch_size, len(prompts))
+        x = latents[start:stop].to(teacher.device, torch.float32)
+        eps = _noise(tuple(x.shape[1:]), seeds[start:stop]).to(x.device)
+        noisy = (1 - sigma) * x + sigma * eps
+        text = teacher.encode_prompts(list(prompts[start:stop]))
+        v, taps = teacher.velocity(noisy, sigma, text, feature_blocks=(block,))
+        losses.append(((v.float() - (eps - x)) ** 2).flatten(1).mean(1).cpu())
+        pooled = taps[block].float().mean(1).cpu()  # (batch, width): image tokens, mean-pooled
+        if proj is None:
+            proj = projection(pooled.shape[1], dim)
+        feats.append(pooled @ proj)
+    return torch.cat(losses), torch.cat(feats)
+
+
+def teacher_fd(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fréchet distance between two sets of `teacher_readings` features."""
+    if len(features) < 2 or len(reference) < 2:
+        raise ValueError("the Fréchet distance needs at least 2 images on each side")
+    return frechet_distance(features, reference)

@@ -1,0 +1,192 @@
+"""Scheduled retraining end to end on a real local 2-node Ray cluster with the committed toy
+teacher: cycles that are versions in an MLflow registry, a gate, promotion, Serve following the
+champion under load, rollback, and the lock between two cycles of one definition."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from pipelines.schema import parse_pipeline_config
+from tests.conftest import free_port
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.ray
+APP, ROUTE = "swd-retrain-test", "/retrain-test"
+
+
+def definition(tmp: Path, rows: int, margin: float = -1e9) -> dict:
+    return {
+        "name": "nightly",
+        "stages": ["precompute", "distill"],
+        "teacher": {"path": "builtin:toy-sd3", "max_sequence_length": 0},
+        "data": {"sources": [{"path": "builtin:shapes", "format": "shapes", "limit": rows}],
+                 "preview_prompts": ["a red circle"]},
+        "precompute": {"batch_size": 16, "actors": 1, "cpus_per_actor": 1},
+        "distill": {
+            "schedule": {"scales": [8, 16], "boundaries": [0, 14]},
+            "losses": {"feature_block": 4, "dmd": {"guidance_scale": 4.5}},
+            "lora": {"rank": 4}, "batch_size": 4, "steps": 2, "lr": 1e-3, "fake_updates": 1,
+            "checkpoint_every": 2, "log_every": 1,
+        },
+        "serve": {"app_name": APP, "route_prefix": ROUTE, "host": "127.0.0.1", "max_batch_size": 2,
+                  "max_ongoing_requests": 4, "cpus_per_replica": 0.5},
+        "resources": {"num_workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "SPREAD",
+                      "storage": str(tmp / "runs")},
+        "retrain": {
+            "schedule": "0 3 * * *", "timezone": "Europe/Berlin", "iterations": 2,
+            # a negative margin is a tolerance: the short cycles here pass unless `margin` is raised
+            "gate": {"num_prompts": 8, "batch_size": 8, "grid_prompts": 2,
+                     "metrics": [{"name": "fd", "min_margin": margin},
+                                 {"name": "teacher_denoise", "min_margin": margin}]},
+            "lock_ttl_s": 10,
+        },
+    }
+
+
+def write(tmp: Path, d: dict) -> Path:
+    path = tmp / "nightly.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def served_models(base: str) -> list[str]:
+    return [m["id"] for m in requests.get(f"{base}{ROUTE}/v1/models", timeout=30).json()["data"]]
+
+
+class Load:
+    """Requests to the app from a thread, for as long as the block runs; every status recorded."""
+
+    def __init__(self, base: str):
+        self.base, self.results, self._stop = base, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            r = requests.post(f"{self.base}{ROUTE}/v1/images/generations", json={"prompt": "a red circle", "seed": 3},
+                              timeout=120)
+            self.results.append((r.status_code, r.headers.get("x-swd-model"), r.text[:200] if not r.ok else ""))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def retrain_cli(path: Path, *args, cluster=None, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **({"RAY_ADDRESS": cluster.address} if cluster else {}))
+    return subprocess.run([sys.executable, "pipelines/retrain.py", *args, "--config", str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def checkpoint_steps(cycle_dir: Path) -> list[int]:
+    return sorted(json.loads(f.read_text())["step"] for f in (cycle_dir / "train").glob("**/checkpoint_*/state.json"))
+
+
+def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
+    from ray import serve
+
+    from pipelines.ray_compat import serve_http_address
+    from pipelines.retraining.cycle import lock_uri, run_cycle
+    from pipelines.retraining.registry import Registry
+
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
+    try:
+        # cycle 1: v1 from the teacher, promoted (no champion yet) and deployed
+        cfg = parse_pipeline_config(definition(tmp_path, rows=64))
+        write(tmp_path, definition(tmp_path, rows=64))
+        first = run_cycle(cfg)
+        assert first["cycle"] == "cycle-0001" and first["version"] == 1 and first["promoted"]
+        assert first["new_rows"] == 64 and first["warm_start"] is None
+        _, port = serve_http_address()
+        base = f"http://127.0.0.1:{port}"
+        assert served_models(base) == ["nightly-swd-v1"]
+        run_dir = tmp_path / "runs" / "nightly"
+        assert checkpoint_steps(run_dir / "cycles" / "cycle-0001") == [2]
+
+        # more rows arrive; cycle 2 encodes only those, trains v1 further, passes and is served
+        cfg = parse_pipeline_config(definition(tmp_path, rows=96))
+        with Load(base) as load:
+            second = run_cycle(cfg)
+            deadline = time.time() + 60
+            while served_models(base) != ["nightly-swd-v2"]:
+                assert time.time() < deadline, "serving never moved to v2"
+                time.sleep(0.5)
+            time.sleep(2)  # requests continue on v2
+        assert second["new_rows"] == 32 and second["rows"] == 96
+        assert second["warm_start"] == first["checkpoint"] and second["start_step"] == 2
+        assert checkpoint_steps(run_dir / "cycles" / "cycle-0002") == [4]  # went on from step 2, not from 0
+        assert second["promoted"] and set(second["gate"]["champion"]) == {"fd", "teacher_denoise"}
+        assert second["gate"]["seeds"] == first["gate"]["seeds"] and second["gate"]["prompts"] == first["gate"]["prompts"]
+        statuses = [s for s, _, _ in load.results]
+        assert statuses and all(s == 200 for s in statuses), load.results[:5]
+        assert {m for _, m, _ in load.results} <= {"nightly-swd-v1", "nightly-swd-v2"}
+        # v1's folder is untouched: every cycle exports into its own
+        assert (run_dir / "cycles" / "cycle-0001" / "student" / "merged" / "model_index.json").exists()
+
+        # cycle 3 cannot pass (a margin no model meets): registered, not promoted, serving stays on
+        # v2; a second --once started meanwhile finds the lock and exits, changing nothing
+        hard = definition(tmp_path, rows=112, margin=1e9)
+        path = write(tmp_path, hard)
+        out = {}
+        third = threading.Thread(target=lambda: out.setdefault("r", run_cycle(parse_pipeline_config(hard))))
+        third.start()
+        lock = Path(lock_uri(cfg))
+        deadline = time.time() + 120
+        while not lock.exists():
+            assert time.time() < deadline and third.is_alive(), "cycle 3 never took the lock"
+            time.sleep(0.1)
+        other = retrain_cli(path, "--once", cluster=ray_cluster)
+        third.join()
+        assert other.returncode == 3, other.stdout + other.stderr
+        assert "another retraining cycle of 'nightly' is running" in other.stderr
+        result = out["r"]
+        assert result["cycle"] == "cycle-0003" and result["version"] == 3 and not result["promoted"]
+        assert sorted(p.name for p in (run_dir / "cycles").iterdir()) == ["cycle-0001", "cycle-0002", "cycle-0003"]
+        assert served_models(base) == ["nightly-swd-v2"]
+        registry = Registry(cfg)
+        assert registry.champion().number == 2
+        assert "FAIL" in registry.version(3).tags["gate_report"] and registry.version(3).tags["gate"] == "failed"
+
+        # rollback moves the champion, and serving, back to v1
+        with Load(base) as load:
+            rb = retrain_cli(path, "rollback", cluster=ray_cluster)
+            assert rb.returncode == 0, rb.stdout + rb.stderr
+            deadline = time.time() + 60
+            while served_models(base) != ["nightly-swd-v1"]:
+                assert time.time() < deadline, "serving never moved back to v1"
+                time.sleep(0.5)
+        assert all(s == 200 for s, _, _ in load.results), load.results[:5]
+        assert Registry(cfg).champion().number == 1
+
+        # the registry: every version with its metrics, and the alias history
+        st = retrain_cli(path, "status")
+        assert st.returncode == 0, st.stderr
+        lines = st.stdout.splitlines()
+        rows = [line for line in lines if line.lstrip("*").startswith("v") and "cycle-" in line]
+        assert [r.split()[0].lstrip("*") for r in rows] == ["v1", "v2", "v3"]
+        assert "passed" in rows[1] and "failed" in rows[2] and rows[0].startswith("*v1")
+        history = [line for line in lines if line.startswith("  ") and ": " in line]
+        assert [h.split()[2] for h in history] == ["v1", "v2", "v1"]
+        assert "rollback from v2" in history[-1] and "cycle-0002: gate passed" in history[1]
+        versions = Registry(cfg).versions()
+        assert all(set(json.loads(v.tags["metrics"])) == {"fd", "teacher_denoise"} for v in versions)
+        # MLflow runs: one per cycle, with per-step training metrics and the gate's
+        client = Registry(cfg).client
+        runs = client.search_runs([Registry(cfg).experiment_id])
+        assert sorted(r.info.run_name for r in runs) == ["cycle-0001", "cycle-0002", "cycle-0003"]
+        run2 = next(r for r in runs if r.info.run_name == "cycle-0002")
+        assert "gate.candidate.fd" in run2.data.metrics and "gate.champion.fd" in run2.data.metrics
+        assert [m.step for m in client.get_metric_history(run2.info.run_id, "generator")] == [3, 4]
+    finally:
+        serve.delete(APP)
