@@ -103,7 +103,7 @@ def run_cycle(cfg: PipelineConfig, *, force: bool = False) -> dict:
 
 
 def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
-    from pipelines.retraining.registry import Registry
+    from pipelines.retraining.registry import Registry, metrics_callback
     from pipelines.stages import distill, precompute
 
     r = cfg.retrain
@@ -147,10 +147,7 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     _say(f"training {r.iterations} iterations from "
          + (f"v{champion.number}'s checkpoint at step {start_step}" if warm else "the teacher"))
     lease.check()
-    trained = distill.trainer.run(ccfg, warm_start=warm)
-    for row in trained["history"]:
-        step = int(row.get("step", 0))
-        registry.log_metrics(run_id, {k: v for k, v in row.items() if k != "step"}, step=step)
+    trained = distill.trainer.run(ccfg, warm_start=warm, callbacks=[metrics_callback(registry.uri, run_id)])
     student = f"{trained['student']}/merged"
 
     # 3. the gate: candidate and champion on the same prompts and seeds

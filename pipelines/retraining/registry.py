@@ -140,3 +140,29 @@ class Registry:
     def alias_history(self) -> list[dict]:
         tags = self.client.get_registered_model(self.name).tags
         return [json.loads(tags[k]) for k in sorted(tags) if k.startswith("alias.")]
+
+
+def metrics_callback(tracking: str, run_id: str):
+    """A Ray Train callback that logs every report of rank 0 (per `distill.log_every` step and at
+    checkpoints) to the cycle's MLflow run. It runs in Ray Train's controller, so the tracking
+    store must be reachable from there: a server on a cluster, the run's SQLite file locally."""
+    from ray.train import UserCallback
+
+    class MetricsToMLflow(UserCallback):
+        def __init__(self):
+            self._client = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric
+
+            if self._client is None:
+                self._client = MlflowClient(tracking_uri=tracking)
+            row = metrics[0] if metrics else {}
+            step, now = int(row.get("step", 0)), int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in row.items()
+                     if k != "step" and isinstance(v, (int, float)) and v == v]
+            if batch:
+                self._client.log_batch(run_id, metrics=batch)
+
+    return MetricsToMLflow()

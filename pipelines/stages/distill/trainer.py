@@ -27,7 +27,7 @@ def _absolute(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update=update) if update else cfg
 
 
-def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None):
+def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -68,6 +68,7 @@ def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None):
                 checkpoint_score_attribute=d.validation.score_key if d.validation.num_prompts else None,
                 checkpoint_score_order=d.validation.mode),
             worker_runtime_env={"env_vars": {**worker_env(), **TRAIN_WORKER_ENV}},
+            callbacks=callbacks or None,
         ),
     )
 
@@ -82,9 +83,10 @@ def _checkpoint(uri: str, resources):
     return Checkpoint(os.path.abspath(uri))
 
 
-def run(cfg: PipelineConfig, warm_start: str | None = None) -> dict:
+def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | None = None) -> dict:
     """Train the definition's student; `warm_start`: a checkpoint (of this stage, from another
-    run) to start from when the run has none of its own."""
+    run) to start from when the run has none of its own; `callbacks`: `ray.train.UserCallback`s
+    (they run in Ray Train's controller and see every report)."""
     from pipelines.ray_runtime import ensure_ray
     from pipelines.store import open_store
 
@@ -102,12 +104,12 @@ def run(cfg: PipelineConfig, warm_start: str | None = None) -> dict:
           f"{d.steps} steps, {'scale-wise' if schedule.is_scalewise else 'full-resolution'} scales {list(schedule.scales)}",
           flush=True)
     start = time.perf_counter()
-    result = build_trainer(cfg, store, warm_start).fit()
+    result = build_trainer(cfg, store, warm_start, callbacks).fit()
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})
     out = {"student": student_dir(cfg), "checkpoint": result.checkpoint.path if result.checkpoint else None,
-           "seconds": time.perf_counter() - start, "final_metrics": metrics, "history": _history(result)}
+           "seconds": time.perf_counter() - start, "final_metrics": metrics}
     # the checkpoint of the exported weights (validation keeps the best scored, Ray the latest too):
     # where a further run of this student starts
     exported = result.checkpoint
@@ -121,14 +123,3 @@ def run(cfg: PipelineConfig, warm_start: str | None = None) -> dict:
     print(f"[distill] done in {out['seconds']:.0f} s; student at {out['student']}{chosen}", flush=True)
     return out
 
-
-def _history(result) -> list[dict]:
-    """Every metrics row the workers reported (per `log_every` step and at checkpoints)."""
-    try:
-        frame = result.metrics_dataframe
-    except Exception:  # noqa: BLE001 - a result read back without its metrics file
-        return []
-    if frame is None:
-        return []
-    return [{k: v for k, v in row.items() if isinstance(v, (int, float)) and v == v}
-            for row in frame.to_dict(orient="records")]

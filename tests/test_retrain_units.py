@@ -1,0 +1,116 @@
+"""Scheduled retraining without a cluster: the `retrain` section's checks, the schedule's ticks,
+rollback's choice, cycle ids, and the registry on a real MLflow SQLite store."""
+
+import json
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+
+from pipelines.retrain import next_tick
+from pipelines.retraining.cycle import cycle_config, next_cycle, previous_champion, served_model
+from pipelines.schema import PipelineConfigError, load_pipeline_config, parse_pipeline_config
+
+RETRAIN = "pipelines/configs/toy_retrain.yaml"
+
+
+def with_retrain(**retrain) -> dict:
+    d = yaml.safe_load(open(RETRAIN))
+    d["retrain"] = {**d["retrain"], **retrain}
+    return d
+
+
+@pytest.mark.parametrize("schedule,words", [
+    ("@daily", "5-field cron"),
+    ("0 3 * *", "got 4 field"),
+    ("0 25 * * *", "not a valid cron expression"),
+    ("*/5 * * * * *", "got 6 field"),
+])
+def test_bad_schedules_are_refused_with_what_kubernetes_accepts(schedule, words):
+    with pytest.raises(PipelineConfigError, match=words):
+        parse_pipeline_config(with_retrain(schedule=schedule))
+
+
+def test_bad_retrain_settings_name_the_field():
+    with pytest.raises(PipelineConfigError, match="retrain.timezone.*unknown time zone"):
+        parse_pipeline_config(with_retrain(timezone="Mars/Olympus"))
+    with pytest.raises(PipelineConfigError, match="retrain.iterations 50 is not a multiple of the schedule's 4 steps.*48 or 52"):
+        parse_pipeline_config(with_retrain(iterations=50))
+    d = with_retrain(gate={"metrics": [{"name": "prompt_accuracy"}]})
+    d["teacher"]["path"] = "builtin:tiny-sd3"
+    d["data"]["sources"] = [{"path": "s3://b/x.parquet"}]
+    d["distill"]["validation"] = {"num_prompts": 0}
+    with pytest.raises(PipelineConfigError, match="need the shapes-domain scorer.*teacher_denoise or teacher_fd"):
+        parse_pipeline_config(d)
+    d = with_retrain()
+    d["resources"]["storage"] = "s3://bucket/swd"
+    with pytest.raises(PipelineConfigError, match="tracking server URI"):
+        parse_pipeline_config(d)
+
+
+def test_ticks_follow_the_time_zone():
+    after = datetime(2026, 3, 28, 12, 0, tzinfo=ZoneInfo("Europe/Berlin"))  # the night clocks go forward
+    tick = next_tick("0 3 * * *", "Europe/Berlin", after)
+    assert (tick.year, tick.month, tick.day, tick.hour) == (2026, 3, 29, 3)
+    assert tick.utcoffset().total_seconds() == 2 * 3600  # summer time from 02:00 that night
+    utc = next_tick("30 2 * * 1", "UTC", datetime(2026, 12, 2, 14, 0, tzinfo=ZoneInfo("UTC")))
+    assert utc.isoformat() == "2026-12-07T02:30:00+00:00"  # the next Monday
+
+
+def test_rollback_goes_back_through_promotions_not_back_and_forth():
+    history = [{"version": 1, "why": "cycle-0001: gate passed"}, {"version": 2, "why": "cycle-0002: gate passed"},
+               {"version": 4, "why": "cycle-0004: gate passed"}]
+    assert previous_champion(history, 4) == 2
+    history.append({"version": 2, "why": "rollback from v4"})
+    assert previous_champion(history, 2) == 1  # twice: two versions back
+    assert previous_champion(history[:1], 1) is None
+
+
+def test_each_cycle_has_its_folder_and_the_run_shares_its_store(tmp_path):
+    d = with_retrain()
+    d["resources"]["storage"] = str(tmp_path)
+    cfg = parse_pipeline_config(d)
+    assert next_cycle(cfg) == ("cycle-0001", None)
+    c = cycle_config(cfg, "cycle-0001", 96)
+    assert c.run_dir == f"{tmp_path}/toy-retrain/cycles/cycle-0001"
+    assert c.precompute.output == f"{tmp_path}/toy-retrain/store" and c.distill.steps == 96
+    folder = tmp_path / "toy-retrain" / "cycles" / "cycle-0001"
+    folder.mkdir(parents=True)
+    (folder / "cycle.json").write_text(json.dumps({"state": "running"}))
+    assert next_cycle(cfg) == ("cycle-0001", {"state": "running"})  # unfinished: resumed
+    (folder / "cycle.json").write_text(json.dumps({"state": "finished"}))
+    assert next_cycle(cfg)[0] == "cycle-0002"
+
+
+def test_registry_versions_alias_and_its_history(tmp_path):
+    from pipelines.retraining.registry import Registry
+
+    d = with_retrain()
+    d["resources"]["storage"] = str(tmp_path)
+    cfg = parse_pipeline_config(d)
+    reg = Registry(cfg)
+    assert reg.uri == f"sqlite:///{tmp_path}/toy-retrain/registry.db" and reg.champion() is None
+    run = reg.start_run("cycle-0001")
+    reg.log_metrics(run, {"generator": 1.5, "not_a_number": float("nan")}, step=3)
+    v1 = reg.register("/s/1", run, {"cycle": "cycle-0001", "metrics": json.dumps({"fd": 2.0})})
+    v2 = reg.register("/s/2", run, {"cycle": "cycle-0002", "metrics": json.dumps({"fd": 1.0})})
+    reg.set_champion(v1.number, "cycle-0001: gate passed")
+    reg.set_champion(v2.number, "cycle-0002: gate passed")
+    again = Registry(cfg)  # a new process sees the same
+    assert again.champion().number == 2 and again.champion().source == "/s/2"
+    assert [v.number for v in again.versions()] == [1, 2] and again.versions()[1].aliases == ["champion"]
+    assert again.versions()[0].metrics == {"fd": 2.0}
+    assert [(h["version"], h["previous"]) for h in again.alias_history()] == [(1, None), (2, 1)]
+    assert [m.step for m in again.client.get_metric_history(run, "generator")] == [3]
+    assert (tmp_path / "toy-retrain" / "mlflow-artifacts").as_uri() in again.client.get_experiment(again.experiment_id).artifact_location
+
+
+def test_the_served_model_id_names_the_version():
+    cfg = load_pipeline_config(RETRAIN)
+
+    class V:
+        number, source = 7, "/runs/x/cycles/cycle-0007/student/merged"
+
+    served = served_model(cfg, V)
+    assert served.serve.model_id == "toy-retrain-swd-v7" and served.serve.model == V.source
