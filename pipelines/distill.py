@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Run a SwD pipeline definition.
 
-    python pipelines/distill.py --config pipelines/configs/toy.yaml [--dry-run] [--stages preview]
+    python pipelines/distill.py --config pipelines/configs/toy.yaml [--dry-run] [--stages preview] \
+        [--set distill.steps=600 --set resources.num_workers=4]
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \\
         python pipelines/distill.py --config pipelines/configs/toy.yaml
 """
@@ -42,10 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="pipeline definition (YAML)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     parser.add_argument("--stages", help=f"comma-separated stages to run instead of the definition's list ({', '.join(STAGES)})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one field of the definition (value read as YAML); repeatable")
     args = parser.parse_args(argv)
 
     try:
-        cfg = load_pipeline_config(args.config)
+        cfg = load_pipeline_config(args.config, args.set)
     except PipelineConfigError as err:
         print(err, file=sys.stderr)
         return 2
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         stages = [s for s in STAGES if s in wanted]
     if args.dry_run:
+        if args.set:
+            print("overrides (--set): " + ", ".join(args.set) + "\n")
         print(render_plan(cfg.model_copy(update={"stages": stages})))
         return 0
 

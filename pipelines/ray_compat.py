@@ -53,3 +53,14 @@ def session_logs_dir() -> str:
     import ray._private.worker
 
     return ray._private.worker._global_node.get_logs_dir_path()
+
+
+def started_ray_here() -> bool:
+    """Whether this process started the Ray instance it is connected to (as opposed to joining
+    a cluster: RAY_ADDRESS, `ray job submit`, or the machine's running cluster, which a bare
+    `ray.init()` also joins). Then what it deploys lives only as long as the process. The driver's
+    node object says so; no public API does."""
+    from ray._private import worker
+
+    node = worker._global_node
+    return node is not None and node.is_head()

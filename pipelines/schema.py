@@ -562,7 +562,55 @@ def parse_pipeline_config(data: Any, source: str = "<config>") -> PipelineConfig
         raise PipelineConfigError(format_validation_error(err, source)) from None
 
 
-def load_pipeline_config(path: str | Path) -> PipelineConfig:
+def _model_at(path: list[str]) -> type[BaseModel] | None:
+    """The schema model holding the field at `path` (a dotted key without its last part)."""
+    model: type[BaseModel] = PipelineConfig
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
+    """`key.path=value` overrides onto a definition's mapping; each value is read as YAML
+    (`3`, `1e-4`, `true`, `[8, 16]`, `{a: 1}`). An unknown key fails here, naming the fields
+    allowed at that level; a bad value fails in validation like one in the file."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise PipelineConfigError(f"{source} {item!r}: expected key.path=value, e.g. distill.steps=600")
+        for depth in range(len(parts)):
+            model = _model_at(parts[:depth])
+            if model is None:
+                break  # below a free-form field (a list or mapping): validation checks the rest
+            if parts[depth] not in model.model_fields:
+                allowed = sorted(model.model_fields)
+                close = difflib.get_close_matches(parts[depth], allowed, n=1)
+                hint = f" (did you mean {'.'.join([*parts[:depth], close[0]])!r}?)" if close else ""
+                raise PipelineConfigError(f"{source} {item!r}: unknown field {'.'.join(parts[:depth + 1])!r}{hint}; "
+                                          f"allowed there: {', '.join(allowed)}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise PipelineConfigError(f"{source} {item!r}: the value is not valid YAML: {err}") from None
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """The definition in `path`, with `key.path=value` `overrides` applied before validation."""
     path = Path(path)
     if not path.exists():
         raise PipelineConfigError(f"{path}: no such pipeline definition")
@@ -570,4 +618,9 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise PipelineConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_pipeline_config(data, str(path))
+    if overrides:
+        if not isinstance(data, dict):
+            raise PipelineConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        data = apply_overrides(data, list(overrides))
+    source = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
+    return parse_pipeline_config(data, source)

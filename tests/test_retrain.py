@@ -4,6 +4,7 @@ champion under load, rollback, and the lock between two cycles of one definition
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -173,11 +174,11 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         st = retrain_cli(path, "status")
         assert st.returncode == 0, st.stderr
         lines = st.stdout.splitlines()
-        rows = [line for line in lines if line.lstrip("*").startswith("v") and "cycle-" in line]
-        assert [r.split()[0].lstrip("*") for r in rows] == ["v1", "v2", "v3"]
+        rows = [line for line in lines if re.match(r"^[* ]v\d+ +cycle-", line)]
+        assert [r[1:].split()[0] for r in rows] == ["v1", "v2", "v3"]
         assert "passed" in rows[1] and "failed" in rows[2] and rows[0].startswith("*v1")
-        history = [line for line in lines if line.startswith("  ") and ": " in line]
-        assert [h.split()[2] for h in history] == ["v1", "v2", "v1"]
+        history = [line for line in lines if re.match(r"^  \S+ \S+  v\d+", line)]
+        assert [re.match(r"^  \S+ \S+  (v\d+)", h).group(1) for h in history] == ["v1", "v2", "v1"]
         assert "rollback from v2" in history[-1] and "cycle-0002: gate passed" in history[1]
         versions = Registry(cfg).versions()
         assert all(set(json.loads(v.tags["metrics"])) == {"fd", "teacher_denoise"} for v in versions)

@@ -318,3 +318,46 @@ def test_playground_shows_a_generated_image_in_headless_chromium(app, tmp_path):
     shown = pixels(base64.b64decode(src))
     direct = requests.get(f"{url}/generate", params={"prompt": PROMPT, "seed": 21}, timeout=60)
     np.testing.assert_array_equal(shown, pixels(direct.content))
+
+
+def test_a_driver_that_joined_the_cluster_did_not_start_ray(ray_cluster):
+    from pipelines.ray_compat import started_ray_here
+
+    assert started_ray_here() is False  # this session joined the test cluster; its head is another process
+
+
+def test_deploy_that_started_ray_serves_in_the_foreground_until_interrupted(students, tmp_path):
+    import os
+    import signal
+    import sys
+
+    import yaml
+
+    port = free_port()
+    d = yaml.safe_load(Path("pipelines/configs/toy.yaml").read_text())
+    d["serve"].update(model=students["a"], host="127.0.0.1", port=port, cpus_per_replica=1)
+    d["resources"]["storage"] = str(tmp_path)
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(d))
+    # RAY_ADDRESS=local: start a Ray of its own instead of joining this machine's test cluster
+    env = dict(os.environ, RAY_ADDRESS="local", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "pipelines/distill.py", "--config", str(path), "--stages", "deploy"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving until interrupted" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        time.sleep(2)  # the stage is in its foreground wait: the app still answers
+        r = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=60)
+        assert r.status_code == 200 and r.json()["data"][0]["source"] == students["a"]
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "interrupted: stopping" in rest, "".join(lines) + rest
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)

@@ -183,8 +183,8 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     _write_record(cfg, cycle, record)
     registry.log_text(run_id, json.dumps(record, indent=2), RECORD)
     registry.end_run(run_id)
-    if r.serve:
-        follow_champion(cfg, registry)
+    if r.serve:  # a new champion, or the first deployment (also when the app is gone)
+        follow_champion(cfg, registry, deploy=True, only_if_absent=not passed)
     return record
 
 
@@ -218,7 +218,7 @@ def served_model(cfg: PipelineConfig, version) -> PipelineConfig:
                                                                         "model_id": f"{base}-v{version.number}"})})
 
 
-def follow_champion(cfg: PipelineConfig, registry, deploy: bool = True) -> dict | None:
+def follow_champion(cfg: PipelineConfig, registry, deploy: bool = True, only_if_absent: bool = False) -> dict | None:
     """Point the definition's Serve app at the champion: an in-place reconfigure of a running app
     (replicas load the new model and swap it in; requests keep being served), or, with `deploy`,
     a first deployment. Reconfiguring from the cycle (rather than replicas polling the registry)
@@ -226,17 +226,19 @@ def follow_champion(cfg: PipelineConfig, registry, deploy: bool = True) -> dict 
     champion = registry.champion()
     if champion is None:
         return None
-    import ray
     from ray import serve
 
+    from pipelines.ray_compat import started_ray_here
     from pipelines.ray_runtime import ensure_ray
     from pipelines.serve import app_name, build_app
 
-    started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     ensure_ray(cfg)
+    started_ray = started_ray_here()
     served = served_model(cfg, champion)
     name = app_name(cfg)
     running = name in serve.status().applications
+    if running and only_if_absent:
+        return None
     if not running and not deploy:
         _say(f"serve: no running app {name}; its next deployment serves {served.serve.model_id}")
         return None

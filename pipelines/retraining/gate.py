@@ -100,7 +100,7 @@ class Gate:
         if self._scorer is not None:
             scores, _ = self._scorer.score(images)
             metrics["fd"], metrics["prompt_accuracy"] = scores["fd"], scores["prompt_accuracy"]
-        return Scored(metrics, images[:self.g.grid_prompts])
+        return Scored({n: metrics[n] for n in self.names}, images[:self.g.grid_prompts])
 
     def verdict(self, candidate: dict, champion: dict | None) -> tuple[bool, list[str]]:
         """(passed, one line per metric). With no champion, the first candidate passes."""

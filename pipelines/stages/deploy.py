@@ -1,16 +1,18 @@
 """Deploy stage: serve the exported student over HTTP with Ray Serve (pipelines/serve).
 
 Connects to the running Ray cluster (or starts a local one), deploys the application built from
-the definition's `serve` section and prints its URL. On a cluster the app outlives this driver;
-when this process started Ray itself, the app lives only as long as the process.
+the definition's `serve` section and prints its URL. On a cluster the app outlives this driver
+and the stage returns. When this process started Ray itself, the app lives only as long as the
+process, so the stage keeps serving in the foreground until interrupted (as `serve run` does).
 """
 
 from __future__ import annotations
 
-import ray
+import time
+
 from ray import serve
 
-from pipelines.ray_compat import serve_http_address
+from pipelines.ray_compat import serve_http_address, started_ray_here
 from pipelines.ray_runtime import ensure_ray
 from pipelines.schema import PipelineConfig
 from pipelines.serve import app_name, build_app
@@ -19,8 +21,8 @@ from pipelines.serve.app import model_user_config
 
 def run(cfg: PipelineConfig) -> dict:
     s = cfg.serve
-    started_ray = not ray.is_initialized()
-    ensure_ray(cfg)  # joins RAY_ADDRESS / the job's cluster, else starts a local Ray
+    ensure_ray(cfg)  # joins RAY_ADDRESS / the job's cluster / this machine's cluster, else starts one
+    started_ray = started_ray_here()
     serve.start(http_options={"host": s.host, "port": s.port})
     name = app_name(cfg)
     model = model_user_config(cfg)
@@ -31,6 +33,13 @@ def run(cfg: PipelineConfig) -> dict:
     url = f"http://{shown}:{port}{s.route_prefix.rstrip('/')}/"
     print(f"[deploy] {name} is serving at {url}  (playground: {url}, API: {url}v1/images/generations)", flush=True)
     if started_ray:
-        print("[deploy] note: this process started Ray, so the app stops when it exits; deploy to a cluster "
-              "(ray job submit, or `serve deploy` of the generated config) for a lasting service", flush=True)
+        print("[deploy] this process started Ray, so the app lives as long as it does: serving until "
+              "interrupted (Ctrl-C). For a lasting service, deploy to a cluster (RAY_ADDRESS, ray job submit, "
+              "or `serve deploy` of the generated config)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print(f"[deploy] interrupted: stopping {name}", flush=True)
+            serve.shutdown()
     return {"app": name, "url": url, "model": model}

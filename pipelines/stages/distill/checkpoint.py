@@ -26,14 +26,33 @@ def trained_parameters(cfg) -> dict:
     return {"mode": d.mode, "lora_rank": d.lora.rank, "lora_targets": list(d.lora.targets)}
 
 
-def restore_checkpoint(cfg, rank: int, engine_g, engine_f, ema, device, digest: str) -> tuple[int, int, int, dict | None]:
-    """Loads the run's latest checkpoint, if any, into the engines and the EMA. Returns (step,
-    epoch, rows of it done, validation record) to go on from: zeros and None for a fresh run.
+def warm_start_checkpoint(uri: str, resources):
+    """A checkpoint of another run of this stage (local path or s3://) as Ray Train names one."""
+    import os
+
+    from ray.train import Checkpoint
+
+    from pipelines.storage import arrow_filesystem, fs_path
+
+    if uri.startswith("s3://"):
+        return Checkpoint(fs_path(uri), filesystem=arrow_filesystem(uri, resources))
+    return Checkpoint(os.path.abspath(uri))
+
+
+def restore_checkpoint(cfg, rank: int, engine_g, engine_f, ema, device, digest: str,
+                       warm_start: str | None = None) -> tuple[int, int, int, dict | None]:
+    """Loads the run's latest checkpoint, if any, into the engines and the EMA; without one,
+    `warm_start` (another run's checkpoint), if given. Returns (step, epoch, rows of it done,
+    validation record) to go on from: zeros and None for a fresh run.
     A checkpoint whose trained parameters differ from the definition's is refused: its adapters
     would load partly (DeepSpeed loads modules non-strictly) and the rest would train from scratch."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    if not checkpoint and warm_start:
+        checkpoint = warm_start_checkpoint(warm_start, cfg.resources)
+        if rank == 0:
+            print(f"[distill] warm start from {warm_start}", flush=True)
     if not checkpoint:
         return 0, 0, 0, None
     with checkpoint.as_directory() as ckpt_dir:

@@ -48,17 +48,16 @@ def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None, cal
     plan = plan_shards(file_rows, r.num_workers, d.batch_size // r.num_workers)  # each worker's rows
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"pipeline": cfg.model_dump(mode="json"), "store": store, "data_plan": plan},
+        # warm_start: another run's checkpoint to start from while this run has none of its own
+        # (scheduled retraining trains the champion further; a restarted cycle resumes its own)
+        train_loop_config={"pipeline": cfg.model_dump(mode="json"), "store": store, "data_plan": plan,
+                           "warm_start": warm_start},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=r.placement_strategy),
         # by name; StoreShards reads each worker's part of it
         datasets={"train": store.dataset(files=[path for path, _ in file_rows])},
         dataset_config=StoreShards(store, plan),
-        # a start from another run's checkpoint (scheduled retraining trains the champion further);
-        # Ray Train uses it only while this run has no checkpoint of its own, so a restarted cycle
-        # resumes from its own latest
-        resume_from_checkpoint=_checkpoint(warm_start, r) if warm_start else None,
         run_config=RunConfig(
             name="distill", storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=d.max_failures),
@@ -71,16 +70,6 @@ def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None, cal
             callbacks=callbacks or None,
         ),
     )
-
-
-def _checkpoint(uri: str, resources):
-    from ray.train import Checkpoint
-
-    from pipelines.storage import arrow_filesystem, fs_path
-
-    if uri.startswith("s3://"):
-        return Checkpoint(fs_path(uri), filesystem=arrow_filesystem(uri, resources))
-    return Checkpoint(os.path.abspath(uri))
 
 
 def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | None = None) -> dict:

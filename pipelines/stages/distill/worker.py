@@ -56,7 +56,8 @@ def train_loop_per_worker(config: dict) -> None:
         validation = Validation(cfg, rank, world, image_size=schedule.scales[-1] * adapter.vae_scale_factor)
 
     # with validation, `chosen` is the exported student's record (the chosen step and every score)
-    step, epoch, rows_done, chosen = restore_checkpoint(cfg, rank, engine_g, engine_f, ema, device, digest)
+    step, epoch, rows_done, chosen = restore_checkpoint(cfg, rank, engine_g, engine_f, ema, device, digest,
+                                                        config.get("warm_start"))
     if validation is not None:
         chosen = validation.restore(chosen)
     data = DataStream(_batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, rows_done,
