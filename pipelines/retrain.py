@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     config_help = "pipeline definition (YAML) with a `retrain` section"
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)  # before or after the command
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="pipelines/retrain.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=config_help)
     parser.add_argument("--once", action="store_true", help="run one cycle now and exit")
     parser.add_argument("--force", action="store_true", help="with --once: train even without new rows")
