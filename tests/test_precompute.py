@@ -295,3 +295,14 @@ def test_synthesize_then_precompute_on_s3(ray_cluster, s3_server, adapter):
     diff = np.abs(np.asarray(alone).astype(int) - np.asarray(Image.open(io.BytesIO(made[prompts[0]]["image"]))).astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01  # at most one level from float noise across batch sizes
     assert synthesize.run(cfg)["sampled"] == 0
+
+
+def test_null_text_columns_that_arrive_as_nan_quarantine_nothing():
+    from pipelines.stages.precompute.quarantine import decide
+
+    # a batch with no refused row: pandas hands its all-null text columns over as NaN floats
+    checks = pa.table({"ref": ["a", "b", "c"], "order": [0, 1, 2], "sample_id": ["s1", "s2", "s1"],
+                       "reason": [float("nan")] * 3, "detail": [float("nan")] * 3, "converted": [float("nan")] * 3})
+    keep, quarantined, counts, converted = decide(checks, present=set())
+    assert keep == {"a", "b"} and counts["new"] == 2 and not converted
+    assert [(q["ref"], q["reason"]) for q in quarantined] == [("c", "duplicate")]

@@ -22,6 +22,12 @@ def quarantine_id(ref: str, sid: str, reason: str) -> str:
     return hashlib.sha256(f"{ref}\0{sid}\0{reason}".encode()).hexdigest()[:32]
 
 
+def _text(value) -> str | None:
+    """A check's text field, or None. A batch in which no row has one can reach the driver as a
+    float column of NaN (pandas' null), and NaN is truthy: only strings count."""
+    return value if isinstance(value, str) and value else None
+
+
 def decide(checks: pa.Table, present: set[str]) -> tuple[set[str], list[dict], Counter, Counter]:
     """Driver side, in input order: keep / quarantine / skip each checked row.
     Returns (refs to encode, quarantine rows, counts, conversions of kept rows)."""
@@ -30,8 +36,8 @@ def decide(checks: pa.Table, present: set[str]) -> tuple[set[str], list[dict], C
     first: dict[str, str] = {}
     for row in checks.to_pylist():
         sid, ref = row["sample_id"], row["ref"]
-        if row["reason"]:
-            quarantined.append({"ref": ref, "sample_id": sid, "reason": row["reason"], "detail": row["detail"]})
+        if reason := _text(row["reason"]):
+            quarantined.append({"ref": ref, "sample_id": sid, "reason": reason, "detail": _text(row["detail"])})
             continue
         if sid in first:  # decided before "present", so reruns quarantine the same rows
             quarantined.append({"ref": ref, "sample_id": sid, "reason": "duplicate",
@@ -42,7 +48,7 @@ def decide(checks: pa.Table, present: set[str]) -> tuple[set[str], list[dict], C
             counts["skipped_present"] += 1
             continue
         keep.add(ref)
-        if row["converted"]:
+        if _text(row["converted"]):
             converted[row["converted"]] += 1
     counts["new"] = len(keep)
     return keep, quarantined, counts, converted
