@@ -9,6 +9,8 @@ grid (shape or empty, colour, size) and the background, and the metrics built on
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -182,11 +184,20 @@ def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
 
 
 def load_classifier(path: str | Path) -> ShapesClassifier:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = ShapesClassifier(**state.get("config", {}))
-    model.load_state_dict(state["model"])
+    """The evaluator from a safetensors file (weights only: nothing in it can run code)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata().get("config", "{}"))
+    model = ShapesClassifier(**config)
+    model.load_state_dict(load_file(str(path)))
     return model.eval()
 
 
 def save_classifier(model: ShapesClassifier, path: str | Path, **meta) -> None:
-    torch.save({"model": model.state_dict(), "config": {"width": model.width, "feature_dim": model.feature_dim}, **meta}, path)
+    from safetensors.torch import save_file
+
+    config = {"width": model.width, "feature_dim": model.feature_dim}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"config": json.dumps(config), **{k: json.dumps(v) for k, v in meta.items()}})

@@ -31,7 +31,7 @@ from swd_core.toy import shapes
 HERE = Path(__file__).parent
 WEIGHTS = HERE / "weights"
 WORK = HERE / ".work"
-CLASSIFIER = WEIGHTS / "classifier.pt"
+CLASSIFIER = WEIGHTS / "classifier.safetensors"
 TEACHER = WEIGHTS / "toy-sd3"
 RECORD = WEIGHTS / "training_record.json"
 SEED = 0
