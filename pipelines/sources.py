@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import posixpath
 from collections.abc import Iterator
 
@@ -152,18 +153,41 @@ def read_task(task: dict, resources: ResourcesConfig) -> Iterator[dict]:
         fs = filesystem(folder, resources)
         refs, images, captions, missing = [], [], [], []
         for line, name, caption in task["rows"]:
-            path = posixpath.join(folder, name)
+            path, escape = inside(folder, name)
             refs.append(f"{path} (metadata.csv line {line})")
             captions.append(caption)
+            images.append(None)
+            if escape:  # never opened
+                missing.append(f"outside_source: {escape}")
+                continue
             try:
-                images.append(fs.cat_file(fs_path(path)))
+                images[-1] = fs.cat_file(fs_path(path))
                 missing.append(None)
             except (FileNotFoundError, IsADirectoryError) as err:
-                images.append(None)
                 missing.append(f"{type(err).__name__}: {path}")
+            except OSError as err:  # permission denied, an I/O error: this row only
+                missing.append(f"unreadable: {type(err).__name__}: {err}")
         yield _batch(n, refs, images, captions, missing)
     else:
         raise ValueError(f"unknown read task kind {kind!r}")
+
+
+def inside(folder: str, name) -> tuple[str, str | None]:
+    """(the path of `name` in `folder`, why it is outside the folder or None). Local folders
+    compare real paths, symlinks resolved; on s3:// a key may not be absolute or climb with `..`."""
+    if not isinstance(name, str) or not name:
+        return f"{folder}/{name!r}", f"file_name {name!r} is not a file name"
+    path = posixpath.join(folder, name)
+    if folder.startswith("s3://"):
+        parts = name.split("/")
+        if name.startswith("/") or "://" in name or ".." in parts:
+            return path, f"file_name {name!r} leaves {folder}"
+        return path, None
+    root = os.path.realpath(folder)
+    real = os.path.realpath(os.path.join(folder, name))
+    if os.path.commonpath([root, real]) != root:
+        return path, f"file_name {name!r} resolves to {real}, outside {root}"
+    return path, None
 
 
 def _image_bytes(value):

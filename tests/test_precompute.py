@@ -306,3 +306,40 @@ def test_null_text_columns_that_arrive_as_nan_quarantine_nothing():
     keep, quarantined, counts, converted = decide(checks, present=set())
     assert keep == {"a", "b"} and counts["new"] == 2 and not converted
     assert [(q["ref"], q["reason"]) for q in quarantined] == [("c", "duplicate")]
+
+
+def test_a_folder_source_reads_nothing_outside_its_root(tmp_path):
+    """Traversal, absolute and symlinked names are quarantined as outside_source without being
+    opened: each target is a FIFO, and opening one for reading would block this test."""
+    import threading
+
+    from pipelines.schema import ResourcesConfig
+    from pipelines.sources import read_task
+    from pipelines.stages.precompute.checks import check_batch
+    from pipelines.stages.precompute.spec import EncodeSpec
+
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    for name in ("up.png", "abs.png", "linked.png"):
+        os.mkfifo(outside / name)
+    (root / "link.png").symlink_to(outside / "linked.png")
+    (root / "good.png").write_bytes(png(Image.new("RGB", (64, 64), (200, 10, 10))))
+    (root / "locked.png").write_bytes(b"x")
+    os.chmod(root / "locked.png", 0)
+    rows = [[2, "good.png", "a red square"], [3, "../outside/up.png", "x"], [4, str(outside / "abs.png"), "x"],
+            [5, "link.png", "x"], [6, "good.png", 7], [7, "locked.png", "y"]]
+    task = {"kind": "imagefolder", "task": 0, "folder": str(root), "rows": rows}
+    out = {}
+    reader = threading.Thread(target=lambda: out.setdefault("b", next(read_task(task, ResourcesConfig()))), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "a file outside the source's folder was opened"
+    batch = out["b"]
+    spec = EncodeSpec("builtin:toy-sd3", "sd3", "float32", 0, (8, 16), 4, "float16")
+    table = check_batch(batch, spec).to_pylist()
+    reasons = [r["reason"] for r in table]
+    assert reasons[:5] == [None, "outside_source", "outside_source", "outside_source", "caption_not_text"]
+    # root reads a mode-000 file anyway (then its one byte is no image); anyone else may not
+    assert reasons[5] == ("undecodable_image" if os.geteuid() == 0 else "unreadable")
+    assert "resolves to" in table[3]["detail"] and "int" in table[4]["detail"]

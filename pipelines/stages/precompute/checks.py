@@ -14,7 +14,8 @@ from PIL import Image
 from pipelines.stages.precompute.spec import EncodeSpec
 
 # Why a row is refused (the quarantine's `reason` column).
-REASONS = ("missing_image", "undecodable_image", "too_small", "empty_caption", "caption_too_long", "duplicate")
+REASONS = ("missing_image", "outside_source", "unreadable", "undecodable_image", "too_small", "caption_not_text",
+           "empty_caption", "caption_too_long", "check_failed", "duplicate")
 
 
 class Refused(Exception):
@@ -26,7 +27,8 @@ class Refused(Exception):
 def sample_id(image: bytes | None, caption: str | None) -> str:
     """Stable content hash of (image bytes, caption); length-prefixed so the parts cannot blur."""
     h = hashlib.sha256()
-    for part in (image or b"", (caption or "").encode("utf-8")):
+    text = caption if isinstance(caption, str) else ""
+    for part in (image if isinstance(image, bytes) else b"", text.encode("utf-8", "surrogatepass")):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.hexdigest()[:32]
@@ -84,7 +86,12 @@ def caption_limit(teacher: str, max_sequence_length: int):
 def check_row(image: bytes | None, caption: str | None, missing: str | None, spec: EncodeSpec) -> str | None:
     """Raise `Refused` for a row that cannot be used; return the conversion note otherwise."""
     if image is None:
+        reason, _, detail = (missing or "").partition(": ")
+        if reason in ("outside_source", "unreadable"):
+            raise Refused(reason, detail)
         raise Refused("missing_image", missing or "no image")
+    if caption is not None and not isinstance(caption, str):
+        raise Refused("caption_not_text", f"the caption is a {type(caption).__name__} ({caption!r:.40}), not text")
     if caption is None or not caption.strip():
         raise Refused("empty_caption", "the caption is empty")
     tok, limit = caption_limit(spec.teacher, spec.max_sequence_length)
@@ -112,6 +119,8 @@ def check_batch(batch: dict, spec: EncodeSpec) -> pa.Table:
             converted = check_row(image, caption, missing, spec)
         except Refused as err:
             reason, detail = err.reason, err.detail
+        except Exception as err:  # noqa: BLE001 - one row's failure is that row's quarantine, not the job's end
+            reason, detail = "check_failed", f"{type(err).__name__}: {err}"
         out["ref"].append(ref)
         out["order"].append(int(order))
         out["sample_id"].append(sample_id(image, caption))
