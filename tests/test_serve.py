@@ -144,7 +144,9 @@ def test_models_and_health(app, students):
     assert m["id"] == "toy-swd" and m["source"] == students["a"] and m["teacher"] == "builtin:toy-sd3"
     assert m["schedule"]["scales"] == [8, 10, 12, 16] and m["sizes"] == ["64x64"]
     health = requests.get(f"{url}/health", timeout=30)
-    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.status_code == 200 and health.json() == {"status": "ok"}  # nothing about the model
+    r = requests.get(f"{url}/generate", params={"prompt": PROMPT, "seed": 1}, timeout=60)
+    assert r.headers["x-swd-model"] == "toy-swd" and "x-swd-source" not in r.headers
 
 
 BAD = [
@@ -257,7 +259,7 @@ def test_hot_swap_under_load_has_no_failures(app, students, offline):
         n = 0
         while not stop.is_set():
             r = requests.get(f"{url}/generate", params={"prompt": PROMPT, "seed": 5}, timeout=60)
-            results.append((r.status_code, r.headers.get("x-swd-source"), r.content if r.ok else r.text))
+            results.append((r.status_code, r.headers.get("x-swd-model"), r.content if r.ok else r.text))
             n += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
@@ -265,7 +267,7 @@ def test_hot_swap_under_load_has_no_failures(app, students, offline):
         t.start()
     try:
         time.sleep(1.0)
-        swapped = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": students["b"]})})
+        swapped = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": students["b"], "model_id": "toy-swd-b"})})
         serve.run(build_app(swapped), name=APP, route_prefix=ROUTE, blocking=False)
         deadline = time.time() + 60
         while requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["source"] != students["b"]:
@@ -281,12 +283,12 @@ def test_hot_swap_under_load_has_no_failures(app, students, offline):
     failures = [(c, body) for c, _, body in results if c != 200]
     assert not failures, failures[:3]
     sources = [s for _, s, _ in results]
-    assert sources[0] == students["a"] and sources[-1] == students["b"]
+    assert sources[0] == "toy-swd" and sources[-1] == "toy-swd-b"
     # Outputs switch with the model: the new source gives the new student's pixels.
     exp = {k: pixels(render_pngs(offline[k], [PROMPT], [5], cfg.serve.max_batch_size)[0]) for k in "ab"}
     assert not np.array_equal(exp["a"], exp["b"])
     for _, source, png in results:
-        np.testing.assert_array_equal(pixels(png), exp["a" if source == students["a"] else "b"])
+        np.testing.assert_array_equal(pixels(png), exp["a" if source == "toy-swd" else "b"])
 
 
 def chromium_binary() -> str:
