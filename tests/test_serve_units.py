@@ -85,3 +85,24 @@ def test_generated_serve_config_and_rayservice_validate():
     assert inner == yaml.safe_load(yaml.safe_dump(doc))
     env = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
     assert env[0]["name"] == "SWD_API_KEY" and "secretKeyRef" in env[0]["valueFrom"]
+
+
+def test_a_rewritten_key_file_rotates_the_key_without_a_redeploy(tmp_path):
+    import os
+
+    key = tmp_path / "key"
+    key.write_text("old-key\n")
+    auth = BearerAuth.from_config(ServeConfig(api_key_file=str(key)))
+    auth.check("Bearer old-key")
+    key.write_text("new-key\n")
+    st = key.stat()
+    os.utime(key, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a later write, whatever the clock's grain
+    auth.check("Bearer new-key")
+    with pytest.raises(RequestError) as err:
+        auth.check("Bearer old-key")
+    assert err.value.status == 401
+    key.write_text("")  # mid-rotation: empty for a moment; the last key holds
+    os.utime(key, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    auth.check("Bearer new-key")
+    key.unlink()
+    auth.check("Bearer new-key")

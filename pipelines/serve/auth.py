@@ -1,6 +1,7 @@
 """Optional bearer-token auth. The key is read on each replica from the environment variable or
 the file the definition names (never from the definition itself, so it is in no config file),
-compared in constant time, and never logged or echoed."""
+compared in constant time, and never logged or echoed. A key file is read again when it changes,
+so a key is rotated by rewriting the file (a mounted Secret updates in place), with no redeploy."""
 
 from __future__ import annotations
 
@@ -33,8 +34,34 @@ def read_api_key(cfg: ServeConfig) -> str | None:
 
 
 class BearerAuth:
-    def __init__(self, key: str | None):
+    def __init__(self, key: str | None, key_file: str | None = None):
         self._key = key.encode() if key else None
+        self._file = Path(key_file) if key_file else None
+        self._stamp = self._file_stamp()
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig) -> BearerAuth:
+        return cls(read_api_key(cfg), cfg.api_key_file)
+
+    def _file_stamp(self):
+        try:
+            st = self._file.stat() if self._file else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
+
+    def _refresh(self) -> None:
+        """Take the key file's new content when it changed. A file that is gone or empty for a
+        moment (mid-rotation) keeps the last key: neither open access nor refusing everyone."""
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return
+        try:
+            key = self._file.read_text().strip()
+        except OSError:
+            return
+        if key:
+            self._key, self._stamp = key.encode(), stamp
 
     @property
     def enabled(self) -> bool:
@@ -43,6 +70,8 @@ class BearerAuth:
     def check(self, authorization: str | None) -> None:
         if self._key is None:
             return
+        if self._file is not None:
+            self._refresh()
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
             raise RequestError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'")

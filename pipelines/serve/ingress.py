@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.schema import PipelineConfig
-from pipelines.serve.auth import BearerAuth, read_api_key
+from pipelines.serve.auth import BearerAuth
 from pipelines.serve.playground import playground_html
 from pipelines.serve.validation import ImageRequest, Limits, RequestError, parse_json_request, parse_query_request
 
@@ -56,7 +56,7 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, definition: dict):
         self.cfg = PipelineConfig.model_validate(definition)
         self.generator = generator
-        self.auth = BearerAuth(read_api_key(self.cfg.serve))
+        self.auth = BearerAuth.from_config(self.cfg.serve)
         self._info: tuple[float, dict] | None = None
 
     async def _model_info(self, fresh: bool = False) -> dict:
