@@ -168,6 +168,10 @@ BAD = [
     ("wrong content type", {"data": b"prompt=x", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
      415, "application/json"),
     ("no content type", {"data": b'{"prompt": "x"}'}, 415, "application/json"),
+    ("oversized body", {"data": b"{" + b" " * 200_000 + b"}", "headers": {"Content-Type": "application/json"}},
+     413, "(Content-Length); the limit is 65536"),
+    ("oversized chunked body", {"data": iter([b"{" + b" " * 16_384] * 8), "headers": {"Content-Type": "application/json"}},
+     413, "stopped reading there"),
 ]
 
 

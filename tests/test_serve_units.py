@@ -106,3 +106,30 @@ def test_a_rewritten_key_file_rotates_the_key_without_a_redeploy(tmp_path):
     auth.check("Bearer new-key")
     key.unlink()
     auth.check("Bearer new-key")
+
+
+def test_an_oversized_body_is_refused_before_it_is_read():
+    import asyncio
+
+    from pipelines.serve.validation import MAX_BODY_BYTES, read_limited_body
+
+    read = []
+
+    async def stream(chunks):
+        for c in chunks:
+            read.append(len(c))
+            yield c
+
+    def run(headers, chunks):
+        return asyncio.run(read_limited_body(headers, stream(chunks)))
+
+    with pytest.raises(RequestError) as err:  # declared too large: not one byte read
+        run({"content-length": str(10 * MAX_BODY_BYTES)}, [b"x" * 1024] * 640)
+    assert err.value.status == 413 and read == []
+    with pytest.raises(RequestError) as err:  # chunked, no length: stops at the first chunk past the limit
+        run({}, [b"x" * 16384] * 100)
+    assert err.value.status == 413 and len(read) == MAX_BODY_BYTES // 16384 + 1
+    read.clear()
+    assert run({"content-length": "2"}, [b"{}"]) == b"{}"
+    with pytest.raises(RequestError, match="not a number"):
+        run({"content-length": "lots"}, [b"{}"])

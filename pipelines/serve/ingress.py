@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipelines.schema import PipelineConfig
 from pipelines.serve.auth import BearerAuth
 from pipelines.serve.playground import playground_html
-from pipelines.serve.validation import ImageRequest, Limits, RequestError, parse_json_request, parse_query_request
+from pipelines.serve.validation import (ImageRequest, Limits, RequestError, parse_json_request, parse_query_request,
+                                        read_limited_body)
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="SwD generator", docs_url=None, redoc_url=None)
@@ -104,7 +105,8 @@ class Ingress:
     @api.post("/v1/images/generations")
     async def generations(self, request: Request):
         self.auth.check(request.headers.get("authorization"))
-        req = parse_json_request(await request.body(), request.headers.get("content-type"), await self._limits())
+        body = await read_limited_body(request.headers, request.stream())
+        req = parse_json_request(body, request.headers.get("content-type"), await self._limits())
         seeds, results = await self._generate(req)
         return JSONResponse(
             {"created": int(time.time()),

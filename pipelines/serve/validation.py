@@ -107,6 +107,26 @@ def validate_fields(data: dict, limits: Limits) -> ImageRequest:
         raise RequestError(400, message, param) from None
 
 
+async def read_limited_body(headers, stream, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused before it is buffered: by its Content-Length when it declares
+    one, else (chunked) as soon as the bytes read pass `limit`; the rest is never read."""
+    length = headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise RequestError(400, f"Content-Length {length!r} is not a number") from None
+        if declared > limit:
+            raise RequestError(413, f"request body is {declared} bytes (Content-Length); the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body is over the limit of {limit} bytes (stopped reading there)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_json_request(body: bytes, content_type: str | None, limits: Limits) -> ImageRequest:
     """The POST body: JSON only (415 otherwise), well-formed (400), an object of valid fields (400)."""
     media = (content_type or "").split(";")[0].strip().lower()
