@@ -147,6 +147,9 @@ def test_models_and_health(app, students):
     assert health.status_code == 200 and health.json() == {"status": "ok"}  # nothing about the model
     r = requests.get(f"{url}/generate", params={"prompt": PROMPT, "seed": 1}, timeout=60)
     assert r.headers["x-swd-model"] == "toy-swd" and "x-swd-source" not in r.headers
+    # what OpenAI clients send besides: accepted, and what does not apply is named
+    r = post(url, {"prompt": PROMPT, "seed": 1, "quality": "hd", "style": "natural", "user": "me"})
+    assert r.status_code == 200 and r.headers["x-swd-ignored"] == "quality, style"
 
 
 BAD = [

@@ -133,3 +133,17 @@ def test_an_oversized_body_is_refused_before_it_is_read():
     assert run({"content-length": "2"}, [b"{}"]) == b"{}"
     with pytest.raises(RequestError, match="not a number"):
         run({"content-length": "lots"}, [b"{}"])
+
+
+def test_openai_fields_are_applied_or_named_as_ignored():
+    import json as _json
+
+    body = {"prompt": "x", "n": 2, "model": "toy-swd", "user": "u1", "quality": "hd", "style": "vivid",
+            "output_format": "png", "stream": False}
+    req = parse_json_request(_json.dumps(body).encode(), "application/json", LIMITS)
+    assert req.n == 2 and req.ignored == ["quality", "style", "stream"]
+    req = parse_json_request(b'{"prompt": "x", "output_format": "webp"}', "application/json", LIMITS)
+    assert req.ignored == ["output_format"]
+    assert parse_json_request(b'{"prompt": "x"}', "application/json", LIMITS).ignored == []
+    with pytest.raises(RequestError, match="qualty: unknown field"):  # a field the API does not define
+        parse_json_request(b'{"prompt": "x", "qualty": "hd"}', "application/json", LIMITS)

@@ -111,7 +111,8 @@ class Ingress:
         return JSONResponse(
             {"created": int(time.time()),
              "data": [{"b64_json": base64.b64encode(r["png"]).decode(), "seed": s} for s, r in zip(seeds, results)]},
-            headers=_model_headers(results[0]))
+            headers={**_model_headers(results[0]),
+                     **({"X-SWD-Ignored": ", ".join(req.ignored)} if req.ignored else {})})
 
     @api.get("/generate")
     async def generate_png(self, request: Request, prompt: str | None = None, seed: str | None = None,

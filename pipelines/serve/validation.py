@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator
 
@@ -38,9 +38,16 @@ class Limits:
     sizes: tuple[str, ...]  # e.g. ("64x64",): the served model's output size
 
 
+# Fields of OpenAI's images API that have no meaning for this model: accepted (clients send
+# them), not applied, and named in the response's X-SWD-Ignored header.
+NOT_APPLIED = ("quality", "style", "background", "moderation", "output_compression", "partial_images", "stream")
+
+
 class ImageRequest(BaseModel):
-    """`POST /v1/images/generations` body. Unknown fields are refused so typos ("prompts") are not
-    silently ignored; `model` and `user` are accepted as OpenAI clients send them."""
+    """`POST /v1/images/generations` body. The fields OpenAI's images API defines are accepted:
+    those that apply are applied, the others (NOT_APPLIED, an `output_format` other than png)
+    are listed by `ignored`. Unknown fields are refused so typos ("prompts") are not silently
+    ignored."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +58,22 @@ class ImageRequest(BaseModel):
     seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
     model: StrictStr | None = None
     user: StrictStr | None = None
+    output_format: StrictStr | None = None  # png is what this server returns
+    quality: Any = None
+    style: Any = None
+    background: Any = None
+    moderation: Any = None
+    output_compression: Any = None
+    partial_images: Any = None
+    stream: Any = None
+
+    @property
+    def ignored(self) -> list[str]:
+        """The fields the client set that this server does not apply."""
+        out = [f for f in NOT_APPLIED if f in self.model_fields_set]
+        if self.output_format not in (None, "png"):
+            out.append("output_format")
+        return out
 
     @field_validator("prompt")
     @classmethod
