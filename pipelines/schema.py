@@ -370,7 +370,9 @@ class GateConfig(Strict):
     metric must pass. teacher_denoise and teacher_fd need only the teacher (swd_core.teacher_metrics);
     fd and prompt_accuracy need the shapes domain's scorer."""
 
-    metrics: list[GateMetric] = Field(default_factory=lambda: [GateMetric()], min_length=1)
+    # default: fd in the shapes domain, else teacher_fd (docs/retrain.md says how far the
+    # teacher-only metrics agree with the toy's; choose with that in mind)
+    metrics: Annotated[list[GateMetric], Field(min_length=1)] | None = None
     num_prompts: Annotated[int, Field(ge=2)] = 64
     seed: int = 0
     sigma: Annotated[float, Field(gt=0, lt=1)] = 0.5  # the fixed noise level of the teacher metrics
@@ -478,6 +480,8 @@ class PipelineConfig(Strict):
             options = f"{low} or {high}" if low != high else f"{high}"
             raise ValueError(f"retrain.iterations {r.iterations} is not a multiple of the schedule's {n} steps: "
                              f"each cycle must train whole rounds of scales (use {options})")
+        if r.gate.metrics is None:
+            r.gate.metrics = [GateMetric(name="fd" if self.evaluation_domain() == "shapes" else "teacher_fd")]
         shapes_only = [m.name for m in r.gate.metrics if m.name in ("fd", "prompt_accuracy")]
         if shapes_only and self.evaluation_domain() != "shapes":
             raise ValueError(f"retrain.gate.metrics {shapes_only} need the shapes-domain scorer and this definition's "
