@@ -308,12 +308,16 @@ def definition_configmap(cfg: PipelineConfig, opts: Options) -> dict:
             "data": {"definition.yaml": text}}
 
 
+def _definition_mount(cfg: PipelineConfig) -> tuple[list[dict], list[dict]]:
+    volume = {"name": "definition", "configMap": {"name": f"{resource_name(cfg)}-definition"}}
+    return [{"name": "definition", "mountPath": DEFINITION_DIR, "readOnly": True}], [volume]
+
+
 def rayjob_spec(cfg: PipelineConfig, opts: Options) -> dict:
     """A RayJobSpec for the whole pipeline (also a RayCronJob's `jobTemplate`): KubeRay makes the
     cluster, submits the driver from a submitter pod with the cluster's token, and tears the
     cluster down when the job ends. Reads the definition from `definition_configmap`."""
-    volume = {"name": "definition", "configMap": {"name": f"{resource_name(cfg)}-definition"}}
-    mount = {"name": "definition", "mountPath": DEFINITION_DIR, "readOnly": True}
+    mounts, volumes = _definition_mount(cfg)
     return {
         "entrypoint": f"python -m pipelines.distill --config {DEFINITION_DIR}/definition.yaml",
         "runtimeEnvYAML": yaml.safe_dump({"env_vars": dict(ENV_VARS)}, sort_keys=False),
@@ -321,7 +325,7 @@ def rayjob_spec(cfg: PipelineConfig, opts: Options) -> dict:
         # the cluster outlives the job by ten minutes: time to read it in the dashboard
         "ttlSecondsAfterFinished": 600,
         "rayClusterSpec": ray_cluster_spec(cfg, opts, size_groups(pipeline_units(cfg)), autoscale=True,
-                                           head_mounts=[mount], head_volumes=[volume]),
+                                           head_mounts=mounts, head_volumes=volumes),
     }
 
 
@@ -329,11 +333,6 @@ def render_rayjob(cfg: PipelineConfig, opts: Options) -> list[dict]:
     job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _metadata(cfg, opts, resource_name(cfg)),
            "spec": rayjob_spec(cfg, opts)}
     return [job, definition_configmap(cfg, opts)]
-
-
-def _definition_mount(cfg: PipelineConfig) -> tuple[list[dict], list[dict]]:
-    volume = {"name": "definition", "configMap": {"name": f"{resource_name(cfg)}-definition"}}
-    return [{"name": "definition", "mountPath": DEFINITION_DIR, "readOnly": True}], [volume]
 
 
 def render_raycluster(cfg: PipelineConfig, opts: Options) -> list[dict]:

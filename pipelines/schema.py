@@ -566,20 +566,6 @@ def parse_pipeline_config(data: Any, source: str = "<config>") -> PipelineConfig
         raise PipelineConfigError(format_validation_error(err, source)) from None
 
 
-def _model_at(path: list[str]) -> type[BaseModel] | None:
-    """The schema model holding the field at `path` (a dotted key without its last part)."""
-    model: type[BaseModel] = PipelineConfig
-    for part in path:
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return None
-    return model
-
-
 def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
     """`key.path=value` overrides onto a definition's mapping; each value is read as YAML
     (`3`, `1e-4`, `true`, `[8, 16]`, `{a: 1}`). An unknown key fails here, naming the fields
@@ -591,11 +577,10 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
         if not sep or not all(parts):
             raise PipelineConfigError(f"{source} {item!r}: expected key.path=value, e.g. distill.steps=600")
         for depth in range(len(parts)):
-            model = _model_at(parts[:depth])
-            if model is None:
+            allowed = _allowed_fields(PipelineConfig, (*parts[:depth], parts[depth]))
+            if allowed is None:
                 break  # below a free-form field (a list or mapping): validation checks the rest
-            if parts[depth] not in model.model_fields:
-                allowed = sorted(model.model_fields)
+            if parts[depth] not in allowed:
                 close = difflib.get_close_matches(parts[depth], allowed, n=1)
                 hint = f" (did you mean {'.'.join([*parts[:depth], close[0]])!r}?)" if close else ""
                 raise PipelineConfigError(f"{source} {item!r}: unknown field {'.'.join(parts[:depth + 1])!r}{hint}; "

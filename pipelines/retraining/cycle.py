@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import yaml
 
@@ -200,15 +201,14 @@ def _grid(cfg, ccfg, gate, cand, champ, champion) -> str:
     from swd_core.generate import to_pil
     from swd_core.grid import image_grid
 
-    from pipelines.storage import write_png
 
     columns = [to_pil(cand.images)] + ([to_pil(champ.images)] if champ is not None else [])
     labels = ["candidate"] + ([f"champion v{champion.number}"] if champ is not None else [])
     rows = [list(cells) for cells in zip(*columns)]
     grid = image_grid(rows, gate.prompts[:len(rows)], labels, title=f"{cfg.name} {ccfg.name}: gate prompts")
-    write_png(f"{ccfg.run_dir}/grid.png", grid, cfg.resources)
-    local = os.path.join(tempfile.mkdtemp(prefix="swd-grid-"), "grid.png")
+    local = os.path.join(tempfile.mkdtemp(prefix="swd-grid-"), "grid.png")  # MLflow logs files
     grid.save(local)
+    write_bytes(f"{ccfg.run_dir}/grid.png", Path(local).read_bytes(), cfg.resources)
     return local
 
 

@@ -83,13 +83,12 @@ class Registry:
         return self.client.create_run(self.experiment_id, run_name=cycle, tags={"cycle": cycle}).info.run_id
 
     def log_params(self, run_id: str, params: dict) -> None:
-        for k, v in params.items():
-            self.client.log_param(run_id, k, v)
+        from mlflow.entities import Param
+
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and v == v:
-                self.client.log_metric(run_id, k, float(v), step=step)
+        log_metrics(self.client, run_id, metrics, step)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
@@ -142,6 +141,17 @@ class Registry:
         return [json.loads(tags[k]) for k in sorted(tags) if k.startswith("alias.")]
 
 
+def log_metrics(client, run_id: str, metrics: dict, step: int) -> None:
+    """The numeric, non-NaN values of `metrics` at `step`, in one call to the store."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and v == v]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
 def metrics_callback(tracking: str, run_id: str):
     """A Ray Train callback that logs every report of rank 0 (per `distill.log_every` step and at
     checkpoints) to the cycle's MLflow run. It runs in Ray Train's controller, so the tracking
@@ -154,15 +164,10 @@ def metrics_callback(tracking: str, run_id: str):
 
         def after_report(self, run_context, metrics, checkpoint):
             from mlflow import MlflowClient
-            from mlflow.entities import Metric
 
             if self._client is None:
                 self._client = MlflowClient(tracking_uri=tracking)
-            row = metrics[0] if metrics else {}
-            step, now = int(row.get("step", 0)), int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, step) for k, v in row.items()
-                     if k != "step" and isinstance(v, (int, float)) and v == v]
-            if batch:
-                self._client.log_batch(run_id, metrics=batch)
+            row = dict(metrics[0]) if metrics else {}
+            log_metrics(self._client, run_id, row, int(row.pop("step", 0)))
 
     return MetricsToMLflow()
