@@ -56,7 +56,8 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def write_result(name: str, payload: dict) -> Path:
+def write_result(name: str, payload: dict, out: Path | None = None) -> Path:
+    """`payload` with the command, the machine and the time, as bench/results/<name>.json (or `out`)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         **payload,
@@ -64,6 +65,6 @@ def write_result(name: str, payload: dict) -> Path:
         "machine": machine_info(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    path = RESULTS / f"{name}.json"
+    path = out or RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

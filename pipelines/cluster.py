@@ -167,8 +167,7 @@ class WorkerGroup:
 
 
 def pipeline_units(cfg: PipelineConfig) -> list[Unit]:
-    """What each stage of the definition reserves through Ray. evaluate and preview run in the
-    driver (the head) today, so they reserve nothing here."""
+    """What each stage of the definition reserves through Ray (preview runs with evaluate's)."""
     units = []
     if "synthesize" in cfg.stages and cfg.synthesize.enabled:
         s = cfg.synthesize
@@ -179,6 +178,9 @@ def pipeline_units(cfg: PipelineConfig) -> list[Unit]:
     if "distill" in cfg.stages:
         r = cfg.resources
         units.append(Unit("distill", r.num_workers, r.cpus_per_worker, r.gpus_per_worker, r.memory_per_worker))
+    if "evaluate" in cfg.stages or "preview" in cfg.stages:
+        e = cfg.evaluate
+        units.append(Unit("evaluate", 1, e.cpus, e.gpus, e.memory))
     if "deploy" in cfg.stages:
         units.append(serve_unit(cfg))
     return units

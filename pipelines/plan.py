@@ -8,7 +8,7 @@ from pipelines.stages import AVAILABLE
 
 def render_plan(cfg: PipelineConfig) -> str:
     schedule = cfg.schedule()
-    d, r = cfg.distill, cfg.resources
+    d, r, sy, ev = cfg.distill, cfg.resources, cfg.synthesize, cfg.evaluate
     losses = d.losses
     out = [f"pipeline {cfg.name!r}", "", "teacher:",
            f"  {cfg.teacher.path}  (family {cfg.teacher.family}, dtype {cfg.teacher.dtype}, "
@@ -37,8 +37,12 @@ def render_plan(cfg: PipelineConfig) -> str:
         + (f"in windows of {d.shuffle_window}" if d.shuffle_window else "(off: file order)") + f", seed {d.seed}",
         "", "resources:",
         f"  {r.num_workers} worker(s) × {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU; placement {r.placement_strategy}",
+        *([f"  synthesize actors {sy.actors} × ({sy.cpus_per_actor} CPU, {sy.gpus_per_actor} GPU), batch {sy.batch_size}"]
+          if sy.enabled else []),
         f"  precompute actors {cfg.precompute.actors} × ({cfg.precompute.cpus_per_actor} CPU, {cfg.precompute.gpus_per_actor} GPU), batch {cfg.precompute.batch_size}",
-        f"  serve: {cfg.serve.replicas} replica(s), max batch {cfg.serve.max_batch_size}, port {cfg.serve.port}",
+        f"  evaluate and preview: one task × ({ev.cpus} CPU, {ev.gpus} GPU)",
+        f"  serve: {cfg.serve.replicas} replica(s) × ({cfg.serve.cpus_per_replica} CPU, {cfg.serve.gpus_per_replica} GPU), "
+        f"max batch {cfg.serve.max_batch_size}, port {cfg.serve.port}",
         f"  storage {cfg.run_dir}",
     ]
     return "\n".join(out)

@@ -284,6 +284,12 @@ class EvaluateConfig(Strict):
     batch_size: Annotated[int, Field(ge=1)] = 64
     latency_repeats: Annotated[int, Field(ge=1)] = 5  # timed single-image calls per model (median)
     grid_prompts: Annotated[int, Field(ge=1)] = 8  # rows of the comparison grid
+    cpus: Annotated[float, Field(ge=0, description="CPUs the evaluate task reserves (it runs as one Ray task, "
+                                 "not in the driver); the preview stage runs with the same resources.")] = 1.0
+    gpus: Annotated[float, Field(ge=0, description="GPUs the evaluate (and preview) task reserves; > 0 runs the "
+                                 "teacher and the student on CUDA, fractions share a GPU.")] = 0.0
+    memory: Memory | None = Field(None, description="Memory the evaluate task needs on its pod, e.g. 40Gi "
+                                  "(sizes the rendered cluster's pods).")
 
 
 class ServeConfig(Strict):

@@ -58,14 +58,16 @@ def ray_cluster():
     """A real local multi-node Ray cluster on 127.0.0.1: a head and one worker node, 2 CPUs each.
 
     Shared by every end-to-end test in the session (one `ray.init` per process); Ray Train runs
-    place workers on both nodes with the SPREAD strategy.
+    place workers on both nodes with the SPREAD strategy. The worker node declares one GPU that
+    this machine does not have (Ray takes resource counts on trust), so tests can reserve GPUs
+    and check what a stage does when CUDA is not there.
     """
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
                                                             "node_ip_address": "127.0.0.1"})
-    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    cluster.add_node(num_cpus=2, num_gpus=1, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=True)
     try:

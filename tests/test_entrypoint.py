@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -10,7 +11,8 @@ from pipelines.distill import main
 TOY = Path(__file__).parents[1] / "pipelines" / "configs" / "toy.yaml"
 
 
-def test_preview_stage_writes_a_labelled_grid(tmp_path, capsys):
+@pytest.mark.ray
+def test_preview_stage_writes_a_labelled_grid(tmp_path, capsys, ray_cluster):
     data = yaml.safe_load(TOY.read_text())
     data["teacher"]["path"] = "builtin:tiny-sd3?layers=2"
     data["distill"]["losses"]["feature_block"] = 1
@@ -24,5 +26,6 @@ def test_preview_stage_writes_a_labelled_grid(tmp_path, capsys):
     grid = Image.open(tmp_path / "toy" / "preview.png")
     # 3 columns (teacher, full-res, scale-wise) of 128 px after a 220 px label column; 2 rows
     assert grid.size == (220 + 3 * 128, 56 + 2 * 128)
-    assert "scale-wise 4 steps" in out and "[preview] starting" in out and "[distill] starting" not in out
+    # the stage's own lines come from its Ray task, through the driver's log, later
+    assert "[preview] starting" in out and "[distill] starting" not in out
     assert main(["--config", str(cfg), "--stages", "bogus"]) == 2

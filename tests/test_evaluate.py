@@ -95,7 +95,7 @@ def _export_student(cfg, folder):
 
 
 def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, capsys):
-    from pipelines.stages.evaluate import run
+    from pipelines.stages.evaluate import evaluate_here as run
 
     data = _config(tmp_path, num_prompts=6, teacher_num_prompts=4, grid_prompts=3, domain="shapes")
     data["resources"].update(storage="s3://swd-test/eval-runs", s3={"endpoint_url": s3_server})
@@ -142,7 +142,11 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, capsys):
     assert f"[evaluate] report: {cfg.run_dir}/eval/report.md" in printed and "swd_4: 6/6 images" in printed
 
 
-def test_stage_without_a_student_evaluates_the_teacher_on_given_prompts(tmp_path, capsys):
+@pytest.mark.ray
+def test_stage_without_a_student_evaluates_the_teacher_on_given_prompts(tmp_path, ray_cluster):
+    """Through the stage's entry point: a Ray task, not the driver."""
+    import os
+
     from pipelines.stages.evaluate import run
 
     prompts = tmp_path / "prompts.txt"
@@ -159,11 +163,11 @@ def test_stage_without_a_student_evaluates_the_teacher_on_given_prompts(tmp_path
     assert "not found" in md and "--stages distill" in md and "latency and the grid only" in md
     assert "has 3 prompts" in md
     assert Image.open(out["grid"]).size == (220 + 2 * 128, 56 + 3 * 128)
-    assert "no exported student at" in capsys.readouterr().out
+    assert report["placement"]["device"] == "cpu" and report["placement"]["pid"] != os.getpid()
 
 
 def test_stage_refuses_bad_input(tmp_path):
-    from pipelines.stages.evaluate import run
+    from pipelines.stages.evaluate import evaluate_here as run
 
     cfg = parse_pipeline_config(_config(tmp_path, num_prompts=1000, domain="shapes"))
     with pytest.raises(ValueError, match="held-out set has 640"):

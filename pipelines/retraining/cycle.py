@@ -153,9 +153,10 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
 
     # 3. the gate: candidate and champion on the same prompts and seeds
     lease.check()
+    from pipelines.retraining.gate import score_in_task
+
     gate = _gate(cfg)
-    cand = gate.score(student)
-    champ = gate.score(champion.source) if champion is not None else None
+    cand, champ = score_in_task(cfg, student, champion.source if champion is not None else None)
     passed, lines = gate.verdict(cand.metrics, champ.metrics if champ else None)
     for line in lines:
         _say(f"gate: {line}")

@@ -28,10 +28,10 @@ class Scored:
 class Gate:
     """Scores models for one definition; the teacher, the prompts and the references load once."""
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, device: str = "cpu"):
         from pipelines.stages.evaluate import eval_prompts
 
-        self.cfg, self.g = cfg, cfg.retrain.gate
+        self.cfg, self.g, self.device = cfg, cfg.retrain.gate, device
         self.names = [m.name for m in self.g.metrics]
         domain = cfg.evaluation_domain()
         self.prompts, self.samples, self.source, _ = eval_prompts(cfg, domain, self.g.num_prompts)
@@ -53,7 +53,8 @@ class Gate:
             from swd_core.adapters import load_adapter
 
             t = self.cfg.teacher
-            self._teacher = load_adapter(t.family, t.path, dtype=t.dtype, max_sequence_length=t.max_sequence_length)
+            self._teacher = load_adapter(t.family, t.path, dtype=t.dtype, device=self.device,
+                                         max_sequence_length=t.max_sequence_length)
         return self._teacher
 
     def _readings(self, latents: torch.Tensor):
@@ -82,11 +83,11 @@ class Gate:
         from swd_core.generate import generate_latents
 
         adapter, schedule, _ = load_exported_student(str(local_copy(student_uri, self.cfg.resources)),
-                                                     self.cfg.teacher.family)
+                                                     self.cfg.teacher.family, self.cfg.teacher.dtype, self.device)
         latents = torch.cat([generate_latents(adapter, self.prompts[i:i + self.g.batch_size],
                                               self.seeds[i:i + self.g.batch_size], schedule=schedule)
                              for i in range(0, len(self.prompts), self.g.batch_size)])
-        images = torch.cat([adapter.decode_latents(latents[i:i + self.g.batch_size]).float()
+        images = torch.cat([adapter.decode_latents(latents[i:i + self.g.batch_size]).float().cpu()
                             for i in range(0, len(latents), self.g.batch_size)])
         del adapter
         metrics = {}
@@ -102,6 +103,9 @@ class Gate:
             metrics["fd"], metrics["prompt_accuracy"] = scores["fd"], scores["prompt_accuracy"]
         return Scored({n: metrics[n] for n in self.names}, images[:self.g.grid_prompts])
 
+    def score_pair(self, candidate: str, champion: str | None) -> tuple[Scored, Scored | None]:
+        return self.score(candidate), (self.score(champion) if champion is not None else None)
+
     def verdict(self, candidate: dict, champion: dict | None) -> tuple[bool, list[str]]:
         """(passed, one line per metric). With no champion, the first candidate passes."""
         if champion is None:
@@ -116,3 +120,20 @@ class Gate:
             lines.append(f"{m.name}: candidate {c:.4f} vs champion {h:.4f} ({better} is better; gain {gain:+.4f}, "
                          f"needs >= {m.min_margin:+.4f}): {'pass' if ok else 'FAIL'}")
         return passed, lines
+
+
+def score_in_task(cfg: PipelineConfig, candidate: str, champion: str | None) -> tuple[Scored, Scored | None]:
+    """The candidate's and the champion's scores, in one Ray task holding the evaluate stage's
+    resources (`evaluate.cpus` / `evaluate.gpus`), as the evaluate stage runs."""
+    from pipelines.placement import run_as_task
+
+    return run_as_task("retrain-gate", _score_pair, cfg, candidate, champion,
+                       cpus=cfg.evaluate.cpus, gpus=cfg.evaluate.gpus)
+
+
+def _score_pair(cfg: PipelineConfig, candidate: str, champion: str | None):
+    from pipelines.placement import stage_device
+
+    gate = Gate(cfg, stage_device("retrain gate", "evaluate.gpus", cfg.evaluate.gpus))
+    cand, champ = gate.score_pair(candidate, champion)
+    return cand, champ

@@ -13,6 +13,7 @@ import logging
 
 from ray import serve
 
+from pipelines.placement import stage_device
 from pipelines.schema import PipelineConfig
 from pipelines.serve.model import ServedModel, load_student, render_pngs, torch_threads
 
@@ -25,7 +26,7 @@ class Generator:
         self.cfg = PipelineConfig.model_validate(definition)
         s = self.cfg.serve
         torch_threads(s.cpus_per_replica)
-        self.device = "cuda" if s.gpus_per_replica > 0 else "cpu"
+        self.device = stage_device("deploy", "serve.gpus_per_replica", s.gpus_per_replica)
         self.batch_size = s.max_batch_size
         # The decorator's numbers are placeholders; the definition's values apply here.
         self.generate.set_max_batch_size(s.max_batch_size)

@@ -45,6 +45,7 @@ class ServedModel:
             "id": self.model_id, "object": "model", "created": int(self.loaded_at), "owned_by": "swd-ray",
             "source": self.source, "teacher": self.record.get("teacher"), "sizes": [self.size],
             "schedule": {k: self.record[k] for k in ("scales", "sigmas", "boundaries", "output_size")},
+            "device": str(self.adapter.device),
         }
 
 

@@ -169,13 +169,31 @@ def checks(results: dict, models: list[Model], shapes_domain: bool) -> list[dict
     return out
 
 
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def run(cfg: PipelineConfig) -> dict:
+    """The stage: one Ray task holding `evaluate.cpus` / `evaluate.gpus`, so the models run where
+    the definition put them, not in the driver (on a cluster, the head node without a GPU)."""
+    from pipelines.placement import run_as_task
+
+    ev = cfg.evaluate
+    return run_as_task("evaluate", evaluate_here, cfg, cpus=ev.cpus, gpus=ev.gpus)
+
+
+def evaluate_here(cfg: PipelineConfig) -> dict:
+    """The evaluation in this process, on the device `evaluate.gpus` names (`run` is the stage)."""
+    from pipelines.placement import stage_device
+
     started = time.perf_counter()
     ev, t = cfg.evaluate, cfg.teacher
     out_dir = f"{cfg.run_dir}/eval"
     domain = cfg.evaluation_domain()
     # Noise comes from per-seed CPU generators (swd_core.generate), so images are the same on either device.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = stage_device("evaluate", "evaluate.gpus", ev.gpus)
     student_uri = ev.student or f"{cfg.run_dir}/student/merged"
     n_few, n_cfg = ev.num_prompts, ev.teacher_num_prompts or ev.num_prompts
     prompts, samples, source, notes = eval_prompts(cfg, domain, max(n_few, n_cfg))
@@ -226,6 +244,7 @@ def run(cfg: PipelineConfig) -> dict:
         del student
 
     report = {"name": cfg.name, "domain": domain, "teacher": t.path, "device": device, "machine": machine(),
+              "placement": {"device": device, "pid": os.getpid(), "node": _node_id()},
               "student": {"uri": student_uri, "found": record is not None, "schedule": record, "chosen": chosen},
               "prompts": {"source": source, "seeds": f"{ev.seed} + prompt index, the same in every model"},
               "notes": notes}
@@ -260,4 +279,4 @@ def run(cfg: PipelineConfig) -> dict:
     print(f"[evaluate] report: {paths['report_md']}\n[evaluate] report.json: {paths['report_json']}\n"
           f"[evaluate] grid: {paths['grid']}  ({report['seconds']:.0f} s)", flush=True)
     return {**paths, "student_found": record is not None, "checks": {c["id"]: c["passed"] for c in report["checks"]},
-            "seconds": report["seconds"]}
+            "seconds": report["seconds"], "device": device}

@@ -17,7 +17,17 @@ from pipelines.storage import write_png
 
 
 def run(cfg: PipelineConfig) -> dict:
-    adapter = load_adapter(cfg.teacher.family, cfg.teacher.path, dtype=cfg.teacher.dtype,
+    """The stage: one Ray task with the evaluate stage's resources (`evaluate.cpus` / `.gpus`)."""
+    from pipelines.placement import run_as_task
+
+    return run_as_task("preview", preview_here, cfg, cpus=cfg.evaluate.cpus, gpus=cfg.evaluate.gpus)
+
+
+def preview_here(cfg: PipelineConfig) -> dict:
+    from pipelines.placement import stage_device
+
+    device = stage_device("preview", "evaluate.gpus", cfg.evaluate.gpus)
+    adapter = load_adapter(cfg.teacher.family, cfg.teacher.path, dtype=cfg.teacher.dtype, device=device,
                            max_sequence_length=cfg.teacher.max_sequence_length)
     # Both samplers always, whatever `scalewise` says; checked against the loaded transformer.
     schedule = cfg.distill.schedule.model_copy(update={"scalewise": True}).build(adapter.patch_size)
@@ -40,4 +50,4 @@ def run(cfg: PipelineConfig) -> dict:
                       title=f"{cfg.name}: teacher {cfg.teacher.path}  scales {list(schedule.scales)}")
     path = write_png(f"{cfg.run_dir}/preview.png", grid, cfg.resources)
     print(f"[preview] wrote {path}", flush=True)
-    return {"grid": path, "seconds_per_image": timings}
+    return {"grid": path, "seconds_per_image": timings, "device": device}

@@ -31,14 +31,17 @@ class TeacherSampler:
     """One per actor: the full teacher pipeline (sampling needs the transformer)."""
 
     def __init__(self, teacher: str, family: str, dtype: str, max_sequence_length: int, num_steps: int,
-                 guidance: float, threads: int):
+                 guidance: float, threads: int, gpus: float = 0.0):
         import torch
 
         from swd_core.adapters import load_adapter
 
+        from pipelines.placement import stage_device
+
         torch.set_num_threads(threads)
         self.teacher, self.num_steps, self.guidance = teacher, num_steps, guidance
-        self.adapter = load_adapter(family, teacher, dtype=dtype, max_sequence_length=max_sequence_length)
+        device = stage_device("synthesize", "synthesize.gpus_per_actor", gpus)
+        self.adapter = load_adapter(family, teacher, dtype=dtype, device=device, max_sequence_length=max_sequence_length)
 
     def __call__(self, batch: dict) -> pa.Table:
         from swd_core.generate import generate_images
@@ -88,7 +91,7 @@ def run(cfg: PipelineConfig) -> dict:
          .map_batches(TeacherSampler, batch_size=sc.batch_size, batch_format="numpy",
                       fn_constructor_args=(cfg.teacher.path, cfg.teacher.family, cfg.teacher.dtype,
                                            cfg.teacher.max_sequence_length, sc.num_steps, sc.guidance_scale,
-                                           max(1, int(sc.cpus_per_actor))),
+                                           max(1, int(sc.cpus_per_actor)), sc.gpus_per_actor),
                       compute=ray.data.ActorPoolStrategy(size=sc.actors), num_cpus=sc.cpus_per_actor,
                       num_gpus=sc.gpus_per_actor)
          .write_parquet(fs_path(out), filesystem=arrow_filesystem(out, resources)))

@@ -45,14 +45,22 @@ class TransformerConfigOnly:
         self.config = config
 
 
-def load_sd3_pipeline(path: str, dtype: str = "float32", load_transformer: bool = True) -> StableDiffusion3Pipeline:
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def load_sd3_pipeline(path: str, dtype: str = "float32", load_transformer: bool = True,
+                      load_text_encoders: bool = True) -> StableDiffusion3Pipeline:
     """`StableDiffusion3Pipeline.from_pretrained` for a folder, a hub id or a `builtin:` spec.
-    `load_transformer=False` loads only the text encoders and the VAE (for precomputing)."""
+    `load_transformer=False` loads only the text encoders and the VAE (for precomputing);
+    `load_text_encoders=False` skips CLIP and T5 (training reads precomputed embeddings, and
+    T5-XXL alone is 9 GB in bf16)."""
     from swd_core.tiny_models import resolve_pretrained
 
     path = resolve_pretrained(path)
     kwargs = {} if load_transformer else {"transformer": None}
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype(dtype), **_absent_components(path), **kwargs)
+    if not load_text_encoders:
+        kwargs.update(dict.fromkeys(TEXT_COMPONENTS))
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype(dtype), **{**_absent_components(path), **kwargs})
     if not load_transformer:
         from diffusers import SD3Transformer2DModel
         from diffusers.configuration_utils import FrozenDict
@@ -87,10 +95,12 @@ class SD3Adapter:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
-                        max_sequence_length: int = 256, load_transformer: bool = True) -> "SD3Adapter":
+                        max_sequence_length: int = 256, load_transformer: bool = True,
+                        load_text_encoders: bool = True) -> "SD3Adapter":
         """Load from a local diffusers folder or a hub id (the same call SD3.5 uses)."""
 
-        return cls(load_sd3_pipeline(path, dtype, load_transformer).to(device), max_sequence_length=max_sequence_length)
+        pipe = load_sd3_pipeline(path, dtype, load_transformer, load_text_encoders)
+        return cls(pipe.to(device), max_sequence_length=max_sequence_length)
 
     def _first_parameter(self) -> torch.nn.Parameter:
         # diffusers' `ModelMixin.device` / `.dtype` walk every module (4 ms a call here); the

@@ -62,7 +62,9 @@ def build_networks(cfg: PipelineConfig, device: torch.device, separate_fake_base
     from swd_core.training import Networks
 
     t, d = cfg.teacher, cfg.distill
-    adapter = load_adapter(t.family, t.path, dtype=t.dtype, device=str(device), max_sequence_length=t.max_sequence_length)
+    # Training reads precomputed embeddings; only validation sampling encodes prompts.
+    adapter = load_adapter(t.family, t.path, dtype=t.dtype, device=str(device), max_sequence_length=t.max_sequence_length,
+                           load_text_encoders=d.validation.num_prompts > 0)
     base = adapter.transformer
     student = None
     if d.mode == "full":

@@ -53,7 +53,7 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
             export_lora(adapter, f"{tmp}/lora")
             export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), lora_dir=f"{tmp}/lora",
                                    max_sequence_length=t.max_sequence_length, dtype=t.dtype)
-        _sample_grid(cfg, f"{tmp}/merged", f"{tmp}/samples.png")
+        _sample_grid(cfg, f"{tmp}/merged", f"{tmp}/samples.png", str(adapter.device))
         upload_dir(tmp, dest, cfg.resources)
     if validation is not None:
         _write_record(dest, validation, cfg.resources)
@@ -66,12 +66,13 @@ def _write_record(export: str, record: dict, resources) -> None:
     write_bytes(f"{export}/{RECORD_FILE}", json.dumps(record, indent=2).encode(), resources)
 
 
-def _sample_grid(cfg: PipelineConfig, merged_dir: str, out_png: str) -> None:
+def _sample_grid(cfg: PipelineConfig, merged_dir: str, out_png: str, device: str = "cpu") -> None:
+    """The preview prompts sampled by the export, on the training worker's device and dtype."""
     from swd_core.evaluate_model import load_exported_student
     from swd_core.generate import generate_images
     from swd_core.grid import image_grid
 
-    adapter, schedule, _ = load_exported_student(merged_dir, cfg.teacher.family)
+    adapter, schedule, _ = load_exported_student(merged_dir, cfg.teacher.family, cfg.teacher.dtype, device)
     prompts = cfg.data.preview_prompts
     seeds = [cfg.evaluate.seed + i for i in range(len(prompts))]
     images = generate_images(adapter, prompts, seeds, schedule=schedule)

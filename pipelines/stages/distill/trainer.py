@@ -5,6 +5,8 @@ local or s3://, `FailureConfig`, `CheckpointConfig`), and a `TorchTrainer` whose
 
 from __future__ import annotations
 
+import json
+
 import os
 import time
 
@@ -105,6 +107,7 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
     if d.validation.num_prompts and result.best_checkpoints:
         exported = result.get_best_checkpoint(d.validation.score_key, d.validation.mode) or exported
     out["export_checkpoint"] = exported.path if exported else None
+    out["workers"] = _workers(result.checkpoint)
     for key in ("checkpoint", "export_checkpoint"):
         if out[key] and cfg.run_dir.startswith("s3://"):  # Ray names it by its bare filesystem path
             out[key] = "s3://" + out[key]
@@ -112,3 +115,10 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
     print(f"[distill] done in {out['seconds']:.0f} s; student at {out['student']}{chosen}", flush=True)
     return out
 
+
+def _workers(checkpoint) -> list[dict]:
+    """Each rank's node, pid and device, from the last checkpoint's state.json (empty without one)."""
+    if checkpoint is None:
+        return []
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/state.json") as f:
+        return json.loads(f.read()).get("workers", [])

@@ -48,7 +48,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine_g, engine_f = build_engines(cfg, nets, micro, bf16)
     ema = student_ema(cfg, nets)
     student_params = nets.student_parameters()
-    workers = _placement(rank, world)
+    workers = _placement(rank, world, device)
     empty = store.empty_prompt()
     uncond = TextEmbeddings(empty[0], empty[1]).to(device, adapter.dtype)
     validation = None
@@ -94,14 +94,15 @@ def train_loop_per_worker(config: dict) -> None:
         validation.announce(chosen)
 
 
-def _placement(rank: int, world: int) -> list[dict]:
+def _placement(rank: int, world: int, device: torch.device) -> list[dict]:
     """Where each rank runs (recorded in every checkpoint's state.json and printed once)."""
     import ray
 
     workers = [None] * world
     torch.distributed.all_gather_object(workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
-                                                  "pid": os.getpid()})
+                                                  "pid": os.getpid(), "device": str(device)})
     if rank == 0:
         print(f"[distill] {world} workers on {len({w['node_id'] for w in workers})} node(s): "
-              + ", ".join(f"rank {w['rank']} node {w['node_id'][:8]} pid {w['pid']}" for w in workers), flush=True)
+              + ", ".join(f"rank {w['rank']} node {w['node_id'][:8]} pid {w['pid']} {w['device']}" for w in workers),
+              flush=True)
     return workers

@@ -28,6 +28,12 @@ def data_schema(scales) -> pa.Schema:
                       ("pooled_prompt_embeds", pa.binary())] + [(store.latent_column(s), pa.binary()) for s in scales])
 
 
+def encoder_device(spec: EncodeSpec) -> str:
+    from pipelines.placement import stage_device
+
+    return stage_device("precompute", "precompute.gpus_per_actor", spec.gpus)
+
+
 class Encoder:
     """Pass 2, one per actor: rows -> store rows. Holds the text encoders and the VAE only.
 
@@ -39,7 +45,7 @@ class Encoder:
 
         torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.adapter = load_adapter(spec.family, spec.teacher, dtype=spec.dtype,
+        self.adapter = load_adapter(spec.family, spec.teacher, dtype=spec.dtype, device=encoder_device(spec),
                                     max_sequence_length=spec.max_sequence_length, load_transformer=False)
         if keep is not None and not isinstance(keep, (set, frozenset)):
             import ray
@@ -81,8 +87,9 @@ def text_shapes(spec: EncodeSpec) -> dict:
     """Empty-prompt embeddings (computed once, beside the manifest) and the text shapes."""
     from swd_core.adapters import load_adapter
 
-    adapter = load_adapter(spec.family, spec.teacher, dtype=spec.dtype,
+    device = encoder_device(spec)
+    adapter = load_adapter(spec.family, spec.teacher, dtype=spec.dtype, device=device,
                            max_sequence_length=spec.max_sequence_length, load_transformer=False)
-    empty = adapter.empty_prompt()
-    return {"prompt_embeds": empty.prompt_embeds, "pooled": empty.pooled,
+    empty = adapter.empty_prompt().to("cpu", adapter.dtype)
+    return {"device": device, "prompt_embeds": empty.prompt_embeds, "pooled": empty.pooled,
             "prompt_embeds_shape": list(empty.prompt_embeds.shape[1:]), "pooled_shape": list(empty.pooled.shape[1:])}

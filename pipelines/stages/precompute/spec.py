@@ -21,6 +21,7 @@ class EncodeSpec:
     storage_dtype: str
     threads: int = 1
     batch_size: int = 32  # rows per text-encoder / VAE call
+    gpus: float = 0.0  # precompute.gpus_per_actor: > 0 puts the encoders on the GPU Ray assigns
 
     @property
     def min_side(self) -> int:
@@ -31,4 +32,4 @@ class EncodeSpec:
         return EncodeSpec(cfg.teacher.path, cfg.teacher.family, cfg.teacher.dtype, cfg.teacher.max_sequence_length,
                           tuple(store.stored_scales(cfg)), store.vae_settings(cfg.teacher.path)["downsample"],
                           cfg.precompute.storage_dtype, max(1, int(cfg.precompute.cpus_per_actor)),
-                          cfg.precompute.batch_size)
+                          cfg.precompute.batch_size, cfg.precompute.gpus_per_actor)

@@ -130,6 +130,6 @@ def run(cfg: PipelineConfig) -> dict:
     result = {"store": uri, "rows": manifest["rows"], "new_rows": len(keep), "skipped_present": counts["skipped_present"],
               "quarantined_by_reason": dict(by_reason), "converted": dict(converted),
               "removed_partial_shards": len(removed), "check_seconds": check_s,
-              "seconds": time.perf_counter() - start, "spec": asdict(spec)}
+              "seconds": time.perf_counter() - start, "spec": asdict(spec), "device": text["device"]}
     print(summary_line(result), flush=True)
     return result
