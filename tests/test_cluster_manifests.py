@@ -291,9 +291,11 @@ def _limits(group):
 def test_pipeline_groups_follow_the_definition():
     by_stem = {p.stem: definition(p) for p in CONFIGS}
     medium = _groups(render(by_stem["sd35_medium_4step"], "rayjob")[0])
-    # 8 Ray Train workers and 8 precompute actors, one GPU each; 8 CPU-only synthesize actors
-    assert (medium["gpu"]["maxReplicas"], _limits(medium["gpu"])) == (8, {"cpu": "8", "memory": "8Gi", "nvidia.com/gpu": "1"})
-    assert (medium["cpu"]["replicas"], _limits(medium["cpu"])["cpu"]) == (8, "1")
+    # 16 Ray Train workers (the most GPU units of any stage), each pod as large as the largest
+    # unit: 8 CPUs (a worker), 48Gi (a worker or the evaluate task); every stage reserves a GPU,
+    # so the CPU group is only room for Ray Data's tasks
+    assert (medium["gpu"]["maxReplicas"], _limits(medium["gpu"])) == (16, {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"})
+    assert (medium["cpu"]["replicas"], medium["cpu"]["maxReplicas"], _limits(medium["cpu"])["cpu"]) == (0, 1, "1")
     head = render(by_stem["sd35_medium_4step"], "rayjob")[0]["spec"]["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]

@@ -36,7 +36,7 @@ def test_dry_run_prints_the_published_schedule(capsys):
     out = capsys.readouterr().out
     assert "scales [32, 48, 64, 80, 96, 128]" in out
     assert "sigmas [1.0, 0.9454, 0.8959, 0.7904, 0.7371, 0.6022]" in out
-    assert "step 3: scale 80  sigma 0.7904" in out and "ZeRO stage 2" in out and "8 worker(s)" in out
+    assert "step 3: scale 80  sigma 0.7904" in out and "ZeRO stage 2" in out and "16 worker(s) × 8.0 CPU, 1.0 GPU" in out and "evaluate and preview: one task × (8.0 CPU, 1.0 GPU)" in out
     assert "LoRA targets (student and fake score): to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, " \
            "ff_context.net.0.proj, ff_context.net.2" in out
     assert "5 fake-score update(s), then 1 generator update" in out and "every 240 iterations (40 rounds" in out
