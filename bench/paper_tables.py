@@ -104,8 +104,8 @@ def main() -> None:
         t = cfg.teacher
         adapter = load_adapter(t.family, t.path, dtype=t.dtype, max_sequence_length=t.max_sequence_length)
         models = {"teacher_28_cfg": evaluate.Model("teacher_28_cfg", "teacher_cfg", "teacher 28 steps, cfg", 28,
-                                                   ev.teacher_guidance, len(prompts),
-                                                   dict(teacher_steps=28, guidance=ev.teacher_guidance)),
+                                                   ev.teacher_guidance_scale, len(prompts),
+                                                   dict(teacher_steps=28, guidance=ev.teacher_guidance_scale)),
                   "teacher_4": evaluate.Model("teacher_4", "teacher_few_step", "teacher 4 steps", 4, 0.0, len(prompts),
                                               dict(teacher_steps=4, guidance=0.0))}
         results, _ = evaluate.evaluate_models(adapter, [models[r] for r in teacher_rows], prompts, seeds, cfg, scorer)

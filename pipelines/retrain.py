@@ -7,7 +7,7 @@
     python pipelines/retrain.py rollback --config my.yaml [--to N]
 
 A cycle: new rows of data.sources into the shared store -> the champion trained
-retrain.iterations further -> candidate and champion scored on the same prompts and seeds ->
+retrain.steps further -> candidate and champion scored on the same prompts and seeds ->
 a registered version (MLflow), promoted to `champion` only when the gate passes -> the Serve app
 follows the champion. One cycle per definition at a time: a second exits with the lock's holder.
 """
