@@ -287,7 +287,8 @@ class DistillConfig(Strict):
     batch_size: Annotated[int, Field(ge=1)] = Field(64, description="Global batch: images per generator step summed "
                                                                     "over all workers.")
     steps: Annotated[int, Field(ge=1)] = Field(
-        3000, description="Generator steps (iterations) in all; a multiple of the schedule's step count.")
+        3000, description="Training steps in all, each `fake_updates` fake-score updates and one generator "
+                          "update; a multiple of the schedule's step count.")
     lr: Annotated[float, Field(gt=0)] = Field(5e-6, description="AdamW learning rate of the student.")
     fake_lr: Annotated[float, Field(gt=0)] | None = Field(
         None, description="AdamW learning rate of the fake score and the GAN head; null: = `lr`.")
@@ -512,7 +513,8 @@ class RetrainConfig(Strict):
                                  "day-of-week), as KubeRay's RayCronJob and Kubernetes' CronJob read it.")
     timezone: str = Field("UTC", description="IANA time zone of `schedule`, e.g. Europe/Berlin.")
     steps: Annotated[int, Field(ge=1)] = Field(
-        240, description="Training steps per cycle, on top of the champion's; a multiple of the schedule's step count.")
+        240, description="Training steps per cycle (as in `distill.steps`), on top of the champion's; a multiple of "
+                         "the schedule's step count.")
     warm_start: bool = Field(
         True, description="Start from the champion's checkpoint (adapters, GAN head, optimizer state, EMA); "
                           "false: from the teacher.")
