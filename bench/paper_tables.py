@@ -71,14 +71,13 @@ def main() -> None:
     args = p.parse_args()
     import yaml
 
-    from pipelines.distill import _quiet_libraries
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.ray_runtime import ensure_ray, quiet_output
     from pipelines.schema import parse_pipeline_config
     from pipelines.stages import distill, evaluate, precompute
     from swd_core.adapters import load_adapter
     from swd_core.evaluate_model import ShapesScorer, load_exported_student
 
-    _quiet_libraries()
+    quiet_output()
     base = yaml.safe_load(Path(args.config).read_text())
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))

@@ -34,8 +34,10 @@ class TeacherSampler:
                  guidance: float, threads: int):
         import torch
 
+        from pipelines.ray_runtime import quiet_libraries
         from swd_core.adapters import load_adapter
 
+        quiet_libraries()  # an actor process: the driver's settings do not reach it
         torch.set_num_threads(threads)
         self.teacher, self.num_steps, self.guidance = teacher, num_steps, guidance
         self.adapter = load_adapter(family, teacher, dtype=dtype, max_sequence_length=max_sequence_length)
