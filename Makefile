@@ -10,7 +10,7 @@ PY          := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP       := $(VENV)/.installed
 
-.PHONY: install run test test-fast dry-run bench-sampler bench-teacher bench-precompute bench-distill bench-serve toy-teacher clean
+.PHONY: install run test test-fast dry-run docs bench-sampler bench-teacher bench-precompute bench-distill bench-serve toy-teacher clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not ray"
+
+# docs/configuration.md from the schema's field descriptions (tests/test_schema_docs.py checks it is current)
+docs: install
+	$(PY) -m pipelines.schema_docs docs/configuration.md
 
 bench-sampler: install
 	$(PY) bench/sampler.py

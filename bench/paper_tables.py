@@ -71,14 +71,13 @@ def main() -> None:
     args = p.parse_args()
     import yaml
 
-    from pipelines.distill import _quiet_libraries
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.ray_runtime import ensure_ray, quiet_output
     from pipelines.schema import parse_pipeline_config
     from pipelines.stages import distill, evaluate, precompute
     from swd_core.adapters import load_adapter
     from swd_core.evaluate_model import ShapesScorer, load_exported_student
 
-    _quiet_libraries()
+    quiet_output()
     base = yaml.safe_load(Path(args.config).read_text())
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
@@ -104,8 +103,8 @@ def main() -> None:
         t = cfg.teacher
         adapter = load_adapter(t.family, t.path, dtype=t.dtype, max_sequence_length=t.max_sequence_length)
         models = {"teacher_28_cfg": evaluate.Model("teacher_28_cfg", "teacher_cfg", "teacher 28 steps, cfg", 28,
-                                                   ev.teacher_guidance, len(prompts),
-                                                   dict(teacher_steps=28, guidance=ev.teacher_guidance)),
+                                                   ev.teacher_guidance_scale, len(prompts),
+                                                   dict(teacher_steps=28, guidance=ev.teacher_guidance_scale)),
                   "teacher_4": evaluate.Model("teacher_4", "teacher_few_step", "teacher 4 steps", 4, 0.0, len(prompts),
                                               dict(teacher_steps=4, guidance=0.0))}
         results, _ = evaluate.evaluate_models(adapter, [models[r] for r in teacher_rows], prompts, seeds, cfg, scorer)

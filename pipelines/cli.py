@@ -5,7 +5,7 @@
     swd serve   --config my.yaml [--set ...]            # the deploy stage
     swd retrain --config my.yaml [--once | status | rollback [--to N]]
     swd render  --config my.yaml --kind rayjob|raycluster|rayservice|raycronjob|cronjob|launcher ...
-    swd schema                                          # the definition's JSON Schema
+    swd schema [--markdown]                             # the definition's JSON Schema (or docs/configuration.md)
 
 `python pipelines/distill.py`, `python pipelines/retrain.py` and `python -m pipelines.cluster`
 keep working (`ray job submit -- python pipelines/distill.py ...` is the cluster form); each `swd`
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, help in (("retrain", "scheduled retraining (python pipelines/retrain.py); its arguments follow"),
                        ("render", "cluster manifests (python -m pipelines.cluster render); its arguments follow")):
         sub.add_parser(name, help=help, description=help)  # listed in --help; dispatched above
-    sub.add_parser("schema", help="print the pipeline definition's JSON Schema (for editors' YAML completion)")
+    schema = sub.add_parser("schema", help="print the pipeline definition's JSON Schema (for editors' YAML completion)")
+    schema.add_argument("--markdown", action="store_true",
+                        help="print the configuration reference instead (docs/configuration.md; `make docs` writes it)")
     args = parser.parse_args(argv)
 
     if args.command == "run":
@@ -69,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.distill import main as distill
 
         return distill(_stage_args(args) + ["--stages", "deploy"])
+    if args.markdown:
+        from pipelines.schema_docs import render_markdown
+
+        sys.stdout.write(render_markdown())
+        return 0
     from pipelines.schema import PipelineConfig
 
     print(json.dumps(PipelineConfig.model_json_schema(), indent=2))

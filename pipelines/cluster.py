@@ -50,7 +50,9 @@ DEFAULT_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"  # must have this project 
 DEFAULT_MEMORY = "8Gi"  # per pod, where the definition gives no `memory_per_*`
 HEAD_CPUS = 2
 # What cluster/runtime_env.yaml sets for `ray job submit`; the image holds the code.
-ENV_VARS = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
+# no download or "Loading weights" bars: a job log is not a terminal (pipelines/ray_runtime.py)
+ENV_VARS = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 DEFINITION_DIR = "/etc/swd"  # where the RayJob's head mounts the definition
 GCS_PORT, DASHBOARD_PORT = 6379, 8265
 SERVICE_TYPES = ("ClusterIP", "LoadBalancer", "NodePort")

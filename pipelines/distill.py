@@ -24,18 +24,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.plan import render_plan  # noqa: E402
+from pipelines.ray_runtime import quiet_output  # noqa: E402
 from pipelines.schema import STAGES, PipelineConfigError, load_pipeline_config  # noqa: E402
 from pipelines.stages import AVAILABLE, run_stage  # noqa: E402
-
-
-def _quiet_libraries() -> None:
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render_plan(cfg.model_copy(update={"stages": stages})))
         return 0
 
-    _quiet_libraries()
+    quiet_output()
     results = {}
     for stage in stages:
         if stage not in AVAILABLE:

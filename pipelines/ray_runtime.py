@@ -1,4 +1,4 @@
-"""Start or join Ray for a stage run from the command line.
+"""Start or join Ray for a stage run from the command line, and keep its output readable.
 
 `ray.init()` joins the cluster named by RAY_ADDRESS (or the one `ray job submit` runs in) and
 otherwise starts a local one; an already initialised process (tests, notebooks) is left as is.
@@ -7,6 +7,15 @@ otherwise starts a local one; an already initialised process (tests, notebooks) 
 from __future__ import annotations
 
 import os
+import sys
+
+
+def interactive() -> bool:
+    """Whether stdout is a terminal (not `| tee log`, a file or a Ray job log)."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
 
 
 def worker_env() -> dict[str, str]:
@@ -15,10 +24,48 @@ def worker_env() -> dict[str, str]:
 
     # OMP_WAIT_POLICY: idle OpenMP threads sleep instead of spinning; workers, actors and the
     # driver share cores, and spinning threads slow each other down many times over.
-    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           # a worker's output reaches the driver's log, never a terminal: no "Loading weights" bar
+           # per weight load (huggingface_hub and transformers read this at import) and no info logs.
+           # diffusers' bars have no variable: quiet_libraries() at each worker's entry point.
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}
+    if not interactive():
+        env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"  # a Dataset made in a worker follows the driver
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed probes for CUDA otherwise and fails on CPU-only nodes
     return env
+
+
+def quiet_libraries() -> None:
+    """Errors only from diffusers and transformers, and none of their progress bars (one per
+    weight load otherwise). Called by the drivers (`quiet_output`) and at the entry point of every
+    worker that loads weights: Ray Data actors, Ray Train workers, Serve replicas."""
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def quiet_output(tty: bool | None = None) -> None:
+    """A driver's output, one readable line per event: `quiet_libraries`, and when stdout is not a
+    terminal (`tty` None: checked here) no Ray Data progress bars either, which there print
+    escape codes and a line per redraw for every operator."""
+    quiet_libraries()
+    if tty is None:
+        tty = interactive()
+    if not tty:
+        from ray.data import DataContext
+
+        # a Dataset copies the driver's context when it is made, so this reaches the executors
+        # that run it (Ray Train's split coordinator included)
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
 
 
 def ensure_ray(cfg=None) -> None:

@@ -7,7 +7,7 @@
     python pipelines/retrain.py rollback --config my.yaml [--to N]
 
 A cycle: new rows of data.sources into the shared store -> the champion trained
-retrain.iterations further -> candidate and champion scored on the same prompts and seeds ->
+retrain.steps further -> candidate and champion scored on the same prompts and seeds ->
 a registered version (MLflow), promoted to `champion` only when the gate passes -> the Serve app
 follows the champion. One cycle per definition at a time: a second exits with the lock's holder.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipelines/distill.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.distill import _quiet_libraries  # noqa: E402
+from pipelines.ray_runtime import quiet_output  # noqa: E402
 from pipelines.schema import PipelineConfigError, load_pipeline_config  # noqa: E402
 
 EXIT_LOCKED = 3  # another cycle of the definition holds the lock
@@ -41,7 +41,7 @@ def _load(path: str):
 def once(path: str, force: bool = False) -> int:
     from pipelines.retraining.cycle import CycleRefused, run_cycle
 
-    _quiet_libraries()
+    quiet_output()
     try:
         run_cycle(_load(path), force=force)
     except CycleRefused as err:
@@ -65,7 +65,7 @@ def scheduler(path: str) -> int:
     reported and the scheduler waits for the next tick: the unfinished cycle resumes then."""
     from pipelines.retraining.cycle import CycleRefused, run_cycle
 
-    _quiet_libraries()
+    quiet_output()
     cfg = _load(path)
     while True:
         tick = next_tick(cfg.retrain.schedule, cfg.retrain.timezone)

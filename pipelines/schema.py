@@ -34,11 +34,20 @@ class Strict(BaseModel):
 
 
 class TeacherConfig(Strict):
-    path: str = Field(description="diffusers folder, hub id, or builtin:tiny-sd3[?opts]")
-    family: Literal["sd3"] = "sd3"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_sequence_length: Annotated[int, Field(ge=0, le=512)] = 256
-    patch_size: Annotated[int, Field(ge=1)] | None = None  # for a custom transformer; default per family
+    """The teacher diffusion model that is distilled, and whose architecture the student shares."""
+
+    path: str = Field(description="The teacher pipeline: a local diffusers folder, a Hugging Face Hub id "
+                                  "(e.g. stabilityai/stable-diffusion-3.5-medium), `builtin:toy-sd3` or "
+                                  "`builtin:tiny-sd3[?opts]`.")
+    family: Literal["sd3"] = Field("sd3", description="Model family; it selects the adapter code and the "
+                                                      "default patch size.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the teacher's weights are loaded in (the student and fake score share it).")
+    max_sequence_length: Annotated[int, Field(ge=0, le=512)] = Field(
+        256, description="T5 text tokens per prompt; 0: no T5 (CLIP tokens only, as in the toy).")
+    patch_size: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Transformer patch size, for a custom transformer; null: the family's (2 for sd3). "
+                          "Schedules' scales must divide by it.")
 
     @property
     def resolved_patch_size(self) -> int:
@@ -54,12 +63,15 @@ class DataSource(Strict):
     `path` is only its label (e.g. "builtin:shapes").
     """
 
-    path: str
-    format: Literal["parquet", "imagefolder", "shapes"] = "parquet"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    limit: Annotated[int, Field(ge=1)] | None = None
-    seed: int = 0  # shapes only
+    path: str = Field(description="Where the rows are: a Parquet file or folder, an image folder (local or "
+                                  "s3://), or a label such as `builtin:shapes` for the `shapes` format.")
+    format: Literal["parquet", "imagefolder", "shapes"] = Field("parquet", description="How `path` is read (see above).")
+    image_column: str = Field("image", description="Parquet only: the column with image bytes (or a Hugging Face "
+                                                   "`{bytes, path}` struct).")
+    caption_column: str = Field("caption", description="Parquet only: the column with the caption text.")
+    limit: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Read at most this many rows; null: all. Required for `shapes` (the rows to generate).")
+    seed: int = Field(0, description="`shapes` only: the seed of the generated rows.")
 
     @model_validator(mode="after")
     def _shapes_needs_limit(self):
@@ -69,43 +81,65 @@ class DataSource(Strict):
 
 
 class DataConfig(Strict):
-    sources: list[DataSource] = []
-    prompts: str | None = None  # text file (one prompt per line) or Parquet with a `prompt` column
-    eval_prompts: str | None = None
-    preview_prompts: list[str] = ["a photo"]
+    """Training data, and the prompts of the synthesize, evaluate and preview stages."""
+
+    sources: list[DataSource] = Field([], description="The (image, caption) inputs of the precompute stage.")
+    prompts: str | None = Field(
+        None, description="Prompts the synthesize stage turns into teacher images: a text file (one prompt per "
+                          "line) or Parquet with a `prompt` column, local or s3://.")
+    eval_prompts: str | None = Field(
+        None, description="Held-out prompts of the evaluate stage and the retrain gate outside the shapes domain "
+                          "(same formats as `prompts`); null: `preview_prompts`.")
+    preview_prompts: list[str] = Field(["a photo"], description="Prompts of the preview stage and of the sample grid "
+                                                                "written with each export.")
 
 
 class SynthesizeConfig(Strict):
-    enabled: bool = False
-    num_steps: Annotated[int, Field(ge=1, le=1000)] = 28
-    guidance_scale: Annotated[float, Field(ge=0)] = 7.0
-    seed: int = 0
-    batch_size: Annotated[int, Field(ge=1)] = 8
-    actors: Annotated[int, Field(ge=1)] = 1
-    cpus_per_actor: Annotated[float, Field(ge=0)] = 1.0
-    gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
-    memory_per_actor: Memory | None = None
-    output: str | None = None  # default: <run_dir>/synthesized
+    """The optional synthesize stage (docs/precompute.md): teacher images for `data.prompts`,
+    read by precompute as one more source."""
+
+    enabled: bool = Field(False, description="Run the stage when it is in `stages`, and read its output in precompute.")
+    num_steps: Annotated[int, Field(ge=1, le=1000)] = Field(28, description="Teacher sampling steps (Euler) per image.")
+    guidance_scale: Annotated[float, Field(ge=0)] = Field(
+        7.0, description="Classifier-free guidance scale of the teacher's samples (1: no guidance).")
+    seed: int = Field(0, description="Prompt i is sampled with seed `seed + i`, whatever the batch or actor.")
+    batch_size: Annotated[int, Field(ge=1)] = Field(8, description="Prompts per teacher call on one actor.")
+    actors: Annotated[int, Field(ge=1)] = Field(1, description="Ray Data actors, each holding a full teacher pipeline.")
+    cpus_per_actor: Annotated[float, Field(ge=0)] = Field(1.0, description="CPUs reserved per actor.")
+    gpus_per_actor: Annotated[float, Field(ge=0)] = Field(0.0, description="GPUs reserved per actor (fractions allowed).")
+    memory_per_actor: Memory | None = Field(
+        None, description="Memory per actor as a Kubernetes quantity (e.g. `48Gi`), used to size cluster pods; "
+                          "null: the renderer's default.")
+    output: str | None = Field(None, description="Output folder (local or s3://); null: `<run_dir>/synthesized`.")
 
 
 class PrecomputeConfig(Strict):
-    batch_size: Annotated[int, Field(ge=1)] = 16
-    actors: Annotated[int, Field(ge=1)] = 1
-    cpus_per_actor: Annotated[float, Field(ge=0)] = 1.0
-    gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
-    memory_per_actor: Memory | None = None
-    storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    output: str | None = None  # default: <run_dir>/store
+    """The precompute stage (docs/precompute.md): text embeddings and VAE latents at every scale of
+    the schedule, written to the store distillation reads."""
+
+    batch_size: Annotated[int, Field(ge=1)] = Field(16, description="Rows per encoder call on one actor.")
+    actors: Annotated[int, Field(ge=1)] = Field(1, description="Ray Data actors, each holding the text encoders and the VAE.")
+    cpus_per_actor: Annotated[float, Field(ge=0)] = Field(1.0, description="CPUs reserved per actor.")
+    gpus_per_actor: Annotated[float, Field(ge=0)] = Field(0.0, description="GPUs reserved per actor (fractions allowed).")
+    memory_per_actor: Memory | None = Field(
+        None, description="Memory per actor as a Kubernetes quantity (e.g. `16Gi`), used to size cluster pods; "
+                          "null: the renderer's default.")
+    storage_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Dtype of the stored embeddings and latents.")
+    output: str | None = Field(None, description="The store's folder (local or s3://); null: `<run_dir>/store`.")
 
 
 class ScheduleConfig(Strict):
     """Either a `preset` or explicit `scales` with `boundaries` (grid indices) or `sigmas`."""
 
-    preset: str | None = None
-    scales: list[int] | None = None
-    boundaries: list[int] | None = None
-    sigmas: list[float] | None = None
-    scalewise: bool = True  # False: the full-resolution baseline with the same sigmas
+    preset: str | None = Field(None, description="A named schedule from swd_core.schedules (e.g. `sd35_medium_6step`, "
+                                                 "`toy_4step`); null: explicit `scales`.")
+    scales: list[int] | None = Field(None, description="Latent side per sampling step, increasing (e.g. [32, 48, 64, 80, 96, 128]).")
+    boundaries: list[int] | None = Field(
+        None, description="Per step, its index into the 28-step sigma grid (0 = sigma 1.0); one per scale.")
+    sigmas: list[float] | None = Field(None, description="Per step, its noise level in (0, 1], decreasing; one per scale.")
+    scalewise: bool = Field(True, description="false: the full-resolution baseline, every step at the last scale "
+                                              "with the same sigmas.")
 
     @field_validator("preset")
     @classmethod
@@ -148,32 +182,48 @@ GridRange = Annotated[tuple[int, int], AfterValidator(_check_grid_range)]
 
 
 class MMDLoss(Strict):
-    weight: Annotated[float, Field(ge=0)] = 1.0
-    kernel: Literal["linear", "rbf"] = "linear"
-    c: Annotated[float, Field(gt=0)] = 1e-3
-    rbf_bandwidth: Annotated[float, Field(gt=0)] = 100.0
-    grid_range: GridRange = (18, 28)  # σ ≤ 0.602: MMD compares fine detail
+    """The MMD term: the student's and the real images' transformer features at a shared noise level."""
+
+    weight: Annotated[float, Field(ge=0)] = Field(1.0, description="Weight of the term in the generator loss; 0: off.")
+    kernel: Literal["linear", "rbf"] = Field(
+        "linear", description="`linear`: a pseudo-Huber distance between mean features; `rbf`: token-level MMD² "
+                              "with a Gaussian kernel.")
+    c: Annotated[float, Field(gt=0)] = Field(1e-3, description="`linear` only: the pseudo-Huber constant.")
+    rbf_bandwidth: Annotated[float, Field(gt=0)] = Field(100.0, description="`rbf` only: the kernel bandwidth h.")
+    grid_range: GridRange = Field(
+        (18, 28), description="[low, high) indices into the 28-step sigma grid where the noise level is drawn; "
+                              "the default, sigma <= 0.602, compares fine detail.")
 
 
 class DMDLoss(Strict):
-    weight: Annotated[float, Field(ge=0)] = 1.0
-    guidance_scale: Annotated[float, Field(ge=0)] = 7.0
-    grid_range: GridRange = (12, 28)
-    # DMD only at scales (latent side) >= this: for a teacher trained at one resolution, whose
-    # scores at the small scales are off its training distribution. 0: every scale (the paper).
-    min_scale: Annotated[int, Field(ge=0)] = 0
+    """The distribution-matching (DMD) term: the teacher's guided score against the fake score."""
+
+    weight: Annotated[float, Field(ge=0)] = Field(1.0, description="Weight of the term in the generator loss; 0: off.")
+    guidance_scale: Annotated[float, Field(ge=0)] = Field(
+        7.0, description="Classifier-free guidance scale of the teacher's score (1: no guidance).")
+    grid_range: GridRange = Field(
+        (12, 28), description="[low, high) indices into the 28-step sigma grid where the noise level is drawn.")
+    min_scale: Annotated[int, Field(ge=0)] = Field(
+        0, description="DMD only at scales (latent side) >= this, for a teacher whose scores at small scales are "
+                       "off its training distribution; 0: every scale (the paper).")
 
 
 class GANLoss(Strict):
-    weight: Annotated[float, Field(ge=0)] = 5e-3
-    discriminator_weight: Annotated[float, Field(ge=0)] = 1e-2
+    """The GAN term: a head on the fake score's features tells real from generated images."""
+
+    weight: Annotated[float, Field(ge=0)] = Field(5e-3, description="Weight of the generator's GAN term; 0: off.")
+    discriminator_weight: Annotated[float, Field(ge=0)] = Field(
+        1e-2, description="Weight of the discriminator loss in the fake-score update.")
 
 
 class LossesConfig(Strict):
-    mmd: MMDLoss = MMDLoss()
-    dmd: DMDLoss = DMDLoss()
-    gan: GANLoss = GANLoss()
-    feature_block: Annotated[int, Field(ge=0)] = 11  # 0-based block whose image tokens feed MMD and the GAN head
+    """The generator loss: weight·MMD + weight·DMD + weight·GAN (at least one weight above 0)."""
+
+    mmd: MMDLoss = Field(MMDLoss(), description="The MMD term.")
+    dmd: DMDLoss = Field(DMDLoss(), description="The DMD term.")
+    gan: GANLoss = Field(GANLoss(), description="The GAN term.")
+    feature_block: Annotated[int, Field(ge=0)] = Field(
+        11, description="0-based transformer block whose image tokens feed MMD and the GAN head.")
 
     @model_validator(mode="after")
     def _something_to_learn(self):
@@ -183,9 +233,12 @@ class LossesConfig(Strict):
 
 
 class LoRAConfig(Strict):
-    rank: Annotated[int, Field(ge=1)] = 64
-    alpha: Annotated[float, Field(gt=0)] | None = None  # default: = rank
-    targets: list[str] = list(DEFAULT_TARGETS)
+    """The LoRA adapters of the student and the fake score (`distill.mode: lora`)."""
+
+    rank: Annotated[int, Field(ge=1)] = Field(64, description="LoRA rank of both adapters.")
+    alpha: Annotated[float, Field(gt=0)] | None = Field(None, description="LoRA alpha (scale alpha/rank); null: = rank.")
+    targets: list[str] = Field(list(DEFAULT_TARGETS), description="Names of the transformer's linear layers that "
+                                                                  "get adapters.")
 
 
 class ValidationConfig(Strict):
@@ -194,9 +247,13 @@ class ValidationConfig(Strict):
     export in <run_dir>/student is replaced only when `metric` improves. Shapes domain only: it
     is the domain with a scorer. 0 prompts: off, the last step is exported."""
 
-    num_prompts: Annotated[int, Field(ge=0, le=640)] = 0
-    metric: Literal["fd", "prompt_accuracy"] = "fd"  # fd: lower is better; prompt_accuracy: higher
-    batch_size: Annotated[int, Field(ge=1)] = 64
+    num_prompts: Annotated[int, Field(ge=0, le=640)] = Field(
+        0, description="Validation prompts per checkpoint, divisible by `resources.num_workers`; 0: off (the "
+                       "last step is exported).")
+    metric: Literal["fd", "prompt_accuracy"] = Field(
+        "fd", description="The score that chooses the export: `fd` (Fréchet distance, lower is better) or "
+                          "`prompt_accuracy` (higher is better).")
+    batch_size: Annotated[int, Field(ge=1)] = Field(64, description="Validation images sampled per call on one worker.")
 
     @field_validator("num_prompts")
     @classmethod
@@ -216,37 +273,51 @@ class ValidationConfig(Strict):
 
 
 class DistillConfig(Strict):
-    schedule: ScheduleConfig
-    losses: LossesConfig = LossesConfig()
-    mode: Literal["lora", "full"] = "lora"
-    lora: LoRAConfig = LoRAConfig()
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    batch_size: Annotated[int, Field(ge=1)] = 64  # global batch
-    steps: Annotated[int, Field(ge=1)] = 3000
-    lr: Annotated[float, Field(gt=0)] = 5e-6
-    fake_lr: Annotated[float, Field(gt=0)] | None = None  # default: = lr
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: Annotated[float, Field(gt=0)] = 10.0
-    # the last fraction of the steps over which both learning rates fall linearly to 0 (0: constant, as in the paper)
-    lr_decay_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
-    fake_updates: Annotated[int, Field(ge=0)] = 5
-    # exponential moving average of the student's weights (diffusers' EMAModel, with its warm-up
-    # n/(9+n) at update n up to this decay); the export and the evaluation use the average. 0: off.
-    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    # a multiple of the schedule's step count, so every checkpoint (and validation) follows a
-    # full round of scales; 240 divides by 2, 3, 4, 5, 6 and 8
-    checkpoint_every: Annotated[int, Field(ge=1)] = 240
-    # rows are shuffled per epoch within consecutive windows of this many rows of each worker's
-    # range (the whole range when it is smaller), seeded by `seed` and the epoch; 0: file order.
-    # A worker holds one window of decoded rows: size it by the row's bytes (text embeddings + latents)
-    shuffle_window: Annotated[int, Field(ge=0)] = 1024
-    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
-    max_failures: Annotated[int, Field(ge=-1)] = 2  # worker failures to recover from (-1: unlimited)
-    log_every: Annotated[int, Field(ge=1)] = 10
-    export_at_checkpoints: bool = False  # also export the student (LoRA + merged) at each checkpoint
-    validation: ValidationConfig = ValidationConfig()
-    seed: int = 0
+    """The distill stage (docs/distill.md): Ray Train workers with DeepSpeed train the student to
+    sample the schedule's scales; the result is exported to `<run_dir>/student`."""
+
+    schedule: ScheduleConfig = Field(description="The student's sampling schedule: scales and noise levels.")
+    losses: LossesConfig = Field(LossesConfig(), description="The generator loss.")
+    mode: Literal["lora", "full"] = Field(
+        "lora", description="`lora`: student and fake score are LoRA adapters on the shared teacher weights; "
+                            "`full`: the student is a full copy of the transformer.")
+    lora: LoRAConfig = Field(LoRAConfig(), description="The adapters (both modes: in `full` mode the fake score "
+                                                       "is still a LoRA adapter).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (0: plain data parallel).")
+    batch_size: Annotated[int, Field(ge=1)] = Field(64, description="Global batch: images per generator step summed "
+                                                                    "over all workers.")
+    steps: Annotated[int, Field(ge=1)] = Field(
+        3000, description="Training steps in all, each `fake_updates` fake-score updates and one generator "
+                          "update; a multiple of the schedule's step count.")
+    lr: Annotated[float, Field(gt=0)] = Field(5e-6, description="AdamW learning rate of the student.")
+    fake_lr: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="AdamW learning rate of the fake score and the GAN head; null: = `lr`.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(1e-2, description="AdamW weight decay of both optimizers.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2) of both optimizers.")
+    grad_clip: Annotated[float, Field(gt=0)] = Field(10.0, description="Gradient-norm clipping threshold.")
+    lr_decay_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0, description="The last fraction of `steps` over which both learning rates fall linearly to 0; "
+                         "0: constant (the paper).")
+    fake_updates: Annotated[int, Field(ge=0)] = Field(5, description="Fake-score updates before each generator update.")
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="Decay of an exponential moving average of the student's weights (diffusers' EMAModel, "
+                         "warm-up n/(9+n)); the export and evaluation use the average. 0: off.")
+    checkpoint_every: Annotated[int, Field(ge=1)] = Field(
+        240, description="Steps between checkpoints (and validations); a multiple of the schedule's step count, so "
+                         "each follows a full round of scales (240 divides by 2, 3, 4, 5, 6 and 8).")
+    shuffle_window: Annotated[int, Field(ge=0)] = Field(
+        1024, description="Rows are shuffled per epoch within windows of this many rows of each worker's range, "
+                          "seeded by `seed` and the epoch; 0: file order. A worker holds one window of decoded rows "
+                          "in memory.")
+    keep_checkpoints: Annotated[int, Field(ge=1)] = Field(
+        2, description="Checkpoints kept; with validation on, the best scored ones (Ray also keeps the latest).")
+    max_failures: Annotated[int, Field(ge=-1)] = Field(
+        2, description="Worker failures to recover from by restarting at the last checkpoint; -1: unlimited.")
+    log_every: Annotated[int, Field(ge=1)] = Field(10, description="Steps between progress lines.")
+    export_at_checkpoints: bool = Field(
+        False, description="Also export the student (LoRA and merged) at each checkpoint, not only at the end.")
+    validation: ValidationConfig = Field(ValidationConfig(), description="Choosing the export by a held-out score.")
+    seed: int = Field(0, description="Seed of the training noise, the data order and the adapters' initialisation.")
 
     @model_validator(mode="after")
     def _in_phase(self):
@@ -274,16 +345,23 @@ class EvaluateConfig(Strict):
     held-out prompts and seeds. The few-step models share `num_prompts` so their accuracy and FD
     compare like for like; the CFG teacher is the expensive one and gets its own count."""
 
-    num_prompts: Annotated[int, Field(ge=2)] = 64  # few-step models (teacher at N steps, student)
-    teacher_num_prompts: Annotated[int, Field(ge=2)] | None = None  # the CFG teacher; default num_prompts
-    seed: int = 0  # image i uses seed + i in every model
-    teacher_steps: Annotated[int, Field(ge=1)] = 28
-    teacher_guidance: Annotated[float, Field(ge=0)] = 7.0
-    student: str | None = None  # exported student folder (local or s3://); default <run_dir>/student/merged
-    domain: Literal["auto", "shapes", "prompts"] = "auto"  # auto: shapes for the toy teacher / shapes data
-    batch_size: Annotated[int, Field(ge=1)] = 64
-    latency_repeats: Annotated[int, Field(ge=1)] = 5  # timed single-image calls per model (median)
-    grid_prompts: Annotated[int, Field(ge=1)] = 8  # rows of the comparison grid
+    num_prompts: Annotated[int, Field(ge=2)] = Field(
+        64, description="Held-out prompts of the few-step models (the teacher at the student's step count, and the student).")
+    teacher_num_prompts: Annotated[int, Field(ge=2)] | None = Field(
+        None, description="Held-out prompts of the guided (CFG) teacher; null: `num_prompts`.")
+    seed: int = Field(0, description="Image i uses seed `seed + i` in every model.")
+    teacher_steps: Annotated[int, Field(ge=1)] = Field(28, description="Sampling steps of the guided teacher.")
+    teacher_guidance_scale: Annotated[float, Field(ge=0)] = Field(
+        7.0, description="Classifier-free guidance scale of the guided teacher (1: no guidance).")
+    student: str | None = Field(
+        None, description="The exported student folder to evaluate (local or s3://); null: `<run_dir>/student/merged`.")
+    domain: Literal["auto", "shapes", "prompts"] = Field(
+        "auto", description="`shapes`: prompt accuracy and FD with the shapes scorer; `prompts`: prompt-free metrics; "
+                            "`auto`: shapes for the toy teacher or shapes data, else prompts.")
+    batch_size: Annotated[int, Field(ge=1)] = Field(64, description="Images sampled per call.")
+    latency_repeats: Annotated[int, Field(ge=1)] = Field(
+        5, description="Timed single-image calls per model; the median is reported.")
+    grid_prompts: Annotated[int, Field(ge=1)] = Field(8, description="Rows (prompts) of the comparison image grid.")
     cpus: Annotated[float, Field(ge=0, description="CPUs the evaluate task reserves (it runs as one Ray task, "
                                  "not in the driver); the preview stage runs with the same resources.")] = 1.0
     gpus: Annotated[float, Field(ge=0, description="GPUs the evaluate (and preview) task reserves; > 0 runs the "
@@ -296,27 +374,42 @@ class ServeConfig(Strict):
     """The deploy stage's Ray Serve application (pipelines/serve). `model` defaults to the distill
     stage's export, `<run_dir>/student/merged`; changing it on a running app hot-swaps the model."""
 
-    model: str | None = None  # exported student folder: local path or s3:// prefix
-    model_id: str | None = None  # default: "<name>-swd"
-    app_name: str | None = None  # default: "swd-<name>"
-    route_prefix: str = "/"
-    host: str = "0.0.0.0"
-    port: Annotated[int, Field(ge=1, le=65535)] = 8000
-    replicas: Annotated[int, Field(ge=1)] = 1
-    cpus_per_replica: Annotated[float, Field(ge=0)] = 1.0
-    gpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
-    memory_per_replica: Memory | None = None
-    max_ongoing_requests: Annotated[int, Field(ge=1)] = 16  # per generator replica; >= max_batch_size
-    max_queued_requests: Annotated[int, Field(ge=1)] = 64  # beyond this, a quick 503
-    max_batch_size: Annotated[int, Field(ge=1)] = 8
-    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.05
-    min_replicas: Annotated[int, Field(ge=0)] | None = None  # set min/max_replicas to autoscale
-    max_replicas: Annotated[int, Field(ge=1)] | None = None
-    target_ongoing_requests: Annotated[float, Field(gt=0)] | None = None  # autoscaling; default max_batch_size
-    max_images: Annotated[int, Field(ge=1, le=64)] = 4  # largest `n` per request
-    max_prompt_chars: Annotated[int, Field(ge=1)] = 1000
-    api_key_env: str | None = None  # bearer-token auth: the key from this environment variable ...
-    api_key_file: str | None = None  # ... or from this file (read on each replica)
+    model: str | None = Field(
+        None, description="The exported student folder to serve: a local path or s3:// prefix; null: "
+                          "`<run_dir>/student/merged`.")
+    model_id: str | None = Field(None, description="The model name the API reports and accepts; null: `<name>-swd`.")
+    app_name: str | None = Field(None, description="The Ray Serve application name; null: `swd-<name>`.")
+    route_prefix: str = Field("/", description="HTTP path prefix of the application; starts with `/`.")
+    host: str = Field("0.0.0.0", description="Address Serve's HTTP proxy listens on.")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="Port Serve's HTTP proxy listens on.")
+    replicas: Annotated[int, Field(ge=1)] = Field(1, description="Generator replicas when not autoscaling.")
+    cpus_per_replica: Annotated[float, Field(ge=0)] = Field(1.0, description="CPUs reserved per generator replica.")
+    gpus_per_replica: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="GPUs reserved per generator replica (fractions allowed).")
+    memory_per_replica: Memory | None = Field(
+        None, description="Memory per replica as a Kubernetes quantity (e.g. `24Gi`), used to size cluster pods; "
+                          "null: the renderer's default.")
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(
+        16, description="Requests in progress per generator replica; at least `max_batch_size`.")
+    max_queued_requests: Annotated[int, Field(ge=1)] = Field(
+        64, description="Requests waiting for a replica; beyond this a request gets an immediate 503.")
+    max_batch_size: Annotated[int, Field(ge=1)] = Field(8, description="Requests sampled together in one batch.")
+    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = Field(
+        0.05, description="Seconds a batch waits to fill before it is sampled.")
+    min_replicas: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="Autoscaling lower bound; set with `max_replicas` (both null: a fixed `replicas`).")
+    max_replicas: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Autoscaling upper bound; set with `min_replicas`.")
+    target_ongoing_requests: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Autoscaling target of requests in progress per replica; null: `max_batch_size`.")
+    max_images: Annotated[int, Field(ge=1, le=64)] = Field(4, description="The largest `n` (images) one request may ask for.")
+    max_prompt_chars: Annotated[int, Field(ge=1)] = Field(1000, description="The longest prompt accepted, in characters.")
+    api_key_env: str | None = Field(
+        None, description="Bearer-token auth: the key is read from this environment variable on each replica; "
+                          "null with `api_key_file` null: no auth.")
+    api_key_file: str | None = Field(
+        None, description="Bearer-token auth: the key is read from this file on each replica (re-read on rotation); "
+                          "at most one of this and `api_key_env`.")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -335,18 +428,28 @@ class ServeConfig(Strict):
 
 
 class S3Config(Strict):
-    endpoint_url: str | None = None  # default: the standard AWS variables / config
-    region: str | None = None
+    """Where s3:// paths are served from; credentials come from the standard AWS variables or files."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (e.g. a MinIO URL); null: the standard AWS variables and config.")
+    region: str | None = Field(None, description="S3 region; null: the standard AWS variables and config.")
 
 
 class ResourcesConfig(Strict):
-    num_workers: Annotated[int, Field(ge=1)] = 1
-    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
-    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
-    memory_per_worker: Memory | None = None
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    storage: str = "runs"  # local directory or s3://bucket/prefix
-    s3: S3Config = S3Config()
+    """The distill stage's Ray Train workers, and where every stage's outputs are stored."""
+
+    num_workers: Annotated[int, Field(ge=1)] = Field(1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: Annotated[float, Field(gt=0)] = Field(1.0, description="CPUs reserved per worker.")
+    gpus_per_worker: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="GPUs per worker; above 0, training runs on GPUs with NCCL.")
+    memory_per_worker: Memory | None = Field(
+        None, description="Memory per worker as a Kubernetes quantity (e.g. `48Gi`), used to size cluster pods; "
+                          "null: the renderer's default.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy of the workers.")
+    storage: str = Field("runs", description="Root of every run's outputs, a local directory or s3://bucket/prefix; "
+                                             "a run's are under `<storage>/<name>` (`<run_dir>`).")
+    s3: S3Config = Field(S3Config(), description="S3 settings for s3:// paths.")
 
     @field_validator("storage")
     @classmethod
@@ -361,9 +464,12 @@ class GateMetric(Strict):
     least `min_margin` in the metric's `direction` (an absolute difference); a negative margin is
     a tolerance: the candidate may be that much worse."""
 
-    name: Literal["teacher_denoise", "teacher_fd", "fd", "prompt_accuracy"] = "teacher_denoise"
-    direction: Literal["min", "max"] | None = None  # default: the metric's own (max for prompt_accuracy)
-    min_margin: float = 0.0
+    name: Literal["teacher_denoise", "teacher_fd", "fd", "prompt_accuracy"] = Field(
+        "teacher_denoise", description="The metric (docs/retrain.md); `fd` and `prompt_accuracy` need the shapes domain.")
+    direction: Literal["min", "max"] | None = Field(
+        None, description="Which way is better; null: the metric's own (max for prompt_accuracy, else min).")
+    min_margin: float = Field(0.0, description="How much better than the champion the candidate must be, in the "
+                                               "metric's units; negative: a tolerance.")
 
     @property
     def resolved_direction(self) -> Literal["min", "max"]:
@@ -376,43 +482,56 @@ class GateConfig(Strict):
     metric must pass. teacher_denoise and teacher_fd need only the teacher (swd_core.teacher_metrics);
     fd and prompt_accuracy need the shapes domain's scorer."""
 
-    # default: fd in the shapes domain, else teacher_fd (docs/retrain.md says how far the
-    # teacher-only metrics agree with the toy's; choose with that in mind)
-    metrics: Annotated[list[GateMetric], Field(min_length=1)] | None = None
-    num_prompts: Annotated[int, Field(ge=2)] = 64
-    seed: int = 0
-    sigma: Annotated[float, Field(gt=0, lt=1)] = 0.5  # the fixed noise level of the teacher metrics
-    block: Annotated[int, Field(ge=0)] | None = None  # teacher block of teacher_fd's features; default the middle one
-    teacher_steps: Annotated[int, Field(ge=1)] = 28  # the teacher's reference samples for teacher_fd
-    teacher_guidance: Annotated[float, Field(ge=0)] = 4.5
-    batch_size: Annotated[int, Field(ge=1)] = 32
-    grid_prompts: Annotated[int, Field(ge=1)] = 6  # rows of the candidate-vs-champion grid
+    # docs/retrain.md says how far the teacher-only metrics agree with the toy's
+    metrics: Annotated[list[GateMetric], Field(min_length=1)] | None = Field(
+        None, description="The metrics that must all pass; null: `fd` in the shapes domain, else `teacher_fd`.")
+    num_prompts: Annotated[int, Field(ge=2)] = Field(64, description="Held-out prompts both models sample.")
+    seed: int = Field(0, description="Prompt i uses seed `seed + i` in both models.")
+    sigma: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.5, description="The fixed noise level in (0, 1) at which the teacher metrics read the samples.")
+    block: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="0-based teacher block whose features `teacher_fd` compares; null: the middle block.")
+    teacher_steps: Annotated[int, Field(ge=1)] = Field(
+        28, description="Sampling steps of the teacher's reference images for `teacher_fd`.")
+    teacher_guidance_scale: Annotated[float, Field(ge=0)] = Field(
+        4.5, description="Classifier-free guidance scale of the teacher's reference images for `teacher_fd` (1: no guidance).")
+    batch_size: Annotated[int, Field(ge=1)] = Field(32, description="Images sampled or scored per call.")
+    grid_prompts: Annotated[int, Field(ge=1)] = Field(6, description="Rows (prompts) of the candidate-vs-champion image grid.")
 
 
 class RegistryConfig(Strict):
     """MLflow tracking and model registry. Default: a SQLite file under the run's storage (local
     storage only); on a cluster a tracking server, here or in MLFLOW_TRACKING_URI."""
 
-    tracking_uri: str | None = None
-    model_name: str | None = None  # registered model; default: the definition's name
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; null: MLFLOW_TRACKING_URI, else a SQLite file under the run's storage.")
+    model_name: str | None = Field(None, description="The registered model's name; null: the definition's `name`.")
 
 
 class RetrainConfig(Strict):
     """Scheduled retraining (pipelines/retrain.py, docs/retrain.md): on each cron tick one cycle
     encodes the new rows of `data.sources` into the shared store, trains the champion
-    `iterations` more steps, scores candidate and champion with the gate, and promotes the
+    `steps` more steps, scores candidate and champion with the gate, and promotes the
     candidate only when it passes."""
 
-    schedule: str = "0 3 * * *"  # 5-field cron, as KubeRay's RayCronJob and Kubernetes' CronJob read it
-    timezone: str = "UTC"  # IANA name, e.g. Europe/Berlin
-    iterations: Annotated[int, Field(ge=1)] = 240  # training steps per cycle: whole rounds of the schedule
-    warm_start: bool = True  # from the champion's checkpoint: adapters, GAN head, optimizer state, EMA
-    # a cycle that finds fewer new rows than this in data.sources changes nothing (0: train anyway)
-    min_new_rows: Annotated[int, Field(ge=0)] = 1
-    gate: GateConfig = GateConfig()
-    registry: RegistryConfig = RegistryConfig()
-    serve: bool = True  # the cycle deploys the champion (first) or hot-swaps the running app to it
-    lock_ttl_s: Annotated[float, Field(ge=5)] = 60.0  # a dead holder's lock expires after this
+    schedule: str = Field(
+        "0 3 * * *", description="When cycles run: a 5-field cron expression (minute hour day-of-month month "
+                                 "day-of-week), as KubeRay's RayCronJob and Kubernetes' CronJob read it.")
+    timezone: str = Field("UTC", description="IANA time zone of `schedule`, e.g. Europe/Berlin.")
+    steps: Annotated[int, Field(ge=1)] = Field(
+        240, description="Training steps per cycle (as in `distill.steps`), on top of the champion's; a multiple of "
+                         "the schedule's step count.")
+    warm_start: bool = Field(
+        True, description="Start from the champion's checkpoint (adapters, GAN head, optimizer state, EMA); "
+                          "false: from the teacher.")
+    min_new_rows: Annotated[int, Field(ge=0)] = Field(
+        1, description="A cycle that finds fewer new rows than this in `data.sources` changes nothing; 0: train anyway.")
+    gate: GateConfig = Field(GateConfig(), description="The promotion gate.")
+    registry: RegistryConfig = Field(RegistryConfig(), description="MLflow tracking and model registry.")
+    serve: bool = Field(
+        True, description="The cycle deploys the champion (the first time) or hot-swaps the running app to it.")
+    lock_ttl_s: Annotated[float, Field(ge=5)] = Field(
+        60.0, description="Seconds after which a dead cycle's lock on the definition expires.")
 
     @field_validator("schedule")
     @classmethod
@@ -443,17 +562,22 @@ TOY_TEACHER = "builtin:toy-sd3"
 
 
 class PipelineConfig(Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
-    stages: list[Stage] = list(STAGES)
-    teacher: TeacherConfig
-    data: DataConfig = DataConfig()
-    synthesize: SynthesizeConfig = SynthesizeConfig()
-    precompute: PrecomputeConfig = PrecomputeConfig()
-    distill: DistillConfig
-    evaluate: EvaluateConfig = EvaluateConfig()
-    serve: ServeConfig = ServeConfig()
-    resources: ResourcesConfig = ResourcesConfig()
-    retrain: RetrainConfig | None = None  # scheduled retraining (pipelines/retrain.py); not part of `make run`
+    """A pipeline definition: the YAML file `swd run --config` reads."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = Field(
+        description="The run's name (letters, digits, `_`, `.`, `-`): outputs go to `<storage>/<name>`.")
+    stages: list[Stage] = Field(list(STAGES), description="The stages `swd run` runs, in pipeline order "
+                                                          "(`--stages` overrides).")
+    teacher: TeacherConfig = Field(description="The teacher model.")
+    data: DataConfig = Field(DataConfig(), description="Training data and prompts.")
+    synthesize: SynthesizeConfig = Field(SynthesizeConfig(), description="The optional synthesize stage.")
+    precompute: PrecomputeConfig = Field(PrecomputeConfig(), description="The precompute stage.")
+    distill: DistillConfig = Field(description="The distill stage.")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), description="The evaluate stage.")
+    serve: ServeConfig = Field(ServeConfig(), description="The deploy stage's Ray Serve application.")
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="Training workers and storage.")
+    retrain: RetrainConfig | None = Field(
+        None, description="Scheduled retraining (pipelines/retrain.py); null: none. Not part of `swd run`.")
 
     @model_validator(mode="after")
     def _schedule_fits_model(self):
@@ -481,10 +605,10 @@ class PipelineConfig(Strict):
         if r is None:
             return self
         n = self.distill.schedule.build().num_steps
-        if r.iterations % n:
-            low, high = max(n, r.iterations - r.iterations % n), r.iterations - r.iterations % n + n
+        if r.steps % n:
+            low, high = max(n, r.steps - r.steps % n), r.steps - r.steps % n + n
             options = f"{low} or {high}" if low != high else f"{high}"
-            raise ValueError(f"retrain.iterations {r.iterations} is not a multiple of the schedule's {n} steps: "
+            raise ValueError(f"retrain.steps {r.steps} is not a multiple of the schedule's {n} steps: "
                              f"each cycle must train whole rounds of scales (use {options})")
         if r.gate.metrics is None:
             r.gate.metrics = [GateMetric(name="fd" if self.evaluation_domain() == "shapes" else "teacher_fd")]
@@ -519,8 +643,17 @@ class PipelineConfigError(ValueError):
     """A pipeline definition that does not validate; the message lists every problem."""
 
 
-def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
-    """Walk the schema along `loc` to list the fields allowed where an unknown one appeared."""
+# Fields renamed so that one concept has one name in every section (the guidance scale, training
+# steps); a definition with the old name fails with the new one rather than a guess.
+RENAMED: dict[tuple[type[BaseModel], str], str] = {
+    (EvaluateConfig, "teacher_guidance"): "teacher_guidance_scale",
+    (GateConfig, "teacher_guidance"): "teacher_guidance_scale",
+    (RetrainConfig, "iterations"): "steps",
+}
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """Walk the schema along `loc` (without its last part) to the model that holds its last part."""
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -536,7 +669,19 @@ def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
         if nested is None:
             return None
         model = nested
-    return sorted(model.model_fields)
+    return model
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The fields allowed where the last part of `loc` appeared; None below a free-form field."""
+    model = _model_at(model, loc)
+    return None if model is None else sorted(model.model_fields)
+
+
+def _renamed(loc: tuple) -> str | None:
+    """The new dotted path of a renamed field at `loc`, or None."""
+    new = RENAMED.get((_model_at(PipelineConfig, loc), loc[-1]))
+    return None if new is None else ".".join([*(str(p) for p in loc[:-1]), new])
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -545,6 +690,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         loc = tuple(e["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
+            if new := _renamed(loc):
+                lines.append(f"  - {where}: was renamed to {new}")
+                continue
             allowed = _allowed_fields(PipelineConfig, loc) or []
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -587,6 +735,8 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
             if allowed is None:
                 break  # below a free-form field (a list or mapping): validation checks the rest
             if parts[depth] not in allowed:
+                if new := _renamed(tuple(parts[:depth + 1])):
+                    raise PipelineConfigError(f"{source} {item!r}: {'.'.join(parts[:depth + 1])} was renamed to {new}")
                 close = difflib.get_close_matches(parts[depth], allowed, n=1)
                 hint = f" (did you mean {'.'.join([*parts[:depth], close[0]])!r}?)" if close else ""
                 raise PipelineConfigError(f"{source} {item!r}: unknown field {'.'.join(parts[:depth + 1])!r}{hint}; "

@@ -81,7 +81,7 @@ def _config(tmp_path, **evaluate):
     data["distill"]["losses"]["feature_block"] = 1
     data["distill"]["validation"] = {"num_prompts": 0}  # some of these definitions leave the shapes domain
     data["resources"]["storage"] = str(tmp_path / "runs")
-    data["evaluate"] = {"teacher_steps": 3, "teacher_guidance": 4.5, "latency_repeats": 1, "batch_size": 4,
+    data["evaluate"] = {"teacher_steps": 3, "teacher_guidance_scale": 4.5, "latency_repeats": 1, "batch_size": 4,
                         **evaluate}
     return data
 

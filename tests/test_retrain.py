@@ -42,7 +42,7 @@ def definition(tmp: Path, rows: int, margin: float = -1e9) -> dict:
         "resources": {"num_workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "SPREAD",
                       "storage": str(tmp / "runs")},
         "retrain": {
-            "schedule": "0 3 * * *", "timezone": "Europe/Berlin", "iterations": 2,
+            "schedule": "0 3 * * *", "timezone": "Europe/Berlin", "steps": 2,
             # a negative margin is a tolerance: the short cycles here pass unless `margin` is raised
             "gate": {"num_prompts": 8, "batch_size": 8, "grid_prompts": 2,
                      "metrics": [{"name": "fd", "min_margin": margin},

@@ -35,8 +35,8 @@ def test_bad_schedules_are_refused_with_what_kubernetes_accepts(schedule, words)
 def test_bad_retrain_settings_name_the_field():
     with pytest.raises(PipelineConfigError, match="retrain.timezone.*unknown time zone"):
         parse_pipeline_config(with_retrain(timezone="Mars/Olympus"))
-    with pytest.raises(PipelineConfigError, match="retrain.iterations 50 is not a multiple of the schedule's 4 steps.*48 or 52"):
-        parse_pipeline_config(with_retrain(iterations=50))
+    with pytest.raises(PipelineConfigError, match="retrain.steps 50 is not a multiple of the schedule's 4 steps.*48 or 52"):
+        parse_pipeline_config(with_retrain(steps=50))
     d = with_retrain(gate={"metrics": [{"name": "prompt_accuracy"}]})
     d["teacher"]["path"] = "builtin:tiny-sd3"
     d["data"]["sources"] = [{"path": "s3://b/x.parquet"}]

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipelines.distill import main
-from pipelines.schema import PipelineConfigError, load_pipeline_config, parse_pipeline_config
+from pipelines.schema import RENAMED, PipelineConfig, PipelineConfigError, _model_at, apply_overrides, load_pipeline_config, parse_pipeline_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "pipelines" / "configs").glob("*.yaml"))
 MEDIUM6 = Path(__file__).parents[1] / "pipelines" / "configs" / "sd35_medium_6step.yaml"
@@ -137,3 +137,27 @@ def test_validation_needs_the_shapes_scorer_and_an_equal_share_per_worker():
     assert "needs at least 2 images" in _error(toy)
     toy["distill"]["validation"] = {"num_prompts": 64, "metric": "prompt_accuracy"}
     assert parse_pipeline_config(toy).distill.validation.metric == "prompt_accuracy"
+
+
+def test_renamed_fields_name_their_new_name():
+    retrain = yaml.safe_load((MEDIUM6.parent / "toy_retrain.yaml").read_text())
+    retrain["evaluate"] = {"teacher_guidance": 4.5}
+    retrain["retrain"]["iterations"] = retrain["retrain"].pop("steps")
+    retrain["retrain"]["gate"] = {"teacher_guidance": 4.5}
+    msg = _error(retrain)
+    assert "evaluate.teacher_guidance: was renamed to evaluate.teacher_guidance_scale" in msg
+    assert "retrain.gate.teacher_guidance: was renamed to retrain.gate.teacher_guidance_scale" in msg
+    assert "retrain.iterations: was renamed to retrain.steps" in msg and "3 problems" in msg
+    with pytest.raises(PipelineConfigError, match="evaluate.teacher_guidance was renamed to evaluate.teacher_guidance_scale"):
+        apply_overrides(_medium6(), ["evaluate.teacher_guidance=3"])
+    # the new names are the real fields, and no old name is still a field of its model
+    for (model, old), new in RENAMED.items():
+        assert new in model.model_fields and old not in model.model_fields
+
+
+def test_renames_are_only_reported_in_their_own_section():
+    data = _medium6()
+    data["synthesize"] = {"iterations": 3}  # `iterations` was renamed in retrain, never existed here
+    msg = _error(data)
+    assert "synthesize.iterations: unknown field" in msg and "renamed" not in msg
+    assert _model_at(PipelineConfig, ("retrain", "gate", "x")).__name__ == "GateConfig"

@@ -44,7 +44,7 @@ def cycles_root(cfg: PipelineConfig) -> str:
 
 def cycle_config(cfg: PipelineConfig, cycle: str, steps: int) -> PipelineConfig:
     """The definition as one cycle runs it: its own run folder (cycles/<cycle>), the run's shared
-    store and synthesized data, `steps` in all (the champion's plus this cycle's iterations)."""
+    store and synthesized data, `steps` in all (the champion's plus this cycle's steps)."""
     from pipelines.store.store import store_uri
 
     update = {
@@ -136,7 +136,7 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     # 2. train: the champion further (warm start), or from the teacher for the first version
     warm = champion.tags.get("checkpoint") if (champion is not None and r.warm_start) else None
     start_step = int(champion.tags.get("step", 0)) if warm else 0
-    steps = start_step + r.iterations
+    steps = start_step + r.steps
     ccfg = cycle_config(cfg, cycle, steps)
     run_id = record.get("mlflow_run_id") or registry.start_run(cycle)
     record.update(mlflow_run_id=run_id, warm_start=warm, start_step=start_step, steps=steps)
@@ -145,7 +145,7 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
         registry.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "definition.yaml")
         registry.log_params(run_id, {"cycle": cycle, "warm_start": warm or "teacher", "start_step": start_step,
                                      "steps": steps, "rows": pre["rows"], "new_rows": record["new_rows"]})
-    _say(f"training {r.iterations} iterations from "
+    _say(f"training {r.steps} steps from "
          + (f"v{champion.number}'s checkpoint at step {start_step}" if warm else "the teacher"))
     lease.check()
     trained = distill.trainer.run(ccfg, warm_start=warm, callbacks=[metrics_callback(registry.uri, run_id)])
@@ -170,7 +170,7 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     lease.check()
     # a cycle resumed after it registered (killed before its record said finished) registers nothing twice
     version = next((v for v in registry.versions() if v.tags.get("cycle") == cycle), None) or registry.register(student, run_id, {
-        "cycle": cycle, "rows": pre["rows"], "new_rows": record["new_rows"], "iterations": r.iterations,
+        "cycle": cycle, "rows": pre["rows"], "new_rows": record["new_rows"], "iterations": r.steps,
         "step": trained["final_metrics"].get("val_best_step", steps), "checkpoint": trained["export_checkpoint"],
         "metrics": json.dumps(cand.metrics), "gate": "passed" if passed else "failed", "gate_report": "\n".join(lines),
         "champion_metrics": json.dumps(champ.metrics) if champ else "", "warm_start_from": champion.number if warm else ""})

@@ -72,7 +72,7 @@ class Gate:
             for start in range(0, len(self.prompts), self.g.batch_size):
                 stop = start + self.g.batch_size
                 out.append(generate_latents(teacher, self.prompts[start:stop], self.seeds[start:stop],
-                                            teacher_steps=self.g.teacher_steps, guidance=self.g.teacher_guidance))
+                                            teacher_steps=self.g.teacher_steps, guidance=self.g.teacher_guidance_scale))
             self._reference = self._readings(torch.cat(out))[1]
         return self._reference
 

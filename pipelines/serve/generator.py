@@ -14,6 +14,7 @@ import logging
 from ray import serve
 
 from pipelines.placement import stage_device
+from pipelines.ray_runtime import quiet_libraries
 from pipelines.schema import PipelineConfig
 from pipelines.serve.model import ServedModel, load_student, render_pngs, torch_threads
 
@@ -23,6 +24,7 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(name="Generator")
 class Generator:
     def __init__(self, definition: dict):
+        quiet_libraries()  # a replica process loads (and hot-swaps) the model: no bars in its log
         self.cfg = PipelineConfig.model_validate(definition)
         s = self.cfg.serve
         torch_threads(s.cpus_per_replica)

@@ -218,8 +218,8 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
     chosen = chosen_by_validation(student_uri, cfg)
     models = [
         Model(f"teacher_{ev.teacher_steps}_cfg", "teacher_cfg",
-              f"teacher {ev.teacher_steps} steps, cfg {ev.teacher_guidance:g}", ev.teacher_steps,
-              ev.teacher_guidance, n_cfg, dict(teacher_steps=ev.teacher_steps, guidance=ev.teacher_guidance)),
+              f"teacher {ev.teacher_steps} steps, cfg {ev.teacher_guidance_scale:g}", ev.teacher_steps,
+              ev.teacher_guidance_scale, n_cfg, dict(teacher_steps=ev.teacher_steps, guidance=ev.teacher_guidance_scale)),
         Model(f"teacher_{n_steps}", "teacher_few_step", f"teacher {n_steps} steps, no cfg", n_steps, 0.0, n_few,
               dict(teacher_steps=n_steps, guidance=0.0)),
     ]

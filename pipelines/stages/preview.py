@@ -35,8 +35,8 @@ def preview_here(cfg: PipelineConfig) -> dict:
     seeds = [cfg.evaluate.seed + i for i in range(len(prompts))]
     ev = cfg.evaluate
     columns = {
-        f"teacher {ev.teacher_steps} steps, cfg {ev.teacher_guidance:g}":
-            dict(teacher_steps=ev.teacher_steps, guidance=ev.teacher_guidance),
+        f"teacher {ev.teacher_steps} steps, cfg {ev.teacher_guidance_scale:g}":
+            dict(teacher_steps=ev.teacher_steps, guidance=ev.teacher_guidance_scale),
         f"full-res {schedule.num_steps} steps": dict(schedule=schedule.full_resolution()),
         f"scale-wise {schedule.num_steps} steps": dict(schedule=schedule),
     }

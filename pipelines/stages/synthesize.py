@@ -34,10 +34,12 @@ class TeacherSampler:
                  guidance: float, threads: int, gpus: float = 0.0):
         import torch
 
+        from pipelines.ray_runtime import quiet_libraries
         from swd_core.adapters import load_adapter
 
         from pipelines.placement import stage_device
 
+        quiet_libraries()  # an actor process: the driver's settings do not reach it
         torch.set_num_threads(threads)
         self.teacher, self.num_steps, self.guidance = teacher, num_steps, guidance
         device = stage_device("synthesize", "synthesize.gpus_per_actor", gpus)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 
 from pipelines.schema import PipelineConfig
 
@@ -27,8 +28,16 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
 
     full = not nets.lora_student
     state = None
+    t0 = time.monotonic()
+    what = "the student" + ("" if final else f" at step {step}")
+
+    def say(doing: str) -> None:  # the export takes minutes for a large model: one line per part
+        print(f"[distill] exporting {what}: {doing}", flush=True)
+
     if full:  # every rank takes part in gathering ZeRO-3 shards
         if cfg.distill.zero_stage == 3:
+            if rank == 0:
+                say("gathering the ZeRO-3 shards of the student's weights")
             state = engine_g._zero3_consolidated_16bit_state_dict()
         else:
             state = engine_g.module.state_dict()
@@ -45,19 +54,25 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
     with tempfile.TemporaryDirectory() as tmp:
         t = cfg.teacher
         if full:
+            say("writing merged/ (the teacher's pipeline with the student's transformer)")
             student = type(nets.student_transformer).from_config(nets.student_transformer.config)
             student.load_state_dict({k: v.float() for k, v in state.items()})
             export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), transformer=student,
                                    max_sequence_length=t.max_sequence_length, dtype=t.dtype)
         else:
+            say("writing lora/ (the student's LoRA adapter)")
             export_lora(adapter, f"{tmp}/lora")
+            say("merging the LoRA into the teacher's transformer, writing merged/")
             export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), lora_dir=f"{tmp}/lora",
                                    max_sequence_length=t.max_sequence_length, dtype=t.dtype)
+        say(f"sampling samples.png ({len(cfg.data.preview_prompts)} preview prompts) with merged/")
         _sample_grid(cfg, f"{tmp}/merged", f"{tmp}/samples.png", str(adapter.device))
+        say(f"copying to {dest}")
         upload_dir(tmp, dest, cfg.resources)
     if validation is not None:
         _write_record(dest, validation, cfg.resources)
-    print(f"[distill] exported the student to {dest} (merged/, {'' if full else 'lora/, '}samples.png)", flush=True)
+    print(f"[distill] exported {what} to {dest} (merged/, {'' if full else 'lora/, '}samples.png) "
+          f"in {time.monotonic() - t0:.0f} s", flush=True)
 
 
 def _write_record(export: str, record: dict, resources) -> None:

@@ -11,6 +11,7 @@ from functools import partial
 import torch
 
 from pipelines.ray_compat import quiet_train_report_log
+from pipelines.ray_runtime import quiet_libraries
 from pipelines.schema import PipelineConfig
 from pipelines.stages.distill.checkpoint import _report_checkpoint, checkpoint_state, restore_checkpoint
 from pipelines.stages.distill.data import DataStream, _batches
@@ -24,6 +25,7 @@ from pipelines.stages.distill.validation import Validation
 def train_loop_per_worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     quiet_train_report_log()
+    quiet_libraries()  # the teacher's load, and each validation's and export's load of the student
     import deepspeed
     import ray.train
     from ray.train.torch import get_device

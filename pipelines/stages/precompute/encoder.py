@@ -41,8 +41,10 @@ class Encoder:
     to `ray.get` here rather than copying the set into every actor's arguments)."""
 
     def __init__(self, spec: EncodeSpec, keep=None):
+        from pipelines.ray_runtime import quiet_libraries
         from swd_core.adapters import load_adapter
 
+        quiet_libraries()  # an actor process: the driver's settings do not reach it
         torch.set_num_threads(spec.threads)
         self.spec = spec
         self.adapter = load_adapter(spec.family, spec.teacher, dtype=spec.dtype, device=encoder_device(spec),

@@ -1,0 +1,67 @@
+"""Readable output off a terminal: the quieting of library and Ray Data progress bars."""
+
+import json
+import os
+import subprocess
+import sys
+
+import diffusers
+import huggingface_hub
+import pytest
+import transformers
+from ray.data import DataContext
+
+from pipelines import ray_runtime
+from pipelines.ray_runtime import quiet_libraries, quiet_output, worker_env
+
+
+@pytest.fixture
+def restore_bars():
+    ctx = DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.enable_operator_progress_bars
+    hub_off = huggingface_hub.utils.are_progress_bars_disabled()
+    yield ctx
+    ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
+    if not hub_off:
+        huggingface_hub.utils.enable_progress_bars()
+    diffusers.utils.logging.disable_progress_bar()  # as conftest leaves them for the session
+    transformers.utils.logging.disable_progress_bar()
+
+
+def test_libraries_lose_their_bars(restore_bars):
+    diffusers.utils.logging.enable_progress_bar()
+    transformers.utils.logging.enable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
+    quiet_libraries()
+    assert not diffusers.utils.logging.is_progress_bar_enabled()
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    assert huggingface_hub.utils.are_progress_bars_disabled()
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_ray_data_bars_only_off_a_terminal(restore_bars, tty):
+    ctx = restore_bars
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = True
+    quiet_output(tty=tty)
+    assert (ctx.enable_progress_bars, ctx.enable_operator_progress_bars) == (tty, tty)
+    assert not diffusers.utils.logging.is_progress_bar_enabled()  # the libraries' bars in either case
+
+
+def test_worker_env_quiets_worker_processes(monkeypatch):
+    monkeypatch.setattr(ray_runtime, "interactive", lambda: False)
+    env = worker_env()
+    assert env["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    monkeypatch.setattr(ray_runtime, "interactive", lambda: True)
+    assert "RAY_DATA_DISABLE_PROGRESS_BARS" not in worker_env()
+    # a fresh process with these variables (as a Ray worker gets them) starts without the bars
+    code = ("import json, transformers, huggingface_hub; from ray.data import DataContext; print(json.dumps(["
+            "transformers.utils.logging.is_progress_bar_enabled(), huggingface_hub.utils.are_progress_bars_disabled(),"
+            "DataContext.get_current().enable_progress_bars]))")
+    monkeypatch.setattr(ray_runtime, "interactive", lambda: False)
+    out = subprocess.run([sys.executable, "-c", code], env={**_base_env(), **worker_env()}, capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [False, True, False]
+
+
+def _base_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
