@@ -311,6 +311,12 @@ class ServeConfig(Strict):
     max_prompt_chars: Annotated[int, Field(ge=1)] = 1000
     api_key_env: str | None = None  # bearer-token auth: the key from this environment variable ...
     api_key_file: str | None = None  # ... or from this file (read on each replica)
+    deterministic_batching: bool = Field(
+        default=False,
+        description="Pad every batch to max_batch_size rows. Kernels choose their algorithm by batch size, so "
+                    "only a fixed batch shape makes a request's pixels bit-identical whether it was sampled alone "
+                    "or with others; the price is max_batch_size images of compute for every batch, however "
+                    "few requests it holds. Off: a batch is computed at the size that arrived.")
 
     @model_validator(mode="after")
     def _consistent(self):
