@@ -60,6 +60,11 @@ class DataSource(Strict):
     caption_column: str = "caption"
     limit: Annotated[int, Field(ge=1)] | None = None
     seed: int = 0  # shapes only
+    long_captions: Literal["truncate", "quarantine"] = Field(
+        default="truncate",
+        description="A caption longer than the text encoders' window: `truncate` keeps the row and the encoders "
+                    "see the caption's first tokens (as diffusers and the SwD authors' code do; counted in the "
+                    "summary), `quarantine` refuses it as caption_too_long.")
 
     @model_validator(mode="after")
     def _shapes_needs_limit(self):
