@@ -10,6 +10,12 @@ load generator: `concurrency` client threads share a fixed number of POST
 /v1/images/generations requests, each with its own seed. The same load runs against the app
 with batching (`--batch`) and with max_batch_size=1; then, with batching, again while the
 generator is pointed at the second student (the hot swap), counting every non-200 response.
+
+`--single N` (and `--single-only`, which skips the load runs): N requests one after another, no
+concurrency, against the app with `serve.deterministic_batching` off (a lone request is a batch
+of one) and on (every batch padded to `--batch` rows): what a request costs under light load.
+
+    python bench/serve.py --single-only --single 30 --batch 8 --result serve_single
 """
 
 from __future__ import annotations
@@ -90,6 +96,23 @@ def drive(url: str, concurrency: int, count: int, first_seed: int = 0, during=No
     }
 
 
+def single_summary(args, single: dict) -> dict:
+    off, on = single["as_arrived"], single["deterministic"]
+    return {"requests_per_setting": args.single, "concurrency": 1, "max_batch_size": args.batch,
+            "median_ms_as_arrived": off["median_ms"], "median_ms_deterministic": on["median_ms"],
+            "ratio_deterministic_to_as_arrived": on["median_ms"] / off["median_ms"], "runs": single}
+
+
+def write_single(args, base_cfg, single: dict) -> int:
+    path = write_result(args.result, {
+        **single_summary(args, single),
+        "settings": {**vars(args), "model": "toy-sd3 transformer exported as a student (stand-in)",
+                     "schedule": list(base_cfg.schedule().scales), "endpoint": "POST /v1/images/generations"},
+    })
+    print(f"[bench] wrote {path}", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -100,6 +123,9 @@ def main() -> int:
                         help="CPUs (= torch threads) of the generator replica, the same in both runs "
                              "(2 = this machine's cores; 1 leaves a core for the clients, proxy and ingress)")
     parser.add_argument("--result", default="serve", help="result name: bench/results/<result>.json")
+    parser.add_argument("--single", type=int, default=20,
+                        help="sequential single requests per setting of deterministic_batching (0: none)")
+    parser.add_argument("--single-only", action="store_true", help="only the single-request latencies")
     args = parser.parse_args()
 
     import ray
@@ -114,8 +140,9 @@ def main() -> int:
     print("[bench] exporting two stand-in students", flush=True)
     students = {"a": str(export_stand_in(base_cfg, tmp / "a")), "b": str(export_stand_in(base_cfg, tmp / "b", 1.0, 1))}
 
-    def cfg_for(batch: int, model: str):
+    def cfg_for(batch: int, model: str, deterministic: bool = False):
         serve_cfg = {"model": model, "app_name": "swd-bench", "route_prefix": "/bench", "host": "127.0.0.1",
+                     "deterministic_batching": deterministic,
                      "max_batch_size": batch, "batch_wait_timeout_s": args.wait if batch > 1 else 0.0,
                      "max_ongoing_requests": max(batch, args.concurrency), "max_queued_requests": 4 * args.concurrency,
                      "cpus_per_replica": args.cpus}
@@ -126,8 +153,20 @@ def main() -> int:
     from pipelines.ray_compat import serve_http_address
 
     url = f"http://127.0.0.1:{serve_http_address()[1]}/bench"
-    runs = {}
+    runs, single = {}, {}
     try:
+        for deterministic in (False, True) if args.single else ():
+            name = "deterministic" if deterministic else "as_arrived"
+            serve.run(build_app(cfg_for(args.batch, students["a"], deterministic)), name="swd-bench",
+                      route_prefix="/bench", blocking=False)
+            drive(url, 1, 5, first_seed=10**6)  # warm-up, not counted
+            print(f"[bench] single requests, deterministic_batching={deterministic}: {args.single} requests", flush=True)
+            r = drive(url, 1, args.single)
+            single[name] = {"deterministic_batching": deterministic, "requests": args.single, "errors": r["errors"],
+                            "latencies_ms": r["latencies_ms"], "median_ms": statistics.median(r["latencies_ms"])}
+            print(f"[bench] median {single[name]['median_ms']:.0f} ms, errors {r['errors']}", flush=True)
+        if args.single_only:
+            return write_single(args, base_cfg, single)
         for name, batch in (("unbatched", 1), ("batched", args.batch)):
             cfg = cfg_for(batch, students["a"])
             serve.run(build_app(cfg), name="swd-bench", route_prefix="/bench", blocking=False)
@@ -164,7 +203,7 @@ def main() -> int:
         "rps_during_swap": runs["swap"]["rps"], "swap": runs["swap"]["side"],
         "settings": {**vars(args), "model": "toy-sd3 transformer exported as a student (stand-in)",
                      "schedule": list(base_cfg.schedule().scales), "endpoint": "POST /v1/images/generations"},
-        "runs": runs,
+        "runs": runs, **({"single_request": single_summary(args, single)} if single else {}),
     })
     print(f"[bench] ratio {b['rps'] / u['rps']:.2f}; wrote {path}", flush=True)
     return 0

@@ -72,6 +72,11 @@ class DataSource(Strict):
     limit: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Read at most this many rows; null: all. Required for `shapes` (the rows to generate).")
     seed: int = Field(0, description="`shapes` only: the seed of the generated rows.")
+    long_captions: Literal["truncate", "quarantine"] = Field(
+        default="truncate",
+        description="A caption longer than the text encoders' window: `truncate` keeps the row and the encoders "
+                    "see the caption's first tokens (as diffusers and the SwD authors' code do; counted in the "
+                    "summary), `quarantine` refuses it as caption_too_long.")
 
     @model_validator(mode="after")
     def _shapes_needs_limit(self):
@@ -410,6 +415,12 @@ class ServeConfig(Strict):
     api_key_file: str | None = Field(
         None, description="Bearer-token auth: the key is read from this file on each replica (re-read on rotation); "
                           "at most one of this and `api_key_env`.")
+    deterministic_batching: bool = Field(
+        default=False,
+        description="Pad every batch to max_batch_size rows. Kernels choose their algorithm by batch size, so "
+                    "only a fixed batch shape makes a request's pixels bit-identical whether it was sampled alone "
+                    "or with others; the price is max_batch_size images of compute for every batch, however "
+                    "few requests it holds. Off: a batch is computed at the size that arrived.")
 
     @model_validator(mode="after")
     def _consistent(self):

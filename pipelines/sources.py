@@ -2,7 +2,7 @@
 
 A source is split on the driver into small JSON-able *read tasks* (a Parquet file, a chunk of a
 `metadata.csv`, a range of shapes rows); `read_task` turns one into column batches
-`{ref, order, image, caption, missing}`. Ray Data runs the tasks in parallel (`from_items` +
+`{ref, order, image, caption, missing, long_captions}`. Ray Data runs the tasks in parallel (`from_items` +
 `map_batches`); a plain loop (the benchmark's baseline) runs the very same functions.
 
 `ref` says where a row came from ("file.parquet#12", "folder/a.png (metadata.csv line 3)",
@@ -67,7 +67,7 @@ def read_tasks(sources: list[DataSource], resources: ResourcesConfig) -> list[di
                     count = rows if remaining is None else min(rows, remaining)
                     if count:
                         tasks.append({"kind": "parquet", "file": _display(path, src.path), "row_group": g,
-                                      "first": first, "count": count,
+                                      "first": first, "count": count, "long_captions": src.long_captions,
                                       "image_column": src.image_column, "caption_column": src.caption_column})
                     first += rows
                     if remaining is not None:
@@ -82,7 +82,8 @@ def read_tasks(sources: list[DataSource], resources: ResourcesConfig) -> list[di
                 rows = rows[:remaining]
             folder = src.path.rstrip("/")
             for start in range(0, len(rows), CHUNK):
-                tasks.append({"kind": "imagefolder", "folder": folder, "rows": rows[start:start + CHUNK]})
+                tasks.append({"kind": "imagefolder", "folder": folder, "rows": rows[start:start + CHUNK],
+                              "long_captions": src.long_captions})
     for i, t in enumerate(tasks):
         t["task"] = i
     return tasks
@@ -106,9 +107,11 @@ def _metadata_rows(src: DataSource, resources: ResourcesConfig) -> list[list]:
     return [[reader.line_num, row["file_name"], row[src.caption_column]] for row in reader]
 
 
-def _batch(task: int, refs, images, captions, missing) -> dict:
+def _batch(task: int, refs, images, captions, missing, long_captions: str = "truncate") -> dict:
+    # long_captions: the source's setting, per row, for the checks (a Ray Data batch has only columns)
     return {"ref": list(refs), "order": [(task << ORDER_SHIFT) | i for i in range(len(refs))],
-            "image": list(images), "caption": list(captions), "missing": list(missing)}
+            "image": list(images), "caption": list(captions), "missing": list(missing),
+            "long_captions": [long_captions] * len(refs)}
 
 
 def read_task(task: dict, resources: ResourcesConfig) -> Iterator[dict]:
@@ -142,7 +145,7 @@ def read_task(task: dict, resources: ResourcesConfig) -> Iterator[dict]:
                 captions = rb.column(ccol).to_pylist()
                 refs = [f"{task['file']}#{task['first'] + done + i}" for i in range(rb.num_rows)]
                 missing = ["no image bytes in the row" if b is None else None for b in images]
-                batch = _batch(n, refs, images, captions, missing)
+                batch = _batch(n, refs, images, captions, missing, task.get("long_captions", "truncate"))
                 batch["order"] = [(n << ORDER_SHIFT) | (done + i) for i in range(rb.num_rows)]
                 yield batch
                 done += rb.num_rows
@@ -167,7 +170,7 @@ def read_task(task: dict, resources: ResourcesConfig) -> Iterator[dict]:
                 missing.append(f"{type(err).__name__}: {path}")
             except OSError as err:  # permission denied, an I/O error: this row only
                 missing.append(f"unreadable: {type(err).__name__}: {err}")
-        yield _batch(n, refs, images, captions, missing)
+        yield _batch(n, refs, images, captions, missing, task.get("long_captions", "truncate"))
     else:
         raise ValueError(f"unknown read task kind {kind!r}")
 

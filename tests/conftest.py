@@ -16,6 +16,18 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
     os.environ.setdefault(_k, _v)
 
 
+# Lines a test wants in the run's output whatever the capture mode (e.g. how many requests a
+# property-based test sent): printed in the terminal summary by `pytest_terminal_summary`.
+SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SUMMARY:
+        terminalreporter.section("test measurements")
+        for line in SUMMARY:
+            terminalreporter.write_line(line)
+
+
 def pytest_configure(config):
     import diffusers
     import transformers

@@ -1,11 +1,14 @@
 """End-to-end: the precompute stage on a real local Ray cluster, locally and on a moto S3 server."""
 
+import csv
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -151,61 +154,177 @@ def test_local_store_values_resume_and_append(ray_cluster, tmp_path, adapter):
         precompute.run(parse_pipeline_config(config(tmp_path / "runs", sources, precompute={"storage_dtype": "bfloat16"})))
 
 
-def bad_corpus(root: Path):
-    """Good rows and every kind of bad input, as a Parquet file and an image folder.
-    Returns {ref suffix: expected reason}, the good (image, caption) pairs and conversions."""
-    rng = np.random.default_rng(1)
-    rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    good = png(Image.fromarray(rgb))
-    deep = (rng.integers(0, 65536, (64, 64), dtype=np.uint16))
-    rows = [  # (image, caption, expected reason or None, expected conversion)
-        (good, "a red circle", None, None),
-        (png(Image.fromarray(rgb[..., 0])), "a green square", None, "L -> RGB"),
-        (png(Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA")), "a blue cross", None, "RGBA -> RGB on white"),
-        (png(Image.fromarray(rgb).convert("CMYK"), "JPEG"), "a yellow triangle", None, "CMYK -> RGB"),
-        (png(Image.fromarray(deep)), "a purple circle", None, "I;16 (16-bit) -> RGB"),
-        (good[:200], "a red square", "undecodable_image", None),  # truncated PNG
-        (b"this is not an image", "a red cross", "undecodable_image", None),
-        (png(Image.fromarray(rgb[:40, :40])), "a small red circle", "too_small", None),
-        (png(Image.fromarray(rgb[:, ::-1])), "", "empty_caption", None),
-        (png(Image.fromarray(rgb[::-1])), " ".join(["red circle"] * 15), "caption_too_long", None),
-        (None, "a blue circle", "missing_image", None),
-        (good, "a red circle", "duplicate", None),  # same bytes and caption as row 0
-    ]
-    write_parquet(root / "bad.parquet", [r[0] for r in rows], [r[1] for r in rows])
-    folder = root / "folder"
-    folder.mkdir()
-    (folder / "ok.png").write_bytes(png(Image.fromarray(rgb[::-1, ::-1])))
-    (folder / "metadata.csv").write_text('file_name,caption\nok.png,"a circle, green"\ngone.png,a blue square\nok.png,"a circle, green"\n')
-    expected = {f"bad.parquet#{i}": r[2] for i, r in enumerate(rows) if r[2]}
-    expected["gone.png (metadata.csv line 3)"] = "missing_image"
-    expected["ok.png (metadata.csv line 4)"] = "duplicate"
-    goods = [(r[0], r[1]) for r in rows if r[2] is None] + [((folder / "ok.png").read_bytes(), "a circle, green")]
-    conversions = [r[3] for r in rows if r[3]]
-    return expected, goods, conversions
+# The acceptance test's precompute runs as its own driver joined to the shared cluster; under root
+# its job's workers drop the two capabilities that let root read any file (CAP_DAC_OVERRIDE,
+# CAP_DAC_READ_SEARCH), so a mode-000 file really fails with EACCES, as for any other user.
+HOSTILE_DRIVER = """
+import json, os, sys
+
+def drop_file_override():
+    import ctypes, os
+    if os.geteuid() != 0:
+        return
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    keep = ~((1 << 1) | (1 << 2)) & 0xFFFFFFFF  # CAP_DAC_OVERRIDE = 1, CAP_DAC_READ_SEARCH = 2
+    for field in ("effective", "permitted", "inheritable"):
+        setattr(data[0], field, getattr(data[0], field) & keep)
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+import ray
+from pipelines.ray_runtime import worker_env
+from pipelines.schema import load_pipeline_config
+from pipelines.stages import precompute
+
+ray.init(address=sys.argv[2], logging_level="WARNING",
+         runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": drop_file_override})
+result = precompute.run(load_pipeline_config(sys.argv[1]))
+print("RESULT " + json.dumps(result, default=str), flush=True)
+"""
 
 
-def test_bad_inputs_quarantined_with_reasons(ray_cluster, tmp_path, adapter):
-    expected, goods, conversions = bad_corpus(tmp_path)
-    sources = [{"path": str(tmp_path / "bad.parquet")}, {"path": str(tmp_path / "folder"), "format": "imagefolder"}]
-    cfg = parse_pipeline_config(config(tmp_path / "runs", sources))
-    result = precompute.run(cfg)
-    assert result["new_rows"] == len(goods) == 6
-    assert sorted(result["converted"]) == sorted(conversions)
+def hostile_corpus(tmp: Path) -> dict:
+    """One image folder with every kind of hostile row, plus two small Parquet sources for what a
+    metadata.csv cannot say (a caption that is a number, a row without image bytes). Returns the
+    sources, the good rows {ref suffix: (image bytes, stored caption, conversion)}, the bad ones
+    {ref suffix: reason}, and the FIFO sentinels outside the root."""
+    rng = np.random.default_rng(7)
+    root, outside = tmp / "corpus", tmp / "outside"
+    root.mkdir()
+    outside.mkdir()
+    rgb = lambda h=64, w=64: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    frames = [Image.fromarray(rgb()).quantize(32) for _ in range(2)]
+    anim = io.BytesIO()
+    frames[0].save(anim, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    files = {  # name: (bytes, caption in metadata.csv)
+        "good.png": (png(Image.fromarray(rgb())), "a red circle"),
+        "wide.jpg": (png(Image.fromarray(rgb(72, 96)), "JPEG"), "a blue square, wide"),
+        "grey.png": (png(Image.fromarray(rgb()[..., 0])), "a grey cross"),
+        "rgba.png": (png(Image.fromarray(np.dstack([rgb(), rgb()[..., :1]]), "RGBA")), "a green triangle"),
+        "cmyk.jpg": (png(Image.fromarray(rgb()).convert("CMYK"), "JPEG"), "a yellow circle"),
+        "deep.png": (png(Image.fromarray(rng.integers(0, 65536, (64, 64), dtype=np.uint16))), "a purple square"),
+        "palette.png": (png(Image.fromarray(rgb()).quantize(16)), "an orange cross"),
+        "anim.gif": (anim.getvalue(), "a blinking circle"),
+        "long.png": (png(Image.fromarray(rgb())), " ".join(["a red circle"] * 20)),  # over the window
+        "nul.png": (png(Image.fromarray(rgb())), "a white\x00 square\x1b"),
+        "truncated.png": (png(Image.fromarray(rgb()))[:200], "a red square"),
+        "text.png": (b"this is not an image", "a red cross"),
+        "tiny.png": (png(Image.fromarray(rgb(40, 40))), "a small circle"),
+        "empty.png": (png(Image.fromarray(rgb())), ""),
+        "locked.png": (png(Image.fromarray(rgb())), "a locked square"),
+    }
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    os.chmod(root / "locked.png", 0)  # a valid image: were it read, it would be kept, and the test fails
+    sentinels = [outside / n for n in ("up.png", "abs.png", "linked.png")]
+    for f in sentinels:
+        os.mkfifo(f)
+    (root / "link.png").symlink_to(outside / "linked.png")
+    rows = [(n, c) for n, (_, c) in files.items()] + [
+        ("good.png", "a red circle"),  # duplicate of the first row
+        ("../outside/up.png", "x"), (str(outside / "abs.png"), "x"), ("link.png", "x"), ("gone.png", "a lost circle")]
+    buf = io.StringIO()
+    csv_writer = csv.writer(buf)
+    csv_writer.writerow(["file_name", "caption"])
+    csv_writer.writerows(rows)
+    (root / "metadata.csv").write_text(buf.getvalue())
+    line = {n: i + 2 for i, (n, _) in reversed(list(enumerate(rows)))}  # first line of each name
+    ref = lambda n, i=None: f"{n} (metadata.csv line {i or line[n]})"  # noqa: E731
+
+    pq.write_table(pa.table({"image": pa.array([files["good.png"][0]], pa.binary()), "caption": pa.array([7], pa.int64())}),
+                   tmp / "numbers.parquet")
+    strict_long = png(Image.fromarray(rgb()))
+    write_parquet(tmp / "strict.parquet", [strict_long, None], [" ".join(["a blue square"] * 20), "a blue circle"])
+    sources = [{"path": str(root), "format": "imagefolder"}, {"path": str(tmp / "numbers.parquet")},
+               {"path": str(tmp / "strict.parquet"), "long_captions": "quarantine"}]
+
+    conversions = {"grey.png": "L -> RGB", "rgba.png": "RGBA -> RGB on white", "cmyk.jpg": "CMYK -> RGB",
+                   "deep.png": "I;16 (16-bit) -> RGB", "palette.png": "P -> RGB", "anim.gif": "P -> RGB"}
+    good = {ref(n): (files[n][0], files[n][1].replace("\x00", "").replace("\x1b", ""), conversions.get(n))
+            for n in ("good.png", "wide.jpg", "grey.png", "rgba.png", "cmyk.jpg", "deep.png", "palette.png", "anim.gif",
+                      "long.png", "nul.png")}
+    bad = {ref("truncated.png"): "undecodable_image", ref("text.png"): "undecodable_image",
+           ref("tiny.png"): "too_small", ref("empty.png"): "empty_caption", ref("locked.png"): "unreadable",
+           ref("good.png", len(files) + 2): "duplicate", ref("../outside/up.png"): "outside_source",
+           ref(str(outside / "abs.png")): "outside_source", ref("link.png"): "outside_source",
+           ref("gone.png"): "missing_image", "numbers.parquet#0": "caption_not_text",
+           "strict.parquet#0": "caption_too_long", "strict.parquet#1": "missing_image"}
+    return {"sources": sources, "good": good, "bad": bad, "sentinels": sentinels, "root": root}
+
+
+def opened_sentinels(sentinels) -> list[str]:
+    """FIFOs some process is blocked opening for reading (a writer's non-blocking open succeeds
+    only then); opening them here also releases that reader with an empty read."""
+    opened = []
+    for f in sentinels:
+        try:
+            os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+            opened.append(str(f))
+        except OSError:  # ENXIO: no reader
+            pass
+    return opened
+
+
+def test_hostile_corpus_every_row_stored_once_or_quarantined_with_its_reason(ray_cluster, tmp_path, adapter):
+    """The acceptance test: the real precompute stage on the shared cluster, row by row."""
+    corpus = hostile_corpus(tmp_path)
+    data = config(tmp_path / "runs", corpus["sources"])
+    path = tmp_path / "def.yaml"
+    path.write_text(yaml.safe_dump(data))
+    (tmp_path / "driver.py").write_text(HOSTILE_DRIVER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    try:
+        proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(path), ray_cluster.address], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        opened = opened_sentinels(corpus["sentinels"])
+        pytest.fail(f"precompute did not finish in 300 s; files outside the root being opened: {opened}\n"
+                    f"{(err.stdout or b'')[-3000:]!r}")
+    assert opened_sentinels(corpus["sentinels"]) == [], "a file outside the source's root was opened"
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "RESULT " in proc.stdout, out[-4000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    good, bad = corpus["good"], corpus["bad"]
+    print("\n".join(line for line in out.splitlines() if line.startswith("[precompute]")))
+
+    # every bad row in the quarantine once, with its reason and a detail
     q = pq.read_table(tmp_path / "runs" / "pc" / "store" / "quarantine").to_pylist()
     got = {}
     for r in q:
-        suffix = next(k for k in expected if r["ref"].endswith(k))
+        suffix = next((k for k in bad if r["ref"].endswith(k)), None)
+        assert suffix is not None and suffix not in got, f"unexpected quarantine row {r}"
+        assert r["detail"], r
         got[suffix] = r["reason"]
-        assert r["detail"]
-    assert got == expected
-    rows = stored_rows(store.open_store(cfg))
-    assert set(rows) == {sample_id(b, c) for b, c in goods}
-    for b, c in goods:
+    assert got == bad
+    locked = next(r for r in q if r["ref"].endswith(next(k for k in bad if "locked" in k)))
+    assert "Permission denied" in locked["detail"], locked  # EACCES from the kernel, not a stand-in
+
+    # every good or convertible row in the store exactly once, with the values the teacher gives
+    rows = stored_rows(store.open_store(parse_pipeline_config(data)))
+    assert set(rows) == {sample_id(b, c) for b, c, _ in good.values()} and len(rows) == len(good)
+    for b, c, _ in good.values():
+        assert str(rows[sample_id(b, c)]["caption"]) == c.strip()
         assert_matches(adapter, rows[sample_id(b, c)], b, c, [8, 10, 12, 16])
-    # a rerun records nothing twice
+    assert result["new_rows"] == len(good)
+    assert result["quarantined_by_reason"] == dict(Counter(bad.values()))
+    assert result["converted"] == dict(Counter(c for _, _, c in good.values() if c))
+    assert result["captions"] == {"truncated": 1, "control_characters_removed": 1}
+    assert "1 truncated to the text window, 1 with control characters removed" in out
+
+    # a rerun (here, in this process) stores and records nothing twice
+    cfg = parse_pipeline_config(data)
+    os.chmod(corpus["root"] / "locked.png", 0o644)  # readable now: the one row a rerun adds
     again = precompute.run(cfg)
-    assert again["new_rows"] == 0 and len(pq.read_table(tmp_path / "runs" / "pc" / "store" / "quarantine")) == len(q)
+    assert again["new_rows"] == 1 and again["skipped_present"] == len(good)
+    assert len(pq.read_table(tmp_path / "runs" / "pc" / "store" / "quarantine")) == len(q)
+    assert opened_sentinels(corpus["sentinels"]) == []
 
 
 def test_kill_midway_then_rerun_stores_each_sample_once(ray_cluster, tmp_path):

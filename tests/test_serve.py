@@ -77,7 +77,8 @@ def deploy(cfg, use_config_file: bool = False):
 def app(http_base, students):
     from ray import serve
 
-    cfg = toy_cfg(model=students["a"])
+    # deterministic batching (opt-in): the tests below compare pixels across batch sizes exactly
+    cfg = toy_cfg(model=students["a"], deterministic_batching=True)
     deploy(cfg, use_config_file=True)
     try:
         yield http_base + ROUTE, cfg
@@ -104,7 +105,7 @@ def b64_pixels(item) -> np.ndarray:
     return pixels(base64.b64decode(item["b64_json"]))
 
 
-def test_images_match_offline_sampler_and_do_not_depend_on_batching(app, offline):
+def test_with_deterministic_batching_images_match_offline_sampler_and_do_not_depend_on_batching(app, offline):
     url, cfg = app
     seeds = [11, 12, 13, 14]
     with ThreadPoolExecutor(len(seeds)) as pool:
@@ -200,6 +201,80 @@ def test_replica_survives_bad_requests(app):
     assert requests.get(f"{url}/nope", timeout=30).status_code == 404
     assert requests.get(f"{url}/v1/images/generations", timeout=30).status_code == 405
     assert post(url, {"prompt": PROMPT, "seed": 0}).status_code == 200
+
+
+def test_no_generated_request_gets_a_5xx_or_a_traceback(app):
+    """Property-based: requests Hypothesis makes up (near-valid and hostile bodies, content types,
+    query strings, methods, paths) against the real app. None may get a 5xx or show a
+    traceback; every 4xx has OpenAI's error shape; every 2xx is what its endpoint promises."""
+    import json
+    import string
+    from collections import Counter
+    from datetime import timedelta
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from pipelines.serve.validation import ImageRequest
+    from tests.conftest import SUMMARY
+
+    url, _ = app
+    text = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)  # no lone surrogates: not encodable
+    scalar = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | text
+    value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+                         max_leaves=6)
+    # near-valid bodies: right field names, values valid or not (n up to 6 against a limit of 4)
+    near = st.fixed_dictionaries(
+        {"prompt": st.sampled_from([PROMPT, "a blue square", " ", ""]) | st.text(max_size=1100) | value},
+        optional={"n": st.integers(-1, 6) | value, "seed": st.integers(-3, 2**64) | value,
+                  "size": st.sampled_from(["64x64", "1024x1024", ""]) | value,
+                  "response_format": st.sampled_from(["b64_json", "url"]) | value,
+                  "model": st.sampled_from(["toy-swd", "dall-e-3"]) | value,
+                  **{f: value for f in ImageRequest.model_fields if f not in ("prompt", "n", "seed", "size")}})
+    anything = st.dictionaries(st.sampled_from([*ImageRequest.model_fields, "prompts"]) | text, value, max_size=5)
+    json_body = (near | anything | value).map(lambda v: json.dumps(v).encode())
+    body = json_body | st.binary(max_size=200) | json_body.map(lambda b: b[: len(b) // 2])
+    # printable ASCII without edge spaces: what `requests` agrees to send as a header value
+    header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30).map(str.strip)
+    content_type = st.sampled_from(["application/json", "application/json; charset=utf-8", "APPLICATION/JSON",
+                                    "text/plain", "multipart/form-data"]) | header_text | st.none()
+    post = st.tuples(st.just("POST"), st.just("/v1/images/generations"), st.none(), body, content_type)
+    query = st.dictionaries(st.sampled_from(["prompt", "seed", "size", "n"]) | text,
+                            st.sampled_from([PROMPT, "12", "-1", "1.5", "64x64"]) | text, max_size=4)
+    get = st.tuples(st.just("GET"), st.just("/generate"), query, st.none(), st.none())
+    paths = st.sampled_from(["/v1/images/generations", "/generate", "/v1/models", "/health", "/", "/nope", "/v1"]) | \
+        st.text(string.ascii_letters + string.digits + "-_/%~", max_size=20).map(lambda p: "/" + p)
+    other = st.tuples(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]), paths, query,
+                      st.none() | body, content_type)
+    codes: Counter = Counter()
+
+    @settings(max_examples=100, deadline=timedelta(seconds=60), database=None, print_blob=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(post | get | other)
+    def one(request):
+        method, path, params, data, ctype = request
+        headers = {} if ctype is None else {"Content-Type": ctype}
+        r = requests.request(method, url + path, params=params, data=data, headers=headers, timeout=60)
+        codes[r.status_code] += 1
+        where = f"{method} {path} params={params!r} body={data!r:.200} content-type={ctype!r}: {r.status_code} {r.text[:300]!r}"
+        assert r.status_code < 500, where
+        assert "Traceback" not in r.text, where
+        if 400 <= r.status_code < 500 and method != "HEAD":
+            error = r.json().get("error")
+            assert isinstance(error, dict), where
+            assert isinstance(error.get("message"), str) and error["message"], where
+            assert isinstance(error.get("type"), str) and error["type"], where
+        elif r.status_code == 200 and method == "POST" and path == "/v1/images/generations":
+            assert all(base64.b64decode(d["b64_json"]).startswith(b"\x89PNG") for d in r.json()["data"]), where
+        elif r.status_code == 200 and method == "GET" and path == "/generate":
+            assert r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG"), where
+
+    try:
+        one()
+    finally:
+        SUMMARY.append(f"HTTP property test: {sum(codes.values())} requests sent; status codes "
+                       + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())))
+    assert codes[200] > 0 and sum(n for c, n in codes.items() if 400 <= c < 500) > 0, codes  # both kinds were tried
 
 
 def test_auth_and_backpressure(http_base, students, tmp_path):

@@ -147,3 +147,39 @@ def test_openai_fields_are_applied_or_named_as_ignored():
     assert parse_json_request(b'{"prompt": "x"}', "application/json", LIMITS).ignored == []
     with pytest.raises(RequestError, match="qualty: unknown field"):  # a field the API does not define
         parse_json_request(b'{"prompt": "x", "qualty": "hd"}', "application/json", LIMITS)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["as-arrived", "deterministic"])
+def test_a_batch_computes_only_its_own_images_unless_batching_is_deterministic(tmp_path, deterministic):
+    """The generator deployment's own class and batch handler, outside Serve (the @serve.batch
+    queue needs a replica; `__wrapped__` is the handler it calls with the gathered requests)."""
+    import asyncio
+
+    from pipelines.serve.app import definition_args, model_user_config
+    from pipelines.serve.generator import Generator
+    from pipelines.serve.stand_in import export_stand_in
+
+    cfg = load_pipeline_config("pipelines/configs/toy.yaml")
+    student = export_stand_in(cfg, tmp_path / "student")
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_validate(
+        {"model": str(student), "max_batch_size": 4, "batch_wait_timeout_s": 0, "deterministic_batching": deterministic})})
+    cls = Generator.func_or_class
+    gen = cls(definition_args(cfg))
+    rows = []
+
+    async def batches():
+        await gen.reconfigure(model_user_config(cfg))
+        # every transformer call's batch dimension: the images actually computed
+        gen.model.adapter.pipe.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+        alone = await cls.generate.__wrapped__(gen, [("a red circle", 3)])
+        seen_alone = list(rows)
+        rows.clear()
+        pair = await cls.generate.__wrapped__(gen, [("a red circle", 3), ("a blue square", 4)])
+        return alone, seen_alone, pair
+
+    alone, seen_alone, pair = asyncio.run(batches())
+    assert len(alone) == 1 and alone[0]["batch"] == 1 and alone[0]["png"].startswith(b"\x89PNG")
+    assert len(pair) == 2 and {p["batch"] for p in pair} == {2}
+    assert seen_alone and set(seen_alone) == ({4} if deterministic else {1}), seen_alone
+    assert rows and set(rows) == ({4} if deterministic else {2}), rows

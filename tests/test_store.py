@@ -15,6 +15,7 @@ from pipelines.stages.precompute import (
     EncodeSpec,
     Refused,
     check_row,
+    clean_caption,
     load_rgb,
     sample_id,
 )
@@ -110,8 +111,20 @@ def test_check_row_reasons(tmp_path):
     }
     for reason, (image, caption) in cases.items():
         with pytest.raises(Refused) as err:
-            check_row(image, caption, None, spec)
+            check_row(image, caption, None, spec, long_captions="quarantine")
         assert err.value.reason == reason, (reason, err.value)
+    # by default an over-long caption is kept (the encoders see its first tokens) and noted
+    notes = {}
+    assert check_row(good, " ".join(["red"] * 40), None, spec, notes=notes) is None and notes["truncated"]
+    # control characters are removed and counted; a caption of nothing else is empty
+    notes = {}
+    assert check_row(good, "a red\x00 circle\x1b\x7f\n", None, spec, notes=notes) is None
+    assert notes == {"control_characters": 3}
+    with pytest.raises(Refused, match="without its control characters"):
+        check_row(good, "\x00\x07 ", None, spec)
+    assert clean_caption("a\tred\x00 circle\x9b") == ("a\tred circle", 2)
+    with pytest.raises(ValueError, match="long_captions must be one of"):
+        check_row(good, "a red circle", None, spec, long_captions="drop")
 
 
 def test_full_resolution_store_holds_its_one_scale_once():

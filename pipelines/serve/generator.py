@@ -29,7 +29,8 @@ class Generator:
         s = self.cfg.serve
         torch_threads(s.cpus_per_replica)
         self.device = stage_device("deploy", "serve.gpus_per_replica", s.gpus_per_replica)
-        self.batch_size = s.max_batch_size
+        # Padding to a fixed shape only when asked: it costs max_batch_size images per batch.
+        self.pad_to = s.max_batch_size if s.deterministic_batching else None
         # The decorator's numbers are placeholders; the definition's values apply here.
         self.generate.set_max_batch_size(s.max_batch_size)
         self.generate.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -66,6 +67,6 @@ class Generator:
         """One (prompt, seed) per call; Serve gathers concurrent calls into `requests`."""
         model = self.model  # one model for the whole batch, even if a swap lands meanwhile
         prompts, seeds = zip(*requests)
-        pngs = await asyncio.to_thread(render_pngs, model, prompts, seeds, self.batch_size)
+        pngs = await asyncio.to_thread(render_pngs, model, prompts, seeds, self.pad_to)
         return [{"png": png, "model_id": model.model_id, "source": model.source, "batch": len(requests)}
                 for png in pngs]

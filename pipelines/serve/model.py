@@ -1,11 +1,12 @@
 """The served model: an exported student folder (swd_core.export.export_merged_pipeline) loaded
-through the family adapter, and fixed-shape batch sampling to PNG bytes.
+through the family adapter, and batch sampling to PNG bytes.
 
-Fixed shape, because CPU (and GPU) kernels pick their algorithm by batch size: the same seed
-sampled in a batch of 1 and a batch of 8 differs in the last float bits and then in a few
-pixels. Running every batch padded to exactly `batch_size` rows makes a request's pixels
-depend only on its own prompt and seed, never on how many requests it was batched with
-(tests/test_serve.py checks this pixel-exactly). The cost is idle rows under light load.
+A batch is sampled at the size that arrived, unless `batch_size` is given (the definition's
+`serve.deterministic_batching`): then it is padded to exactly that many rows. CPU (and GPU)
+kernels pick their algorithm by batch size, so the same seed sampled in a batch of 1 and a batch
+of 8 differs in the last float bits and then in a few pixels; only the fixed shape makes a
+request's pixels depend on its own prompt and seed alone (tests/test_serve.py checks this
+pixel-exactly). The padding's cost is idle rows under light load.
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ def load_student(cfg: PipelineConfig, source: str, model_id: str, device: str = 
     return ServedModel(source, model_id, adapter, schedule, record)
 
 
-def render_pngs(model: ServedModel, prompts: Sequence[str], seeds: Sequence[int], batch_size: int) -> list[bytes]:
-    """Sample `prompts` with their `seeds` in one batch padded to `batch_size` rows; PNG bytes out."""
-    if not 0 < len(prompts) <= batch_size:
+def render_pngs(model: ServedModel, prompts: Sequence[str], seeds: Sequence[int],
+                batch_size: int | None = None) -> list[bytes]:
+    """Sample `prompts` with their `seeds` in one batch; PNG bytes out. With `batch_size` the batch
+    is padded to that many rows (bit-identical results across batch sizes), else it is as given."""
+    if not prompts or (batch_size is not None and len(prompts) > batch_size):
         raise ValueError(f"got {len(prompts)} prompts for a batch of {batch_size}")
-    pad = batch_size - len(prompts)
+    pad = 0 if batch_size is None else batch_size - len(prompts)
     # Padding rows repeat the first request: real inputs, results discarded.
     images = generate_images(model.adapter, [*prompts, *[prompts[0]] * pad], [*seeds, *[seeds[0]] * pad],
                              schedule=model.schedule)

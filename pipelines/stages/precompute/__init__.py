@@ -14,12 +14,13 @@ A run killed midway leaves complete shards (their rows count as done) and perhap
 shard, which the next run deletes; the manifest says `complete: false` until a run finishes.
 """
 
-from pipelines.stages.precompute.checks import REASONS, Refused, check_batch, check_row, load_rgb, sample_id
+from pipelines.stages.precompute.checks import (REASONS, Refused, check_batch, check_row, clean_caption, load_rgb,
+                                               sample_id, stored_caption)
 from pipelines.stages.precompute.encoder import Encoder, data_schema, square_pixels, text_shapes
 from pipelines.stages.precompute.quarantine import decide, write_quarantine
 from pipelines.stages.precompute.spec import EncodeSpec
 from pipelines.stages.precompute.stage import all_sources, prepare, run, summary_line, values_manifest, write_manifest
 
-__all__ = ["EncodeSpec", "Encoder", "REASONS", "Refused", "all_sources", "check_batch", "check_row", "data_schema",
-           "decide", "load_rgb", "prepare", "run", "sample_id", "square_pixels", "summary_line", "text_shapes",
-           "values_manifest", "write_manifest", "write_quarantine"]
+__all__ = ["EncodeSpec", "Encoder", "REASONS", "Refused", "all_sources", "check_batch", "check_row", "clean_caption",
+           "data_schema", "decide", "load_rgb", "prepare", "run", "sample_id", "square_pixels", "stored_caption",
+           "summary_line", "text_shapes", "values_manifest", "write_manifest", "write_quarantine"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import unicodedata
 from functools import lru_cache
 
 import numpy as np
@@ -32,6 +33,12 @@ def sample_id(image: bytes | None, caption: str | None) -> str:
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.hexdigest()[:32]
+
+
+def stored_caption(caption):
+    """What the store keeps of a caption (and hashes into sample_id): the text without control
+    characters. Anything else (None, a number) is passed through for the checks to refuse."""
+    return clean_caption(caption)[0] if isinstance(caption, str) else caption
 
 
 def load_rgb(data: bytes) -> tuple[np.ndarray, str | None]:
@@ -83,8 +90,23 @@ def caption_limit(teacher: str, max_sequence_length: int):
     return tok, int(tok.model_max_length)
 
 
-def check_row(image: bytes | None, caption: str | None, missing: str | None, spec: EncodeSpec) -> str | None:
-    """Raise `Refused` for a row that cannot be used; return the conversion note otherwise."""
+LONG_CAPTIONS = ("truncate", "quarantine")  # DataSource.long_captions
+
+
+def clean_caption(caption: str) -> tuple[str, int]:
+    """The caption without control characters (NUL, ESC, DEL, C1 ...) and how many there were.
+    Whitespace ones (tab, newline) stay: the tokenizers read them as spaces."""
+    if caption.isprintable():  # the common case, no scan
+        return caption, 0
+    kept = [ch for ch in caption if ch.isspace() or unicodedata.category(ch) != "Cc"]
+    return "".join(kept), len(caption) - len(kept)
+
+
+def check_row(image: bytes | None, caption: str | None, missing: str | None, spec: EncodeSpec,
+              long_captions: str = "truncate", notes: dict | None = None) -> str | None:
+    """Raise `Refused` for a row that cannot be used; return the conversion note otherwise.
+    `notes` (when given) receives `truncated` (the caption is longer than the text window and
+    `long_captions` is "truncate") and `control_characters` (how many were removed)."""
     if image is None:
         reason, _, detail = (missing or "").partition(": ")
         if reason in ("outside_source", "unreadable"):
@@ -92,12 +114,22 @@ def check_row(image: bytes | None, caption: str | None, missing: str | None, spe
         raise Refused("missing_image", missing or "no image")
     if caption is not None and not isinstance(caption, str):
         raise Refused("caption_not_text", f"the caption is a {type(caption).__name__} ({caption!r:.40}), not text")
+    removed = 0
+    if caption is not None:
+        caption, removed = clean_caption(caption)
+        if notes is not None:
+            notes["control_characters"] = removed
     if caption is None or not caption.strip():
-        raise Refused("empty_caption", "the caption is empty")
+        raise Refused("empty_caption", "the caption is empty" + (" without its control characters" if removed else ""))
+    if long_captions not in LONG_CAPTIONS:
+        raise ValueError(f"long_captions must be one of {LONG_CAPTIONS}, got {long_captions!r}")
     tok, limit = caption_limit(spec.teacher, spec.max_sequence_length)
     n = len(tok(caption.strip())["input_ids"])
     if n > limit:
-        raise Refused("caption_too_long", f"{n} tokens, the text encoder sees {limit}")
+        if long_captions == "quarantine":
+            raise Refused("caption_too_long", f"{n} tokens, the text encoder sees {limit}")
+        if notes is not None:  # the text encoders keep the first `limit` tokens (as diffusers does)
+            notes["truncated"] = True
     rgb, converted = load_rgb(image)
     h, w = rgb.shape[:2]
     if min(h, w) < spec.min_side:
@@ -107,24 +139,33 @@ def check_row(image: bytes | None, caption: str | None, missing: str | None, spe
 
 
 CHECK_SCHEMA = pa.schema([("ref", pa.string()), ("order", pa.int64()), ("sample_id", pa.string()),
-                          ("reason", pa.string()), ("detail", pa.string()), ("converted", pa.string())])
+                          ("reason", pa.string()), ("detail", pa.string()), ("converted", pa.string()),
+                          ("truncated", pa.bool_()), ("control_characters", pa.int64())])
 
 
 def check_batch(batch: dict, spec: EncodeSpec) -> pa.Table:
-    """Pass 1 on a column batch: sample_id, reason/detail (None when usable), conversion note."""
-    out = {"ref": [], "order": [], "sample_id": [], "reason": [], "detail": [], "converted": []}
-    for ref, order, image, caption, missing in zip(batch["ref"], batch["order"], batch["image"], batch["caption"], batch["missing"]):
+    """Pass 1 on a column batch: sample_id, reason/detail (None when usable), conversion note,
+    caption notes. `long_captions` is the batch's column when it has one (a source's setting)."""
+    out = {"ref": [], "order": [], "sample_id": [], "reason": [], "detail": [], "converted": [], "truncated": [],
+           "control_characters": []}
+    policies = batch.get("long_captions")
+    policies = [None] * len(batch["ref"]) if policies is None else policies
+    for ref, order, image, caption, missing, policy in zip(batch["ref"], batch["order"], batch["image"],
+                                                            batch["caption"], batch["missing"], policies):
         reason = detail = converted = None
+        notes = {"truncated": False, "control_characters": 0}
         try:
-            converted = check_row(image, caption, missing, spec)
+            converted = check_row(image, caption, missing, spec, policy or "truncate", notes)
         except Refused as err:
             reason, detail = err.reason, err.detail
         except Exception as err:  # noqa: BLE001 - one row's failure is that row's quarantine, not the job's end
             reason, detail = "check_failed", f"{type(err).__name__}: {err}"
         out["ref"].append(ref)
         out["order"].append(int(order))
-        out["sample_id"].append(sample_id(image, caption))
+        out["sample_id"].append(sample_id(image, stored_caption(caption)))
         out["reason"].append(reason)
         out["detail"].append(detail)
         out["converted"].append(converted)
+        out["truncated"].append(bool(notes["truncated"]))
+        out["control_characters"].append(int(notes["control_characters"]))
     return pa.table(out, schema=CHECK_SCHEMA)

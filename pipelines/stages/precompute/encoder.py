@@ -8,7 +8,7 @@ import pyarrow as pa
 import torch
 
 from pipelines import store
-from pipelines.stages.precompute.checks import load_rgb, sample_id
+from pipelines.stages.precompute.checks import load_rgb, sample_id, stored_caption
 from pipelines.stages.precompute.spec import EncodeSpec
 
 
@@ -63,6 +63,7 @@ class Encoder:
 
         spec, dt = self.spec, self.spec.storage_dtype
         pixels = [square_pixels(load_rgb(b)[0]) for b in images]
+        captions = [stored_caption(c) for c in captions]  # as pass 1 hashed them: no control characters
         text = self.adapter.encode_prompts([c.strip() for c in captions])
         cols = {"sample_id": [sample_id(b, c) for b, c in zip(images, captions)], "caption": [c.strip() for c in captions],
                 "prompt_embeds": [store.encode_tensor(t, dt) for t in text.prompt_embeds],

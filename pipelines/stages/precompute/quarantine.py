@@ -30,7 +30,9 @@ def _text(value) -> str | None:
 
 def decide(checks: pa.Table, present: set[str]) -> tuple[set[str], list[dict], Counter, Counter]:
     """Driver side, in input order: keep / quarantine / skip each checked row.
-    Returns (refs to encode, quarantine rows, counts, conversions of kept rows)."""
+    Returns (refs to encode, quarantine rows, counts, conversions of kept rows). The counts
+    include the kept rows' caption fixes: `captions_truncated`, `control_characters_removed`
+    (rows that had some)."""
     checks = checks.sort_by("order")
     keep, quarantined, counts, converted = set(), [], Counter(), Counter()
     first: dict[str, str] = {}
@@ -50,6 +52,8 @@ def decide(checks: pa.Table, present: set[str]) -> tuple[set[str], list[dict], C
         keep.add(ref)
         if _text(row["converted"]):
             converted[row["converted"]] += 1
+        counts["captions_truncated"] += row.get("truncated") is True
+        counts["control_characters_removed"] += (row.get("control_characters") or 0) > 0
     counts["new"] = len(keep)
     return keep, quarantined, counts, converted
 

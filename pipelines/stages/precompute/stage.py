@@ -69,7 +69,10 @@ def prepare(cfg: PipelineConfig) -> tuple[str, dict | None, list[str]]:
 def summary_line(result: dict) -> str:
     q = ", ".join(f"{k} {v}" for k, v in sorted(result["quarantined_by_reason"].items())) or "none"
     conv = sum(result["converted"].values())
-    return (f"[precompute] kept {result['new_rows']} new rows ({conv} converted), skipped {result['skipped_present']} "
+    cap = result.get("captions", {})
+    return (f"[precompute] kept {result['new_rows']} new rows ({conv} converted; captions: "
+            f"{cap.get('truncated', 0)} truncated to the text window, {cap.get('control_characters_removed', 0)} "
+            f"with control characters removed), skipped {result['skipped_present']} "
             f"already present, quarantined {sum(result['quarantined_by_reason'].values())} ({q}); "
             f"store {result['store']} holds {result['rows']} rows ({result['seconds']:.1f} s)")
 
@@ -129,6 +132,8 @@ def run(cfg: PipelineConfig) -> dict:
     manifest = write_manifest(uri, cfg, text, complete=True, rows=rows, previous=previous)
     result = {"store": uri, "rows": manifest["rows"], "new_rows": len(keep), "skipped_present": counts["skipped_present"],
               "quarantined_by_reason": dict(by_reason), "converted": dict(converted),
+              "captions": {"truncated": counts["captions_truncated"],
+                           "control_characters_removed": counts["control_characters_removed"]},
               "removed_partial_shards": len(removed), "check_seconds": check_s,
               "seconds": time.perf_counter() - start, "spec": asdict(spec), "device": text["device"]}
     print(summary_line(result), flush=True)
