@@ -20,6 +20,8 @@ too and reported under "other_layouts", whatever it shows.
 At SD3.5-Medium size (`--model sd35-medium`, the default with `--device cuda`; bf16 there):
 
     python bench/sampler.py --device cuda        # -> bench/results/sampler_cuda.json
+                                                 # (~5 min on one H100-class GPU by a FLOP estimate,
+                                                 # most of it the batch-8 teacher)
 
 a whole SD3.5-Medium pipeline with random weights, built from config at its real sizes: the
 MMDiT-X transformer (24 joint blocks, 24 heads x 64 = 1536 wide, dual attention in blocks 0-12,
@@ -202,8 +204,10 @@ def measure_pipeline(adapter: SD3Adapter, size: SD3Size, batch: int, repeats: in
         torch.cuda.reset_peak_memory_stats()  # this batch's peak
     for name in samplers:
         with torch.no_grad():
-            raw[name] = time_calls(lambda name=name: run(name), teacher_repeats if name == "teacher" else repeats,
-                                   warmup=warmup, sync=sync)
+            teacher = name == "teacher"
+            # one warm-up call of the teacher's 28 steps at one shape warms every kernel it uses
+            raw[name] = time_calls(lambda name=name: run(name), teacher_repeats if teacher else repeats,
+                                   warmup=min(warmup, 1) if teacher else warmup, sync=sync)
             timer = _PhaseTimer(adapter)  # syncs around each phase on CUDA
             run(name, timer)
             phases[name] = {f"{k}_s": v / batch for k, v in timer.seconds.items()} | {"transformer_calls": timer.calls["transformer"]}
