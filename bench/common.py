@@ -40,14 +40,20 @@ def machine_info() -> dict:
     }
 
 
-def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of `repeats` calls after `warmup` untimed calls."""
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1,
+               sync: Callable[[], object] | None = None) -> list[float]:
+    """Wall-clock seconds of `repeats` calls after `warmup` untimed calls. `sync` (e.g.
+    `torch.cuda.synchronize`) runs before and after each timed call: GPU kernels are
+    asynchronous, so only finished work is timed."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         out.append(time.perf_counter() - start)
     return out
 
@@ -56,15 +62,15 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def write_result(name: str, payload: dict, out: Path | None = None) -> Path:
-    """`payload` with the command, the machine and the time, as bench/results/<name>.json (or `out`)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, payload: dict, path: Path | None = None) -> Path:
+    """`payload` with the command, machine and time, as bench/results/<name>.json or at `path`."""
     payload = {
         **payload,
         "command": payload.get("command") or " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    path = out or RESULTS / f"{name}.json"
+    path = Path(path) if path is not None else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"device": args.device, "quick": args.quick, "gpu_share_per_unit": GPU_SHARE if args.device == "cuda" else 0,
                "definition": str(TOY.relative_to(TOY.parents[2])), "overrides": sets, "stages": stages,
                "total_seconds": time.perf_counter() - total}
-    path = write_result("gpu_pipeline", payload, out=Path(args.out) if args.out else None)
+    path = write_result("gpu_pipeline", payload, path=Path(args.out) if args.out else None)
     print(f"[gpu_pipeline] wrote {path}", flush=True)
     return 1 if stages["deploy"]["errors"] else 0
 
