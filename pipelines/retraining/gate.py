@@ -38,6 +38,7 @@ class Gate:
         self.seeds = [self.g.seed + i for i in range(len(self.prompts))]
         self._teacher = None
         self._reference = None
+        self._reference_latents = None
         self._scorer = None
         if any(n in SHAPES_METRICS for n in self.names):
             from swd_core.evaluate_model import ShapesScorer
@@ -62,9 +63,9 @@ class Gate:
         return teacher_readings(self.teacher(), latents, self.prompts, self.seeds, sigma=self.g.sigma,
                                 block=self.g.block, batch_size=self.g.batch_size)
 
-    def reference_features(self) -> torch.Tensor:
-        """The teacher's own samples (its full sampler with CFG) read by `teacher_readings`."""
-        if self._reference is None:
+    def reference_latents(self) -> torch.Tensor:
+        """The teacher's own samples of the gate prompts (its full sampler with CFG)."""
+        if self._reference_latents is None:
             from swd_core.generate import generate_latents
 
             teacher, out = self.teacher(), []
@@ -72,12 +73,18 @@ class Gate:
                 stop = start + self.g.batch_size
                 out.append(generate_latents(teacher, self.prompts[start:stop], self.seeds[start:stop],
                                             teacher_steps=self.g.teacher_steps, guidance=self.g.teacher_guidance))
-            self._reference = self._readings(torch.cat(out))[1]
+            self._reference_latents = torch.cat(out)
+        return self._reference_latents
+
+    def reference_features(self) -> torch.Tensor:
+        """The teacher's own samples read by `teacher_readings`."""
+        if self._reference is None:
+            self._reference = self._readings(self.reference_latents())[1]
         return self._reference
 
     @torch.no_grad()
-    def score(self, student_uri: str) -> Scored:
-        """Every gate metric of the exported student at `student_uri` (a merged pipeline folder)."""
+    def sample(self, student_uri: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, images) of the exported student at `student_uri` (a merged pipeline folder)."""
         from swd_core.evaluate_model import load_exported_student
         from swd_core.generate import generate_latents
 
@@ -88,9 +95,17 @@ class Gate:
                              for i in range(0, len(self.prompts), self.g.batch_size)])
         images = torch.cat([adapter.decode_latents(latents[i:i + self.g.batch_size]).float()
                             for i in range(0, len(latents), self.g.batch_size)])
-        del adapter
+        return latents, images
+
+    def score(self, student_uri: str) -> Scored:
+        """Every gate metric of the exported student at `student_uri` (a merged pipeline folder)."""
+        return self.score_samples(*self.sample(student_uri))
+
+    @torch.no_grad()
+    def score_samples(self, latents: torch.Tensor, images: torch.Tensor) -> Scored:
+        """Every gate metric of a model's samples of the gate prompts (`sample`)."""
         metrics = {}
-        if any(n in TEACHER_METRICS for n in self.names):
+        if any(n in ("teacher_denoise", "teacher_fd") for n in self.names):
             from swd_core.teacher_metrics import teacher_fd
 
             losses, feats = self._readings(latents)
