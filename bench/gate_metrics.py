@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_info, write_result  # noqa: E402
 
-METRICS = ("fd", "prompt_accuracy", "teacher_denoise", "teacher_fd")
+METRICS = ("fd", "prompt_accuracy", "teacher_denoise", "teacher_fd", "teacher_alignment")
 
 
 def train_students(work: Path, config: Path, seed: int | None = None) -> list[Path]:

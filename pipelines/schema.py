@@ -355,13 +355,13 @@ class GateMetric(Strict):
     least `min_margin` in the metric's `direction` (an absolute difference); a negative margin is
     a tolerance: the candidate may be that much worse."""
 
-    name: Literal["teacher_denoise", "teacher_fd", "fd", "prompt_accuracy"] = "teacher_denoise"
-    direction: Literal["min", "max"] | None = None  # default: the metric's own (max for prompt_accuracy)
+    name: Literal["teacher_denoise", "teacher_fd", "teacher_alignment", "fd", "prompt_accuracy"] = "teacher_denoise"
+    direction: Literal["min", "max"] | None = None  # default: the metric's own (max for prompt_accuracy, teacher_alignment)
     min_margin: float = 0.0
 
     @property
     def resolved_direction(self) -> Literal["min", "max"]:
-        return self.direction or ("max" if self.name == "prompt_accuracy" else "min")
+        return self.direction or ("max" if self.name in ("prompt_accuracy", "teacher_alignment") else "min")
 
 
 class GateConfig(Strict):
@@ -376,6 +376,9 @@ class GateConfig(Strict):
     num_prompts: Annotated[int, Field(ge=2)] = 64
     seed: int = 0
     sigma: Annotated[float, Field(gt=0, lt=1)] = 0.5  # the fixed noise level of the teacher metrics
+    alignment_sigmas: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default=[0.3, 0.45, 0.6, 0.75], min_length=1,
+        description="Noise levels that teacher_alignment averages over (its noise is the one of teacher_denoise).")
     block: Annotated[int, Field(ge=0)] | None = None  # teacher block of teacher_fd's features; default the middle one
     teacher_steps: Annotated[int, Field(ge=1)] = 28  # the teacher's reference samples for teacher_fd
     teacher_guidance: Annotated[float, Field(ge=0)] = 4.5

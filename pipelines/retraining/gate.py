@@ -2,8 +2,9 @@
 (the evaluate stage's prompts, seed `gate.seed + i` for prompt i) and are scored alike; the
 candidate is promoted only when it passes every metric of `retrain.gate.metrics`.
 
-Metrics: `teacher_denoise` and `teacher_fd` need only the teacher (swd_core.teacher_metrics), so
-they gate any teacher; `fd` and `prompt_accuracy` are the shapes domain's (the toy's classifier).
+Metrics: `teacher_denoise`, `teacher_fd` and `teacher_alignment` need only the teacher
+(swd_core.teacher_metrics), so they gate any teacher; `fd` and `prompt_accuracy` are the shapes
+domain's (the toy's classifier).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from pipelines.schema import PipelineConfig
 from pipelines.storage import local_copy
 
-TEACHER_METRICS = ("teacher_denoise", "teacher_fd")
+TEACHER_METRICS = ("teacher_denoise", "teacher_fd", "teacher_alignment")
 SHAPES_METRICS = ("fd", "prompt_accuracy")
 
 
@@ -47,7 +48,8 @@ class Gate:
 
     def describe(self) -> dict:
         return {"prompts": self.source, "num_prompts": len(self.prompts), "seeds": f"{self.g.seed}..{self.seeds[-1]}",
-                "metrics": [m.model_dump() for m in self.g.metrics], "sigma": self.g.sigma}
+                "metrics": [m.model_dump() for m in self.g.metrics], "sigma": self.g.sigma,
+                "alignment_sigmas": list(self.g.alignment_sigmas)}
 
     def teacher(self):
         if self._teacher is None:
@@ -105,6 +107,12 @@ class Gate:
     def score_samples(self, latents: torch.Tensor, images: torch.Tensor) -> Scored:
         """Every gate metric of a model's samples of the gate prompts (`sample`)."""
         metrics = {}
+        if "teacher_alignment" in self.names:
+            from swd_core.teacher_metrics import teacher_alignment
+
+            metrics["teacher_alignment"] = float(teacher_alignment(
+                self.teacher(), latents, self.prompts, self.seeds, sigmas=self.g.alignment_sigmas,
+                batch_size=self.g.batch_size).mean())
         if any(n in ("teacher_denoise", "teacher_fd") for n in self.names):
             from swd_core.teacher_metrics import teacher_fd
 
