@@ -80,7 +80,7 @@ def _noise(shape, seeds, draw):
 def probe(teacher, latents, prompts, seeds, blocks, batch_size=64) -> dict:
     n, S = len(latents), len(SIGMAS)
     other = [prompts[(i + n // 2) % n] for i in range(n)]  # a fixed derangement of the prompts
-    err = {k: torch.zeros(n, S, DRAWS) for k in ("c", "u", "o", "cfg")}
+    err = {k: torch.zeros(n, S, DRAWS) for k in ("c", "u", "o", "cfg", "gap")}
     feats = {b: [] for b in blocks}
     empty = teacher.empty_prompt()
     for start in range(0, n, batch_size):
@@ -102,6 +102,7 @@ def probe(teacher, latents, prompts, seeds, blocks, batch_size=64) -> dict:
                 e = lambda w: ((w - target) ** 2).flatten(1).mean(1)
                 err["c"][start:stop, j, d], err["u"][start:stop, j, d], err["o"][start:stop, j, d] = e(vc), e(vu), e(vo)
                 err["cfg"][start:stop, j, d] = e(vu + GUIDANCE * (vc - vu))
+                err["gap"][start:stop, j, d] = ((vc - vu) ** 2).flatten(1).mean(1)  # how far the prompt moves v
                 for bl in (blocks if d == 0 else ()):
                     per_block[bl].append(taps[bl][:b].float().mean(1))  # conditional pass, image tokens
         for bl in blocks:
@@ -147,6 +148,7 @@ def explore(pr: dict, ref: dict, latents, ref_latents, images, ref_images) -> di
         out[f"contrast_{name}"] = (float((o - c).mean()), "max")
         out[f"dc_acc_{name}"] = (float((c < o).float().mean()), "max")
         out[f"cfg_err_{name}"] = (float(g.mean()), "min")
+        out[f"gap_{name}"] = (float(e["gap"][:, list(idx)].mean()), "max")
     blocks = sorted(pr["feats"])
     for name, idx in SUBSETS.items():
         for bsel in ("mid", "all"):
