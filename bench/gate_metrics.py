@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_info, write_result  # noqa: E402
 
-METRICS = ("fd", "prompt_accuracy", "teacher_denoise", "teacher_fd", "teacher_alignment")
+METRICS = ("fd", "prompt_accuracy", "teacher_denoise", "teacher_fd", "teacher_alignment",
+           "teacher_cfg_denoise")
 
 
 def train_students(work: Path, config: Path, seed: int | None = None) -> list[Path]:
@@ -219,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.explore:
         ref = probe(teacher, ref_latents, gate.prompts, gate.seeds, blocks)
         ref_images = torch.cat([teacher.decode_latents(ref_latents[i:i + 64]).float() for i in range(0, len(ref_latents), 64)])
-    rows, directions = [], {m: ("max" if m == "prompt_accuracy" else "min") for m in metrics}
+    from pipelines.schema import GateMetric
+
+    rows, directions = [], {m: GateMetric(name=m).resolved_direction for m in metrics}
     for folder in folders:
         t = time.time()
         latents, images = cached(folder.parent / f"gate_samples_{tag}.pt" if cache else None,

@@ -355,7 +355,8 @@ class GateMetric(Strict):
     least `min_margin` in the metric's `direction` (an absolute difference); a negative margin is
     a tolerance: the candidate may be that much worse."""
 
-    name: Literal["teacher_denoise", "teacher_fd", "teacher_alignment", "fd", "prompt_accuracy"] = "teacher_denoise"
+    name: Literal["teacher_denoise", "teacher_fd", "teacher_alignment", "teacher_cfg_denoise", "fd",
+                  "prompt_accuracy"] = "teacher_denoise"
     direction: Literal["min", "max"] | None = None  # default: the metric's own (max for prompt_accuracy, teacher_alignment)
     min_margin: float = 0.0
 
@@ -379,6 +380,9 @@ class GateConfig(Strict):
     alignment_sigmas: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
         default=[0.3, 0.45, 0.6, 0.75], min_length=1,
         description="Noise levels that teacher_alignment averages over (its noise is the one of teacher_denoise).")
+    cfg_denoise_sigmas: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default=[0.3, 0.45], min_length=1,
+        description="Noise levels that teacher_cfg_denoise averages over; its CFG scale is teacher_guidance.")
     block: Annotated[int, Field(ge=0)] | None = None  # teacher block of teacher_fd's features; default the middle one
     teacher_steps: Annotated[int, Field(ge=1)] = 28  # the teacher's reference samples for teacher_fd
     teacher_guidance: Annotated[float, Field(ge=0)] = 4.5

@@ -121,5 +121,6 @@ def test_teacher_alignment_is_a_gate_metric_where_higher_is_better():
 
     assert GateMetric(name="teacher_alignment").resolved_direction == "max"
     assert GateMetric(name="teacher_alignment", direction="min").resolved_direction == "min"
+    assert GateMetric(name="teacher_cfg_denoise").resolved_direction == "min"
     with pytest.raises(PipelineConfigError, match="alignment_sigmas"):
         parse_pipeline_config(with_retrain(gate={"alignment_sigmas": [0.5, 1.0]}))

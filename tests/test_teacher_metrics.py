@@ -5,7 +5,7 @@ the same renders under other prompts with the toy teacher."""
 import pytest
 import torch
 
-from swd_core.teacher_metrics import teacher_alignment
+from swd_core.teacher_metrics import teacher_alignment, teacher_cfg_denoise
 
 
 def test_alignment_is_per_image_and_deterministic(tiny_adapter):
@@ -40,3 +40,17 @@ def test_toy_teacher_finds_real_renders_aligned_with_their_own_prompts():
     shuffled = teacher_alignment(teacher, latents, prompts[5:] + prompts[:5], seeds, batch_size=16)
     assert own.mean() > shuffled.mean() + 0.1  # measured: about 0.03 against -0.25
     assert (own > shuffled).float().mean() >= 0.8
+    cfg_own = teacher_cfg_denoise(teacher, latents, prompts, seeds, batch_size=16)
+    cfg_shuffled = teacher_cfg_denoise(teacher, latents, prompts[5:] + prompts[:5], seeds, batch_size=16)
+    assert (cfg_own < cfg_shuffled).float().mean() >= 0.8  # guided to another prompt, the teacher moves it
+
+
+def test_cfg_denoise_is_per_image_and_deterministic(tiny_adapter):
+    torch.manual_seed(1)
+    size = tiny_adapter.transformer.config.sample_size
+    x = torch.randn(3, tiny_adapter.latent_channels, size, size)
+    prompts, seeds = ["a red circle", "a blue square", "a red circle"], [5, 6, 5]
+    a = teacher_cfg_denoise(tiny_adapter, x[[0, 1, 0]], prompts, seeds, batch_size=3)
+    b = teacher_cfg_denoise(tiny_adapter, x[[0, 1, 0]], prompts, seeds, batch_size=1)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert a[0] == a[2]  # identical samples, prompts and seeds score equal

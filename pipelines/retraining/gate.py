@@ -2,9 +2,9 @@
 (the evaluate stage's prompts, seed `gate.seed + i` for prompt i) and are scored alike; the
 candidate is promoted only when it passes every metric of `retrain.gate.metrics`.
 
-Metrics: `teacher_denoise`, `teacher_fd` and `teacher_alignment` need only the teacher
-(swd_core.teacher_metrics), so they gate any teacher; `fd` and `prompt_accuracy` are the shapes
-domain's (the toy's classifier).
+Metrics: `teacher_denoise`, `teacher_fd`, `teacher_alignment` and `teacher_cfg_denoise` need only
+the teacher (swd_core.teacher_metrics), so they gate any teacher; `fd` and `prompt_accuracy` are
+the shapes domain's (the toy's classifier).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from pipelines.schema import PipelineConfig
 from pipelines.storage import local_copy
 
-TEACHER_METRICS = ("teacher_denoise", "teacher_fd", "teacher_alignment")
+TEACHER_METRICS = ("teacher_denoise", "teacher_fd", "teacher_alignment", "teacher_cfg_denoise")
 SHAPES_METRICS = ("fd", "prompt_accuracy")
 
 
@@ -49,7 +49,7 @@ class Gate:
     def describe(self) -> dict:
         return {"prompts": self.source, "num_prompts": len(self.prompts), "seeds": f"{self.g.seed}..{self.seeds[-1]}",
                 "metrics": [m.model_dump() for m in self.g.metrics], "sigma": self.g.sigma,
-                "alignment_sigmas": list(self.g.alignment_sigmas)}
+                "alignment_sigmas": list(self.g.alignment_sigmas), "cfg_denoise_sigmas": list(self.g.cfg_denoise_sigmas)}
 
     def teacher(self):
         if self._teacher is None:
@@ -113,6 +113,12 @@ class Gate:
             metrics["teacher_alignment"] = float(teacher_alignment(
                 self.teacher(), latents, self.prompts, self.seeds, sigmas=self.g.alignment_sigmas,
                 batch_size=self.g.batch_size).mean())
+        if "teacher_cfg_denoise" in self.names:
+            from swd_core.teacher_metrics import teacher_cfg_denoise
+
+            metrics["teacher_cfg_denoise"] = float(teacher_cfg_denoise(
+                self.teacher(), latents, self.prompts, self.seeds, sigmas=self.g.cfg_denoise_sigmas,
+                guidance=self.g.teacher_guidance, batch_size=self.g.batch_size).mean())
         if any(n in ("teacher_denoise", "teacher_fd") for n in self.names):
             from swd_core.teacher_metrics import teacher_fd
 
