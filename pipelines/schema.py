@@ -475,16 +475,17 @@ class GateMetric(Strict):
     least `min_margin` in the metric's `direction` (an absolute difference); a negative margin is
     a tolerance: the candidate may be that much worse."""
 
-    name: Literal["teacher_denoise", "teacher_fd", "fd", "prompt_accuracy"] = Field(
+    name: Literal["teacher_denoise", "teacher_fd", "teacher_alignment", "teacher_cfg_denoise", "fd",
+                  "prompt_accuracy"] = Field(
         "teacher_denoise", description="The metric (docs/retrain.md); `fd` and `prompt_accuracy` need the shapes domain.")
     direction: Literal["min", "max"] | None = Field(
-        None, description="Which way is better; null: the metric's own (max for prompt_accuracy, else min).")
+        None, description="Which way is better; null: the metric's own (max for prompt_accuracy and teacher_alignment, else min).")
     min_margin: float = Field(0.0, description="How much better than the champion the candidate must be, in the "
                                                "metric's units; negative: a tolerance.")
 
     @property
     def resolved_direction(self) -> Literal["min", "max"]:
-        return self.direction or ("max" if self.name == "prompt_accuracy" else "min")
+        return self.direction or ("max" if self.name in ("prompt_accuracy", "teacher_alignment") else "min")
 
 
 class GateConfig(Strict):
@@ -500,6 +501,12 @@ class GateConfig(Strict):
     seed: int = Field(0, description="Prompt i uses seed `seed + i` in both models.")
     sigma: Annotated[float, Field(gt=0, lt=1)] = Field(
         0.5, description="The fixed noise level in (0, 1) at which the teacher metrics read the samples.")
+    alignment_sigmas: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default=[0.3, 0.45, 0.6, 0.75], min_length=1,
+        description="Noise levels that teacher_alignment averages over (its noise is the one of teacher_denoise).")
+    cfg_denoise_sigmas: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default=[0.3, 0.45], min_length=1,
+        description="Noise levels that teacher_cfg_denoise averages over; its CFG scale is teacher_guidance_scale.")
     block: Annotated[int, Field(ge=0)] | None = Field(
         None, description="0-based teacher block whose features `teacher_fd` compares; null: the middle block.")
     teacher_steps: Annotated[int, Field(ge=1)] = Field(

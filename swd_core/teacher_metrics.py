@@ -9,6 +9,16 @@ they apply to any teacher (the promotion gate of scheduled retraining uses them)
   random orthonormal map. The projection keeps the covariances full rank with a few hundred
   samples: SD3.5's 1536-wide tokens would otherwise need thousands.
 
+- `teacher_alignment`: how much the sample's own prompt helps the teacher denoise it, the
+  teacher's flow-matching loss without the prompt minus that with it, on the samples noised to
+  several sigmas (an implicit text-image agreement, as diffusion classifiers read it). Higher is
+  better: a sample that shows its prompt is one the prompted teacher explains better than the
+  unprompted one.
+
+- `teacher_cfg_denoise`: the teacher's flow-matching loss with its CFG velocity (the one its
+  sampler follows) on the samples noised to low sigmas. Lower is better: the guided teacher
+  barely moves a sample that already shows its prompt.
+
 The noise for image i comes from its seed alone, so two models scored on the same prompts and
 seeds see the same noise.
 """
@@ -72,3 +82,52 @@ def teacher_fd(features: torch.Tensor, reference: torch.Tensor) -> float:
     if len(features) < 2 or len(reference) < 2:
         raise ValueError("the Fréchet distance needs at least 2 images on each side")
     return frechet_distance(features, reference)
+
+
+def _prompt_errors(teacher: FamilyAdapter, latents, prompts, seeds, sigmas, batch_size, guidance=None):
+    """Per-image (N, len(sigmas)) losses of the conditional and unconditional velocities, or with
+    `guidance` the one loss of the CFG velocity; the same noise for both prompts and every sigma."""
+    if not (len(latents) == len(prompts) == len(seeds)):
+        raise ValueError(f"got {len(latents)} latents, {len(prompts)} prompts and {len(seeds)} seeds")
+    if not sigmas or not all(0 < s < 1 for s in sigmas):
+        raise ValueError(f"sigmas must be in (0, 1), got {list(sigmas)}")
+    from swd_core.adapters.base import TextEmbeddings
+
+    empty = teacher.empty_prompt()
+    cond, uncond = [], []
+    for start in range(0, len(prompts), batch_size):
+        stop = min(start + batch_size, len(prompts))
+        x = latents[start:stop].to(teacher.device, torch.float32)
+        eps = _noise(tuple(x.shape[1:]), seeds[start:stop]).to(x.device)
+        both = TextEmbeddings.cat([teacher.encode_prompts(list(prompts[start:stop])), empty.expand(stop - start)])
+        c, u = [], []
+        for sigma in sigmas:
+            noisy = (1 - sigma) * x + sigma * eps
+            vc, vu = teacher.velocity(torch.cat([noisy, noisy]), sigma, both)[0].float().chunk(2)  # one call
+            loss = lambda v: ((v - (eps - x)) ** 2).flatten(1).mean(1).cpu()
+            if guidance is None:
+                c.append(loss(vc)), u.append(loss(vu))
+            else:
+                c.append(loss(vu + guidance * (vc - vu)))
+        cond.append(torch.stack(c, 1))
+        if u:
+            uncond.append(torch.stack(u, 1))
+    return torch.cat(cond), (torch.cat(uncond) if uncond else None)
+
+
+@torch.no_grad()
+def teacher_alignment(teacher: FamilyAdapter, latents: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int], *,
+                      sigmas: Sequence[float] = (0.3, 0.45, 0.6, 0.75), batch_size: int = 32) -> torch.Tensor:
+    """Per-image (N,) mean over `sigmas` of ||v(x_t, "") - (eps - x)||^2 - ||v(x_t, prompt) - (eps - x)||^2
+    (per-element means), the same noise for both prompts and every sigma."""
+    cond, uncond = _prompt_errors(teacher, latents, prompts, seeds, sigmas, batch_size)
+    return (uncond - cond).mean(1)
+
+
+@torch.no_grad()
+def teacher_cfg_denoise(teacher: FamilyAdapter, latents: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int],
+                        *, sigmas: Sequence[float] = (0.3, 0.45), guidance: float = 4.5,
+                        batch_size: int = 32) -> torch.Tensor:
+    """Per-image (N,) mean over `sigmas` of ||v_cfg(x_t, prompt) - (eps - x)||^2 (per-element mean),
+    v_cfg = v("") + guidance (v(prompt) - v(""))."""
+    return _prompt_errors(teacher, latents, prompts, seeds, sigmas, batch_size, guidance=guidance)[0].mean(1)

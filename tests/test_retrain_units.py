@@ -114,3 +114,13 @@ def test_the_served_model_id_names_the_version():
 
     served = served_model(cfg, V)
     assert served.serve.model_id == "toy-retrain-swd-v7" and served.serve.model == V.source
+
+
+def test_teacher_alignment_is_a_gate_metric_where_higher_is_better():
+    from pipelines.schema import GateMetric
+
+    assert GateMetric(name="teacher_alignment").resolved_direction == "max"
+    assert GateMetric(name="teacher_alignment", direction="min").resolved_direction == "min"
+    assert GateMetric(name="teacher_cfg_denoise").resolved_direction == "min"
+    with pytest.raises(PipelineConfigError, match="alignment_sigmas"):
+        parse_pipeline_config(with_retrain(gate={"alignment_sigmas": [0.5, 1.0]}))

@@ -2,8 +2,9 @@
 (the evaluate stage's prompts, seed `gate.seed + i` for prompt i) and are scored alike; the
 candidate is promoted only when it passes every metric of `retrain.gate.metrics`.
 
-Metrics: `teacher_denoise` and `teacher_fd` need only the teacher (swd_core.teacher_metrics), so
-they gate any teacher; `fd` and `prompt_accuracy` are the shapes domain's (the toy's classifier).
+Metrics: `teacher_denoise`, `teacher_fd`, `teacher_alignment` and `teacher_cfg_denoise` need only
+the teacher (swd_core.teacher_metrics), so they gate any teacher; `fd` and `prompt_accuracy` are
+the shapes domain's (the toy's classifier).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from pipelines.schema import PipelineConfig
 from pipelines.storage import local_copy
 
-TEACHER_METRICS = ("teacher_denoise", "teacher_fd")
+TEACHER_METRICS = ("teacher_denoise", "teacher_fd", "teacher_alignment", "teacher_cfg_denoise")
 SHAPES_METRICS = ("fd", "prompt_accuracy")
 
 
@@ -38,6 +39,7 @@ class Gate:
         self.seeds = [self.g.seed + i for i in range(len(self.prompts))]
         self._teacher = None
         self._reference = None
+        self._reference_latents = None
         self._scorer = None
         if any(n in SHAPES_METRICS for n in self.names):
             from swd_core.evaluate_model import ShapesScorer
@@ -46,7 +48,8 @@ class Gate:
 
     def describe(self) -> dict:
         return {"prompts": self.source, "num_prompts": len(self.prompts), "seeds": f"{self.g.seed}..{self.seeds[-1]}",
-                "metrics": [m.model_dump() for m in self.g.metrics], "sigma": self.g.sigma}
+                "metrics": [m.model_dump() for m in self.g.metrics], "sigma": self.g.sigma,
+                "alignment_sigmas": list(self.g.alignment_sigmas), "cfg_denoise_sigmas": list(self.g.cfg_denoise_sigmas)}
 
     def teacher(self):
         if self._teacher is None:
@@ -63,9 +66,9 @@ class Gate:
         return teacher_readings(self.teacher(), latents, self.prompts, self.seeds, sigma=self.g.sigma,
                                 block=self.g.block, batch_size=self.g.batch_size)
 
-    def reference_features(self) -> torch.Tensor:
-        """The teacher's own samples (its full sampler with CFG) read by `teacher_readings`."""
-        if self._reference is None:
+    def reference_latents(self) -> torch.Tensor:
+        """The teacher's own samples of the gate prompts (its full sampler with CFG)."""
+        if self._reference_latents is None:
             from swd_core.generate import generate_latents
 
             teacher, out = self.teacher(), []
@@ -73,12 +76,18 @@ class Gate:
                 stop = start + self.g.batch_size
                 out.append(generate_latents(teacher, self.prompts[start:stop], self.seeds[start:stop],
                                             teacher_steps=self.g.teacher_steps, guidance=self.g.teacher_guidance_scale))
-            self._reference = self._readings(torch.cat(out))[1]
+            self._reference_latents = torch.cat(out)
+        return self._reference_latents
+
+    def reference_features(self) -> torch.Tensor:
+        """The teacher's own samples read by `teacher_readings`."""
+        if self._reference is None:
+            self._reference = self._readings(self.reference_latents())[1]
         return self._reference
 
     @torch.no_grad()
-    def score(self, student_uri: str) -> Scored:
-        """Every gate metric of the exported student at `student_uri` (a merged pipeline folder)."""
+    def sample(self, student_uri: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, images) of the exported student at `student_uri` (a merged pipeline folder)."""
         from swd_core.evaluate_model import load_exported_student
         from swd_core.generate import generate_latents
 
@@ -89,9 +98,29 @@ class Gate:
                              for i in range(0, len(self.prompts), self.g.batch_size)])
         images = torch.cat([adapter.decode_latents(latents[i:i + self.g.batch_size]).float().cpu()
                             for i in range(0, len(latents), self.g.batch_size)])
-        del adapter
+        return latents, images
+
+    def score(self, student_uri: str) -> Scored:
+        """Every gate metric of the exported student at `student_uri` (a merged pipeline folder)."""
+        return self.score_samples(*self.sample(student_uri))
+
+    @torch.no_grad()
+    def score_samples(self, latents: torch.Tensor, images: torch.Tensor) -> Scored:
+        """Every gate metric of a model's samples of the gate prompts (`sample`)."""
         metrics = {}
-        if any(n in TEACHER_METRICS for n in self.names):
+        if "teacher_alignment" in self.names:
+            from swd_core.teacher_metrics import teacher_alignment
+
+            metrics["teacher_alignment"] = float(teacher_alignment(
+                self.teacher(), latents, self.prompts, self.seeds, sigmas=self.g.alignment_sigmas,
+                batch_size=self.g.batch_size).mean())
+        if "teacher_cfg_denoise" in self.names:
+            from swd_core.teacher_metrics import teacher_cfg_denoise
+
+            metrics["teacher_cfg_denoise"] = float(teacher_cfg_denoise(
+                self.teacher(), latents, self.prompts, self.seeds, sigmas=self.g.cfg_denoise_sigmas,
+                guidance=self.g.teacher_guidance_scale, batch_size=self.g.batch_size).mean())
+        if any(n in ("teacher_denoise", "teacher_fd") for n in self.names):
             from swd_core.teacher_metrics import teacher_fd
 
             losses, feats = self._readings(latents)
