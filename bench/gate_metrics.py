@@ -167,7 +167,7 @@ def explore(pr: dict, ref: dict, latents, ref_latents, images, ref_images) -> di
 
 def cached(path: Path | None, make):
     if path is not None and path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     value = make()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
