@@ -29,7 +29,7 @@ dry-run: install
 	$(PY) pipelines/distill.py --config $(CONFIG) --dry-run
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not ray"

@@ -52,7 +52,8 @@ HEAD_CPUS = 2
 # What cluster/runtime_env.yaml sets for `ray job submit`; the image holds the code.
 # no download or "Loading weights" bars: a job log is not a terminal (pipelines/ray_runtime.py)
 ENV_VARS = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
+            "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_COLOR_PREFIX": "0"}
 DEFINITION_DIR = "/etc/swd"  # where the RayJob's head mounts the definition
 GCS_PORT, DASHBOARD_PORT = 6379, 8265
 SERVICE_TYPES = ("ClusterIP", "LoadBalancer", "NodePort")

@@ -51,4 +51,13 @@ def run_as_task(stage: str, fn, *args, cpus: float, gpus: float, memory: int | N
     options = {"num_cpus": cpus, "num_gpus": gpus, "name": stage, "max_retries": 0}
     if memory:
         options["memory"] = memory
-    return ray.get(ray.remote(fn).options(**options).remote(*args))
+    return ray.get(ray.remote(_quietly).options(**options).remote(fn, *args))
+
+
+def _quietly(fn, *args):
+    """`fn(*args)` in a Ray task process, which the driver's quieting does not reach: no
+    "Loading pipeline components" bar per model load in the job's log."""
+    from pipelines.ray_runtime import quiet_libraries
+
+    quiet_libraries()
+    return fn(*args)

@@ -27,6 +27,19 @@ def quiet_train_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def uncoloured_dedup_notes() -> None:
+    """The driver's "[repeated Nx across cluster]" notes, which Ray wraps in colour codes
+    unconditionally (RAY_COLOR_PREFIX reaches only the "(pid=...)" prefixes), in plain text: a
+    job log read as a file. The wrapper is a private module function; no setting turns it off
+    short of disabling the deduplication, which prints every worker's copy of each line."""
+    try:
+        from ray._private import ray_logging
+    except ImportError:  # another Ray layout: leave its notes as they are
+        return
+    if callable(getattr(ray_logging, "_color", None)):
+        ray_logging._color = str
+
+
 def serve_http_address() -> tuple[str, int]:
     """(host, port) of the HTTP options Serve runs with. Serve keeps the `http_options` it was first
     started with, so only its controller knows the ones in effect; `serve.status()` does not say

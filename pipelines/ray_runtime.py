@@ -61,6 +61,12 @@ def quiet_output(tty: bool | None = None) -> None:
     if not tty:
         from ray.data import DataContext
 
+        # the driver prints the workers' lines; uncoloured, their "(pid=...)" prefixes carry no escape codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        from pipelines.ray_compat import uncoloured_dedup_notes
+
+        uncoloured_dedup_notes()
+
         # a Dataset copies the driver's context when it is made, so this reaches the executors
         # that run it (Ray Train's split coordinator included)
         ctx = DataContext.get_current()

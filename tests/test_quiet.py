@@ -65,3 +65,10 @@ def test_worker_env_quiets_worker_processes(monkeypatch):
 
 def _base_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_worker_line_prefixes_uncoloured_off_a_terminal(restore_bars, monkeypatch, tty):
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    quiet_output(tty=tty)
+    assert os.environ.get("RAY_COLOR_PREFIX") == (None if tty else "0")

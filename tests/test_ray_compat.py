@@ -2,6 +2,7 @@
 an upgrade that moves one fails here, not in a training run or a deployment."""
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,17 @@ def test_session_logs_dir_comes_from_the_global_node():
 
     assert hasattr(ray._private.worker, "_global_node")
     assert callable(ray._private.node.Node.get_logs_dir_path)
+
+
+def test_dedup_notes_lose_their_colour():
+    from ray._private import ray_logging
+
+    saved = ray_logging._color
+    try:
+        assert "\x1b[" in ray_logging._color(" [repeated 2x across cluster]")
+        ray_compat.uncoloured_dedup_notes()
+        assert ray_logging._color(" [repeated 2x across cluster]") == " [repeated 2x across cluster]"
+        # the note as the deduplicator formats it goes through the same module function
+        assert "_color(" in Path(ray_logging.__file__).read_text()
+    finally:
+        ray_logging._color = saved

@@ -88,7 +88,10 @@ class Encoder:
 
 def text_shapes(spec: EncodeSpec) -> dict:
     """Empty-prompt embeddings (computed once, beside the manifest) and the text shapes."""
+    from pipelines.ray_runtime import quiet_libraries
     from swd_core.adapters import load_adapter
+
+    quiet_libraries()  # a task process: the driver's settings do not reach it
 
     device = encoder_device(spec)
     adapter = load_adapter(spec.family, spec.teacher, dtype=spec.dtype, device=device,
