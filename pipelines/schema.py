@@ -496,7 +496,7 @@ class GateConfig(Strict):
 
     # docs/retrain.md says how far the teacher-only metrics agree with the toy's
     metrics: Annotated[list[GateMetric], Field(min_length=1)] | None = Field(
-        None, description="The metrics that must all pass; null: `fd` in the shapes domain, else `teacher_fd`.")
+        None, description="The metrics that must all pass; null: `fd` in the shapes domain, else `teacher_cfg_denoise`.")
     num_prompts: Annotated[int, Field(ge=2)] = Field(64, description="Held-out prompts both models sample.")
     seed: int = Field(0, description="Prompt i uses seed `seed + i` in both models.")
     sigma: Annotated[float, Field(gt=0, lt=1)] = Field(
@@ -629,11 +629,14 @@ class PipelineConfig(Strict):
             raise ValueError(f"retrain.steps {r.steps} is not a multiple of the schedule's {n} steps: "
                              f"each cycle must train whole rounds of scales (use {options})")
         if r.gate.metrics is None:
-            r.gate.metrics = [GateMetric(name="fd" if self.evaluation_domain() == "shapes" else "teacher_fd")]
+            # elsewhere the teacher-only metric whose ranking of toy students agreed in sign with both
+            # toy metrics over two runs (docs/retrain.md)
+            r.gate.metrics = [GateMetric(name="fd" if self.evaluation_domain() == "shapes" else "teacher_cfg_denoise")]
         shapes_only = [m.name for m in r.gate.metrics if m.name in ("fd", "prompt_accuracy")]
         if shapes_only and self.evaluation_domain() != "shapes":
             raise ValueError(f"retrain.gate.metrics {shapes_only} need the shapes-domain scorer and this definition's "
-                             f"evaluation domain is {self.evaluation_domain()!r}; use teacher_denoise or teacher_fd")
+                             f"evaluation domain is {self.evaluation_domain()!r}; use the teacher-only metrics: teacher_cfg_denoise, "
+                             "teacher_fd, teacher_alignment or teacher_denoise")
         if self.resources.storage.startswith("s3://") and not r.registry.tracking_uri:
             import os
 

@@ -41,8 +41,14 @@ def test_bad_retrain_settings_name_the_field():
     d["teacher"]["path"] = "builtin:tiny-sd3"
     d["data"]["sources"] = [{"path": "s3://b/x.parquet"}]
     d["distill"]["validation"] = {"num_prompts": 0}
-    with pytest.raises(PipelineConfigError, match="need the shapes-domain scorer.*teacher_denoise or teacher_fd"):
+    with pytest.raises(PipelineConfigError, match="need the shapes-domain scorer.*teacher_cfg_denoise, teacher_fd"):
         parse_pipeline_config(d)
+    d = with_retrain(gate={"num_prompts": 8})  # no metrics: the domain's default
+    assert [m.name for m in parse_pipeline_config(d).retrain.gate.metrics] == ["fd"]
+    d["teacher"]["path"] = "builtin:tiny-sd3"
+    d["data"]["sources"] = [{"path": "s3://b/x.parquet"}]
+    d["distill"]["validation"] = {"num_prompts": 0}
+    assert [m.name for m in parse_pipeline_config(d).retrain.gate.metrics] == ["teacher_cfg_denoise"]
     d = with_retrain()
     d["resources"]["storage"] = "s3://bucket/swd"
     with pytest.raises(PipelineConfigError, match="tracking server URI"):
