@@ -130,8 +130,10 @@ def test_the_whole_pipeline_as_a_ray_job_stopped_and_resubmitted(ray_cluster, tm
     run_dir = storage / "toy-smoke"
 
     _submit(address, env, args, submission_id="swd-e2e-first")
-    _wait(client, "swd-e2e-first", lambda: any(run_dir.glob("train/*/checkpoint_*/state.json")), 600,
-          "first checkpoint")
+    # past the first checkpoint (step 4) by two steps: Ray Train has registered it by then (a
+    # checkpoint folder that is written but not yet registered is not resumed from)
+    _wait(client, "swd-e2e-first", lambda: "[distill] step 6/12" in client.get_job_logs("swd-e2e-first"), 600,
+          "step 6")
     client.stop_job("swd-e2e-first")
     _wait(client, "swd-e2e-first", lambda: client.get_job_status("swd-e2e-first").is_terminal(), 120, "stopped")
     assert client.get_job_status("swd-e2e-first") == JobStatus.STOPPED
@@ -143,7 +145,7 @@ def test_the_whole_pipeline_as_a_ray_job_stopped_and_resubmitted(ray_cluster, tm
     log = client.get_job_logs("swd-e2e-again")
     (tmp_path / "job.log").write_text(log)  # kept with pytest's temporary folders, for a look after a failure
     resumed = re.search(r"\[distill\] resumed from checkpoint at step (\d+)", log)
-    assert resumed and 4 <= int(resumed.group(1)) < 12, log[-4000:]
+    assert resumed and int(resumed.group(1)) in (4, 8), log[-4000:]
     assert "done: ran precompute, distill, evaluate" in log
     assert (run_dir / "student" / "merged" / "model_index.json").exists()
     report = json.loads((run_dir / "eval" / "report.json").read_text())
