@@ -1,8 +1,9 @@
-"""Small SD3 pipelines built from configs, for tests, benchmarks and the embedded default.
+"""Small SD3 and FLUX pipelines built from configs, for tests, benchmarks and the embedded default.
 
-No model hub is reachable on a CPU box, so a randomly initialised SD3 pipeline is written to a
-folder and then loaded through the very same `from_pretrained` path that SD3.5 uses.
-`builtin:tiny-sd3` (or `builtin:tiny-sd3?layers=4&dim=64`) names such a folder in configs.
+No model hub is reachable on a CPU box, so a randomly initialised pipeline is written to a
+folder and then loaded through the very same `from_pretrained` path that SD3.5 or FLUX.1 uses.
+`builtin:tiny-sd3` (or `builtin:tiny-sd3?layers=4&head_dim=64`) and `builtin:tiny-flux` name such
+folders in configs.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline)
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
+                          T5Config, T5EncoderModel)
 
 # Enough words to tokenize shapes-style captions; unknown words map to <unk>.
 BASE_VOCAB = (
@@ -102,32 +105,84 @@ def build_tiny_sd3(cfg: TinySD3Config = TinySD3Config(), vocab: list[str] | None
     )
 
 
-def save_tiny_sd3(folder: str | os.PathLike, cfg: TinySD3Config = TinySD3Config()) -> Path:
-    folder = Path(folder)
-    build_tiny_sd3(cfg).save_pretrained(folder)
-    return folder
+@dataclass(frozen=True)
+class TinyFluxConfig:
+    """Sizes of a small FLUX.1 pipeline: CLIP-L's role (pooled text) and T5's (token sequence),
+    a 16-channel VAE with a shift and a scale, and a `FluxTransformer2DModel` with double- and
+    single-stream blocks and, like FLUX.1-dev, a guidance embedding."""
+
+    layers: int = 2  # double-stream blocks
+    single_layers: int = 2
+    heads: int = 2
+    head_dim: int = 32
+    rope_axes: tuple[int, ...] = (8, 12, 12)  # sums to head_dim, as FLUX's (16, 56, 56) sums to 128
+    latent_channels: int = 16
+    sample_size: int = 16  # latent side length (unpacked)
+    vae_channels: tuple[int, ...] = (32, 32, 32)  # 3 levels -> 4x (FLUX.1's VAE: 4 levels, 8x)
+    clip_dim: int = 32
+    t5_dim: int = 32
+    text_max_length: int = 16
+    guidance_embeds: bool = True
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_tiny_flux(cfg: TinyFluxConfig = TinyFluxConfig(), vocab: list[str] | None = None) -> FluxPipeline:
+    if sum(cfg.rope_axes) != cfg.head_dim:
+        raise ValueError(f"rope_axes {list(cfg.rope_axes)} must sum to head_dim {cfg.head_dim}")
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(vocab or BASE_VOCAB, cfg.text_max_length)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.clip_dim, intermediate_size=cfg.clip_dim * 4, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=cfg.text_max_length, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=cfg.t5_dim, d_kv=cfg.t5_dim // 2,
+                                 d_ff=cfg.t5_dim * 2, num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=3,
+                                 decoder_start_token_id=0, dropout_rate=0.0))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=cfg.latent_channels * 4, num_layers=cfg.layers, num_single_layers=cfg.single_layers,
+        attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads, joint_attention_dim=cfg.t5_dim,
+        pooled_projection_dim=cfg.clip_dim, guidance_embeds=cfg.guidance_embeds, axes_dims_rope=tuple(cfg.rope_axes))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels, block_out_channels=cfg.vae_channels,
+        layers_per_block=1, norm_num_groups=min(cfg.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        sample_size=cfg.sample_size * 2 ** (len(cfg.vae_channels) - 1),
+        scaling_factor=0.5, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False)
+    # FLUX.1's scheduler: the shift follows the image's token count (`mu`)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                        tokenizer_2=tokenizer, transformer=transformer)
 
 
 def _cache_root() -> Path:
     return Path(os.environ.get("SWD_CACHE", Path.home() / ".cache" / "swd"))
 
 
-def parse_builtin(spec: str) -> TinySD3Config:
-    """`builtin:tiny-sd3?layers=4&head_dim=64` -> TinySD3Config."""
+BUILDERS = {"tiny-sd3": (TinySD3Config, build_tiny_sd3), "tiny-flux": (TinyFluxConfig, build_tiny_flux)}
+
+
+def parse_builtin(spec: str) -> TinySD3Config | TinyFluxConfig:
+    """`builtin:tiny-sd3?layers=4&head_dim=64` -> TinySD3Config (`builtin:tiny-flux?...` -> TinyFluxConfig)."""
     name, _, query = spec.removeprefix("builtin:").partition("?")
-    if name != "tiny-sd3":
-        raise ValueError(f"unknown builtin model {name!r}; allowed: ['toy-sd3', 'tiny-sd3']")
-    fields = TinySD3Config.__dataclass_fields__
+    if name not in BUILDERS:
+        raise ValueError(f"unknown builtin model {name!r}; allowed: ['toy-sd3', {', '.join(map(repr, BUILDERS))}]")
+    config_class = BUILDERS[name][0]
+    fields = config_class.__dataclass_fields__
     kwargs = {}
     for part in filter(None, query.split("&")):
         k, _, v = part.partition("=")
         if k not in fields:
-            raise ValueError(f"builtin:tiny-sd3 has no option {k!r}; allowed: {sorted(fields)}")
-        if k == "vae_channels":
+            raise ValueError(f"builtin:{name} has no option {k!r}; allowed: {sorted(fields)}")
+        if k in ("vae_channels", "rope_axes"):
             kwargs[k] = tuple(int(x) for x in v.split(","))
         else:
             kwargs[k] = bool(int(v)) if fields[k].type in (bool, "bool") else int(v)
-    return TinySD3Config(**kwargs)
+    return config_class(**kwargs)
 
 
 TOY_TEACHER = Path(__file__).parent / "toy" / "weights" / "toy-sd3"
@@ -135,7 +190,7 @@ TOY_TEACHER = Path(__file__).parent / "toy" / "weights" / "toy-sd3"
 
 def resolve_pretrained(path: str) -> str:
     """Return a loadable path: `builtin:toy-sd3` is the committed toy teacher folder;
-    `builtin:tiny-sd3...` specs are written to a cache folder once; anything else (a local
+    `builtin:tiny-sd3...` and `builtin:tiny-flux...` specs are written to a cache folder once; anything else (a local
     folder or a hub id) is returned unchanged for `from_pretrained`."""
     if not str(path).startswith("builtin:"):
         return str(path)
@@ -144,11 +199,12 @@ def resolve_pretrained(path: str) -> str:
             raise FileNotFoundError(f"the toy teacher is not in {TOY_TEACHER}; train it with `make toy-teacher`")
         return str(TOY_TEACHER)
     cfg = parse_builtin(str(path))
-    folder = _cache_root() / f"tiny-sd3-{cfg.key()}"
+    name = str(path).removeprefix("builtin:").partition("?")[0]
+    folder = _cache_root() / f"{name}-{cfg.key()}"
     if not (folder / "model_index.json").exists():
         # Write aside, then rename: concurrent processes never see a half-written folder.
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        save_tiny_sd3(tmp, cfg)
+        BUILDERS[name][1](cfg).save_pretrained(tmp)
         try:
             tmp.rename(folder)
         except OSError:  # another process finished first

@@ -1,9 +1,10 @@
 """Model-family adapters: the one place that knows a family's components."""
 
 from swd_core.adapters.base import FamilyAdapter, TextEmbeddings
+from swd_core.adapters.flux import FluxAdapter
 from swd_core.adapters.sd3 import SD3Adapter
 
-FAMILIES = {"sd3": SD3Adapter}
+FAMILIES = {"sd3": SD3Adapter, "flux": FluxAdapter}
 
 
 def load_adapter(family: str, path: str, dtype: str = "float32", device: str = "cpu", **kwargs) -> FamilyAdapter:
@@ -12,4 +13,4 @@ def load_adapter(family: str, path: str, dtype: str = "float32", device: str = "
     return FAMILIES[family].from_pretrained(path, dtype=dtype, device=device, **kwargs)
 
 
-__all__ = ["FamilyAdapter", "TextEmbeddings", "SD3Adapter", "FAMILIES", "load_adapter"]
+__all__ = ["FamilyAdapter", "TextEmbeddings", "SD3Adapter", "FluxAdapter", "FAMILIES", "load_adapter"]

@@ -1,4 +1,4 @@
-"""The small interface every model family implements (SD3 today, FLUX next)."""
+"""The small interface every model family implements (SD3 and FLUX)."""
 
 from __future__ import annotations
 

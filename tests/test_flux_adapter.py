@@ -1,0 +1,80 @@
+"""The FLUX.1 adapter on a tiny FLUX built from a config: it gives the stock pipeline's velocities
+and samples, on unpacked latents at every scale, with the taps the losses read."""
+
+import pytest
+import torch
+
+from swd_core.adapters import TextEmbeddings, load_adapter
+from swd_core.adapters.flux import FluxAdapter, pack, unpack
+from swd_core.generate import text_denoiser
+from swd_core.samplers import sample_scalewise
+from swd_core.schedules import preset
+from swd_core.tiny_models import TinyFluxConfig, build_tiny_flux, parse_builtin
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = build_tiny_flux()
+    pipe.set_progress_bar_config(disable=True)
+    return FluxAdapter(pipe, max_sequence_length=16, guidance_scale=3.5)
+
+
+def test_builtin_tiny_flux_loads_through_from_pretrained():
+    assert parse_builtin("builtin:tiny-flux?layers=1&rope_axes=8,12,12") == TinyFluxConfig(layers=1)
+    a = load_adapter("flux", "builtin:tiny-flux?layers=1", max_sequence_length=16)
+    assert isinstance(a, FluxAdapter) and a.num_blocks == 1 and a.latent_channels == 16 and a.patch_size == 2
+    assert a.guidance_embeds and a.shift_factor == pytest.approx(0.1) and a.scaling_factor == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="rope_axes"):
+        build_tiny_flux(TinyFluxConfig(rope_axes=(8, 8, 8)))
+
+
+def test_packing_is_the_pipelines_and_inverts():
+    z = torch.randn(2, 16, 6, 6)
+    tokens = pack(z)
+    assert tokens.shape == (2, 9, 64)
+    assert torch.equal(tokens[0, 0], z[0, :, :2, :2].reshape(16, 4).reshape(-1))  # one 2x2 patch, channel-first
+    assert torch.equal(unpack(tokens, 6), z)
+
+
+def test_euler_on_the_adapter_is_the_stock_flux_pipeline(flux):
+    """Same noise, same sigmas (the pipeline's own, shifted by the image's token count), same
+    embedded guidance: the adapter's velocities give the stock pipeline's latents exactly."""
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    stock = flux.pipe("a red circle", latents=pack(noise), height=64, width=64, num_inference_steps=4,
+                      guidance_scale=3.5, max_sequence_length=16, output_type="latent").images
+    sigmas = flux.pipe.scheduler.sigmas.clone()
+    text = flux.encode_prompts(["a red circle"])
+    x = noise.clone()
+    for i in range(4):
+        x = x + (sigmas[i + 1] - sigmas[i]) * flux.velocity(x, sigmas[i], text)[0]
+    assert torch.allclose(unpack(stock, 16), x, atol=1e-5)
+    flux.guidance_scale = 1.0  # the embedding is used: another guidance, another velocity
+    try:
+        assert not torch.allclose(flux.velocity(noise, sigmas[0], text)[0], x)
+    finally:
+        flux.guidance_scale = 3.5
+
+
+def test_scalewise_sampling_runs_at_every_scale_and_taps_image_tokens(flux):
+    schedule = preset("toy_4step", patch_size=flux.patch_size)
+    text = flux.encode_prompts(["a red circle", "a blue star"])
+    noise = torch.randn(2, 16, schedule.scales[0], schedule.scales[0], generator=torch.Generator().manual_seed(1))
+    out = sample_scalewise(text_denoiser(flux, text), schedule, noise, torch.Generator().manual_seed(2))
+    assert out.shape == (2, 16, 16, 16) and torch.isfinite(out).all()
+    x = torch.randn(2, 16, 10, 10)
+    v, feats = flux.velocity(x, torch.tensor([0.9, 0.5]), text, feature_blocks=[0, 1])
+    assert v.shape == x.shape and feats[0].shape == feats[1].shape == (2, 25, 64)  # (B, tokens, width)
+    none, early = flux.velocity(x, 0.5, text, feature_blocks=[0], features_only=True)
+    assert none is None and early[0].shape == (2, 25, 64)
+    # the velocity of only the first row, with every row's features, is that row's own call
+    v1, feats1 = flux.velocity(x, 0.5, text, feature_blocks=[0], velocity_rows=1)
+    alone, _ = flux.velocity(x[:1], 0.5, TextEmbeddings(text.prompt_embeds[:1], text.pooled[:1]))
+    assert v1.shape == (1, 16, 10, 10) and torch.allclose(v1, alone, atol=1e-5) and feats1[0].shape[0] == 2
+
+
+def test_vae_round_trip_applies_shift_and_scale(flux):
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = flux.encode_images(images)
+    raw = flux.vae.encode(images).latent_dist.mode()
+    assert z.shape == (2, 16, 8, 8) and torch.allclose(z, (raw - 0.1) * 0.5)
+    assert torch.allclose(flux.decode_latents(z), flux.vae.decode(raw).sample.clamp(-1, 1), atol=1e-5)
