@@ -26,13 +26,10 @@ def text_denoiser(adapter: FamilyAdapter, text: TextEmbeddings) -> Denoiser:
 
 
 def cfg_denoiser(adapter: FamilyAdapter, text: TextEmbeddings, uncond: TextEmbeddings, guidance: float) -> Denoiser:
-    """v = v_uncond + w (v_cond − v_uncond), both halves in one batched call."""
-    both = TextEmbeddings.cat([uncond.expand(len(text)), text])
-
+    """The guided teacher: v = v_uncond + w (v_cond − v_uncond), both halves in one batched call
+    (SD3), or one pass with the guidance embedding (FLUX.1-dev)."""
     def denoise(x, sigma):
-        v = adapter.velocity(torch.cat([x, x]), sigma, both)[0].to(torch.float32)
-        v_uncond, v_cond = v.chunk(2)
-        return v_uncond + guidance * (v_cond - v_uncond)
+        return adapter.guided_velocity(x, sigma, text, uncond, guidance)
 
     return denoise
 

@@ -117,12 +117,10 @@ class Networks:
     @torch.no_grad()
     def teacher_cfg(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings, uncond: TextEmbeddings,
                     guidance: float) -> torch.Tensor:
-        """v_uncond + w (v_cond − v_uncond); both halves in one batched call."""
-        both = TextEmbeddings.cat([uncond.expand(len(text)), text])
+        """The teacher's guided velocity: CFG, v_uncond + w (v_cond − v_uncond), in one batched call
+        (SD3), or the guidance embedding of a guidance-distilled FLUX."""
         with use_role(self.base, TEACHER):
-            v = self.adapter.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both)[0].float()
-        v_uncond, v_cond = v.chunk(2)
-        return v_uncond + guidance * (v_cond - v_uncond)
+            return self.adapter.guided_velocity(x, sigma, text, uncond, guidance)
 
     def fake(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings, features_only: bool = False,
              velocity_rows: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:

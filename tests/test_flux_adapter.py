@@ -78,3 +78,23 @@ def test_vae_round_trip_applies_shift_and_scale(flux):
     raw = flux.vae.encode(images).latent_dist.mode()
     assert z.shape == (2, 16, 8, 8) and torch.allclose(z, (raw - 0.1) * 0.5)
     assert torch.allclose(flux.decode_latents(z), flux.vae.decode(raw).sample.clamp(-1, 1), atol=1e-5)
+
+
+def test_the_guided_teacher_is_one_pass_with_the_embedding_or_cfg_without_one(flux):
+    text, empty = flux.encode_prompts(["a red circle"]), flux.empty_prompt()
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    batches = []
+    hook = flux.transformer.register_forward_pre_hook(lambda m, a, k: batches.append(k["hidden_states"].shape[0]),
+                                                      with_kwargs=True)
+    try:
+        guided = flux.guided_velocity(x, torch.tensor(0.7), text, empty, 4.0)
+    finally:
+        hook.remove()
+    assert batches == [1]  # one pass, no unconditional half
+    assert torch.equal(guided, flux.velocity(x, torch.tensor(0.7), text, guidance=4.0)[0].float())
+    assert not torch.allclose(guided, flux.velocity(x, torch.tensor(0.7), text)[0])  # 4.0 is not the default 3.5
+    schnell = FluxAdapter(build_tiny_flux(TinyFluxConfig(guidance_embeds=False)), max_sequence_length=16)
+    text, empty = schnell.encode_prompts(["a red circle"]), schnell.empty_prompt()
+    v_c, v_u = schnell.velocity(x, 0.7, text)[0], schnell.velocity(x, 0.7, empty)[0]
+    assert torch.allclose(schnell.guided_velocity(x, torch.tensor(0.7), text, empty, 4.0), v_u + 4.0 * (v_c - v_u),
+                          atol=1e-5)

@@ -62,3 +62,19 @@ class FamilyAdapter(Protocol):
         """Velocity at noise level `sigma` (scalar or per sample) plus image-token features
         (B, N, C) after each requested block. `features_only` stops after the deepest block;
         `velocity_rows` n lets only the first n samples go on past it (velocity of n rows)."""
+
+    def guided_velocity(self, latents: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
+                        uncond: TextEmbeddings, guidance: float) -> torch.Tensor:
+        """The teacher's guided velocity at scale `guidance`: classifier-free guidance (two
+        halves in one call) for SD3; the guidance embedding, one pass, for guidance-distilled FLUX."""
+
+
+def cfg_velocity(adapter: FamilyAdapter, latents: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
+                 uncond: TextEmbeddings, guidance: float) -> torch.Tensor:
+    """v_uncond + w (v_cond − v_uncond), float32; both halves in one batched call."""
+    both = TextEmbeddings.cat([uncond.expand(len(text)), text])
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+    sigmas = torch.cat([sigma, sigma]) if sigma.ndim else sigma
+    v = adapter.velocity(torch.cat([latents, latents]), sigmas, both)[0].float()
+    v_uncond, v_cond = v.chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)

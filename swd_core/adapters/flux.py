@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from diffusers import FluxPipeline
 
-from swd_core.adapters.base import TextEmbeddings
+from swd_core.adapters.base import TextEmbeddings, cfg_velocity
 from swd_core.adapters.sd3 import TransformerConfigOnly, torch_dtype
 from swd_core.feature_taps import StopForward, only_rows_onward, tap_block_outputs
 
@@ -127,13 +127,14 @@ class FluxAdapter:
         return self.vae.decode(z, return_dict=False)[0].clamp(-1, 1)
 
     def velocity(self, latents, sigma, text: TextEmbeddings, feature_blocks: Sequence[int] = (),
-                 features_only: bool = False, velocity_rows: int | None = None):
+                 features_only: bool = False, velocity_rows: int | None = None, guidance: float | None = None):
+        """`guidance`: the embedded guidance of this call (default: `guidance_scale`)."""
         batch, _, side, _ = latents.shape
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
         timestep = sigma.expand(batch) if sigma.ndim == 0 else sigma
         text = text.expand(batch)
-        guidance = (torch.full((batch,), self.guidance_scale, device=latents.device, dtype=torch.float32)
-                    if self.guidance_embeds else None)
+        guidance = (torch.full((batch,), self.guidance_scale if guidance is None else guidance, device=latents.device,
+                               dtype=torch.float32) if self.guidance_embeds else None)
         blocks = self.transformer.transformer_blocks
         onward = []
         if velocity_rows is not None:
@@ -155,3 +156,8 @@ class FluxAdapter:
             except StopForward:
                 v = None
         return v, dict(feats)
+
+    def guided_velocity(self, latents, sigma, text: TextEmbeddings, uncond: TextEmbeddings, guidance: float):
+        if not self.guidance_embeds:  # FLUX.1-schnell and other undistilled transformers: real CFG
+            return cfg_velocity(self, latents, sigma, text, uncond, guidance)
+        return self.velocity(latents, sigma, text, guidance=guidance)[0].float()

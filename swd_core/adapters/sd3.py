@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from swd_core.adapters.base import TextEmbeddings
+from swd_core.adapters.base import TextEmbeddings, cfg_velocity
 from swd_core.feature_taps import StopForward, only_rows_onward, tap_block_outputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -163,3 +163,6 @@ class SD3Adapter:
             except StopForward:
                 v = None
         return v, dict(feats)
+
+    def guided_velocity(self, latents, sigma, text: TextEmbeddings, uncond: TextEmbeddings, guidance: float):
+        return cfg_velocity(self, latents, sigma, text, uncond, guidance)
