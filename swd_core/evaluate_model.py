@@ -76,6 +76,9 @@ class _PhaseTimer:
     def velocity(self, *args, **kwargs):
         return self._timed("transformer", self._adapter.velocity, *args, **kwargs)
 
+    def guided_velocity(self, *args, **kwargs):  # CFG's two halves are one call, timed as one
+        return self._timed("transformer", self._adapter.guided_velocity, *args, **kwargs)
+
     def decode_latents(self, latents):
         return self._timed("vae", self._adapter.decode_latents, latents)
 

@@ -56,11 +56,11 @@ def generate_latents(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequ
     if schedule is not None:
         noise = initial_noise(len(seeds), adapter.latent_channels, schedule.scales[0], gens, device=adapter.device)
         return sample_scalewise(text_denoiser(adapter, text), schedule, noise, gens)
-    noise = initial_noise(len(seeds), adapter.latent_channels, size or adapter.transformer.config.sample_size, gens,
-                          device=adapter.device)
+    side = size or adapter.native_side
+    noise = initial_noise(len(seeds), adapter.latent_channels, side, gens, device=adapter.device)
     denoiser = (cfg_denoiser(adapter, text, adapter.empty_prompt(), guidance) if guidance > 1.0
                 else text_denoiser(adapter, text))
-    return sample_euler(denoiser, noise, teacher_steps)
+    return sample_euler(denoiser, noise, teacher_steps, sigmas=adapter.teacher_sigmas(teacher_steps, side))
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -63,10 +63,15 @@ def sample_full_resolution(denoiser: Denoiser, schedule: ScaleSchedule, noise: t
 
 
 @torch.no_grad()
-def sample_euler(denoiser: Denoiser, noise: torch.Tensor, num_steps: int = 28, shift: float = 3.0) -> torch.Tensor:
-    """Deterministic Euler ODE sampling on the `num_steps` shift-`shift` grid (the teacher's sampler).
+def sample_euler(denoiser: Denoiser, noise: torch.Tensor, num_steps: int = 28, shift: float = 3.0,
+                 sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """Deterministic Euler ODE sampling on the `num_steps` shift-`shift` grid (the teacher's sampler),
+    or on the given `num_steps` `sigmas` (a family's own grid, e.g. FLUX's token-count shift).
     Pass a CFG denoiser (`swd_core.generate.cfg_denoiser`) for guided sampling."""
-    sigmas = torch.cat([sigma_grid(num_steps, shift), torch.zeros(1)])
+    sigmas = sigma_grid(num_steps, shift) if sigmas is None else sigmas.to(torch.float32)
+    if len(sigmas) != num_steps:
+        raise ValueError(f"{len(sigmas)} sigmas for {num_steps} steps")
+    sigmas = torch.cat([sigmas, torch.zeros(1)])
     x = noise.to(torch.float32)
     for i in range(num_steps):
         v = denoiser(x, sigmas[i])

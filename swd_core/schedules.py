@@ -30,6 +30,39 @@ def sigma_grid(num_steps: int = GRID_STEPS, shift: float = GRID_SHIFT) -> torch.
     return scheduler.sigmas[:-1].to(torch.float32).clone()
 
 
+# FLUX.1's scheduler shifts its sigmas by the image's token count (`mu`, diffusers' `calculate_shift`),
+# with these values in both FLUX.1-dev's and FLUX.1-schnell's scheduler_config.json.
+FLUX_SHIFT = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+
+
+def flux_sigma_grid(num_steps: int, image_seq_len: int) -> torch.Tensor:
+    """The sigmas stock `FluxPipeline` samples an image of `image_seq_len` tokens with (float32,
+    `num_steps` values, no terminal 0): linspace(1, 1/n) shifted by mu(tokens)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = calculate_shift(image_seq_len, FLUX_SHIFT["base_image_seq_len"], FLUX_SHIFT["max_image_seq_len"],
+                         FLUX_SHIFT["base_shift"], FLUX_SHIFT["max_shift"])
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **FLUX_SHIFT)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    return scheduler.sigmas[:-1].to(torch.float32).clone()
+
+
+def family_sigma_grid(family: str, final_scale: int, patch_size: int = 2, num_steps: int = GRID_STEPS) -> torch.Tensor:
+    """The one sigma grid of a run: schedule boundaries index it, and the DMD, MMD and fake-score
+    noise levels are drawn from it, at every scale. SD3: the 28-step shift-3 grid. FLUX: the grid
+    stock FLUX.1 samples the *final* resolution with (its token-count shift at the last scale), so
+    the teacher is asked at the sigmas it was trained to sample the target size at, and a step's
+    sigma does not change with the scale the student happens to be at (SwD's schedules fix
+    one sigma per step). The smaller scales see the same values, as they do with SD3."""
+    if family == "sd3":
+        return sigma_grid(num_steps)
+    if family == "flux":
+        return flux_sigma_grid(num_steps, (final_scale // patch_size) ** 2)
+    raise ValueError(f"model family {family!r} has no sigma grid; allowed: ['flux', 'sd3']")
+
+
 def boundaries_to_sigmas(boundaries: Sequence[int], grid: torch.Tensor | None = None) -> list[float]:
     """Grid indices -> sigmas, e.g. [0, 7, 14, 18] -> [1.0, 0.8959, 0.7371, 0.6022]."""
     grid = sigma_grid() if grid is None else grid
@@ -65,10 +98,12 @@ class ScaleSchedule:
         validate_schedule(self.scales, self.sigmas, self.patch_size)
 
     @classmethod
-    def from_boundaries(cls, scales: Sequence[int], boundaries: Sequence[int], patch_size: int | None = None) -> "ScaleSchedule":
+    def from_boundaries(cls, scales: Sequence[int], boundaries: Sequence[int], patch_size: int | None = None,
+                        grid: torch.Tensor | None = None) -> "ScaleSchedule":
+        """Sigmas at grid indices `boundaries` of `grid` (default: the SD3 grid)."""
         if len(boundaries) != len(scales):
             raise ValueError(f"boundaries: need one grid index per scale ({len(scales)} scales), got {len(boundaries)}: {list(boundaries)}")
-        return cls(tuple(scales), tuple(boundaries_to_sigmas(boundaries)), tuple(boundaries), patch_size)
+        return cls(tuple(scales), tuple(boundaries_to_sigmas(boundaries, grid)), tuple(boundaries), patch_size)
 
     @property
     def num_steps(self) -> int:
@@ -136,11 +171,11 @@ PRESETS: dict[str, dict[str, list[int]]] = {
 }
 
 
-def preset(name: str, patch_size: int | None = None) -> ScaleSchedule:
+def preset(name: str, patch_size: int | None = None, grid: torch.Tensor | None = None) -> ScaleSchedule:
     if name not in PRESETS:
         raise ValueError(f"schedule preset {name!r} is unknown; allowed: {sorted(PRESETS)}")
     p = PRESETS[name]
-    return ScaleSchedule.from_boundaries(p["scales"], p["boundaries"], patch_size)
+    return ScaleSchedule.from_boundaries(p["scales"], p["boundaries"], patch_size, grid)
 
 
 def sample_grid_sigmas(batch: int, low: int, high: int, generator: torch.Generator | None = None,

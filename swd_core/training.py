@@ -52,6 +52,8 @@ class LossSettings:
     gan_weight: float = 5e-3
     discriminator_weight: float = 1e-2
     fake_range: tuple[int, int] = (0, GRID_STEPS)
+    # the run's sigma grid the ranges index (`schedules.family_sigma_grid`); None: SD3's
+    grid: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.mmd_kernel not in ("linear", "rbf"):
@@ -177,11 +179,12 @@ def _randn(shape, generator: torch.Generator | None, device: torch.device) -> to
     return _to_device(torch.randn(shape, generator=generator), device)
 
 
-def _noised_at(like: torch.Tensor, grid_range: tuple[int, int],
-               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(σ per sample at grid indices uniform in `grid_range`, ε shaped like `like`), on its device;
-    σ is drawn first, then ε, from the one generator."""
-    sigma = _to_device(sample_grid_sigmas(like.shape[0], *grid_range, generator=generator), like.device)
+def _noised_at(like: torch.Tensor, grid_range: tuple[int, int], generator: torch.Generator | None,
+               grid: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ per sample at indices of `grid` uniform in `grid_range`, ε shaped like `like`), on its
+    device; σ is drawn first, then ε, from the one generator."""
+    grid = None if grid is None else torch.tensor(grid, dtype=torch.float32)
+    sigma = _to_device(sample_grid_sigmas(like.shape[0], *grid_range, generator=generator, grid=grid), like.device)
     return sigma, _randn(like.shape, generator, like.device)
 
 
@@ -228,13 +231,13 @@ def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text:
     mmd_on, adversarial = settings.mmd_weight > 0, dmd_weight > 0 or settings.gan_weight > 0
     if mmd_on:
         # Real and generated latents noised with the same ε and σ, compared in feature space.
-        sigma_mmd, eps = _noised_at(x0, settings.mmd_range, generator)
+        sigma_mmd, eps = _noised_at(x0, settings.mmd_range, generator, settings.grid)
         x_mmd = add_noise(x0, eps, sigma_mmd)
         with torch.no_grad():
             _, feat_real = nets.fake(add_noise(z_real.float(), eps, sigma_mmd), sigma_mmd, text, features_only=True)
     if adversarial:
         # One fake pass serves both terms: its velocity (detached) for DMD, its features for the GAN.
-        sigma, eps = _noised_at(x0, settings.dmd_range, generator)
+        sigma, eps = _noised_at(x0, settings.dmd_range, generator, settings.grid)
         x_t = add_noise(x0, eps, sigma)
     if mmd_on and settings.gan_weight > 0:  # both fake passes on x0 need gradients: one call
         v_fake, feats, feat_fake = _fake_pair(nets, (x_t, sigma), (x_mmd, sigma_mmd), text, velocity=dmd_weight > 0)
@@ -273,7 +276,7 @@ def fake_update_loss(nets: Networks, x0_sample: torch.Tensor, z_real: torch.Tens
     index uniform in [0, 28), plus `discriminator_weight` × the GAN discriminator loss on real and
     generated latents noised with the same ε and σ."""
     x0_sample = x0_sample.detach().float()
-    sigma, eps = _noised_at(x0_sample, settings.fake_range, generator)
+    sigma, eps = _noised_at(x0_sample, settings.fake_range, generator, settings.grid)
     x_t = add_noise(x0_sample, eps, sigma)
     if settings.gan_weight > 0:
         v, feat_fake, feat_real = _fake_pair(nets, (x_t, sigma), (add_noise(z_real.float(), eps, sigma), sigma), text)

@@ -98,3 +98,38 @@ def test_the_guided_teacher_is_one_pass_with_the_embedding_or_cfg_without_one(fl
     v_c, v_u = schnell.velocity(x, 0.7, text)[0], schnell.velocity(x, 0.7, empty)[0]
     assert torch.allclose(schnell.guided_velocity(x, torch.tensor(0.7), text, empty, 4.0), v_u + 4.0 * (v_c - v_u),
                           atol=1e-5)
+
+
+def test_the_teacher_sampler_is_stock_flux_at_every_size(flux):
+    """`generate_latents` samples a FLUX teacher as `FluxPipeline` does: its sigmas shifted by the
+    token count of the size sampled, its guidance as the embedding."""
+    from swd_core.generate import generate_latents
+    from swd_core.samplers import initial_noise
+
+    for side in (16, 8):
+        ours = generate_latents(flux, ["a red circle"], [5], teacher_steps=4, guidance=3.5, size=side)
+        noise = initial_noise(1, 16, side, [torch.Generator().manual_seed(5)])
+        stock = flux.pipe("a red circle", latents=pack(noise), height=side * 4, width=side * 4, num_inference_steps=4,
+                          guidance_scale=3.5, max_sequence_length=16, output_type="latent").images
+        assert torch.allclose(ours, unpack(stock, side), atol=1e-5), side
+
+
+def test_one_sigma_grid_per_run_is_stock_flux_at_the_final_scale():
+    """The rule: a FLUX run's grid (schedule boundaries, DMD / MMD / fake-score noise) is the
+    28-step grid stock FLUX.1 samples the final size with, at every scale. At 1024 px (128² latent,
+    4096 tokens) its shift is e^1.15 ≈ 3.16, not SD3's 3, and the base grid is FLUX's linspace(1, 1/28)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from swd_core.schedules import family_sigma_grid, sigma_grid
+
+    grid = family_sigma_grid("flux", 128)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 28, 28), mu=1.15)  # mu at 4096 tokens
+    assert torch.equal(grid, scheduler.sigmas[:-1].float()) and len(grid) == 28
+    assert (grid - sigma_grid()).abs().max() > 0.05  # not the SD3 grid
+    assert torch.equal(family_sigma_grid("sd3", 128), sigma_grid())
+    assert not torch.equal(family_sigma_grid("flux", 64), grid)  # the final size sets it
+    with pytest.raises(ValueError, match="allowed"):
+        family_sigma_grid("sdxl", 128)

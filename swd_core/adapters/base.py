@@ -41,6 +41,10 @@ class FamilyAdapter(Protocol):
     patch_size: int  # latent cells per token side
     latent_channels: int
     num_blocks: int
+    native_side: int  # the latent side the teacher samples at by default
+
+    def teacher_sigmas(self, num_steps: int, side: int) -> torch.Tensor:
+        """The sigmas the stock pipeline samples `num_steps` steps at latent side `side` with."""
 
     def encode_prompts(self, prompts: Sequence[str]) -> TextEmbeddings: ...
 

@@ -83,6 +83,8 @@ class FluxAdapter:
         self.patch_size = 2  # the 2×2 packing
         self.latent_channels = int(pipe.transformer.config.in_channels) // 4
         self.num_blocks = int(pipe.transformer.config.num_layers)  # double-stream blocks (feature taps)
+        # FLUX's config has no native size; its VAE's is the image size (1024 px for FLUX.1)
+        self.native_side = int(pipe.vae.config.sample_size) // self.vae_scale_factor
         self.guidance_embeds = bool(pipe.transformer.config.guidance_embeds)
         self.scaling_factor = float(pipe.vae.config.scaling_factor)
         self.shift_factor = float(pipe.vae.config.shift_factor or 0.0)
@@ -161,3 +163,8 @@ class FluxAdapter:
         if not self.guidance_embeds:  # FLUX.1-schnell and other undistilled transformers: real CFG
             return cfg_velocity(self, latents, sigma, text, uncond, guidance)
         return self.velocity(latents, sigma, text, guidance=guidance)[0].float()
+
+    def teacher_sigmas(self, num_steps: int, side: int) -> torch.Tensor:
+        from swd_core.schedules import flux_sigma_grid
+
+        return flux_sigma_grid(num_steps, (side // 2) ** 2)  # the shift follows the token count

@@ -89,6 +89,7 @@ class SD3Adapter:
         self.patch_size = int(pipe.transformer.config.patch_size)
         self.latent_channels = int(pipe.transformer.config.in_channels)
         self.num_blocks = int(pipe.transformer.config.num_layers)
+        self.native_side = int(pipe.transformer.config.sample_size)
         self.scaling_factor = float(pipe.vae.config.scaling_factor)
         self.shift_factor = float(pipe.vae.config.shift_factor or 0.0)
         self._empty: TextEmbeddings | None = None
@@ -166,3 +167,8 @@ class SD3Adapter:
 
     def guided_velocity(self, latents, sigma, text: TextEmbeddings, uncond: TextEmbeddings, guidance: float):
         return cfg_velocity(self, latents, sigma, text, uncond, guidance)
+
+    def teacher_sigmas(self, num_steps: int, side: int) -> torch.Tensor:
+        from swd_core.schedules import sigma_grid
+
+        return sigma_grid(num_steps)  # SD3.5's scheduler: shift 3 at every size
