@@ -1,5 +1,5 @@
 """Export a distilled student: as a PEFT LoRA (diffusers' LoRA format) and as a merged
-diffusers pipeline folder that samples scale-wise with stock diffusers.
+diffusers pipeline folder that samples scale-wise with diffusers alone.
 
 The merged folder carries a `FlowMatchLCMScheduler` configured with the schedule's scale
 factors (shift 1, so the exact sigmas pass through) and `swd_schedule.json` with the sigmas,
@@ -9,21 +9,28 @@ the first-step size and the text length, so a user needs nothing from this proje
     swd = json.load(open(f"{folder}/swd_schedule.json"))
     image = pipe(prompt, sigmas=swd["sigmas"], height=swd["height"], width=swd["width"],
                  guidance_scale=0.0, max_sequence_length=swd["max_sequence_length"]).images[0]
+
+A FLUX folder ships `pipeline.py` (`swd_core/flux_scalewise_pipeline.py`, self-contained), since
+stock `FluxPipeline` samples one size; it loads with `custom_pipeline=folder, trust_remote_code=True`
+(the code is the folder's own; see that file).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from diffusers import FlowMatchLCMScheduler
 from peft.utils import get_peft_model_state_dict
 
+from swd_core.adapters.flux import load_flux_pipeline
 from swd_core.adapters.sd3 import SD3Adapter, load_sd3_pipeline
 from swd_core.lora import STUDENT
 from swd_core.schedules import ScaleSchedule
 
 SCHEDULE_FILE = "swd_schedule.json"
+FLUX_PIPELINE = Path(__file__).with_name("flux_scalewise_pipeline.py")
 
 
 def export_lora(adapter: SD3Adapter, out_dir: str | Path, adapter_name: str = STUDENT) -> Path:
@@ -50,22 +57,32 @@ def schedule_record(schedule: ScaleSchedule, vae_scale_factor: int, max_sequence
 
 def export_merged_pipeline(teacher_path: str, out_dir: str | Path, schedule: ScaleSchedule, *,
                            lora_dir: str | Path | None = None, transformer=None,
-                           max_sequence_length: int = 256, dtype: str = "float32") -> Path:
+                           max_sequence_length: int = 256, dtype: str = "float32", family: str = "sd3",
+                           guidance_scale: float = 0.0) -> Path:
     """Teacher pipeline + the student's weights (a LoRA folder to fuse, or a fully fine-tuned
-    `transformer`) + a scale-wise `FlowMatchLCMScheduler`, saved with `save_pretrained`."""
+    `transformer`), saved with `save_pretrained`: SD3 with a scale-wise `FlowMatchLCMScheduler`;
+    FLUX with the scale-wise pipeline file and `guidance_scale`, the student's embedded guidance."""
     if (lora_dir is None) == (transformer is None):
         raise ValueError("export_merged_pipeline: pass exactly one of lora_dir (LoRA student) or transformer (full fine-tune)")
+    if family not in ("sd3", "flux"):
+        raise ValueError(f"model family {family!r} cannot be exported; allowed: ['flux', 'sd3']")
     out_dir = Path(out_dir)
-    pipe = load_sd3_pipeline(teacher_path, dtype)
+    pipe = load_sd3_pipeline(teacher_path, dtype) if family == "sd3" else load_flux_pipeline(teacher_path, dtype)
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir), adapter_name=STUDENT)
         pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
         pipe.unload_lora_weights()
     else:
         pipe.transformer = transformer
-    pipe.scheduler = FlowMatchLCMScheduler(shift=1.0, scale_factors=schedule.scale_factors(), upscale_mode="bicubic")
+    if family == "sd3":
+        pipe.scheduler = FlowMatchLCMScheduler(shift=1.0, scale_factors=schedule.scale_factors(), upscale_mode="bicubic")
     pipe.save_pretrained(out_dir)
-    record = schedule_record(schedule, pipe.vae_scale_factor, max_sequence_length, teacher=str(teacher_path))
+    extra = {}
+    if family == "flux":
+        shutil.copyfile(FLUX_PIPELINE, out_dir / "pipeline.py")
+        extra = {"guidance_scale": guidance_scale, "custom_pipeline": "pipeline.py"}
+    record = schedule_record(schedule, pipe.vae_scale_factor, max_sequence_length, teacher=str(teacher_path),
+                             family=family, **extra)
     (out_dir / SCHEDULE_FILE).write_text(json.dumps(record, indent=2))
     return out_dir
 

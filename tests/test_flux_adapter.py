@@ -133,3 +133,35 @@ def test_one_sigma_grid_per_run_is_stock_flux_at_the_final_scale():
     assert not torch.equal(family_sigma_grid("flux", 64), grid)  # the final size sets it
     with pytest.raises(ValueError, match="allowed"):
         family_sigma_grid("sdxl", 128)
+
+
+def test_an_exported_flux_student_samples_scalewise_through_diffusers_alone(tmp_path):
+    """The merged folder ships its scale-wise pipeline: loaded with `custom_pipeline`, it gives the
+    project's scale-wise sampler's latents for the same noise, and images at the final size."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from swd_core.export import export_merged_pipeline
+
+    spec = "builtin:tiny-flux?layers=1"
+    student = load_adapter("flux", spec, max_sequence_length=16)
+    with torch.no_grad():
+        student.transformer.proj_out.bias.add_(0.1)  # a "trained" student, unlike the teacher
+    schedule = preset("toy_4step", patch_size=2)
+    out = export_merged_pipeline(spec, tmp_path / "merged", schedule, transformer=student.transformer,
+                                 max_sequence_length=16, family="flux", guidance_scale=3.5)
+    swd = json.loads((out / "swd_schedule.json").read_text())
+    assert swd["family"] == "flux" and swd["guidance_scale"] == 3.5 and (out / "pipeline.py").exists()
+    pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=str(out), trust_remote_code=True)
+    assert type(pipe).__name__ == "SwDFluxScalewisePipeline"
+    noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue star"]
+    stock = pipe(prompts, scales=swd["scales"], sigmas=swd["sigmas"], guidance_scale=swd["guidance_scale"],
+                 latents=noise, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                 max_sequence_length=swd["max_sequence_length"], output_type="latent").images
+    ours = sample_scalewise(text_denoiser(student, student.encode_prompts(prompts)), schedule, noise,
+                            [torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert torch.allclose(ours, stock, atol=1e-4), (ours - stock).abs().max()
+    image = pipe("a red circle", scales=swd["scales"], sigmas=swd["sigmas"], max_sequence_length=16).images[0]
+    assert image.size == (64, 64)
