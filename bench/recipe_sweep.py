@@ -82,6 +82,11 @@ RECIPES: dict[str, dict] = {
     "lr1e-3_fake2_cfg2.5_gan5e-2_mmd4": {"losses.gan.weight": 5e-2, "losses.mmd.weight": 4.0},
     # a weaker guidance in DMD: its target moves from CFG's sharpened modes toward the data
     "lr1e-3_fake2_cfg1.5": {"losses.dmd.guidance_scale": 1.5},
+    # with the every-scale teacher the untrained student (the teacher sampled scale-wise) already
+    # beats the 4-step teacher and lr 1e-3 swings FD around it: a gentler student against a critic
+    # that keeps pace (two time-scale learning rates, as DMD2 runs its fake score)
+    "lr1e-4_fakelr1e-3": {"lr": 1e-4, "fake_lr": 1e-3},
+    "lr3e-4_fakelr1e-3": {"lr": 3e-4, "fake_lr": 1e-3},
 }
 
 
@@ -313,6 +318,8 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=1e9, help="seconds of training per recipe before a last evaluation")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/recipe_sweep.json)")
     p.add_argument("--seeds", default="0", help="comma-separated distill.seed values; every recipe runs once per seed")
+    p.add_argument("--from-lines", action="store_true",
+                   help="train nothing: rebuild the result JSON from <out>.jsonl (the evaluations of a sweep cut short)")
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -329,6 +336,16 @@ def main() -> None:
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / "recipe_sweep.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = out.with_suffix(".jsonl")
+    if args.from_lines:
+        logged = [json.loads(ln) for ln in lines.read_text().splitlines() if ln.strip()]
+        bars = {r.pop("recipe"): r for r in logged if r.get("recipe") in ("teacher_4", "teacher_4_x0_jumps")}
+        records = [r for r in logged if "seed" in r]
+        done = list(dict.fromkeys(r["recipe"] for r in records))
+        write_sweep(out, args, args.rows or recipe_config("default").data.sources[0].limit, bars["teacher_4"],
+                    bars["teacher_4_x0_jumps"], done, sorted({r["seed"] for r in records}), records,
+                    {"from_lines": str(lines.resolve().relative_to(ROOT) if ROOT in lines.resolve().parents else lines),
+                     "runs_finished": {n: sorted({r["seed"] for r in records if r["recipe"] == n}) for n in done}})
+        return
     cfg = recipe_config("default", args.steps)  # refuses --steps that are not whole rounds of scales, before any work
     rows = args.rows or cfg.data.sources[0].limit
     data = Path(tempfile.gettempdir()) / f"recipe_sweep_{os.getpid()}.pt"
@@ -383,9 +400,15 @@ def main() -> None:
                 del procs[name, seed]
             time.sleep(1)
     data.unlink(missing_ok=True)
+    write_sweep(out, args, rows, bar, bar_x0, names, seeds, records)
+
+
+def write_sweep(out: Path, args, rows: int, bar: dict, bar_x0: dict, names: list[str], seeds: list[int],
+                records: list[dict], extra: dict | None = None) -> None:
     result = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
-              "machine": machine_info(), "device": args.device, "rows": rows, "prompts": args.prompts, "teacher_4": bar, "teacher_4_x0_jumps": bar_x0, "recipes": {n: RECIPES[n] for n in names},
-              "seeds": seeds, "summary": summarize(records), "evaluations": records}
+              "machine": machine_info(), "device": args.device, "rows": rows, "prompts": args.prompts, "teacher_4": bar,
+              "teacher_4_x0_jumps": bar_x0, "recipes": {n: RECIPES[n] for n in names}, "seeds": seeds,
+              "summary": summarize(records), "evaluations": records, **(extra or {})}
     if args.out is None:
         out = write_result(out.stem, result)
     else:

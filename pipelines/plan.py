@@ -27,7 +27,7 @@ def render_plan(cfg: PipelineConfig) -> str:
         f"  mode {d.mode}" + (f" (LoRA rank {d.lora.rank}, alpha {d.lora.alpha or d.lora.rank})" if d.mode == "lora" else ""),
         f"  LoRA targets ({'student and fake score' if d.mode == 'lora' else 'fake score'}): {', '.join(d.lora.targets)}",
         f"  DeepSpeed ZeRO stage {d.zero_stage}; global batch {d.batch_size}; {d.steps} generator steps; "
-        f"lr {d.lr}; weight decay {d.weight_decay}; grad clip {d.grad_clip}",
+        f"lr {d.lr} (fake score {d.fake_lr or d.lr}); weight decay {d.weight_decay}; grad clip {d.grad_clip}",
         f"  loss = {losses.mmd.weight}·MMD({losses.mmd.kernel}, grid {list(losses.mmd.grid_range)}) "
         f"+ {losses.dmd.weight}·DMD(cfg {losses.dmd.guidance_scale}, grid {list(losses.dmd.grid_range)}) "
         f"+ {losses.gan.weight}·GAN; features after block {losses.feature_block}",
