@@ -16,10 +16,11 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swd_core.lora import DEFAULT_TARGETS
-from swd_core.schedules import GRID_STEPS, PRESETS, ScaleSchedule, preset
+from swd_core.schedules import GRID_STEPS, PRESETS, ScaleSchedule, family_sigma_grid, preset
 
 # Patch size per model family, so schedules can be validated before any weights are loaded.
-FAMILY_PATCH_SIZE = {"sd3": 2}
+# FLUX packs 2×2 latent patches into a token, so its scales divide by 2 as well.
+FAMILY_PATCH_SIZE = {"sd3": 2, "flux": 2}
 Stage = Literal["synthesize", "precompute", "distill", "evaluate", "deploy", "preview"]
 STAGES: tuple[str, ...] = get_args(Stage)
 
@@ -37,10 +38,11 @@ class TeacherConfig(Strict):
     """The teacher diffusion model that is distilled, and whose architecture the student shares."""
 
     path: str = Field(description="The teacher pipeline: a local diffusers folder, a Hugging Face Hub id "
-                                  "(e.g. stabilityai/stable-diffusion-3.5-medium), `builtin:toy-sd3` or "
-                                  "`builtin:tiny-sd3[?opts]`.")
-    family: Literal["sd3"] = Field("sd3", description="Model family; it selects the adapter code and the "
-                                                      "default patch size.")
+                                  "(e.g. stabilityai/stable-diffusion-3.5-medium), `builtin:toy-sd3`, "
+                                  "`builtin:tiny-sd3[?opts]` or `builtin:tiny-flux[?opts]`.")
+    family: Literal["sd3", "flux"] = Field(
+        "sd3", description="Model family (`sd3`: SD3 / SD3.5, `flux`: FLUX.1); it selects the adapter code, the "
+                           "default patch size and the sigma grid of the schedule and the losses (docs/flux.md).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the teacher's weights are loaded in (the student and fake score share it).")
     max_sequence_length: Annotated[int, Field(ge=0, le=512)] = Field(
@@ -52,6 +54,13 @@ class TeacherConfig(Strict):
     @property
     def resolved_patch_size(self) -> int:
         return self.patch_size or FAMILY_PATCH_SIZE[self.family]
+
+    @model_validator(mode="after")
+    def _flux_needs_t5(self):
+        if self.family == "flux" and self.max_sequence_length == 0:
+            raise ValueError("teacher.max_sequence_length: FLUX's transformer reads T5 tokens only (CLIP gives the "
+                             "pooled vector); give the T5 length, e.g. 512 for FLUX.1-dev")
+        return self
 
 
 class DataSource(Strict):
@@ -141,7 +150,7 @@ class ScheduleConfig(Strict):
                                                  "`toy_4step`); null: explicit `scales`.")
     scales: list[int] | None = Field(None, description="Latent side per sampling step, increasing (e.g. [32, 48, 64, 80, 96, 128]).")
     boundaries: list[int] | None = Field(
-        None, description="Per step, its index into the 28-step sigma grid (0 = sigma 1.0); one per scale.")
+        None, description="Per step, its index into the teacher family's 28-step sigma grid (0 = sigma 1.0); one per scale.")
     sigmas: list[float] | None = Field(None, description="Per step, its noise level in (0, 1], decreasing; one per scale.")
     scalewise: bool = Field(True, description="false: the full-resolution baseline, every step at the last scale "
                                               "with the same sigmas.")
@@ -166,11 +175,14 @@ class ScheduleConfig(Strict):
         self.build()  # ordering and one-sigma-per-scale checks, reported at this field
         return self
 
-    def build(self, patch_size: int | None = None) -> ScaleSchedule:
+    def build(self, patch_size: int | None = None, family: str = "sd3") -> ScaleSchedule:
+        """The schedule; `boundaries` index the family's sigma grid (`swd_core.schedules.family_sigma_grid`)."""
+        scales = PRESETS[self.preset]["scales"] if self.preset is not None else self.scales
+        grid = None if family == "sd3" else family_sigma_grid(family, scales[-1], patch_size or 2)
         if self.preset is not None:
-            schedule = preset(self.preset, patch_size)
+            schedule = preset(self.preset, patch_size, grid)
         elif self.boundaries is not None:
-            schedule = ScaleSchedule.from_boundaries(self.scales, self.boundaries, patch_size)
+            schedule = ScaleSchedule.from_boundaries(self.scales, self.boundaries, patch_size, grid)
         else:
             schedule = ScaleSchedule(tuple(self.scales), tuple(self.sigmas), None, patch_size)
         return schedule if self.scalewise else schedule.full_resolution()
@@ -653,7 +665,7 @@ class PipelineConfig(Strict):
         return "shapes" if self.teacher.path == TOY_TEACHER or shapes_data else "prompts"
 
     def schedule(self) -> ScaleSchedule:
-        return self.distill.schedule.build(self.teacher.resolved_patch_size)
+        return self.distill.schedule.build(self.teacher.resolved_patch_size, self.teacher.family)
 
     @property
     def run_dir(self) -> str:

@@ -109,6 +109,14 @@ def open_store(cfg: PipelineConfig) -> Store:
     if manifest is None:
         raise StoreMismatchError(f"no precomputed store at {uri} (no {MANIFEST}); run the precompute stage first: "
                                  f"python pipelines/distill.py --config <definition> --stages precompute")
+    stored_family = manifest.get("teacher", {}).get("family", "sd3")  # stores before FLUX were SD3's
+    if stored_family != cfg.teacher.family:
+        # first and alone: another family's embeddings and latents differ in every other field too
+        raise StoreMismatchError(
+            f"the store at {uri} holds a {stored_family!r} teacher's text embeddings and latents "
+            f"({manifest.get('teacher', {}).get('path')!r}), and this definition's teacher is family "
+            f"{cfg.teacher.family!r} ({cfg.teacher.path!r}); precompute a store for it into another "
+            "`precompute.output`, or use the definition that made this one")
     diffs = manifest_differences(manifest, expected_manifest(cfg))
     if diffs:
         raise StoreMismatchError(f"the store at {uri} does not match this pipeline definition:\n  - "

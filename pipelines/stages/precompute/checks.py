@@ -70,9 +70,10 @@ def load_rgb(data: bytes) -> tuple[np.ndarray, str | None]:
 
 
 @lru_cache(maxsize=4)
-def caption_limit(teacher: str, max_sequence_length: int):
+def caption_limit(teacher: str, max_sequence_length: int, family: str = "sd3"):
     """(tokenizer, token limit) deciding an over-long caption: the longest window any text
-    encoder sees — T5's `max_sequence_length` when the teacher has T5, else CLIP's."""
+    encoder sees — T5's `max_sequence_length` when the teacher has T5, else CLIP's. T5 is
+    SD3's third tokenizer and FLUX's second."""
     import json
     from pathlib import Path
 
@@ -82,9 +83,10 @@ def caption_limit(teacher: str, max_sequence_length: int):
 
     path = resolve_pretrained(teacher)
     index = Path(path) / "model_index.json"
-    has_t5 = index.exists() and (json.loads(index.read_text()).get("tokenizer_3") or [None])[0] is not None
+    t5 = "tokenizer_2" if family == "flux" else "tokenizer_3"
+    has_t5 = index.exists() and (json.loads(index.read_text()).get(t5) or [None])[0] is not None
     if has_t5 and max_sequence_length > 0:
-        tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3")
+        tok = AutoTokenizer.from_pretrained(path, subfolder=t5)
         return tok, max_sequence_length
     tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     return tok, int(tok.model_max_length)
@@ -123,7 +125,7 @@ def check_row(image: bytes | None, caption: str | None, missing: str | None, spe
         raise Refused("empty_caption", "the caption is empty" + (" without its control characters" if removed else ""))
     if long_captions not in LONG_CAPTIONS:
         raise ValueError(f"long_captions must be one of {LONG_CAPTIONS}, got {long_captions!r}")
-    tok, limit = caption_limit(spec.teacher, spec.max_sequence_length)
+    tok, limit = caption_limit(spec.teacher, spec.max_sequence_length, spec.family)
     n = len(tok(caption.strip())["input_ids"])
     if n > limit:
         if long_captions == "quarantine":

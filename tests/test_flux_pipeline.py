@@ -1,0 +1,117 @@
+"""A FLUX.1 teacher through the pipeline's stages on the shared local Ray cluster: precompute writes
+a FLUX store, and distill refuses a store of the other family. The same stage code as SD3's; the
+family comes from the definition."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.schema import parse_pipeline_config
+
+pytestmark = pytest.mark.ray
+
+TINY_FLUX = "builtin:tiny-flux"
+PROMPTS = ["a red circle", "a blue square on a black background"]
+
+
+def definition(tmp: Path, name: str, family: str = "flux", store: str = "store_flux", **distill) -> dict:
+    teacher = ({"path": TINY_FLUX, "family": "flux", "max_sequence_length": 16} if family == "flux"
+               else {"path": "builtin:toy-sd3", "max_sequence_length": 0})
+    d = {
+        "schedule": {"scales": [8, 16], "boundaries": [0, 14]},
+        # tiny-flux has 2 double-stream blocks; FLUX.1-dev's teacher guidance is its embedding
+        "losses": {"feature_block": 1, "dmd": {"guidance_scale": 3.5}},
+        "mode": "lora", "lora": {"rank": 4}, "zero_stage": 2,
+        "batch_size": 4, "steps": 2, "lr": 1e-3, "fake_updates": 1, "checkpoint_every": 2, "log_every": 1,
+    }
+    d.update(distill)
+    return {
+        "name": name, "teacher": teacher,
+        "data": {"sources": [{"path": "builtin:shapes", "format": "shapes", "limit": 16}], "preview_prompts": PROMPTS},
+        "precompute": {"batch_size": 8, "actors": 1, "cpus_per_actor": 1, "output": str(tmp / store)},
+        "distill": d,
+        "evaluate": {"num_prompts": 4, "teacher_steps": 4, "teacher_guidance_scale": 3.5, "batch_size": 4,
+                     "latency_repeats": 1, "grid_prompts": 2},
+        "resources": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "SPREAD",
+                      "storage": str(tmp / "runs")},
+    }
+
+
+@pytest.fixture(scope="module")
+def flux_store(tmp_path_factory, ray_cluster):
+    from pipelines.stages import precompute
+
+    tmp = tmp_path_factory.mktemp("flux")
+    cfg = parse_pipeline_config(definition(tmp, "store"))
+    return tmp, cfg, precompute.run(cfg)
+
+
+def test_precompute_writes_a_flux_store(flux_store):
+    """CLIP-L pooled + T5 tokens, and unpacked 16-channel latents with the VAE's shift and scale at
+    every scale of the schedule, equal to the adapter's own encoding; the manifest names the family."""
+    from pipelines import store
+    from pipelines.stages.precompute import load_rgb, sample_id, square_pixels
+    from swd_core.adapters import load_adapter
+    from swd_core.scale_ops import downscale_pixels
+    from swd_core.toy.shapes import dataset
+
+    tmp, cfg, result = flux_store
+    assert result["new_rows"] == 16
+    st = store.open_store(cfg)
+    m = st.manifest
+    assert m["teacher"]["family"] == "flux" and st.scales == [8, 16] and m["latent_channels"] == 16
+    assert m["vae"]["shift_factor"] == pytest.approx(0.1) and m["vae"]["scaling_factor"] == pytest.approx(0.5)
+    adapter = load_adapter("flux", TINY_FLUX, max_sequence_length=16, load_transformer=False)
+    assert m["text"]["prompt_embeds_shape"] == [16, adapter.pipe.text_encoder_2.config.d_model]  # T5 tokens
+    assert m["text"]["pooled_shape"] == [adapter.pipe.text_encoder.config.hidden_size]  # CLIP pooled
+    rows = {}
+    for batch in st.dataset().iter_batches(batch_format="numpy", batch_size=16):
+        dec = st.decode(batch)
+        rows.update({sid: {k: v[i] for k, v in dec.items()} for i, sid in enumerate(dec["sample_id"])})
+    assert len(rows) == 16
+    _, sample, im = next(dataset(0, 1))  # the first generated row, encoded here by hand
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    image, caption = buf.getvalue(), sample.caption
+    row = rows[sample_id(image, caption)]
+    with torch.no_grad():
+        text = adapter.encode_prompts([caption.strip()])
+        px = square_pixels(load_rgb(image)[0])
+        expected = {"prompt_embeds": text.prompt_embeds[0], "pooled_prompt_embeds": text.pooled[0]}
+        for s in (8, 16):
+            z = adapter.vae.encode(downscale_pixels(px, s * 4)).latent_dist.mode()
+            expected[f"latents_{s}"] = ((z - 0.1) * 0.5)[0]  # the VAE's shift and scale, unpacked (C, s, s)
+    for k, v in expected.items():
+        got = torch.as_tensor(row[k]).float()
+        assert got.shape == v.shape, k
+        torch.testing.assert_close(got, v.to(torch.float16).float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def sd3_store(flux_store):
+    from pipelines.stages import precompute
+
+    tmp = flux_store[0]
+    precompute.run(parse_pipeline_config(definition(tmp, "store_sd3", family="sd3", store="store_sd3")))
+    return tmp
+
+
+@pytest.mark.parametrize("family,store_of", [("flux", "store_sd3"), ("sd3", "store_flux")])
+def test_distill_refuses_another_familys_store_before_training(flux_store, sd3_store, family, store_of):
+    from pipelines.stages import distill
+    from pipelines.store import StoreMismatchError
+
+    tmp = flux_store[0]
+    cfg = parse_pipeline_config(definition(tmp, f"wrong_{family}", family=family, store=store_of))
+    with pytest.raises(StoreMismatchError) as err:
+        distill.run(cfg)
+    other = "sd3" if family == "flux" else "flux"
+    message = str(err.value)
+    assert f"'{other}'" in message and f"family '{family}'" in message and str(tmp / store_of) in message
+    assert not (tmp / "runs" / f"wrong_{family}").exists()  # refused before Ray Train made its run folder
