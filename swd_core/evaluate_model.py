@@ -183,17 +183,23 @@ class ShapesScorer:
         return self.fd(feats)
 
 
-def load_exported_student(folder: str, family: str = "sd3", dtype: str = "float32", device: str = "cpu"):
+def load_exported_student(folder: str, family: str | None = None, dtype: str = "float32", device: str = "cpu"):
     """An exported student (`swd_core.export.export_merged_pipeline`) as (adapter, schedule,
     record): the project's own sampler with the exported sigmas and scales, the same code path
-    that samples the teacher."""
+    that samples the teacher. The family is the folder's (`swd_schedule.json`); `family`, when
+    given, is what the caller expects, and another one is refused."""
     from swd_core.adapters import load_adapter
     from swd_core.export import read_schedule
     from swd_core.schedules import ScaleSchedule
 
     record = read_schedule(folder)
-    adapter = load_adapter(family, str(folder), dtype=dtype, device=device,
-                           max_sequence_length=record["max_sequence_length"])
+    stored = record.get("family", "sd3")  # exports before FLUX were SD3's
+    if family is not None and family != stored:
+        raise ValueError(f"{folder} is an exported {stored!r} student and the definition's teacher is family "
+                         f"{family!r}; point the definition at a {family!r} export")
+    extra = {"guidance_scale": record["guidance_scale"]} if stored == "flux" else {}
+    adapter = load_adapter(stored, str(folder), dtype=dtype, device=device,
+                           max_sequence_length=record["max_sequence_length"], **extra)
     boundaries = tuple(record["boundaries"]) if record.get("boundaries") else None
     schedule = ScaleSchedule(tuple(record["scales"]), tuple(record["sigmas"]), boundaries, adapter.patch_size)
     return adapter, schedule, record

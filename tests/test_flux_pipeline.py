@@ -1,6 +1,6 @@
 """A FLUX.1 teacher through the pipeline's stages on the shared local Ray cluster: precompute writes
-a FLUX store, and distill refuses a store of the other family. The same stage code as SD3's; the
-family comes from the definition."""
+a FLUX store, distill trains on it with 2 Ray Train workers and DeepSpeed ZeRO-2, distill refuses
+a store of the other family. The same stage code as SD3's; the family comes from the definition and the export's swd_schedule.json."""
 
 from __future__ import annotations
 
@@ -115,3 +115,29 @@ def test_distill_refuses_another_familys_store_before_training(flux_store, sd3_s
     message = str(err.value)
     assert f"'{other}'" in message and f"family '{family}'" in message and str(tmp / store_of) in message
     assert not (tmp / "runs" / f"wrong_{family}").exists()  # refused before Ray Train made its run folder
+
+
+@pytest.fixture(scope="module")
+def flux_run(flux_store):
+    from pipelines.stages import distill
+
+    tmp = flux_store[0]
+    cfg = parse_pipeline_config(definition(tmp, "flux_run"))
+    return cfg, distill.run(cfg)
+
+
+def test_distill_trains_a_flux_student_with_two_workers_and_zero2(flux_run):
+    from safetensors.torch import load_file
+
+    cfg, out = flux_run
+    m = out["final_metrics"]
+    assert m["step"] == 2 and {"mmd", "dmd", "gan_g", "fake_denoise", "gan_d"} <= set(m)
+    assert all(np.isfinite(m[k]) for k in ("mmd", "dmd", "gan_g", "fake_denoise", "gan_d"))
+    assert len(out["workers"]) == 2
+    student = Path(out["student"])
+    record = json.loads((student / "merged" / "swd_schedule.json").read_text())
+    # the export samples with the run's FLUX sigmas and the guidance the student's embedding saw
+    assert record["family"] == "flux" and record["sigmas"] == list(cfg.schedule().sigmas)
+    assert record["guidance_scale"] == 3.5 and (student / "merged" / "pipeline.py").exists()
+    lora = load_file(student / "lora" / "pytorch_lora_weights.safetensors")
+    assert lora and any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at 0: trained

@@ -25,6 +25,24 @@ def _nets(adapter, full: bool = False) -> Networks:
     return Networks(adapter, GANHead(dim), feature_block=1, student_transformer=student)
 
 
+@pytest.fixture(params=["sd3", "flux"])
+def family_adapter(request):
+    """A fresh small teacher of each family (random weights, loaded through from_pretrained)."""
+    from swd_core.adapters import load_adapter
+    from tests.conftest import TINY
+
+    if request.param == "sd3":
+        return load_adapter("sd3", TINY, max_sequence_length=0)
+    return load_adapter("flux", "builtin:tiny-flux", max_sequence_length=16)
+
+
+def _grid(adapter, schedule) -> tuple[float, ...]:
+    """The run's sigma grid of the adapter's family (what `loss_settings` gives the losses)."""
+    from swd_core.schedules import family_sigma_grid
+
+    return tuple(family_sigma_grid(adapter.family, schedule.final_scale, adapter.patch_size).tolist())
+
+
 def _batch(adapter, schedule, b=2):
     g = torch.Generator().manual_seed(0)
     lat = {s: torch.randn(b, adapter.latent_channels, s, s, generator=g) for s in schedule.scales}
@@ -50,10 +68,11 @@ def test_student_input_by_hand(toy_schedule):
     {"mmd_weight": 0.0, "dmd_weight": 1.0, "gan_weight": 0.0},
     {"mmd_weight": 0.0, "dmd_weight": 0.0, "gan_weight": 1.0},
 ])
-def test_generator_loss_trains_only_the_student(tiny_adapter, toy_schedule, terms):
+def test_generator_loss_trains_only_the_student(family_adapter, toy_schedule, terms):
+    tiny_adapter = family_adapter
     nets = _nets(tiny_adapter)
     lat, text = _batch(tiny_adapter, toy_schedule)
-    settings = LossSettings(feature_block=1, guidance_scale=4.5, **terms)
+    settings = LossSettings(feature_block=1, guidance_scale=4.5, grid=_grid(tiny_adapter, toy_schedule), **terms)
     i = 1
     x, sigma = student_input(lat, toy_schedule, i, torch.Generator().manual_seed(1))
     with frozen(nets.fake_parameters()):
@@ -91,10 +110,11 @@ def test_dmd_runs_only_from_its_min_scale(tiny_adapter, toy_schedule, monkeypatc
     assert teacher_calls == [16]  # the teacher ran at the 16 scale only
 
 
-def test_fake_update_trains_only_fake_and_head(tiny_adapter, toy_schedule):
+def test_fake_update_trains_only_fake_and_head(family_adapter, toy_schedule):
+    tiny_adapter = family_adapter
     nets = _nets(tiny_adapter)
     lat, text = _batch(tiny_adapter, toy_schedule)
-    settings = LossSettings(feature_block=1)
+    settings = LossSettings(feature_block=1, grid=_grid(tiny_adapter, toy_schedule))
     with torch.no_grad():
         x, sigma = student_input(lat, toy_schedule, 3, torch.Generator().manual_seed(1))
         x0 = x0_from_velocity(x, nets.student(x, sigma, text), sigma)

@@ -40,10 +40,13 @@ def deepspeed_config(cfg: PipelineConfig, lr: float, zero_stage: int, micro_batc
 
 
 def loss_settings(cfg: PipelineConfig):
+    from swd_core.schedules import family_sigma_grid
     from swd_core.training import LossSettings
 
     losses = cfg.distill.losses
-    return LossSettings(
+    # the grid the schedule's boundaries index: the loss ranges index the same one
+    grid = family_sigma_grid(cfg.teacher.family, cfg.schedule().final_scale, cfg.teacher.resolved_patch_size)
+    return LossSettings(grid=tuple(grid.tolist()),
         feature_block=losses.feature_block,
         mmd_weight=losses.mmd.weight, mmd_kernel=losses.mmd.kernel, mmd_c=losses.mmd.c,
         rbf_bandwidth=losses.mmd.rbf_bandwidth, mmd_range=tuple(losses.mmd.grid_range),
