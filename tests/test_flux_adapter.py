@@ -165,3 +165,22 @@ def test_an_exported_flux_student_samples_scalewise_through_diffusers_alone(tmp_
     assert torch.allclose(ours, stock, atol=1e-4), (ours - stock).abs().max()
     image = pipe("a red circle", scales=swd["scales"], sigmas=swd["sigmas"], max_sequence_length=16).images[0]
     assert image.size == (64, 64)
+
+
+def test_an_exported_student_loads_with_its_folders_family_and_guidance(tmp_path):
+    """Evaluate, the export's sample grid and serving load a student through `load_exported_student`:
+    the family and the embedded guidance are the folder's (swd_schedule.json), and a definition of
+    the other family is refused."""
+    from swd_core.evaluate_model import load_exported_student
+    from swd_core.export import export_merged_pipeline
+
+    spec = "builtin:tiny-flux?layers=1"
+    teacher = load_adapter("flux", spec, max_sequence_length=16)
+    schedule = preset("toy_4step", patch_size=2)
+    out = export_merged_pipeline(spec, tmp_path / "merged", schedule, transformer=teacher.transformer,
+                                 max_sequence_length=16, family="flux", guidance_scale=2.0)
+    student, loaded, record = load_exported_student(str(out))
+    assert isinstance(student, FluxAdapter) and student.guidance_scale == 2.0 and loaded == schedule
+    assert load_exported_student(str(out), "flux")[0].guidance_scale == 2.0
+    with pytest.raises(ValueError, match="exported 'flux' student.*family 'sd3'"):
+        load_exported_student(str(out), "sd3")

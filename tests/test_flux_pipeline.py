@@ -1,6 +1,7 @@
 """A FLUX.1 teacher through the pipeline's stages on the shared local Ray cluster: precompute writes
-a FLUX store, distill trains on it with 2 Ray Train workers and DeepSpeed ZeRO-2, distill refuses
-a store of the other family. The same stage code as SD3's; the family comes from the definition and the export's swd_schedule.json."""
+a FLUX store, distill trains on it with 2 Ray Train workers and DeepSpeed ZeRO-2, evaluate reports
+on the exported student and deploy answers a real HTTP request with it. The same stage code as
+SD3's; the family comes from the definition and the export's swd_schedule.json."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
+from PIL import Image
 
 from pipelines.schema import parse_pipeline_config
 
@@ -133,7 +136,7 @@ def test_distill_trains_a_flux_student_with_two_workers_and_zero2(flux_run):
     m = out["final_metrics"]
     assert m["step"] == 2 and {"mmd", "dmd", "gan_g", "fake_denoise", "gan_d"} <= set(m)
     assert all(np.isfinite(m[k]) for k in ("mmd", "dmd", "gan_g", "fake_denoise", "gan_d"))
-    assert len(out["workers"]) == 2
+    assert m["nodes"] == 2 and len(out["workers"]) == 2
     student = Path(out["student"])
     record = json.loads((student / "merged" / "swd_schedule.json").read_text())
     # the export samples with the run's FLUX sigmas and the guidance the student's embedding saw
@@ -141,3 +144,50 @@ def test_distill_trains_a_flux_student_with_two_workers_and_zero2(flux_run):
     assert record["guidance_scale"] == 3.5 and (student / "merged" / "pipeline.py").exists()
     lora = load_file(student / "lora" / "pytorch_lora_weights.safetensors")
     assert lora and any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at 0: trained
+
+
+def test_evaluate_reports_on_the_flux_student(flux_run):
+    from pipelines.stages import evaluate
+
+    cfg, _ = flux_run
+    out = evaluate.run(cfg)
+    assert out["student_found"]
+    report = json.loads(Path(out["report_json"]).read_text())
+    assert report["student"]["schedule"]["family"] == "flux"
+    names = [m["name"] for m in report["models"]]
+    assert names == ["teacher_4_cfg", "teacher_2", "swd_2"]
+    for m in report["models"]:
+        assert 0 <= m["prompt_accuracy"] <= 1 and np.isfinite(m["fd"])
+    assert Path(out["grid"]).exists()
+
+
+def test_deploy_answers_an_http_request_with_the_flux_student(flux_run, ray_cluster):
+    from ray import serve
+
+    from pipelines.ray_compat import serve_http_address
+    from pipelines.serve import build_app
+    from pipelines.serve.model import load_student, render_pngs
+    from tests.conftest import free_port
+
+    cfg, out = flux_run
+    merged = str(Path(out["student"]) / "merged")
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_validate(
+        {"model": merged, "app_name": "swd-test-flux", "route_prefix": "/flux", "host": "127.0.0.1",
+         "max_batch_size": 1, "cpus_per_replica": 1, "deterministic_batching": True})})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
+    _, port = serve_http_address()
+    serve.run(build_app(cfg), name="swd-test-flux", route_prefix="/flux", blocking=False)
+    try:
+        r = requests.post(f"http://127.0.0.1:{port}/flux/v1/images/generations",
+                          json={"prompt": PROMPTS[0], "seed": 3}, timeout=120)
+        assert r.status_code == 200, r.text
+        import base64
+
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
+        assert got.shape == (64, 64, 3)
+        model = load_student(cfg, merged, "flux")
+        assert model.adapter.family == "flux" and model.adapter.guidance_scale == 3.5
+        expected = np.asarray(Image.open(io.BytesIO(render_pngs(model, [PROMPTS[0]], [3], 1)[0])).convert("RGB"))
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # the offline sampler's image
+    finally:
+        serve.delete("swd-test-flux")

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from swd_core.adapters import FamilyAdapter, load_adapter
-from swd_core.export import read_schedule
+from swd_core.adapters import FamilyAdapter
+from swd_core.evaluate_model import load_exported_student
 from swd_core.generate import generate_images
 from swd_core.schedules import ScaleSchedule
 from pipelines.schema import PipelineConfig
@@ -60,10 +60,8 @@ def load_student(cfg: PipelineConfig, source: str, model_id: str, device: str = 
     if not folder.exists():
         raise FileNotFoundError(f"no exported student at {source}: run the distill stage, or set serve.model "
                                 "to an exported folder (local path or s3://)")
-    record = read_schedule(folder)
-    adapter = load_adapter(cfg.teacher.family, str(folder), dtype=cfg.teacher.dtype, device=device,
-                           max_sequence_length=record["max_sequence_length"])
-    schedule = ScaleSchedule(record["scales"], record["sigmas"], record.get("boundaries"), adapter.patch_size)
+    # the evaluate stage's loader: the folder's family and embedded guidance (swd_schedule.json)
+    adapter, schedule, record = load_exported_student(str(folder), cfg.teacher.family, cfg.teacher.dtype, device)
     return ServedModel(source, model_id, adapter, schedule, record)
 
 
