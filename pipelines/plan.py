@@ -10,6 +10,8 @@ def render_plan(cfg: PipelineConfig) -> str:
     schedule = cfg.schedule()
     d, r, sy, ev = cfg.distill, cfg.resources, cfg.synthesize, cfg.evaluate
     losses = d.losses
+    # FLUX.1-dev's teacher guidance is its guidance embedding, one pass (swd_core.adapters.flux)
+    guidance = "guidance embedding" if cfg.teacher.family == "flux" else "cfg"
     out = [f"pipeline {cfg.name!r}", "", "teacher:",
            f"  {cfg.teacher.path}  (family {cfg.teacher.family}, dtype {cfg.teacher.dtype}, "
            f"patch {cfg.teacher.resolved_patch_size}, text tokens T5 {cfg.teacher.max_sequence_length})",
@@ -29,7 +31,7 @@ def render_plan(cfg: PipelineConfig) -> str:
         f"  DeepSpeed ZeRO stage {d.zero_stage}; global batch {d.batch_size}; {d.steps} generator steps; "
         f"lr {d.lr} (fake score {d.fake_lr or d.lr}); weight decay {d.weight_decay}; grad clip {d.grad_clip}",
         f"  loss = {losses.mmd.weight}·MMD({losses.mmd.kernel}, grid {list(losses.mmd.grid_range)}) "
-        f"+ {losses.dmd.weight}·DMD(cfg {losses.dmd.guidance_scale}, grid {list(losses.dmd.grid_range)}) "
+        f"+ {losses.dmd.weight}·DMD({guidance} {losses.dmd.guidance_scale}, grid {list(losses.dmd.grid_range)}) "
         f"+ {losses.gan.weight}·GAN; features after block {losses.feature_block}",
         f"  per iteration: {d.fake_updates} fake-score update(s), then 1 generator update, at one scale (round robin)",
         f"  checkpoints and validation every {d.checkpoint_every} iterations ({d.checkpoint_every // schedule.num_steps} "

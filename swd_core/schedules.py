@@ -166,6 +166,8 @@ PRESETS: dict[str, dict[str, list[int]]] = {
     "sd35_medium_6step": {"scales": [32, 48, 64, 80, 96, 128], "boundaries": [0, 4, 7, 12, 14, 18]},
     "sd35_medium_4step": {"scales": [64, 80, 96, 128], "boundaries": [0, 7, 14, 18]},
     "sd35_large_4step": {"scales": [64, 80, 96, 128], "boundaries": [0, 7, 14, 18]},
+    # SD3.5 Large's scales and grid indices; the indices pick from FLUX's grid (`family_sigma_grid`)
+    "flux1_dev_4step": {"scales": [64, 80, 96, 128], "boundaries": [0, 7, 14, 18]},
     "toy_4step": {"scales": [8, 10, 12, 16], "boundaries": [0, 7, 14, 18]},
     "toy_6step": {"scales": [4, 6, 8, 10, 12, 16], "boundaries": [0, 4, 7, 12, 14, 18]},
 }

@@ -31,6 +31,27 @@ def test_published_presets():
     assert large.distill.batch_size == 32
 
 
+def test_flux_definition_indexes_flux_grid_and_embeds_guidance(capsys):
+    """The FLUX.1-dev definition: SD3.5 Large's scales and grid indices, its sigmas from FLUX's grid
+    at the final size (not SD3's), and the DMD teacher's guidance as the embedding (dry run)."""
+    from swd_core.schedules import family_sigma_grid
+
+    path = MEDIUM6.with_name("flux1_dev_4step.yaml")
+    flux = load_pipeline_config(path)
+    large = load_pipeline_config(MEDIUM6.with_name("sd35_large_4step.yaml"))
+    s = flux.schedule()
+    assert flux.teacher.family == "flux" and s.scales == large.schedule().scales and s.boundaries == large.schedule().boundaries
+    grid = family_sigma_grid("flux", s.final_scale)
+    assert s.sigmas == tuple(float(grid[b]) for b in s.boundaries) and s.sigmas != large.schedule().sigmas
+    assert flux.distill.batch_size % flux.resources.num_workers == 0
+    assert main(["--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "family flux" in out and f"DMD(guidance embedding {flux.distill.losses.dmd.guidance_scale}" in out
+    with pytest.raises(PipelineConfigError, match="T5"):
+        parse_pipeline_config({**yaml.safe_load(path.read_text()),
+                               "teacher": {"path": "x", "family": "flux", "max_sequence_length": 0}})
+
+
 def test_dry_run_prints_the_published_schedule(capsys):
     assert main(["--config", str(MEDIUM6), "--dry-run"]) == 0
     out = capsys.readouterr().out
