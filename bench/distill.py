@@ -23,6 +23,13 @@ SD3.5-Medium-wide transformer (1536 wide, random weights) at the paper's Medium 
     python bench/distill.py --device cuda --batch 8 --rounds 2 \
         --definition pipelines/configs/sd35_medium_6step.yaml    # -> distill_sd35_medium_6step_cuda.json
 
+`--family flux` runs the same cases at FLUX.1's width (3072 = 24 heads × 128, its RoPE axes, 16
+latent channels packed 2×2) with random weights and a fraction of FLUX.1-dev's 19 double- and 38
+single-stream blocks (`--model`; the result's `flux_blocks` states how many), on the FLUX.1-dev
+definition's scales (FLUX's sigma grid) and its 512 T5 tokens:
+
+    python bench/distill.py --family flux --device cuda --ratio-only   # -> distill_flux1_dev_4step_cuda.json
+
 Every result also carries `flop_model_ratio`: the ratio the FLOPs alone allow (arithmetic from
 the transformer's config, the scales and the text length, not a measurement). It shows which
 schedule a published ratio can come from: Medium's 4-step scales allow no less than ~0.50 (16
@@ -49,6 +56,12 @@ TOY = ROOT / "pipelines" / "configs" / "toy.yaml"
 MEDIUM = ROOT / "pipelines" / "configs" / "sd35_medium_4step.yaml"  # --definition's default
 # SD3.5-Medium's width (24 heads x 64) and latent size, half its depth, tiny text encoders
 MEDIUM_LIKE = "builtin:tiny-sd3?layers=12&heads=24&head_dim=64&sample_size=128"
+FLUX_DEV = ROOT / "pipelines" / "configs" / "flux1_dev_4step.yaml"  # --family flux's default definition
+# FLUX.1-dev's width (24 heads x 128, RoPE axes 16/56/56) and latent size, 5 of its 19 double- and
+# 10 of its 38 single-stream blocks (~3 B parameters: micro-batch 2 fits an 80 GB GPU), tiny text encoders
+FLUX_LIKE = ("builtin:tiny-flux?layers=5&single_layers=10&heads=24&head_dim=128&rope_axes=16,56,56"
+             "&sample_size=128")
+FLUX1_DEV_BLOCKS = {"double": 19, "single": 38}  # FLUX.1-dev's transformer config (num_layers, num_single_layers)
 
 
 def _case(args) -> dict:
@@ -82,7 +95,8 @@ def _case(args) -> dict:
     if args.model:
         teacher["path"] = args.model
         d["losses"]["feature_block"] = min(d["losses"]["feature_block"], args.model_blocks - 1)
-        teacher["max_sequence_length"] = 0  # builtin models have CLIP encoders only
+        # builtin SD3s have CLIP encoders only; a builtin FLUX's T5 reads its tokenizer's length
+        teacher["max_sequence_length"] = _builtin_text_length(args.model) if teacher["family"] == "flux" else 0
     cfg = cfg.model_copy(update={"distill": type(cfg.distill).model_validate(d),
                                  "teacher": type(cfg.teacher).model_validate(teacher)})
     schedule = cfg.schedule()
@@ -92,12 +106,19 @@ def _case(args) -> dict:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     engine_g, engine_f = build_engines(cfg, nets, args.batch, bf16=cuda)
 
-    text = adapter.encode_prompts(["a large red circle in the center"] * args.batch)
-    uncond = adapter.empty_prompt()
+    if adapter.pipe.text_encoder is not None:
+        text = adapter.encode_prompts(["a large red circle in the center"] * args.batch)
+        uncond = adapter.empty_prompt()
+    else:  # training loads no text encoders: random embeddings of the transformer's widths (values cost nothing)
+        c = nets.base.config
+        tokens = max(1, cfg.teacher.max_sequence_length)
+        text, uncond = (TextEmbeddings(torch.randn(n, tokens, c.joint_attention_dim, generator=torch.Generator().manual_seed(n)),
+                                       torch.randn(n, c.pooled_projection_dim, generator=torch.Generator().manual_seed(n)))
+                        .to(device, adapter.dtype) for n in (args.batch, 1))
     if args.text_tokens:  # a real encoder's prompt length: the transformer's cost depends on it, not on the values
         text, uncond = (TextEmbeddings(torch.nn.functional.pad(t.prompt_embeds, (0, 0, 0, args.text_tokens - t.prompt_embeds.shape[1])),
                                        t.pooled) for t in (text, uncond))
-    flops = flop_model_ratio(nets.base.config, schedule.scales, text.prompt_embeds.shape[1])
+    flops = flop_model_ratio(nets.base.config, schedule.scales, text.prompt_embeds.shape[1], adapter.patch_size)
     g = torch.Generator().manual_seed(0)
     latents = {s: torch.randn(args.batch, adapter.latent_channels, s, s, generator=g).to(device)
                for s in set(schedule.scales)}
@@ -138,8 +159,18 @@ def _case(args) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None, "ops_per_iter": ops,
             "scales": list(schedule.scales), "text_tokens": text.prompt_embeds.shape[1], "flop_model_ratio": flops, "fake_updates": cfg.distill.fake_updates, "batch": args.batch,
+            "transformer_blocks": ({"double": nets.base.config.num_layers, "single": nets.base.config.num_single_layers}
+                                   if cfg.teacher.family == "flux" else {"joint": nets.base.config.num_layers}),
             "transformer_params": sum(p.numel() for p in nets.base.parameters() if p.requires_grad is False),
-            "model": cfg.teacher.path, "losses": {k: v for k, v in vars(settings).items() if k.endswith("weight")}}
+            "model": cfg.teacher.path, "family": cfg.teacher.family,
+            "width": nets.base.config.num_attention_heads * nets.base.config.attention_head_dim,
+            "losses": {k: v for k, v in vars(settings).items() if k.endswith("weight")}}
+
+
+def _builtin_text_length(model: str) -> int:
+    from swd_core.tiny_models import parse_builtin
+
+    return parse_builtin(model).text_max_length if model.startswith("builtin:") else 512
 
 
 # aten ops that only re-describe memory; every other op launches work (about one GPU kernel)
@@ -166,15 +197,18 @@ def count_ops(fn) -> int:
     return counter.n
 
 
-def flop_model_ratio(config, scales, text_tokens: int) -> float:
+def flop_model_ratio(config, scales, text_tokens: int, patch_size: int | None = None) -> float:
     """Scale-wise over full-resolution transformer FLOPs for one pass at each scale. Per joint
     block, with N image tokens, T text tokens and width d: the projections and MLP cost
     24·(N+T)·d² and attention 4·(N+T)²·d (forward; backward scales both alike). Hand-written:
-    arithmetic about this model, which no library states."""
+    arithmetic about this model, which no library states. FLUX's single-stream blocks cost the
+    same per token (qkv 3d² + MLP in 4d² + out 5d², ×2). `patch_size`: latent cells per token side
+    (FLUX packs 2×2 outside its transformer, whose config says 1)."""
     d = config.num_attention_heads * config.attention_head_dim
+    patch = patch_size or config.patch_size
 
     def block(side: int) -> float:
-        tokens = (side // config.patch_size) ** 2 + text_tokens
+        tokens = (side // patch) ** 2 + text_tokens
         return 24 * tokens * d * d + 4 * tokens * tokens * d
 
     return sum(block(s) for s in scales) / (len(scales) * block(scales[-1]))
@@ -185,7 +219,7 @@ def _run(name: str, extra: list[str], args, port: int, root: Path = ROOT) -> dic
     cmd = [sys.executable, str(root / "bench" / "distill.py"), "--case", "--port", str(port), "--batch", str(args.batch),
            "--definition", str(args.definition),
            "--rounds", str(args.rounds), "--threads", str(args.threads), "--device", args.device,
-           "--text-tokens", str(args.text_tokens), *extra]
+           "--text-tokens", str(args.text_tokens), "--family", args.family, *extra]
     print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     line = next((ln for ln in proc.stdout.splitlines()[::-1] if ln.startswith("RESULT ")), None)
@@ -199,7 +233,10 @@ def _run(name: str, extra: list[str], args, port: int, root: Path = ROOT) -> dic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8, help="per-worker batch")
+    p.add_argument("--batch", type=int, default=None, help="per-worker batch (default 8; --family flux: 2)")
+    p.add_argument("--family", choices=["sd3", "flux"], default="sd3",
+                   help="flux: every case at FLUX.1's width on the FLUX.1-dev definition (see above)")
+    p.add_argument("--out", type=Path, default=None, help="the result JSON (default: bench/results/<name>.json)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds over all scales")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--memory-model", default="builtin:tiny-sd3?layers=12&heads=8&head_dim=64",
@@ -226,6 +263,19 @@ def main() -> None:
     p.add_argument("--fake-updates", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--count-ops", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.family == "flux" and not args.case:
+        args.definition = FLUX_DEV if args.definition == MEDIUM else args.definition
+        args.model = args.model or FLUX_LIKE
+        args.setup = "medium"
+        if args.text_tokens == 0:  # FLUX.1-dev's 512 T5 tokens, the definition's length
+            from pipelines.schema import load_pipeline_config
+
+            args.text_tokens = load_pipeline_config(args.definition).teacher.max_sequence_length
+        if args.model.startswith("builtin:"):  # the feature block must be a double-stream block
+            from swd_core.tiny_models import parse_builtin
+
+            args.model_blocks = parse_builtin(args.model).layers
+    args.batch = args.batch or (2 if args.family == "flux" else 8)
     args.definition = args.definition.resolve()  # the cases run in their checkout's root
     if args.case:
         print("RESULT " + json.dumps(_case(args)), flush=True)
@@ -245,7 +295,7 @@ def main() -> None:
         "toy_two_copies": _run("toy_two_copies", ["--two-copies", "1", "--rounds", "1"], args, 29516),
     }
     cases["toy_shared"] = {"peak_rss_mb": cases["scalewise"]["peak_rss_mb"]}
-    _write("distill", cases, flop_model_ratio=cases["scalewise"]["flop_model_ratio"],
+    _write("distill", cases, out=args.out, flop_model_ratio=cases["scalewise"]["flop_model_ratio"],
            peak_rss_mb_shared=cases["memory_shared"]["peak_rss_mb"],
            peak_rss_mb_two_copies=cases["memory_two_copies"]["peak_rss_mb"],
            peak_rss_note=f"per worker process, LoRA mode, model {args.memory_model}; toy-sd3: "
@@ -265,16 +315,23 @@ def medium_cases(args) -> None:
         cases["mmd_only"] = _run("mmd_only", model + ["--mmd-only", "1"], args, 29523)
     definition = args.definition
     name = ("medium" if definition == MEDIUM else definition.stem) + (f"_t{args.text_tokens}" if args.text_tokens else "")
+    extra = {}
+    if args.family == "flux":
+        name = definition.stem  # 512 T5 tokens is FLUX.1-dev's own length
+        config = cases["scalewise"]["transformer_blocks"]
+        extra["flux_blocks"] = {**config, "of_flux1_dev": FLUX1_DEV_BLOCKS,
+                                "fraction": sum(config.values()) / sum(FLUX1_DEV_BLOCKS.values())}
     _write(f"distill_{name}_{args.device}", cases,
            model=args.model or MEDIUM_LIKE,
            definition=definition.relative_to(ROOT).as_posix() if definition.is_relative_to(ROOT) else str(definition),
            text_tokens=cases["scalewise"]["text_tokens"],
            flop_model_ratio=cases["scalewise"]["flop_model_ratio"],
            peak_gpu_mb_shared=cases["scalewise"]["peak_gpu_mb"],
-           peak_gpu_mb_two_copies=cases["two_copies"]["peak_gpu_mb"] if "two_copies" in cases else None)
+           peak_gpu_mb_two_copies=cases["two_copies"]["peak_gpu_mb"] if "two_copies" in cases else None,
+           family=args.family, width=cases["scalewise"]["width"], out=args.out, **extra)
 
 
-def _write(name: str, cases: dict, **fields) -> None:
+def _write(name: str, cases: dict, out: Path | None = None, **fields) -> None:
     """The timing summary every setup reports (write_result adds the machine), plus `fields`."""
     result = {
         "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
@@ -285,7 +342,7 @@ def _write(name: str, cases: dict, **fields) -> None:
         **fields,
         "cases": cases,
     }
-    path = write_result(name, result)
+    path = write_result(name, result, out)
     print(json.dumps({k: v for k, v in result.items() if k != "cases"}, indent=2))
     print(f"[bench] wrote {path}")
 
