@@ -58,7 +58,8 @@ MEDIUM = ROOT / "pipelines" / "configs" / "sd35_medium_4step.yaml"  # --definiti
 MEDIUM_LIKE = "builtin:tiny-sd3?layers=12&heads=24&head_dim=64&sample_size=128"
 FLUX_DEV = ROOT / "pipelines" / "configs" / "flux1_dev_4step.yaml"  # --family flux's default definition
 # FLUX.1-dev's width (24 heads x 128, RoPE axes 16/56/56) and latent size, 5 of its 19 double- and
-# 10 of its 38 single-stream blocks (~3 B parameters: micro-batch 2 fits an 80 GB GPU), tiny text encoders
+# 10 of its 38 single-stream blocks (~3 B parameters; ≈ 40 GB at micro-batch 2 by docs/cluster.md's
+# arithmetic, an estimate), tiny text encoders
 FLUX_LIKE = ("builtin:tiny-flux?layers=5&single_layers=10&heads=24&head_dim=128&rope_axes=16,56,56"
              "&sample_size=128")
 FLUX1_DEV_BLOCKS = {"double": 19, "single": 38}  # FLUX.1-dev's transformer config (num_layers, num_single_layers)

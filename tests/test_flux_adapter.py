@@ -184,3 +184,48 @@ def test_an_exported_student_loads_with_its_folders_family_and_guidance(tmp_path
     assert load_exported_student(str(out), "flux")[0].guidance_scale == 2.0
     with pytest.raises(ValueError, match="exported 'flux' student.*family 'sd3'"):
         load_exported_student(str(out), "sd3")
+
+
+def test_the_flux_docs_load_the_export_and_the_lora_with_diffusers_alone(tmp_path):
+    """docs/flux.md's two snippets, run as written on a tiny FLUX run folder (only the paths
+    swapped): the merged folder as a custom pipeline, and the LoRA on the stock teacher with the
+    folder's pipeline.py. Both give the same image for the same noise, and it is not the teacher's."""
+    import re
+    from pathlib import Path
+
+    import numpy as np
+
+    from swd_core.export import export_lora, export_merged_pipeline
+    from swd_core.lora import STUDENT, adapter_parameters, add_swd_adapters
+    from swd_core.tiny_models import resolve_pretrained
+
+    spec = "builtin:tiny-flux?layers=1"
+    student = load_adapter("flux", spec, max_sequence_length=16)
+    add_swd_adapters(student.transformer, rank=4, names=(STUDENT,))
+    torch.manual_seed(0)
+    for p in adapter_parameters(student.transformer, STUDENT):  # B = 0 at init: a "trained" adapter
+        torch.nn.init.normal_(p, std=0.05)
+    run = tmp_path / "run"
+    export_lora(student, run / "student" / "lora")
+    export_merged_pipeline(spec, run / "student" / "merged", preset("toy_4step", patch_size=2),
+                           lora_dir=run / "student" / "lora", max_sequence_length=16, family="flux", guidance_scale=3.5)
+    docs = (Path(__file__).parents[1] / "docs" / "flux.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", docs, flags=re.S)
+    assert len(snippets) == 2
+    swaps = {'"runs/flux1-dev-swd-4step/student/merged"': repr(str(run / "student" / "merged")),
+             '"runs/flux1-dev-swd-4step"': repr(str(run)),
+             '"black-forest-labs/FLUX.1-dev"': repr(resolve_pretrained(spec))}
+    images = []
+    for code in snippets:
+        for k, v in swaps.items():
+            code = code.replace(k, v)
+        ns = {}
+        torch.manual_seed(7)  # the snippets draw their noise from torch's global generator
+        exec(code, ns)
+        assert ns["image"].size == (ns["swd"]["output_size"],) * 2
+        images.append(np.asarray(ns["image"], dtype=int))
+    assert np.abs(images[0] - images[1]).max() <= 2  # merged == stock teacher + fused LoRA
+    teacher = load_adapter("flux", spec, max_sequence_length=16).transformer
+    to_q = ns["pipe"].transformer.transformer_blocks[0].attn.to_q
+    to_q = getattr(to_q, "base_layer", to_q)  # fused into the base weight of a peft layer
+    assert not torch.allclose(to_q.weight, teacher.transformer_blocks[0].attn.to_q.weight)
