@@ -191,3 +191,15 @@ def test_deploy_answers_an_http_request_with_the_flux_student(flux_run, ray_clus
         assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # the offline sampler's image
     finally:
         serve.delete("swd-test-flux")
+
+
+def test_preview_samples_the_flux_teacher_on_the_runs_sigmas(flux_store):
+    """The preview stage's few-step columns use the run's schedule: FLUX's sigmas, not SD3's."""
+    from pipelines.stages.preview import preview_here
+
+    tmp = flux_store[0]
+    cfg = parse_pipeline_config(definition(tmp, "flux_preview"))
+    out = preview_here(cfg)
+    assert out["sigmas"] == list(cfg.schedule().sigmas) and Path(out["grid"]).exists()
+    sd3 = parse_pipeline_config(definition(tmp, "sd3_preview", family="sd3"))
+    assert out["sigmas"] != list(sd3.schedule().sigmas)  # the same boundaries index another grid

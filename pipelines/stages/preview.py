@@ -30,7 +30,7 @@ def preview_here(cfg: PipelineConfig) -> dict:
     adapter = load_adapter(cfg.teacher.family, cfg.teacher.path, dtype=cfg.teacher.dtype, device=device,
                            max_sequence_length=cfg.teacher.max_sequence_length)
     # Both samplers always, whatever `scalewise` says; checked against the loaded transformer.
-    schedule = cfg.distill.schedule.model_copy(update={"scalewise": True}).build(adapter.patch_size)
+    schedule = cfg.distill.schedule.model_copy(update={"scalewise": True}).build(adapter.patch_size, cfg.teacher.family)
     prompts = cfg.data.preview_prompts
     seeds = [cfg.evaluate.seed + i for i in range(len(prompts))]
     ev = cfg.evaluate
@@ -50,4 +50,4 @@ def preview_here(cfg: PipelineConfig) -> dict:
                       title=f"{cfg.name}: teacher {cfg.teacher.path}  scales {list(schedule.scales)}")
     path = write_png(f"{cfg.run_dir}/preview.png", grid, cfg.resources)
     print(f"[preview] wrote {path}", flush=True)
-    return {"grid": path, "seconds_per_image": timings, "device": device}
+    return {"grid": path, "seconds_per_image": timings, "device": device, "sigmas": list(schedule.sigmas)}
