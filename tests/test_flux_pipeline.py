@@ -156,6 +156,7 @@ def test_evaluate_reports_on_the_flux_student(flux_run):
     assert report["student"]["schedule"]["family"] == "flux"
     names = [m["name"] for m in report["models"]]
     assert names == ["teacher_4_cfg", "teacher_2", "swd_2"]
+    assert "guidance embedding 3.5" in report["models"][0]["label"]  # one pass with the embedding, not CFG
     for m in report["models"]:
         assert 0 <= m["prompt_accuracy"] <= 1 and np.isfinite(m["fd"])
     assert Path(out["grid"]).exists()

@@ -216,11 +216,16 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
         record = read_schedule(student_dir)  # refuses a folder that is not an export, before any sampling
         n_steps = len(record["scales"])
     chosen = chosen_by_validation(student_uri, cfg)
+    # FLUX.1-dev's guidance is an input embedding (one pass): the few-step teacher still feeds its
+    # default, so its column is "unguided" only for SD3
+    flux = t.family == "flux"
     models = [
         Model(f"teacher_{ev.teacher_steps}_cfg", "teacher_cfg",
-              f"teacher {ev.teacher_steps} steps, cfg {ev.teacher_guidance_scale:g}", ev.teacher_steps,
-              ev.teacher_guidance_scale, n_cfg, dict(teacher_steps=ev.teacher_steps, guidance=ev.teacher_guidance_scale)),
-        Model(f"teacher_{n_steps}", "teacher_few_step", f"teacher {n_steps} steps, no cfg", n_steps, 0.0, n_few,
+              f"teacher {ev.teacher_steps} steps, {'guidance embedding' if flux else 'cfg'} {ev.teacher_guidance_scale:g}",
+              ev.teacher_steps, ev.teacher_guidance_scale, n_cfg,
+              dict(teacher_steps=ev.teacher_steps, guidance=ev.teacher_guidance_scale)),
+        Model(f"teacher_{n_steps}", "teacher_few_step",
+              f"teacher {n_steps} steps, {'default guidance embedding' if flux else 'no cfg'}", n_steps, 0.0, n_few,
               dict(teacher_steps=n_steps, guidance=0.0)),
     ]
     print(f"[evaluate] {domain} domain, prompts from {source}; models: "
