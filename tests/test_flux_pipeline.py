@@ -204,3 +204,28 @@ def test_preview_samples_the_flux_teacher_on_the_runs_sigmas(flux_store):
     assert out["sigmas"] == list(cfg.schedule().sigmas) and Path(out["grid"]).exists()
     sd3 = parse_pipeline_config(definition(tmp, "sd3_preview", family="sd3"))
     assert out["sigmas"] != list(sd3.schedule().sigmas)  # the same boundaries index another grid
+
+
+def test_synthesize_samples_the_flux_teacher_with_its_guidance_embedding(flux_store):
+    """The synthesize stage's actors sample a FLUX teacher as `generate_images` does in-process
+    (the stock FluxPipeline's sigmas and embedded guidance, tests/test_flux_adapter.py)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.stages import synthesize
+    from swd_core.adapters import load_adapter
+    from swd_core.generate import generate_images
+
+    tmp = flux_store[0]
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    d = definition(tmp, "flux_synth")
+    d["data"]["prompts"] = str(prompts)
+    d["synthesize"] = {"enabled": True, "num_steps": 2, "guidance_scale": 3.5, "seed": 100, "batch_size": 2, "actors": 1}
+    out = synthesize.run(parse_pipeline_config(d))
+    assert out["sampled"] == 2
+    rows = {r["caption"]: r for r in pq.read_table(tmp / "runs" / "flux_synth" / "synthesized").to_pylist()}
+    adapter = load_adapter("flux", TINY_FLUX, max_sequence_length=16)
+    direct = generate_images(adapter, PROMPTS, [100, 101], teacher_steps=2, guidance=3.5)
+    for p, im in zip(PROMPTS, direct):
+        stored = np.asarray(Image.open(io.BytesIO(rows[p]["image"])), dtype=int)
+        assert stored.shape == (64, 64, 3) and np.abs(stored - np.asarray(im, dtype=int)).max() <= 1
