@@ -94,6 +94,7 @@ def main() -> None:
 
     def save(row: str, res: dict) -> None:
         res.pop("_features", None)
+        work.mkdir(parents=True, exist_ok=True)  # a row takes minutes; its folder may go meanwhile
         (work / f"{row}.json").write_text(json.dumps(res, indent=2) + "\n")
         print(f"[tables] {row}: accuracy {res['prompt_accuracy']:.3f}, FD {res['fd']:.3f}, "
               f"latency {res['latency']['total_s']:.3f} s, train {res.get('train_iter_s')}", flush=True)
