@@ -10,8 +10,9 @@ def render_plan(cfg: PipelineConfig) -> str:
     schedule = cfg.schedule()
     d, r, sy, ev = cfg.distill, cfg.resources, cfg.synthesize, cfg.evaluate
     losses = d.losses
-    # FLUX.1-dev's teacher guidance is its guidance embedding, one pass (swd_core.adapters.flux)
-    guidance = "guidance embedding" if cfg.teacher.family == "flux" else "cfg"
+    from swd_core.adapters import FAMILIES
+
+    guidance = FAMILIES[cfg.teacher.family].guidance_label
     out = [f"pipeline {cfg.name!r}", "", "teacher:",
            f"  {cfg.teacher.path}  (family {cfg.teacher.family}, dtype {cfg.teacher.dtype}, "
            f"patch {cfg.teacher.resolved_patch_size}, text tokens T5 {cfg.teacher.max_sequence_length})",

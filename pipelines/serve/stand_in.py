@@ -29,4 +29,4 @@ def export_stand_in(cfg: PipelineConfig, out_dir: str | Path, perturb: float = 0
                 p.add_(perturb * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return export_merged_pipeline(t.path, out_dir, cfg.schedule(), transformer=transformer,
                                   max_sequence_length=t.max_sequence_length, dtype=t.dtype, family=t.family,
-                                  guidance_scale=getattr(teacher, "guidance_scale", 0.0))
+                                  guidance_scale=teacher.guidance_scale)

@@ -24,7 +24,7 @@ import torch
 from pipelines.report import render_markdown
 from pipelines.schema import PipelineConfig
 from pipelines.storage import filesystem, local_copy, write_bytes, write_png
-from swd_core.adapters import load_adapter
+from swd_core.adapters import FAMILIES, load_adapter
 from swd_core.evaluate_model import ShapesScorer, latency_split, load_exported_student, sample_images
 from swd_core.export import read_schedule
 from swd_core.generate import to_pil
@@ -216,16 +216,16 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
         record = read_schedule(student_dir)  # refuses a folder that is not an export, before any sampling
         n_steps = len(record["scales"])
     chosen = chosen_by_validation(student_uri, cfg)
-    # FLUX.1-dev's guidance is an input embedding (one pass): the few-step teacher still feeds its
-    # default, so its column is "unguided" only for SD3
-    flux = t.family == "flux"
+    # an embedded guidance (FLUX.1-dev) is fed by the few-step teacher too: "unguided" only without one
+    guidance = FAMILIES[t.family].guidance_label
+    unguided = "no cfg" if guidance == "cfg" else f"default {guidance}"
     models = [
         Model(f"teacher_{ev.teacher_steps}_cfg", "teacher_cfg",
-              f"teacher {ev.teacher_steps} steps, {'guidance embedding' if flux else 'cfg'} {ev.teacher_guidance_scale:g}",
+              f"teacher {ev.teacher_steps} steps, {guidance} {ev.teacher_guidance_scale:g}",
               ev.teacher_steps, ev.teacher_guidance_scale, n_cfg,
               dict(teacher_steps=ev.teacher_steps, guidance=ev.teacher_guidance_scale)),
         Model(f"teacher_{n_steps}", "teacher_few_step",
-              f"teacher {n_steps} steps, {'default guidance embedding' if flux else 'no cfg'}", n_steps, 0.0, n_few,
+              f"teacher {n_steps} steps, {unguided}", n_steps, 0.0, n_few,
               dict(teacher_steps=n_steps, guidance=0.0)),
     ]
     print(f"[evaluate] {domain} domain, prompts from {source}; models: "

@@ -42,6 +42,10 @@ class FamilyAdapter(Protocol):
     latent_channels: int
     num_blocks: int
     native_side: int  # the latent side the teacher samples at by default
+    guidance_scale: float  # embedded guidance fed at every call; 0.0: the family has none
+    # class-level, readable before any weights load:
+    t5_tokenizer: str  # the pipeline's subfolder of the T5 tokenizer
+    guidance_label: str  # what the teacher's guidance is, for plans and reports
 
     def teacher_sigmas(self, num_steps: int, side: int) -> torch.Tensor:
         """The sigmas the stock pipeline samples `num_steps` steps at latent side `side` with."""

@@ -72,6 +72,8 @@ class FluxAdapter:
     """
 
     family = "flux"
+    t5_tokenizer = "tokenizer_2"
+    guidance_label = "guidance embedding"  # one pass: FLUX.1-dev is guidance-distilled
 
     def __init__(self, pipe: FluxPipeline, max_sequence_length: int = 512, guidance_scale: float = 3.5):
         self.pipe = pipe

@@ -78,6 +78,9 @@ class SD3Adapter:
     """
 
     family = "sd3"
+    t5_tokenizer = "tokenizer_3"
+    guidance_label = "cfg"  # two passes, conditional and unconditional
+    guidance_scale = 0.0  # no guidance embedding
 
     def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int = 256):
         self.pipe = pipe

@@ -54,18 +54,18 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
     with tempfile.TemporaryDirectory() as tmp:
         t = cfg.teacher
         # FLUX: the guidance the student's embedding was trained at, which its sampling must feed it
-        family = dict(max_sequence_length=t.max_sequence_length, dtype=t.dtype, family=t.family,
-                      guidance_scale=getattr(adapter, "guidance_scale", 0.0))
+        folder = dict(max_sequence_length=t.max_sequence_length, dtype=t.dtype, family=t.family,
+                      guidance_scale=adapter.guidance_scale)
         if full:
             say("writing merged/ (the teacher's pipeline with the student's transformer)")
             student = type(nets.student_transformer).from_config(nets.student_transformer.config)
             student.load_state_dict({k: v.float() for k, v in state.items()})
-            export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), transformer=student, **family)
+            export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), transformer=student, **folder)
         else:
             say("writing lora/ (the student's LoRA adapter)")
             export_lora(adapter, f"{tmp}/lora")
             say("merging the LoRA into the teacher's transformer, writing merged/")
-            export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), lora_dir=f"{tmp}/lora", **family)
+            export_merged_pipeline(t.path, f"{tmp}/merged", cfg.schedule(), lora_dir=f"{tmp}/lora", **folder)
         say(f"sampling samples.png ({len(cfg.data.preview_prompts)} preview prompts) with merged/")
         _sample_grid(cfg, f"{tmp}/merged", f"{tmp}/samples.png", str(adapter.device))
         say(f"copying to {dest}")

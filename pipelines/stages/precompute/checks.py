@@ -83,7 +83,9 @@ def caption_limit(teacher: str, max_sequence_length: int, family: str = "sd3"):
 
     path = resolve_pretrained(teacher)
     index = Path(path) / "model_index.json"
-    t5 = "tokenizer_2" if family == "flux" else "tokenizer_3"
+    from swd_core.adapters import FAMILIES
+
+    t5 = FAMILIES[family].t5_tokenizer
     has_t5 = index.exists() and (json.loads(index.read_text()).get(t5) or [None])[0] is not None
     if has_t5 and max_sequence_length > 0:
         tok = AutoTokenizer.from_pretrained(path, subfolder=t5)
