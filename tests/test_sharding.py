@@ -152,6 +152,35 @@ def test_the_stage_data_stream_resumes_a_shuffled_epoch_exactly():
         assert [next(resumed)[1]["id"].tolist() for _ in range(11 - k)] == ids[k + 1:], k
 
 
+@pytest.mark.parametrize("resume", [(0, 0), (1, 5)])
+def test_a_small_shard_is_read_once_and_gives_the_batches_of_reading_it_every_epoch(resume):
+    """Each read of a Ray Data shard starts an execution (seconds); a worker whose rows fit the
+    memory budget keeps them after its first pass, a resume mid-epoch included, and its batches
+    are those of a worker that reads the shard every epoch."""
+    from pipelines.stages.distill.data import _batches
+
+    class Shard:
+        reads = 0
+
+        def iter_batches(self, **_):
+            Shard.reads += 1
+            yield from _blocks([4, 4, 4, 4])  # the last file lies past this worker's range
+
+    class Store:
+        def decode(self, batch):
+            return batch
+
+    rows = WorkerRows(("a", "b", "c"), skip=1, count=10)
+    ids = {}
+    for budget in (1 << 20, 1):  # 1 byte: nothing fits, every epoch reads the shard again
+        Shard.reads = 0
+        stream = _batches(Shard(), rows, Store(), batch_size=3, epoch=resume[0], done=resume[1], window=4, seed=5,
+                          cache_bytes=budget)
+        ids[budget] = [next(stream)[1]["id"].tolist() for _ in range(14)]  # four epochs and a bit
+        assert Shard.reads == (1 if budget > 1 else 5), budget
+    assert ids[1 << 20] == ids[1]
+
+
 @pytest.mark.ray
 def test_each_worker_reads_its_rows_in_order_on_every_run(tmp_path, ray_cluster):
     """Real Ray Data reads on the local cluster, the workers' iterators consumed concurrently:

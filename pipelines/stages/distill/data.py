@@ -8,11 +8,36 @@ import time
 from collections.abc import Iterator
 
 
-def _batches(shard, rows, store, batch_size: int, epoch: int, done: int, window: int, seed: int):
+# A worker whose rows take less than this keeps them in memory after its first pass: each pass over
+# a Ray Data shard starts a streaming execution (~10 s on a 2-core box), which a small store pays
+# every epoch, i.e. every few steps. Larger stores stream every epoch, as before.
+CACHE_BYTES = 512 * 2**20
+
+
+def _batches(shard, rows, store, batch_size: int, epoch: int, done: int, window: int, seed: int,
+             cache_bytes: int = CACHE_BYTES):
     """Endless ((epoch, rows of it done), decoded batch) over this worker's `rows` (a
     `pipelines.sharding.WorkerRows`), epoch after epoch, each epoch shuffled in windows of
-    `window` rows (`shuffled_windows`), from row `done` of `epoch` (a resume reads on from there)."""
+    `window` rows (`shuffled_windows`), from row `done` of `epoch` (a resume reads on from there).
+    The shard is read once if its blocks up to the range's end take under `cache_bytes`."""
     from pipelines.sharding import fixed_batches, shuffled_windows, worker_blocks
+
+    kept: list[dict] | None = None  # the shard's blocks up to the end of this worker's range
+
+    def read():
+        nonlocal kept
+        if kept is not None:
+            yield from kept
+            return
+        seen, size = [], 0
+        for block in shard.iter_batches(batch_size=None, batch_format="numpy"):  # Ray Data's blocks, cut below
+            size += sum(getattr(v, "nbytes", 0) for v in block.values())
+            if seen is not None and size <= cache_bytes:
+                seen.append(block)
+                kept = seen  # worker_blocks stops asking at the range's end: what it saw is all it needs
+            elif seen is not None:
+                seen = kept = None
+            yield block
 
     def blocks():
         e, start = epoch, done
@@ -20,8 +45,7 @@ def _batches(shard, rows, store, batch_size: int, epoch: int, done: int, window:
             if start >= rows.count:  # a position at the end of an epoch: the next one starts
                 e, start = e + 1, 0
             first = start - start % window if window else start  # a resume re-reads its window
-            whole = shard.iter_batches(batch_size=None, batch_format="numpy")  # Ray Data's blocks, cut below
-            for offset, block in shuffled_windows(worker_blocks(whole, rows, first), rows.count, window, seed, e, start):
+            for offset, block in shuffled_windows(worker_blocks(read(), rows, first), rows.count, window, seed, e, start):
                 yield (e, offset), block
             e, start = e + 1, 0
 
