@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--students", nargs="*", help="exported students (merged/ folders) instead of training")
     p.add_argument("--prompts", type=int, default=192)
     p.add_argument("--sigma", type=float, default=0.5)
+    p.add_argument("--raw-latents", action="store_true",
+                   help="teacher metrics on the sampler's latents, not re-encoded from the images (gate.reencode false)")
     p.add_argument("--name", default="gate_metrics")
     p.add_argument("--seed", type=int, help="distill.seed of the training run (default: the config's)")
     p.add_argument("--work", help="where the training run and its exports go (default: a temporary folder)")
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     d = yaml.safe_load(Path(args.config).read_text())
     metrics = list(dict.fromkeys(["fd", "prompt_accuracy", *args.metrics]))
     d["retrain"] = {"gate": {"num_prompts": args.prompts, "sigma": args.sigma, "batch_size": 64,
+                             "reencode": not args.raw_latents,
                              "metrics": [{"name": m} for m in metrics]}}
     gate = Gate(parse_pipeline_config(d))
     tag = f"n{args.prompts}_s{gate.g.seed}"
@@ -244,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": " ".join(["python", "bench/gate_metrics.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(), "config": args.config, "n_prompts": args.prompts, "sigma": args.sigma,
+        "reencode": not args.raw_latents,
         "distill_seed": args.seed, "n_students": len(rows), "directions": directions,
         "fd_vs_neg_accuracy": spearman(col["fd"], neg_acc),  # how well the toy's own two agree
         "agreement": agreement,

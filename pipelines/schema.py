@@ -513,6 +513,9 @@ class GateConfig(Strict):
     seed: int = Field(0, description="Prompt i uses seed `seed + i` in both models.")
     sigma: Annotated[float, Field(gt=0, lt=1)] = Field(
         0.5, description="The fixed noise level in (0, 1) at which the teacher metrics read the samples.")
+    reencode: bool = Field(
+        True, description="The teacher metrics read each sample decoded and encoded again by the teacher's VAE (the "
+                          "image a user gets); false: the sampler's latents, including what the decoder discards.")
     alignment_sigmas: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
         default=[0.3, 0.45, 0.6, 0.75], min_length=1,
         description="Noise levels that teacher_alignment averages over (its noise is the one of teacher_denoise).")
@@ -641,8 +644,8 @@ class PipelineConfig(Strict):
             raise ValueError(f"retrain.steps {r.steps} is not a multiple of the schedule's {n} steps: "
                              f"each cycle must train whole rounds of scales (use {options})")
         if r.gate.metrics is None:
-            # elsewhere the teacher-only metric whose ranking of toy students agreed in sign with both
-            # toy metrics over two runs (docs/retrain.md)
+            # elsewhere the teacher-only metric that ranks the toy tables' students most like both toy
+            # metrics (re-encoded samples; docs/retrain.md)
             r.gate.metrics = [GateMetric(name="fd" if self.evaluation_domain() == "shapes" else "teacher_cfg_denoise")]
         shapes_only = [m.name for m in r.gate.metrics if m.name in ("fd", "prompt_accuracy")]
         if shapes_only and self.evaluation_domain() != "shapes":

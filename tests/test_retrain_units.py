@@ -130,3 +130,25 @@ def test_teacher_alignment_is_a_gate_metric_where_higher_is_better():
     assert GateMetric(name="teacher_cfg_denoise").resolved_direction == "min"
     with pytest.raises(PipelineConfigError, match="alignment_sigmas"):
         parse_pipeline_config(with_retrain(gate={"alignment_sigmas": [0.5, 1.0]}))
+
+
+def test_the_gate_reads_what_the_images_show_unless_told_to_read_raw_latents():
+    """With `gate.reencode` (the default) the teacher metrics see only the decoded images: two
+    latent sets behind the same images score alike. Raw, they score apart."""
+    import torch
+
+    from pipelines.retraining.gate import Gate
+
+    d = with_retrain(gate={"num_prompts": 4, "batch_size": 4, "metrics": [{"name": "teacher_denoise"},
+                                                                          {"name": "teacher_cfg_denoise"}]})
+    d["evaluate"] = {**d.get("evaluate", {}), "num_prompts": 4}
+    gate = Gate(parse_pipeline_config(d))
+    torch.manual_seed(0)
+    latents = torch.randn(4, 4, 16, 16)
+    images = gate._decode(latents)
+    other = latents + 0.5 * torch.randn_like(latents)  # not what these images encode to
+    same = [gate.score_samples(x, images).metrics for x in (latents, other)]
+    assert same[0] == same[1]
+    gate.g.reencode = False
+    raw = [gate.score_samples(x, images).metrics for x in (latents, other)]
+    assert all(raw[0][m] != raw[1][m] for m in raw[0])
