@@ -30,13 +30,17 @@ def machine_info() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()
+        # tracked files that differ from that commit: the numbers then come from a working tree
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
     except OSError:
-        commit = ""
+        commit, dirty = "", []
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "git_commit": commit,
+        "git_commit": commit, "git_modified": dirty,
     }
 
 

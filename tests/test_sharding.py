@@ -181,6 +181,32 @@ def test_a_small_shard_is_read_once_and_gives_the_batches_of_reading_it_every_ep
     assert ids[1 << 20] == ids[1]
 
 
+def test_the_memory_budget_counts_the_bytes_of_binary_columns():
+    """The store's tensors reach a worker as object arrays of bytes: their size is what the
+    values hold (12 rows of 1 kB read here), not the arrays' pointers."""
+    from pipelines.stages.distill.data import _batches
+
+    class Shard:
+        reads = 0
+
+        def iter_batches(self, **_):
+            Shard.reads += 1
+            for block in _blocks([4, 4, 4, 4]):
+                yield {**block, "latents": np.array([bytes(1000)] * len(block["id"]), dtype=object)}
+
+    class Store:
+        def decode(self, batch):
+            return batch
+
+    rows = WorkerRows(("a", "b", "c"), skip=1, count=10)
+    for budget, reads in ((100_000, 1), (5_000, 5)):
+        Shard.reads = 0
+        stream = _batches(Shard(), rows, Store(), batch_size=3, epoch=0, done=0, window=4, seed=5, cache_bytes=budget)
+        for _ in range(14):
+            next(stream)
+        assert Shard.reads == reads, budget
+
+
 @pytest.mark.ray
 def test_each_worker_reads_its_rows_in_order_on_every_run(tmp_path, ray_cluster):
     """Real Ray Data reads on the local cluster, the workers' iterators consumed concurrently:

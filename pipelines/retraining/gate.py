@@ -88,10 +88,13 @@ class Gate:
             self._reference = self._readings(latents)[1]
         return self._reference
 
+    @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         b, teacher = self.g.batch_size, self.teacher()
-        return torch.cat([teacher.decode_latents(latents[i:i + b]).float().cpu() for i in range(0, len(latents), b)])
+        return torch.cat([teacher.decode_latents(latents[i:i + b].to(teacher.device)).float().cpu()
+                          for i in range(0, len(latents), b)])
 
+    @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         # A sampler's latents can hold components the decoder discards (off the encoder's outputs,
         # which the teacher was trained on); read what the user sees instead. On the toy's table

@@ -31,7 +31,7 @@ def _batches(shard, rows, store, batch_size: int, epoch: int, done: int, window:
             return
         seen, size = [], 0
         for block in shard.iter_batches(batch_size=None, batch_format="numpy"):  # Ray Data's blocks, cut below
-            size += sum(getattr(v, "nbytes", 0) for v in block.values())
+            size += sum(_nbytes(v) for v in block.values())
             if seen is not None and size <= cache_bytes:
                 seen.append(block)
                 kept = seen  # worker_blocks stops asking at the range's end: what it saw is all it needs
@@ -51,6 +51,14 @@ def _batches(shard, rows, store, batch_size: int, epoch: int, done: int, window:
 
     for position, batch in fixed_batches(blocks(), batch_size):
         yield position, store.decode(batch)
+
+
+def _nbytes(column) -> int:
+    """Bytes a block's column holds. The store's tensors and captions arrive as numpy object arrays
+    of bytes / str (Ray Data's binary and string columns), whose own nbytes counts only pointers."""
+    if getattr(column, "dtype", None) == object:
+        return sum(len(x) for x in column if isinstance(x, (bytes, str)))
+    return getattr(column, "nbytes", 0)
 
 
 def _data_position(state: dict, digest: str, rank: int) -> tuple[int, int, str | None]:
