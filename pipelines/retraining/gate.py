@@ -89,9 +89,10 @@ class Gate:
         return self._reference
 
     @torch.no_grad()
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        b, teacher = self.g.batch_size, self.teacher()
-        return torch.cat([teacher.decode_latents(latents[i:i + b].to(teacher.device)).float().cpu()
+    def _decode(self, latents: torch.Tensor, adapter=None) -> torch.Tensor:
+        """Images on the CPU, decoded in batches by `adapter` (default: the teacher's VAE)."""
+        b, adapter = self.g.batch_size, adapter or self.teacher()
+        return torch.cat([adapter.decode_latents(latents[i:i + b].to(adapter.device)).float().cpu()
                           for i in range(0, len(latents), b)])
 
     @torch.no_grad()
@@ -114,9 +115,7 @@ class Gate:
         latents = torch.cat([generate_latents(adapter, self.prompts[i:i + self.g.batch_size],
                                               self.seeds[i:i + self.g.batch_size], schedule=schedule)
                              for i in range(0, len(self.prompts), self.g.batch_size)])
-        images = torch.cat([adapter.decode_latents(latents[i:i + self.g.batch_size]).float().cpu()
-                            for i in range(0, len(latents), self.g.batch_size)])
-        return latents, images
+        return latents, self._decode(latents, adapter)
 
     def score(self, student_uri: str) -> Scored:
         """Every gate metric of the exported student at `student_uri` (a merged pipeline folder)."""

@@ -23,20 +23,23 @@ def _batches(shard, rows, store, batch_size: int, epoch: int, done: int, window:
     from pipelines.sharding import fixed_batches, shuffled_windows, worker_blocks
 
     kept: list[dict] | None = None  # the shard's blocks up to the end of this worker's range
+    fits = True  # false once a pass outgrew cache_bytes: later passes stream without measuring
 
     def read():
-        nonlocal kept
+        nonlocal kept, fits
         if kept is not None:
             yield from kept
             return
         seen, size = [], 0
         for block in shard.iter_batches(batch_size=None, batch_format="numpy"):  # Ray Data's blocks, cut below
-            size += sum(_nbytes(v) for v in block.values())
-            if seen is not None and size <= cache_bytes:
-                seen.append(block)
-                kept = seen  # worker_blocks stops asking at the range's end: what it saw is all it needs
-            elif seen is not None:
-                seen = kept = None
+            if fits:
+                size += sum(_nbytes(v) for v in block.values())
+                fits = size <= cache_bytes
+                if fits:
+                    seen.append(block)
+                    kept = seen  # worker_blocks stops asking at the range's end: what it saw is all it needs
+                else:
+                    seen, kept = [], None
             yield block
 
     def blocks():
