@@ -10,7 +10,7 @@ PY          := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP       := $(VENV)/.installed
 
-.PHONY: install run test test-fast dry-run docs bench-sampler bench-teacher bench-precompute bench-distill bench-serve toy-teacher clean
+.PHONY: install browser run test test-fast dry-run docs bench-sampler bench-teacher bench-precompute bench-distill bench-serve toy-teacher clean
 
 install: $(STAMP)
 
@@ -28,11 +28,22 @@ run: install
 dry-run: install
 	$(PY) pipelines/distill.py --config $(CONFIG) --dry-run
 
-test: install
+# Headless Chromium for the Serve playground test: Debian's package, installed here (as root, or
+# through sudo) when it is not on PATH, so that no test installs system packages.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "make browser: install Chromium (headless) with your package manager"; exit 1; }; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }; }
+
+# The whole suite, as CI runs it, on one local Ray cluster started once.
+test: install browser
 	$(PY) -m pytest -q --durations=20 tests
 
+# The inner loop: every test that needs no Ray cluster and runs no training.
 test-fast: install
-	$(PY) -m pytest -q tests -m "not ray"
+	$(PY) -m pytest -q tests -m "not ray and not training"
 
 # docs/configuration.md from the schema's field descriptions (tests/test_schema_docs.py checks it is current)
 docs: install

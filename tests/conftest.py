@@ -5,20 +5,31 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see p
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.ray_nodes import LocalCluster, free_port  # noqa: E402,F401  (free_port: tests import it from here)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The test clusters listen on 127.0.0.1; without this a driver resolves its own address to the
 # machine's IP and `ray.init(address=...)` can wait forever for a GCS that is not there.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The test clusters run without token auth; drivers and `ray job` clients must not send a token
+# from ~/.ray either.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Fake credentials for the moto S3 server; set before any Ray node starts so workers inherit them.
 for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_k, _v)
 
 
 # Lines a test wants in the run's output whatever the capture mode (e.g. how many requests a
-# property-based test sent): printed in the terminal summary by `pytest_terminal_summary`.
+# property-based test sent): a test adds ("summary", line) to `request.node.user_properties`,
+# which its report carries to the terminal summary.
 SUMMARY: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        SUMMARY.extend(value for name, value in report.user_properties if name == "summary")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -26,6 +37,14 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("test measurements")
         for line in SUMMARY:
             terminalreporter.write_line(line)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # A test on the shared cluster is a Ray test whatever its module says: `make test-fast`
+        # (-m "not ray") must never start one.
+        if "ray_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
 
 
 def pytest_configure(config):
@@ -57,36 +76,24 @@ def toy_schedule():
     return preset("toy_4step", patch_size=2)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local multi-node Ray cluster on 127.0.0.1: a head and one worker node, 2 CPUs each.
+    """A real local multi-node Ray cluster on 127.0.0.1, started with `ray start` as users start
+    one: a head and one worker node, 2 CPUs each, joined by this process as a driver.
 
-    Shared by every end-to-end test in the session (one `ray.init` per process); Ray Train runs
-    place workers on both nodes with the SPREAD strategy. The worker node declares one GPU that
-    this machine does not have (Ray takes resource counts on trust), so tests can reserve GPUs
-    and check what a stage does when CUDA is not there.
+    One per pytest run, shared by every end-to-end test. Ray Train runs place workers on both nodes with the SPREAD strategy. The worker node
+    declares one GPU that this machine does not have (Ray takes resource counts on trust), so
+    tests can reserve GPUs and check what a stage does when CUDA is not there.
     """
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
-                                                            "node_ip_address": "127.0.0.1"})
-    cluster.add_node(num_cpus=2, num_gpus=1, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=True)
+    cluster = LocalCluster.start(head_cpus=2, workers=[{"cpus": 2, "gpus": 1}])
     try:
+        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=True)
         yield cluster
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 FLUX.1-width model its GPU run times."""
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ ROOT = Path(__file__).parents[1]
 TINY = "builtin:tiny-flux"
 
 
+@pytest.mark.training
 def test_quick_cpu_run_writes_the_ratio_and_the_share_of_flux_blocks(tmp_path):
     definition = tmp_path / "tiny_flux.yaml"
     definition.write_text(yaml.safe_dump({
@@ -42,7 +45,7 @@ def test_quick_cpu_run_writes_the_ratio_and_the_share_of_flux_blocks(tmp_path):
     # packed 2x2 tokens: the FLOP model counts (side / 2)² image tokens, not the transformer's patch of 1
     config = type("C", (), {"num_attention_heads": tiny.heads, "attention_head_dim": tiny.head_dim, "patch_size": 2})
     assert r["flop_model_ratio"] == pytest.approx(flop_model_ratio(config, sw["scales"], r["text_tokens"]))
-    assert all(t > 0 for t in sw["iter_times_s"] + fr["iter_times_s"])
+    check_times(r, rounds=1)
 
 
 def test_the_gpu_model_has_flux1_dev_blocks():
@@ -64,3 +67,14 @@ def test_the_gpu_model_has_flux1_dev_blocks():
     assert count(ours.single_transformer_blocks[0]) == count(dev.single_transformer_blocks[0])
     assert len(dev.transformer_blocks) == FLUX1_DEV_BLOCKS["double"] and len(dev.single_transformer_blocks) == FLUX1_DEV_BLOCKS["single"]
     assert 0 < cfg.layers < FLUX1_DEV_BLOCKS["double"] and 0 < cfg.single_layers < FLUX1_DEV_BLOCKS["single"]
+
+
+def check_times(r: dict, rounds: int) -> None:
+    """Each case timed every iteration of its rounds over the 4 scales (finite, positive seconds),
+    and reports their mean."""
+    cases = r["cases"]
+    for case in (cases["scalewise"], cases["fullres"]):
+        assert len(case["iter_times_s"]) == 4 * rounds
+        assert all(math.isfinite(t) and t > 0 for t in case["iter_times_s"]), case["iter_times_s"]
+        assert case["iter_s"] == pytest.approx(statistics.mean(case["iter_times_s"]))
+    assert (r["scalewise_iter_s"], r["fullres_iter_s"]) == (cases["scalewise"]["iter_s"], cases["fullres"]["iter_s"])

@@ -2,6 +2,7 @@
 the real sizes it builds on a GPU."""
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def test_quick_cpu_run_writes_the_result_file(tmp_path):
         # every request encoded text, ran the sampler's steps (CFG in one batched call) and decoded
         phases = b["phases_per_image"]
         assert {k: p["transformer_calls"] for k, p in phases.items()} == {"scalewise": 4, "fullres": 4, "teacher": 28}
-        assert all(p["text_s"] > 0 and p["vae_s"] > 0 for p in phases.values())
+        check_times(b)
         assert all(b["images_finite"].values())
     assert r["paper"]["ratio_scalewise_vs_fullres_a100"] == 0.59 and r["goal_ratio_scalewise_vs_fullres"] == 0.58
 
@@ -58,3 +59,12 @@ def test_real_size_is_sd35_medium():
     assert (t.joint_attention_dim, t.pooled_projection_dim, t.qk_norm) == (4096, 2048, "rms_norm")
     assert tuple(t.dual_attention_layers) == tuple(range(13))
     assert SD35_MEDIUM.image_px == 1024 and SD35_MEDIUM.text_tokens == 333 and pipe.vae_scale_factor == 8
+
+
+def check_times(b: dict) -> None:
+    """A batch's seconds: every request and every phase (text, transformer, VAE) of every sampler
+    timed, finite and positive."""
+    assert all(math.isfinite(t) and t > 0 for times in b["raw_batch_seconds"].values() for t in times)
+    for name, p in b["phases_per_image"].items():
+        assert set(p) == {"text_s", "transformer_s", "vae_s", "transformer_calls"}, name
+        assert all(math.isfinite(p[k]) and p[k] > 0 for k in ("text_s", "transformer_s", "vae_s")), (name, p)

@@ -2,12 +2,14 @@
 the committed toy-sd3 teacher and a store made by the precompute stage."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -68,16 +70,27 @@ def _stock_image(pipe, prompt: str, seed: int = 0):
                 generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
 
 
-def test_lora_zero2_two_nodes_exports_a_stock_loadable_student(store_dir):
+# a student EMA and validation: both must come back from a checkpoint (the resume test)
+EMA_AND_VALIDATION = {"ema_decay": 0.9, "validation": {"num_prompts": 4, "metric": "prompt_accuracy"}}
+
+
+@pytest.fixture(scope="module")
+def lora2(store_dir):
+    """One LoRA / ZeRO-2 run in this process, read by the tests below (never written); the resume
+    test's first run is the same definition under another name, from the command line."""
     from pipelines.stages import distill
 
-    cfg = parse_pipeline_config(definition(store_dir, "lora2"))
-    out = distill.run(cfg)
+    return distill.run(parse_pipeline_config(definition(store_dir, "lora2", **EMA_AND_VALIDATION)))
+
+
+def test_lora_zero2_two_nodes_exports_a_stock_loadable_student(store_dir, lora2):
+    out = lora2
     m = out["final_metrics"]
     assert m["nodes"] == 2, "the two workers were not placed on the cluster's two nodes"
     workers = _checkpoint_states(store_dir / "runs" / "lora2")[-1]["workers"]
     assert len({w["node_id"] for w in workers}) == 2 and {w["rank"] for w in workers} == {0, 1}
     assert m["step"] == 2 and {"mmd", "dmd", "gan_g", "fake_denoise", "gan_d", "grad_norm_g"} <= set(m)
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, float)), m
     student = Path(out["student"])
     assert (student / "samples.png").exists() and (student / "lora").is_dir()
     merged = student / "merged"
@@ -88,30 +101,13 @@ def test_lora_zero2_two_nodes_exports_a_stock_loadable_student(store_dir):
     pipe = _stock_pipeline(merged)
     assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
     image = _stock_image(pipe, "a red circle")
-    assert image.shape == (64, 64, 3)
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0.01  # an image, not a flat field
     # the trained LoRA moved the weights away from the teacher's
     from swd_core.tiny_models import resolve_pretrained
 
     teacher = _stock_pipeline(Path(resolve_pretrained("builtin:toy-sd3")))
     diff = max((a - b).abs().max().item() for a, b in zip(pipe.transformer.parameters(), teacher.transformer.parameters()))
     assert diff > 0
-
-
-def test_same_definition_and_store_train_the_same_student(store_dir):
-    """Two runs of one definition on one store export identical weights: each worker reads the
-    same rows in the same order (pipelines/sharding.py) and draws the same noise."""
-    from safetensors.torch import load_file
-
-    from pipelines.stages import distill
-
-    weights = []
-    for name in ("same_a", "same_b"):
-        out = distill.run(parse_pipeline_config(definition(store_dir, name, steps=4, checkpoint_every=4)))
-        weights.append(load_file(Path(out["student"]) / "lora" / "pytorch_lora_weights.safetensors"))
-    a, b = weights
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def _validation_record(student: Path) -> dict:
@@ -132,7 +128,7 @@ def test_full_finetune_zero3(store_dir):
     from pipelines.stages import distill
 
     cfg = parse_pipeline_config(definition(store_dir, "full3", mode="full", zero_stage=3, steps=4, checkpoint_every=2,
-                                           validation={"num_prompts": 6, "batch_size": 2},
+                                           validation={"num_prompts": 6, "batch_size": 2}, export_at_checkpoints=True,
                                            losses={"feature_block": 4, "dmd": {"weight": 0.0}, "gan": {"weight": 0.0}}))
     out = distill.run(cfg)
     m = out["final_metrics"]
@@ -150,6 +146,12 @@ def test_full_finetune_zero3(store_dir):
                if not torch.equal(a, b)]
     assert changed, "full fine-tuning left every weight equal to the teacher's"
     assert _stock_image(pipe, "a blue square").shape == (64, 64, 3)
+    # export_at_checkpoints: the checkpoint before the last exported too, a stock folder of its own
+    at2 = Path(out["student"]) / "step_2"
+    assert (at2 / "merged" / "model_index.json").exists() and (at2 / "samples.png").exists()
+    assert not (Path(out["student"]) / "step_4").exists()  # the last step is the final export
+    step2 = _stock_pipeline(at2 / "merged")
+    assert any(not torch.equal(a, b) for a, b in zip(step2.transformer.parameters(), pipe.transformer.parameters()))
 
 
 def _run_cli(cfg_dict: dict, tmp: Path, cluster, name: str):
@@ -160,15 +162,23 @@ def _run_cli(cfg_dict: dict, tmp: Path, cluster, name: str):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
-    # with a student EMA: its average must come back from the checkpoint too; and with validation,
-    # whose history and choice must survive the restart
-    val = {"num_prompts": 4, "metric": "prompt_accuracy"}
-    first = definition(store_dir, "resume", steps=2, checkpoint_every=2, ema_decay=0.9, validation=val)
+def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster, lora2):
+    """The first run is `lora2`'s definition under another name, from the command line: the same
+    definition and store train the same student (each worker reads the same rows in the same
+    order, pipelines/sharding.py, and draws the same noise). Run again with more steps, it goes
+    on from its checkpoint, the student EMA and the validation history and choice included."""
+    from safetensors.torch import load_file
+
+    first = definition(store_dir, "resume", **EMA_AND_VALIDATION)
     proc = _run_cli(first, store_dir, ray_cluster, "resume1")
     out1, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out1[-4000:]
-    second = definition(store_dir, "resume", steps=4, checkpoint_every=2, ema_decay=0.9, validation=val)  # more steps
+    a, b = (load_file(Path(student) / "lora" / "pytorch_lora_weights.safetensors")
+            for student in (lora2["student"], store_dir / "runs" / "resume" / "student"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    second = definition(store_dir, "resume", steps=4, checkpoint_every=2, **EMA_AND_VALIDATION)  # more steps
     proc = _run_cli(second, store_dir, ray_cluster, "resume2")
     out2, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out2[-4000:]
@@ -190,8 +200,10 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster):
 def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster):
     import signal
 
+    """24 steps: enough to kill a worker after the first registered checkpoint and resume, and to
+    run the data into a second epoch on both ranks; the numbers below follow from that count."""
     # with a learning-rate decay over the last half: its state must survive the restart too
-    cfg = definition(store_dir, "killed", steps=40, checkpoint_every=2, log_every=10, lr_decay_fraction=0.5)
+    cfg = definition(store_dir, "killed", steps=24, checkpoint_every=2, log_every=10, lr_decay_fraction=0.5)
     proc = _run_cli(cfg, store_dir, ray_cluster, "killed")
     run_dir = store_dir / "runs" / "killed"
     snapshot = run_dir / "train" / "distill" / "checkpoint_manager_snapshot.json"
@@ -208,13 +220,14 @@ def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster)
     (run_dir / "cli.log").write_text(out)
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from checkpoint at step" in out, out[-6000:]
-    assert "step 40/40" in out
-    # the restored schedule: lr = 1e-3 · (40 − step) / 20 over steps 20..40, so 1e-4 at 38 and 0 at 40
+    assert "step 24/24" in out
+    # the restored schedule: lr = 1e-3 · (24 − step) / 12 over steps 12..24, so 1e-3/6 at 22 and 0 at 24
     lrs = {s["step"]: s["metrics"]["lr"] for s in _checkpoint_states(run_dir)}
-    assert lrs[40] == 0.0 and lrs[38] == pytest.approx(1e-4), lrs
-    # and the data: 40 steps × 4 rows = 160 rows per rank, epochs running on into each other:
-    # rank 0 has 67 rows (2 epochs + 26), rank 1 has 68 (2 epochs + 24)
-    assert _checkpoint_states(run_dir)[-1]["data_positions"] == [[2, 26], [2, 24]]
+    assert sorted(lrs) == [22, 24]  # keep_checkpoints (2, the default): older checkpoints were pruned
+    assert lrs[24] == 0.0 and lrs[22] == pytest.approx(1e-3 / 6), lrs
+    # and the data: 24 steps × 4 rows = 96 rows per rank, epochs running on into each other:
+    # rank 0 has 67 rows (1 epoch + 29), rank 1 has 68 (1 epoch + 28)
+    assert _checkpoint_states(run_dir)[-1]["data_positions"] == [[1, 29], [1, 28]]
 
 
 def test_store_made_for_another_definition_is_refused(store_dir):

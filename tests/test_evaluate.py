@@ -12,8 +12,8 @@ from PIL import Image
 
 from pipelines.schema import parse_pipeline_config
 from pipelines.storage import filesystem, upload_dir, write_bytes
-from swd_core.evaluate_model import ShapesScorer, latency_split, render_real, sample_images
-from swd_core.export import export_merged_pipeline
+from swd_core.evaluate_model import ShapesScorer, latency_split, load_exported_student, render_real, sample_images
+from swd_core.generate import to_pil
 from swd_core.toy import shapes
 from tests.conftest import TINY
 
@@ -86,21 +86,19 @@ def _config(tmp_path, **evaluate):
     return data
 
 
-def _export_student(cfg, folder):
-    from swd_core.adapters import load_adapter
+@pytest.mark.ray
+def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, ray_cluster):
+    """Through the stage's entry point (a Ray task reading and writing S3), with a student whose
+    weights are not the teacher's: its grid column is that student's images, pixel for pixel."""
+    import os
 
-    adapter = load_adapter("sd3", TINY, max_sequence_length=0)
-    # The teacher's own weights through the export the distill stage uses: a real student folder.
-    export_merged_pipeline(TINY, folder, cfg.schedule(), transformer=adapter.transformer, max_sequence_length=0)
-
-
-def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, capsys):
-    from pipelines.stages.evaluate import evaluate_here as run
+    from pipelines.serve.stand_in import export_stand_in
+    from pipelines.stages.evaluate import eval_prompts, run
 
     data = _config(tmp_path, num_prompts=6, teacher_num_prompts=4, grid_prompts=3, domain="shapes")
     data["resources"].update(storage="s3://swd-test/eval-runs", s3={"endpoint_url": s3_server})
     cfg = parse_pipeline_config(data)
-    _export_student(cfg, tmp_path / "merged")
+    export_stand_in(cfg, tmp_path / "merged", perturb=1.0, seed=1)
     upload_dir(tmp_path / "merged", f"{cfg.run_dir}/student/merged", cfg.resources)
     # the record the distill stage leaves beside an export chosen by validation
     history = [{"step": 50, "val_fd": 2.5}, {"step": 100, "val_fd": 1.25}, {"step": 150, "val_fd": 3.0}]
@@ -138,8 +136,19 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, capsys):
     assert "## Checks" in md and "![comparison grid](grid.png)" in md and "| swd_4 |" in md and "### Per attribute" in md
     # real render + 3 models, 3 rows, 128 px cells after the 220 px label column
     assert grid.size == (220 + 4 * 128, 56 + 3 * 128)
-    printed = capsys.readouterr().out
-    assert f"[evaluate] report: {cfg.run_dir}/eval/report.md" in printed and "swd_4: 6/6 images" in printed
+    assert report["placement"]["pid"] != os.getpid()  # a Ray task did the work
+    # the student column (the 4th, drawn 2x nearest) is the exported student's scale-wise samples
+    student, schedule, _ = load_exported_student(str(tmp_path / "merged"), "sd3")
+    prompts = eval_prompts(cfg, "shapes", 3)[0][:3]
+    own = sample_images(student, prompts, [cfg.evaluate.seed + i for i in range(3)], schedule=schedule)
+    cells = np.asarray(grid)[56:, 220 + 3 * 128:][::2, ::2].reshape(3, 64, 64, 3)
+    for cell, want in zip(cells, to_pil(own)):
+        assert np.abs(cell.astype(int) - np.asarray(want, dtype=int)).max() <= 1
+    from swd_core.adapters import load_adapter
+
+    teacher = load_adapter("sd3", TINY, max_sequence_length=0)
+    same_sampler = to_pil(sample_images(teacher, prompts, [cfg.evaluate.seed + i for i in range(3)], schedule=schedule))
+    assert np.abs(np.stack(same_sampler).astype(int) - cells.astype(int)).mean() > 5  # not the teacher's weights
 
 
 @pytest.mark.ray

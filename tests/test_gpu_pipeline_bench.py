@@ -2,7 +2,9 @@
 through its own local Ray, every stage reporting the device its model ran on."""
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +30,17 @@ def test_the_gpu_pipeline_bench_runs_every_stage_on_cpu(tmp_path):
     assert stages["evaluate"]["device"] == "cpu" and "swd_4" in stages["evaluate"]["models"]
     deploy = stages["deploy"]
     assert deploy["device"] == "cpu" and deploy["requests"] == 3 and deploy["errors"] == []
-    assert len(deploy["latencies_s"]) == 3 and all(s > 0 for s in deploy["latencies_s"])
-    assert all(stages[s]["seconds"] > 0 for s in stages) and result["machine"]["cores"] == os.cpu_count()
+    assert len(deploy["latencies_s"]) == 3 and result["machine"]["cores"] == os.cpu_count()
+    check_timings(result)
     assert (tmp_path / "runs" / "toy" / "student" / "merged" / "model_index.json").exists()
+
+
+def check_timings(result: dict) -> None:
+    """The bench's seconds are finite, positive and nest as measured: the stages within the total,
+    the deploy stage's start-up and requests within the stage."""
+    stages, deploy = result["stages"], result["stages"]["deploy"]
+    seconds = [s["seconds"] for s in stages.values()] + [deploy["deploy_seconds"], result["total_seconds"]]
+    assert all(math.isfinite(t) and t > 0 for t in seconds + deploy["latencies_s"]), (seconds, deploy["latencies_s"])
+    assert deploy["median_latency_s"] == statistics.median(deploy["latencies_s"])
+    assert deploy["deploy_seconds"] + sum(deploy["latencies_s"]) <= deploy["seconds"]
+    assert sum(s["seconds"] for s in stages.values()) <= result["total_seconds"]

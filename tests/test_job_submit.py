@@ -2,12 +2,8 @@
 worker node started with `ray start`, as a user starts them."""
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,75 +11,31 @@ import pytest
 import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from tests.ray_nodes import LocalCluster, node_env
+
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_start(args: list[str], env: dict) -> subprocess.Popen:
-    """`ray start ... --block` in its own process group: stopping it stops only this node (`ray
-    stop` would also take down any other local cluster, e.g. the session fixture's). Every agent
-    port is free-picked: the session's cluster (conftest) already holds the defaults, and a node
-    whose agent cannot bind answers every submission with "No available agent to submit job"."""
-    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                   f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
-    return subprocess.Popen(["ray", "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                             *agent_ports, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A head (1 CPU, no GPU, the job drivers run there) and a worker node (2 CPUs)."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the conftest's loopback-only switch; a `ray start` head does without
-    env.pop("RAY_ADDRESS", None)
-    # Head and client agree on no token auth (a token file left in ~/.ray by another local cluster
-    # would otherwise switch the head to token auth while the CLI sends none).
-    env["RAY_AUTH_MODE"] = "disabled"
-    gcs, dash = _free_port(), _free_port()
-    temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    head = _ray_start(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                       "--num-cpus=1", "--num-gpus=0", f"--temp-dir={temp_dir}"], env)
-    worker = None
-    address = f"http://127.0.0.1:{dash}"
+def job_cluster():
+    """A cluster of its own, as a user starts one for `ray job submit`: a head (1 CPU, no GPU, the
+    job drivers run there, with the dashboard's job API) and a worker node (2 CPUs)."""
+    env = node_env()
+    cluster = LocalCluster.start(head_cpus=1, workers=[{"cpus": 2}], dashboard=True, env=env)
     try:
         deadline = time.time() + 120
-        while True:  # the dashboard answers once up
+        while True:  # the job API answers once the dashboard is up
             try:
-                if requests.get(f"{address}/api/version", timeout=2).status_code < 500:
+                if requests.get(f"{cluster.dashboard}/api/version", timeout=2).status_code < 500:
                     break
             except requests.RequestException:
                 pass
-            assert head.poll() is None, "ray start --head exited early"
-            assert time.time() < deadline, "ray head did not come up within 120 s"
-            time.sleep(1)
-        worker = _ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--num-gpus=0"], env)
-        deadline = time.time() + 120
-        while len([n for n in requests.get(f"{address}/nodes?view=summary", timeout=5).json()["data"]["summary"]
-                   if n["raylet"]["state"] == "ALIVE"]) < 2:
-            assert worker.poll() is None, "ray start (worker node) exited early"
-            assert time.time() < deadline, "the worker node did not join within 120 s"
-            time.sleep(1)
-        yield address, env
+            assert time.time() < deadline, "the dashboard did not come up within 120 s"
+            time.sleep(0.5)
+        yield cluster.dashboard, env
     finally:
-        if worker is not None:
-            _stop(worker)
-        _stop(head)
+        cluster.stop()
 
 
 def _submit(address: str, env: dict, args: list[str], submission_id: str | None = None) -> str:
@@ -102,8 +54,8 @@ def _submit(address: str, env: dict, args: list[str], submission_id: str | None 
     return out
 
 
-def test_dry_run_submitted_as_a_ray_job(ray_cluster):
-    out = _submit(*ray_cluster, ["--config", "pipelines/configs/sd35_medium_6step.yaml", "--dry-run"])
+def test_dry_run_submitted_as_a_ray_job(job_cluster):
+    out = _submit(*job_cluster, ["--config", "pipelines/configs/sd35_medium_6step.yaml", "--dry-run"])
     assert "succeeded" in out
     assert "scales [32, 48, 64, 80, 96, 128]" in out
     assert "sigmas [1.0, 0.9454, 0.8959, 0.7904, 0.7371, 0.6022]" in out
@@ -119,11 +71,11 @@ def _wait(client: JobSubmissionClient, job: str, until, timeout: float, what: st
         time.sleep(1)
 
 
-def test_the_whole_pipeline_as_a_ray_job_stopped_and_resubmitted(ray_cluster, tmp_path):
+def test_the_whole_pipeline_as_a_ray_job_stopped_and_resubmitted(job_cluster, tmp_path):
     """precompute -> distill -> evaluate of the smoke definition as one job on the two-node
     cluster; stopped after its first checkpoint and submitted again, the job goes on from that
     checkpoint (and precompute keeps what it stored) to the exported student and the report."""
-    address, env = ray_cluster
+    address, env = job_cluster
     client = JobSubmissionClient(address)
     storage = tmp_path / "runs"
     args = ["--config", "pipelines/configs/toy_smoke.yaml", "--set", f"resources.storage={storage}"]

@@ -37,12 +37,40 @@ def test_one_holder_then_the_next(where):
         assert read_lease(uri, res)["holder"] == second.holder
 
 
+# Leases renew every ttl / 3: 6 s leaves 4 s for a late renewal thread on a loaded machine. The
+# tests wait for what they need to see (a renewal, an expiry) by polling, up to DEADLINE.
+TTL = 6.0
+DEADLINE = 120.0
+
+
+def _wait_for(what: str, probe):
+    """probe()'s first truthy value, polled every 0.1 s; fails after DEADLINE seconds."""
+    deadline = time.monotonic() + DEADLINE
+    while not (value := probe()):
+        assert time.monotonic() < deadline, f"no {what} within {DEADLINE:.0f} s"
+        time.sleep(0.1)
+    return value
+
+
+def _renewed_past(uri, res, holder: str, expiry: float) -> dict:
+    """The record once `expiry` has passed and `holder` has renewed it beyond then, with at least a
+    third of a ttl left (time for the caller's next step)."""
+    def probe():
+        record, now = read_lease(uri, res), time.time()
+        fresh = record is not None and record["holder"] == holder and record["expires"] > now + TTL / 3
+        return record if now > expiry and fresh else None
+
+    return _wait_for(f"renewal of {holder}'s lease past {expiry:.1f}", probe)
+
+
 def test_renewal_keeps_it_past_its_ttl(where):
     uri, res = where
-    with Lease(uri, res, ttl_s=1.5) as held:
-        time.sleep(3.5)  # more than two ttls: only renewal keeps the expiry ahead
-        with pytest.raises(LeaseHeld):
-            Lease(uri, res, ttl_s=1.5).acquire()
+    with Lease(uri, res, ttl_s=TTL) as held:
+        first = read_lease(uri, res)["expires"]
+        _renewed_past(uri, res, held.holder, first)  # only renewal keeps it held past its first expiry
+        with pytest.raises(LeaseHeld) as refused:
+            Lease(uri, res, ttl_s=TTL).acquire()
+        assert refused.value.holder["holder"] == held.holder
         held.check()
 
 
@@ -64,7 +92,7 @@ def _race(uri, res, n=6):
              for _ in range(n)]
     for p in procs:
         p.start()
-    outcomes = sorted(results.get(timeout=60) for _ in procs)
+    outcomes = sorted(results.get(timeout=DEADLINE) for _ in procs)
     for p in procs:
         p.join(30)
     return outcomes
@@ -80,7 +108,8 @@ def test_racing_takers_of_a_stale_lease_one_wins(where):
     dead = Lease(uri, res, ttl_s=0.5)
     dead.acquire()
     dead._stop.set()  # stops renewing, as a killed holder does; its record stays
-    time.sleep(1.0)
+    dead._thread.join()
+    _wait_for("expiry of the stopped lease", lambda: time.time() > read_lease(uri, res)["expires"])
     assert _race(uri, res) == ["held"] * 5 + ["won"]
 
 
@@ -89,7 +118,7 @@ import sys, time
 from pipelines.retraining.lease import Lease
 from pipelines.schema import ResourcesConfig, S3Config
 res = ResourcesConfig(storage=sys.argv[2], s3=S3Config(endpoint_url=sys.argv[3] or None))
-Lease(sys.argv[1], res, ttl_s=2.0).acquire()
+Lease(sys.argv[1], res, ttl_s=float(sys.argv[4])).acquire()
 print("held", flush=True)
 time.sleep(600)
 """
@@ -97,23 +126,30 @@ time.sleep(600)
 
 def test_sigkilled_holder_expires(where):
     uri, res = where
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, uri, res.storage, res.s3.endpoint_url or ""],
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, uri, res.storage, res.s3.endpoint_url or "", str(TTL)],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    taker = Lease(uri, res, ttl_s=TTL)
     try:
         assert proc.stdout.readline().strip() == "held"
-        time.sleep(3)  # alive: renewed past its 2 s ttl
+        first = read_lease(uri, res)
+        _renewed_past(uri, res, first["holder"], first["expires"])  # alive: renewed past its ttl
         with pytest.raises(LeaseHeld):
-            Lease(uri, res, ttl_s=2.0).acquire()
+            taker.acquire()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        deadline = time.time() + 10
-        while True:
+        last = read_lease(uri, res)
+        assert last["holder"] == first["holder"]  # nobody renews it now: it expires at last["expires"]
+
+        def take():
             try:
-                Lease(uri, res, ttl_s=2.0).acquire()
-                break
+                taker.acquire()
+                return True
             except LeaseHeld:
-                assert time.time() < deadline, "the dead holder's lease never expired"
-                time.sleep(0.3)
+                return False
+
+        _wait_for("expiry of the dead holder's lease", take)
+        assert time.time() > last["expires"] and read_lease(uri, res)["holder"] == taker.holder
     finally:
+        taker.release()
         if proc.poll() is None:
             proc.kill()

@@ -103,8 +103,8 @@ def test_generator_step_gradients_reach_only_the_student(lora_adapter):
     for name, term in terms.items():
         # Each term on its own reaches the student: MMD and GAN only through the frozen fake network.
         grads = torch.autograd.grad(term, student, retain_graph=True, allow_unused=True)
-        assert all(gr is not None for gr in grads), name
-        assert sum(gr.abs().sum() for gr in grads) > 0, name
+        # every student adapter, finite and not all zero (not just their sum)
+        assert all(gr is not None and torch.isfinite(gr).all() and gr.any() for gr in grads), name
     sum(terms.values()).backward()
     assert all(p.grad is None for p in adapter_parameters(tr, FAKE))
     assert all(p.grad is None for p in base_parameters(tr))  # the teacher never gets gradients

@@ -26,7 +26,6 @@ from pipelines.stages.precompute import load_rgb, sample_id, square_pixels
 
 ROOT = Path(__file__).parents[1]
 TOY = "builtin:toy-sd3"
-pytestmark = pytest.mark.ray
 
 
 def config(storage, sources, **over):

@@ -28,6 +28,26 @@ def restore_bars():
     transformers.utils.logging.disable_progress_bar()
 
 
+@pytest.fixture
+def color_prefix_unchanged():
+    """Fails the test if RAY_COLOR_PREFIX differs after it (monkeypatch undone) from before it."""
+    before = os.environ.get("RAY_COLOR_PREFIX")
+    yield
+    after = os.environ.get("RAY_COLOR_PREFIX")
+    assert after == before, "RAY_COLOR_PREFIX leaked out of the test"
+
+
+@pytest.fixture
+def no_color_prefix(color_prefix_unchanged, monkeypatch):
+    """RAY_COLOR_PREFIX unset for the test, as before it after. A delenv of an unset variable records
+    nothing, so what quiet_output's setdefault writes would outlive the test: setenv first."""
+    from ray._private import ray_logging
+
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "")
+    monkeypatch.delenv("RAY_COLOR_PREFIX")
+    monkeypatch.setattr(ray_logging, "_color", ray_logging._color)  # quiet_output replaces it too
+
+
 def test_libraries_lose_their_bars(restore_bars):
     diffusers.utils.logging.enable_progress_bar()
     transformers.utils.logging.enable_progress_bar()
@@ -39,7 +59,7 @@ def test_libraries_lose_their_bars(restore_bars):
 
 
 @pytest.mark.parametrize("tty", [True, False])
-def test_ray_data_bars_only_off_a_terminal(restore_bars, tty):
+def test_ray_data_bars_only_off_a_terminal(no_color_prefix, restore_bars, tty):
     ctx = restore_bars
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = True
     quiet_output(tty=tty)
@@ -68,7 +88,6 @@ def _base_env() -> dict:
 
 
 @pytest.mark.parametrize("tty", [True, False])
-def test_worker_line_prefixes_uncoloured_off_a_terminal(restore_bars, monkeypatch, tty):
-    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+def test_worker_line_prefixes_uncoloured_off_a_terminal(no_color_prefix, restore_bars, tty):
     quiet_output(tty=tty)
     assert os.environ.get("RAY_COLOR_PREFIX") == (None if tty else "0")

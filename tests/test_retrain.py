@@ -17,6 +17,7 @@ import yaml
 
 from pipelines.schema import parse_pipeline_config
 from tests.conftest import free_port
+from tests.http_load import Load
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.ray
@@ -62,26 +63,21 @@ def served_models(base: str) -> list[str]:
     return [m["id"] for m in requests.get(f"{base}{ROUTE}/v1/models", timeout=30).json()["data"]]
 
 
-class Load:
-    """Requests to the app from a thread, for as long as the block runs; every status recorded."""
+def generate(base: str):
+    return lambda: requests.post(f"{base}{ROUTE}/v1/images/generations", json={"prompt": "a red circle", "seed": 3},
+                                 timeout=120)
 
-    def __init__(self, base: str):
-        self.base, self.results, self._stop = base, [], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self):
-        while not self._stop.is_set():
-            r = requests.post(f"{self.base}{ROUTE}/v1/images/generations", json={"prompt": "a red circle", "seed": 3},
-                              timeout=120)
-            self.results.append((r.status_code, r.headers.get("x-swd-model"), r.text[:200] if not r.ok else ""))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+def switch_to(load: Load, base: str, model: str, timeout: float = 60) -> list:
+    """Wait until the app reports `model`, then for three requests sent after that; all three
+    must come from `model` (the swap is an in-place reconfigure of the one replica)."""
+    deadline = time.monotonic() + timeout
+    while served_models(base) != [model]:
+        assert time.monotonic() < deadline, f"serving never moved to {model}"
+        time.sleep(0.5)
+    after = load.wait_for(3, sent_after=time.monotonic())
+    assert [o.model for o in after] == [model] * len(after), [(o.status, o.model, o.error) for o in after]
+    return after
 
 
 def retrain_cli(path: Path, *args, cluster=None, **kw):
@@ -117,21 +113,17 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
 
         # more rows arrive; cycle 2 encodes only those, trains v1 further, passes and is served
         cfg = parse_pipeline_config(definition(tmp_path, rows=96))
-        with Load(base) as load:
+        with Load(generate(base)) as load:
+            load.wait_for(1)  # the load is on v1 before the cycle starts
             second = run_cycle(cfg)
-            deadline = time.time() + 60
-            while served_models(base) != ["nightly-swd-v2"]:
-                assert time.time() < deadline, "serving never moved to v2"
-                time.sleep(0.5)
-            time.sleep(2)  # requests continue on v2
+            switch_to(load, base, "nightly-swd-v2")  # and continues on v2
         assert second["new_rows"] == 32 and second["rows"] == 96
         assert second["warm_start"] == first["checkpoint"] and second["start_step"] == 2
         assert checkpoint_steps(run_dir / "cycles" / "cycle-0002") == [4]  # went on from step 2, not from 0
         assert second["promoted"] and set(second["gate"]["champion"]) == {"fd", "teacher_denoise"}
         assert second["gate"]["seeds"] == first["gate"]["seeds"] and second["gate"]["prompts"] == first["gate"]["prompts"]
-        statuses = [s for s, _, _ in load.results]
-        assert statuses and all(s == 200 for s in statuses), load.results[:5]
-        assert {m for _, m, _ in load.results} <= {"nightly-swd-v1", "nightly-swd-v2"}
+        assert not load.failures(), load.failures()[:5]  # connection errors included
+        assert {o.model for o in load.outcomes} == {"nightly-swd-v1", "nightly-swd-v2"}
         # v1's folder is untouched: every cycle exports into its own
         assert (run_dir / "cycles" / "cycle-0001" / "student" / "merged" / "model_index.json").exists()
 
@@ -160,14 +152,13 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         assert "FAIL" in registry.version(3).tags["gate_report"] and registry.version(3).tags["gate"] == "failed"
 
         # rollback moves the champion, and serving, back to v1
-        with Load(base) as load:
+        with Load(generate(base)) as load:
+            load.wait_for(1)
             rb = retrain_cli(path, "rollback", cluster=ray_cluster)
             assert rb.returncode == 0, rb.stdout + rb.stderr
-            deadline = time.time() + 60
-            while served_models(base) != ["nightly-swd-v1"]:
-                assert time.time() < deadline, "serving never moved back to v1"
-                time.sleep(0.5)
-        assert all(s == 200 for s, _, _ in load.results), load.results[:5]
+            switch_to(load, base, "nightly-swd-v1")
+        assert not load.failures(), load.failures()[:5]
+        assert {o.model for o in load.outcomes} == {"nightly-swd-v2", "nightly-swd-v1"}
         assert Registry(cfg).champion().number == 1
 
         # the registry: every version with its metrics, and the alias history
@@ -189,5 +180,11 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         run2 = next(r for r in runs if r.info.run_name == "cycle-0002")
         assert "gate.candidate.fd" in run2.data.metrics and "gate.champion.fd" in run2.data.metrics
         assert [m.step for m in client.get_metric_history(run2.info.run_id, "generator")] == [3, 4]
+
+        # no new rows (retrain.min_new_rows 1): a cycle changes nothing, no folder, no version
+        idle = retrain_cli(path, "--once", cluster=ray_cluster)
+        assert idle.returncode == 0, idle.stdout + idle.stderr
+        assert "0 new rows < retrain.min_new_rows 1: nothing to train" in idle.stdout + idle.stderr
+        assert len(list((run_dir / "cycles").iterdir())) == 3 and len(Registry(cfg).versions()) == 3
     finally:
         serve.delete(APP)

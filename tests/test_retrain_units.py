@@ -152,3 +152,68 @@ def test_the_gate_reads_what_the_images_show_unless_told_to_read_raw_latents():
     gate.g.reencode = False
     raw = [gate.score_samples(x, images).metrics for x in (latents, other)]
     assert all(raw[0][m] != raw[1][m] for m in raw[0])
+
+
+def _gate(metrics: list[dict]):
+    """A Gate holding only the `retrain.gate` section (verdict reads nothing else): no prompts, no teacher."""
+    from pipelines.retraining.gate import Gate
+
+    gate = object.__new__(Gate)
+    gate.g = parse_pipeline_config(with_retrain(gate={"metrics": metrics})).retrain.gate
+    return gate
+
+
+# (metric, margin, candidate, champion, passes); values exact in binary, so the margin edge is exact.
+# fd: lower is better, gain = champion - candidate; prompt_accuracy: higher is better, gain = candidate - champion.
+VERDICTS = [
+    ("fd", 0.0, 1.25, 1.5, True),         # better
+    ("fd", 0.0, 1.75, 1.5, False),        # worse
+    ("fd", 0.0, 1.5, 1.5, True),          # a tie passes a zero margin
+    ("fd", 0.25, 1.25, 1.5, True),        # better by exactly the margin
+    ("fd", 0.25, 1.375, 1.5, False),      # better, by less than the margin
+    ("fd", -0.25, 1.625, 1.5, True),      # worse, within the tolerance
+    ("fd", -0.25, 1.875, 1.5, False),     # worse, beyond it
+    ("prompt_accuracy", 0.0, 0.625, 0.5, True),
+    ("prompt_accuracy", 0.0, 0.375, 0.5, False),
+    ("prompt_accuracy", 0.125, 0.625, 0.5, True),
+    ("prompt_accuracy", 0.125, 0.5625, 0.5, False),
+    ("prompt_accuracy", -0.125, 0.4375, 0.5, True),
+    ("prompt_accuracy", -0.125, 0.25, 0.5, False),
+]
+
+
+@pytest.mark.parametrize("name,margin,candidate,champion,passes", VERDICTS)
+def test_gate_verdict_follows_the_metric_direction_and_margin(name, margin, candidate, champion, passes):
+    passed, lines = _gate([{"name": name, "min_margin": margin}]).verdict({name: candidate}, {name: champion})
+    gain = champion - candidate if name == "fd" else candidate - champion
+    assert passed is passes
+    assert lines == [f"{name}: candidate {candidate:.4f} vs champion {champion:.4f} "
+                     f"({'lower' if name == 'fd' else 'higher'} is better; gain {gain:+.4f}, needs >= {margin:+.4f}): "
+                     f"{'pass' if passes else 'FAIL'}"]
+
+
+def test_gate_verdict_takes_an_explicit_direction_over_the_metric_default():
+    # teacher_denoise defaults to lower-is-better, teacher_alignment to higher-is-better
+    assert _gate([{"name": "teacher_denoise", "direction": "max"}]).verdict(
+        {"teacher_denoise": 2.0}, {"teacher_denoise": 1.0})[0] is True
+    assert _gate([{"name": "teacher_alignment", "direction": "min"}]).verdict(
+        {"teacher_alignment": 0.75}, {"teacher_alignment": 0.5})[0] is False
+
+
+def test_gate_verdict_without_a_champion_promotes_the_first_candidate():
+    gate = _gate([{"name": "fd", "min_margin": 0.5}])
+    assert gate.verdict({"fd": 99.0}, None) == (True, ["no champion yet: the first version is promoted"])
+
+
+@pytest.mark.parametrize("fd,accuracy,passes", [
+    (1.25, 0.625, True),    # better on both
+    (1.25, 0.375, False),   # better FD, worse accuracy
+    (1.75, 0.625, False),   # worse FD, better accuracy
+    (1.75, 0.375, False),
+])
+def test_gate_verdict_needs_every_metric_to_pass(fd, accuracy, passes):
+    gate = _gate([{"name": "fd"}, {"name": "prompt_accuracy"}])
+    passed, lines = gate.verdict({"fd": fd, "prompt_accuracy": accuracy}, {"fd": 1.5, "prompt_accuracy": 0.5})
+    assert passed is passes
+    assert [line.split(":")[0] for line in lines] == ["fd", "prompt_accuracy"]  # one line per metric, in order
+    assert [line.endswith(": pass") for line in lines] == [fd < 1.5, accuracy > 0.5]

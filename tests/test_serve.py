@@ -28,6 +28,7 @@ from pipelines.serve.model import load_student, render_pngs
 from pipelines.serve.stand_in import export_stand_in
 from swd_core.generate import generate_images
 from tests.conftest import free_port
+from tests.http_load import Load
 
 pytestmark = pytest.mark.ray
 
@@ -108,10 +109,22 @@ def b64_pixels(item) -> np.ndarray:
 def test_with_deterministic_batching_images_match_offline_sampler_and_do_not_depend_on_batching(app, offline):
     url, cfg = app
     seeds = [11, 12, 13, 14]
-    with ThreadPoolExecutor(len(seeds)) as pool:
-        together = list(pool.map(lambda s: post(url, {"prompt": PROMPT, "seed": s}), seeds))
-    assert all(r.status_code == 200 for r in together), [r.text for r in together]
-    assert max(int(r.headers["x-swd-batch"]) for r in together) > 1, "concurrent requests were never batched"
+    # The four requests leave together (a barrier, not thread start-up order) so they fall in one
+    # batching window even on a loaded machine; a window missed anyway is tried again.
+    for _ in range(3):
+        start = threading.Barrier(len(seeds))
+
+        def together_with_the_others(seed):
+            start.wait()
+            return post(url, {"prompt": PROMPT, "seed": seed})
+
+        with ThreadPoolExecutor(len(seeds)) as pool:
+            together = list(pool.map(together_with_the_others, seeds))
+        assert all(r.status_code == 200 for r in together), [r.text for r in together]
+        if max(int(r.headers["x-swd-batch"]) for r in together) > 1:
+            break
+    else:
+        raise AssertionError("concurrent requests were never batched (three tries)")
     alone = [post(url, {"prompt": PROMPT, "seed": s}) for s in seeds]
     assert all(int(r.headers["x-swd-batch"]) == 1 for r in alone)
     for s, t, a in zip(seeds, together, alone):
@@ -203,7 +216,7 @@ def test_replica_survives_bad_requests(app):
     assert post(url, {"prompt": PROMPT, "seed": 0}).status_code == 200
 
 
-def test_no_generated_request_gets_a_5xx_or_a_traceback(app):
+def test_no_generated_request_gets_a_5xx_or_a_traceback(app, request):
     """Property-based: requests Hypothesis makes up (near-valid and hostile bodies, content types,
     query strings, methods, paths) against the real app. None may get a 5xx or show a
     traceback; every 4xx has OpenAI's error shape; every 2xx is what its endpoint promises."""
@@ -216,8 +229,6 @@ def test_no_generated_request_gets_a_5xx_or_a_traceback(app):
     from hypothesis import strategies as st
 
     from pipelines.serve.validation import ImageRequest
-    from tests.conftest import SUMMARY
-
     url, _ = app
     text = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)  # no lone surrogates: not encodable
     scalar = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | text
@@ -272,8 +283,8 @@ def test_no_generated_request_gets_a_5xx_or_a_traceback(app):
     try:
         one()
     finally:
-        SUMMARY.append(f"HTTP property test: {sum(codes.values())} requests sent; status codes "
-                       + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())))
+        request.node.user_properties.append(("summary", f"HTTP property test: {sum(codes.values())} requests sent; "
+                                             "status codes " + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items()))))
     assert codes[200] > 0 and sum(n for c, n in codes.items() if 400 <= c < 500) > 0, codes  # both kinds were tried
 
 
@@ -335,58 +346,30 @@ def test_hot_swap_under_load_has_no_failures(app, students, offline):
     url, cfg = app
     before = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["source"]
     assert before == students["a"]
-    stop, results = threading.Event(), []
-
-    def client(i):
-        n = 0
-        while not stop.is_set():
-            r = requests.get(f"{url}/generate", params={"prompt": PROMPT, "seed": 5}, timeout=60)
-            results.append((r.status_code, r.headers.get("x-swd-model"), r.content if r.ok else r.text))
-            n += 1
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(1.0)
+    send = lambda: requests.get(f"{url}/generate", params={"prompt": PROMPT, "seed": 5}, timeout=60)  # noqa: E731
+    with Load(send, threads=4) as load:
+        load.wait_for(4)  # the load is on the first model
         swapped = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": students["b"], "model_id": "toy-swd-b"})})
         serve.run(build_app(swapped), name=APP, route_prefix=ROUTE, blocking=False)
         deadline = time.time() + 60
         while requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["source"] != students["b"]:
             assert time.time() < deadline, "the swap never landed"
             time.sleep(0.2)
-        seen = len(results)
-        while len(results) < seen + 4:  # load continues on the new model
-            time.sleep(0.1)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    failures = [(c, body) for c, _, body in results if c != 200]
-    assert not failures, failures[:3]
-    sources = [s for _, s, _ in results]
-    assert sources[0] == "toy-swd" and sources[-1] == "toy-swd-b"
+        after = load.wait_for(4, sent_after=time.monotonic())  # load continues on the new model
+    assert not load.failures(), [(o.status, o.error, o.body) for o in load.failures()[:3]]
+    assert [o.model for o in after] == ["toy-swd-b"] * len(after)
+    assert {o.model for o in load.outcomes} == {"toy-swd", "toy-swd-b"}
     # Outputs switch with the model: the new source gives the new student's pixels.
     exp = {k: pixels(render_pngs(offline[k], [PROMPT], [5], cfg.serve.max_batch_size)[0]) for k in "ab"}
     assert not np.array_equal(exp["a"], exp["b"])
-    for _, source, png in results:
-        np.testing.assert_array_equal(pixels(png), exp["a" if source == "toy-swd" else "b"])
+    for o in load.outcomes:
+        np.testing.assert_array_equal(pixels(o.body), exp["a" if o.model == "toy-swd" else "b"])
 
 
 def chromium_binary() -> str:
-    """Debian's chromium, installed with apt-get when absent (the test setup's job, not the user's)."""
+    """Debian's chromium: `make test` (and so CI) installs it before the suite runs."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if shutil.which("apt-get") is None:
-        pytest.skip("chromium is not installed and there is no apt-get to install it")
-    proc = subprocess.run("apt-get install -y --no-install-recommends chromium || "
-                          "(apt-get update && apt-get install -y --no-install-recommends chromium)",
-                          shell=True, capture_output=True, text=True, timeout=900,
-                          env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    found = shutil.which("chromium")
-    if not found:
-        pytest.skip(f"could not install chromium with apt-get (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+    assert found, "no chromium on PATH: `make browser` installs it (`make test` does first)"
     return found
 
 

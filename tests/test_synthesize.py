@@ -11,7 +11,6 @@ from pipelines.schema import parse_pipeline_config
 from pipelines.stages import synthesize
 
 TOY = "builtin:toy-sd3"
-pytestmark = pytest.mark.ray
 
 
 def config(tmp_path, prompts_file, **synth):

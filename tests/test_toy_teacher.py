@@ -31,8 +31,12 @@ def test_loads_with_stock_diffusers():
     assert ids[1:4] == [vocab["a"], vocab["red"], vocab["circle"]]  # real word ids, not all end-of-text
     torch.manual_seed(0)
     image = pipe("a large red circle in the center", num_inference_steps=4, guidance_scale=4.5, height=64, width=64,
-                 max_sequence_length=0).images[0]
-    assert image.size == (64, 64)
+                 max_sequence_length=0, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
+    assert ((image == 0) | (image == 1)).mean() < 0.1 and (image.std(axis=(0, 1)) > 0.05).all()  # not blank or clipped
+    # it draws the prompt: the centre is red (measured R 0.71, G 0.20, B 0.20)
+    r, g, b = image[24:40, 24:40].mean(axis=(0, 1))
+    assert r > g + 0.3 and r > b + 0.3
 
 
 def test_loads_through_the_adapter_and_reconstructs_shapes():

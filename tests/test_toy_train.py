@@ -1,0 +1,205 @@
+"""swd_core/toy/train.py, the phases behind `make toy-teacher`, at the tiniest sizes: each trains,
+writes what it documents, skips itself once done, and the transformer resumes its budget.
+
+Every test points the module's folders (weights/, .work/) at tmp_path: nothing is written into
+the committed toy weights (the `toy` fixture checks that)."""
+
+import functools
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from swd_core.toy import shapes
+from swd_core.toy import train as T
+
+COMMITTED = {"record": T.RECORD, "classifier": T.CLASSIFIER, "teacher": T.TEACHER}
+
+
+def repository_files() -> dict:
+    """swd_core/toy/ as it is on disk (bytecode caches aside): what the tests must leave alone."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in T.HERE.rglob("*") if "__pycache__" not in p.parts}
+
+
+def tiny_vae_config(full=T.vae_config) -> dict:
+    """The phase's VAE with 8 channels a level instead of 32/64/64."""
+    return {**full(), "block_out_channels": (8, 8, 8), "norm_num_groups": 8}
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """The module's folders under tmp_path, and its log lines in a list."""
+    before = repository_files()
+    weights, work = tmp_path / "weights", tmp_path / ".work"
+    for name, value in {"WEIGHTS": weights, "WORK": work, "CLASSIFIER": weights / "classifier.safetensors",
+                        "TEACHER": weights / "toy-sd3", "RECORD": weights / "training_record.json",
+                        "CKPT": work / "teacher_ckpt.pt"}.items():
+        monkeypatch.setattr(T, name, value)
+    lines = []
+    monkeypatch.setattr(T, "log", lines.append)
+    monkeypatch.setattr(T, "vae_config", tiny_vae_config)
+    yield lines
+    assert repository_files() == before, "a test wrote into swd_core/toy/"
+
+
+def record() -> dict:
+    return json.loads(T.RECORD.read_text())
+
+
+def finite(module) -> bool:
+    return all(torch.isfinite(p).all() for p in module.state_dict().values() if p.dtype.is_floating_point)
+
+
+def small_classifier(monkeypatch):
+    """A narrow classifier (same code, fewer channels) and a 16-prompt held-out evaluation."""
+    monkeypatch.setattr(T, "ShapesClassifier", functools.partial(T.ShapesClassifier, width=8, feature_dim=16))
+    evaluate = T.evaluate_classifier
+    monkeypatch.setattr(T, "evaluate_classifier", lambda model, count=640: evaluate(model, count=16))
+
+
+@pytest.mark.training
+def test_the_classifier_phase_learns_saves_its_config_records_its_accuracy_and_then_skips(toy, monkeypatch):
+    from swd_core.evaluation import classifier_loss, load_classifier
+
+    small_classifier(monkeypatch)
+    torch.manual_seed(T.SEED)
+    initial = T.ShapesClassifier()  # what the phase starts from (same seed)
+    held_images, held_targets = T.classifier_batch(np.random.default_rng(123), 16)
+    T.train_classifier(steps=12, batch=8)
+
+    model = load_classifier(T.CLASSIFIER)
+    assert (model.width, model.feature_dim) == (8, 16) and finite(model)
+    with torch.no_grad():
+        before = classifier_loss(initial(held_images), held_targets).item()
+        after = classifier_loss(model.eval()(held_images), held_targets).item()
+    assert math.isfinite(after) and after < before, (before, after)
+    entry = record()["classifier"]
+    assert {k: entry[k] for k in ("seed", "steps", "batch")} == {"seed": 0, "steps": 12, "batch": 8}
+    assert 0 <= entry["real_prompt_accuracy"] <= 1 and set(entry["real_per_attribute"]) >= {"shape", "color"}
+    assert entry["seconds"] >= 0 and entry["command"].startswith("python -m swd_core.toy.train")
+
+    saved = T.CLASSIFIER.read_bytes()
+    T.train_classifier(steps=12, batch=8)
+    assert T.CLASSIFIER.read_bytes() == saved and "skipping" in toy[-1]
+
+
+@pytest.mark.training
+def test_the_vae_phase_trains_and_normalises_its_latents_to_unit_variance(toy, monkeypatch):
+    """The saved shift/scale make (z - shift) * scale zero-mean, unit-variance on the training pool."""
+    pool_images, image_pool = {}, T.image_pool
+
+    def small_pool(seed, count):  # 16 renders at 16 px, repeated: the phase normalises with its first 4096
+        pool, samples = image_pool(seed, 16)
+        pool_images[seed] = pool[:, :, ::4, ::4].contiguous()
+        return pool_images[seed].repeat(256, 1, 1, 1), samples
+
+    monkeypatch.setattr(T, "image_pool", small_pool)
+    torch.manual_seed(T.SEED)
+    initial = AutoencoderKL(**tiny_vae_config())
+    T.train_vae(steps=3, batch=2)
+
+    out = T.WORK / "vae"
+    vae = AutoencoderKL.from_pretrained(out)
+    assert finite(vae)
+    moved = [not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), vae.state_dict().values())]
+    assert any(moved)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    with torch.no_grad():
+        z = vae.encode(shapes.from_uint8(pool_images[T.SEED + 1])).latent_dist.mode()
+    normalised = (z - shift) * scale
+    assert abs(normalised.mean().item()) < 1e-4 and abs(normalised.std().item() - 1) < 1e-3
+    entry = record()["vae"]
+    assert (entry["shift_factor"], entry["scaling_factor"]) == (shift, scale)
+    assert {k: entry[k] for k in ("seed", "steps", "batch")} == {"seed": 0, "steps": 3, "batch": 2}
+    assert math.isfinite(entry["held_out_psnr_db"]) and "command" in entry
+
+    config = (out / "config.json").read_text()
+    T.train_vae(steps=3, batch=2)
+    assert (out / "config.json").read_text() == config and "skipping" in toy[-1]
+
+
+@pytest.mark.training
+def test_the_vae_decoder_phase_trains_the_decoder_only_and_marks_its_sides(toy, monkeypatch):
+    """The encoder stays as it was (the teacher's latent space), the decoder moves; a marker
+    file says the sides, and a second run skips."""
+    T.WEIGHTS.mkdir(parents=True)
+    shutil.copy(COMMITTED["classifier"], T.CLASSIFIER)  # the round trip's scorer reads the evaluator
+    torch.manual_seed(1)
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(T.WORK / "vae")
+    original = AutoencoderKL.from_pretrained(T.WORK / "vae")
+    pool = T.scene_pool
+    monkeypatch.setattr(T, "scene_pool", lambda seed, count: pool(seed, 32))
+    round_trip = T.round_trip
+    monkeypatch.setattr(T, "round_trip", lambda vae, count=320: round_trip(vae, count=4))
+    T.train_vae_decoder(steps=3, batch=2, lr=1e-3)
+
+    saved = load_file(T.WORK / "vae" / "diffusion_pytorch_model.safetensors")  # fp16 on disk, as documented
+    assert saved.keys() == original.state_dict().keys()
+    assert all(t.dtype == torch.float16 and torch.isfinite(t).all() for t in saved.values())
+    changed = {k for k, t in original.state_dict().items() if not torch.equal(t.half(), saved[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), changed
+    assert json.loads((T.WORK / "vae" / "decoder_sides.json").read_text()) == {"sides": list(T.TOY_SIDES)}
+    entry = record()["vae_decoder"]
+    assert entry["steps"] == 3 and entry["sides"] == list(T.TOY_SIDES) and entry["images"] == 32
+    assert set(entry["round_trip_320_held_out"]) == {"before", "after"}
+    assert set(entry["round_trip_320_held_out"]["after"]) == {str(4 * s) for s in T.TOY_SIDES[2:]}
+
+    weights = (T.WORK / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    T.train_vae_decoder(steps=3, batch=2, lr=1e-3)
+    assert (T.WORK / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == weights and "skipping" in toy[-1]
+
+
+TINY_ARCH = {"layers": 1, "heads": 1, "head_dim": 16, "text_dim": 16, "text_layers": 1,
+             "text_max_length": shapes.MAX_CAPTION_TOKENS, "interpolate_pos_embed": True, "seed": 0}
+
+
+@pytest.mark.training
+def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budget(toy, monkeypatch):
+    """`make toy-teacher` (`train all --hours H`) is resumable: with the classifier and VAE done,
+    only the transformer trains; run again with the budget spent, everything skips; run with a
+    larger budget, it continues from the checkpoint (step count, optimizer, init) instead of
+    starting over."""
+    T.WEIGHTS.mkdir(parents=True)
+    shutil.copy(COMMITTED["classifier"], T.CLASSIFIER)  # a finished phase
+    torch.manual_seed(1)
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(T.WORK / "vae")
+    (T.WORK / "vae" / "decoder_sides.json").write_text(json.dumps({"sides": list(T.TOY_SIDES)}))
+    monkeypatch.setattr(T, "TEACHER_ARCH", TINY_ARCH)
+    monkeypatch.setattr(T, "TRAIN_IMAGES", 500)
+    argv = ["all", "--sides", "4", "8", "--batch", "4", "--hours"]
+
+    T.main([*argv, str(1.0 / 3600)])
+    assert not any("step" in line and "classifier" in line for line in toy)
+    assert any("classifier" in line and "skipping" in line for line in toy)
+    assert any("vae-decoder" in line and "skipping" in line for line in toy)
+    first = torch.load(T.CKPT, weights_only=True)
+    assert set(first) == {"model", "ema", "opt", "step", "elapsed", "rng", "history", "init", "sides", "lr",
+                          "started_from", "previous_rounds"}
+    assert first["step"] >= 1 and first["elapsed"] >= 1.0 and first["init"] == "scratch" and first["sides"] == [4, 8]
+    saved = load_file(T.TEACHER / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(t.dtype == torch.float16 and torch.isfinite(t).all() for t in saved.values())
+    entry = record()["transformer"]
+    assert entry["seed"] == 0 and entry["minutes"] >= 0 and "command" in entry and entry["history"] == []
+    assert entry["steps"] == first["step"] and entry["sides"] == [4, 8] and entry["architecture"] == TINY_ARCH
+    assert entry["init"] == "scratch" and entry["lr"] == 3e-4
+
+    ckpt, teacher = T.CKPT.read_bytes(), (T.TEACHER / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    del toy[:]
+    T.main([*argv, str(1.0 / 3600)])  # budget spent: nothing to do
+    assert T.CKPT.read_bytes() == ckpt
+    assert (T.TEACHER / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == teacher
+    assert sum("skipping" in line for line in toy) == 4, toy
+
+    del toy[:]
+    T.main([*argv, str(3.0 / 3600)])  # a larger budget: continue from the checkpoint
+    assert f"resumed at step {first['step']} " in "\n".join(toy) + " "
+    second = torch.load(T.CKPT, weights_only=True)
+    assert second["step"] > first["step"] and second["elapsed"] >= 3.0
+    assert second["init"] == "scratch", "it fine-tuned the teacher it had just written instead of resuming"
+    assert {int(s["step"]) for s in second["opt"]["state"].values()} == {second["step"]}, "the optimizer started over"
+    assert record()["transformer"]["steps"] == second["step"]
