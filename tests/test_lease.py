@@ -153,3 +153,28 @@ def test_sigkilled_holder_expires(where):
         taker.release()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_holder_whose_lease_was_taken_finds_it_lost_and_leaves_the_new_record(where):
+    """The lock removed under a holder (an operator, or an expiry the holder missed) and taken by
+    another: the holder's next renewal finds it replaced, `check()` raises `LeaseLost` (a cycle
+    calls it before each write), and its release leaves the new holder's record alone."""
+    from pipelines.retraining.lease import LeaseLost
+    from pipelines.storage import filesystem
+
+    uri, res = where
+    held = Lease(uri, res, ttl_s=TTL)
+    held.acquire()
+    try:
+        held.check()  # held: nothing to say
+        filesystem(uri, res).rm(uri)
+        intruder = Lease(uri, res, ttl_s=TTL)
+        intruder.acquire()
+        _wait_for("renewal failure", lambda: held.lost)
+        with pytest.raises(LeaseLost, match="replaced or removed while held"):
+            held.check()
+    finally:
+        held.release()
+    assert read_lease(uri, res)["holder"] == intruder.holder
+    intruder.release()
+    assert read_lease(uri, res) is None

@@ -217,3 +217,47 @@ def test_gate_verdict_needs_every_metric_to_pass(fd, accuracy, passes):
     assert passed is passes
     assert [line.split(":")[0] for line in lines] == ["fd", "prompt_accuracy"]  # one line per metric, in order
     assert [line.endswith(": pass") for line in lines] == [fd < 1.5, accuracy > 0.5]
+
+
+def test_the_scheduler_outlives_a_failed_cycle_a_broken_definition_and_a_refused_cycle(tmp_path, monkeypatch, capsys):
+    """`retrain.py` without --once: each tick reads the definition again and runs a cycle; a cycle
+    that raises, a definition that no longer validates and a cycle refused by the lock are
+    reported, and the next tick comes. The cycles are stand-ins: what is checked is the loop."""
+    from pipelines import retrain
+    from pipelines.retraining import cycle
+
+    path = tmp_path / "nightly.yaml"
+    good = yaml.safe_dump(with_retrain())
+    path.write_text(good)
+    ticks = []
+
+    def tick(schedule, timezone, after=None):
+        ticks.append(schedule)
+        if len(ticks) == 2:
+            path.write_text(yaml.safe_dump(with_retrain(steps=50)))  # not a multiple of the schedule's 4 steps
+        elif len(ticks) == 3:
+            path.write_text(good)
+        elif len(ticks) == 5:
+            raise KeyboardInterrupt  # how the scheduler is stopped
+        return datetime.now(ZoneInfo(timezone))
+
+    outcomes = iter([RuntimeError("boom"), cycle.CycleRefused("another retraining cycle is running"), None])
+    ran = []
+
+    def run_cycle(cfg, force=False):
+        ran.append(cfg.name)
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+        return {"cycle": "cycle-0001"}
+
+    monkeypatch.setattr(retrain, "next_tick", tick)
+    monkeypatch.setattr(cycle, "run_cycle", run_cycle)
+    with pytest.raises(KeyboardInterrupt):
+        retrain.scheduler(str(path))
+    out = capsys.readouterr().out
+    assert len(ticks) == 5 and len(ran) == 3  # tick 2 ran no cycle: its definition did not validate
+    assert "the cycle failed; it resumes at the next tick" in out and "RuntimeError: boom" in out
+    assert "the definition no longer validates; skipping this tick" in out and "retrain.steps 50" in out
+    assert "another retraining cycle is running" in out
+    assert out.count("[retrain] next cycle of") == 4  # the fifth tick stopped it

@@ -108,12 +108,32 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
         exported = result.get_best_checkpoint(d.validation.score_key, d.validation.mode) or exported
     out["export_checkpoint"] = exported.path if exported else None
     out["workers"] = _workers(result.checkpoint)
+    _remove_untracked_checkpoints(result)
     for key in ("checkpoint", "export_checkpoint"):
         if out[key] and cfg.run_dir.startswith("s3://"):  # Ray names it by its bare filesystem path
             out[key] = "s3://" + out[key]
     chosen = f" (step {metrics['val_best_step']}, chosen by validation)" if "val_best_step" in metrics else ""
     print(f"[distill] done in {out['seconds']:.0f} s; student at {out['student']}{chosen}", flush=True)
     return out
+
+
+def _remove_untracked_checkpoints(result) -> None:
+    """Ray Train keeps `keep_checkpoints` (plus the latest) while a run goes, but the checkpoint a
+    run restarted from after a worker failure drops out of its records with its folder left in
+    storage; every such folder of this run is removed here, so the setting holds across restarts."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    if result.checkpoint is None:
+        return
+    kept = {result.checkpoint.path} | {c.path for c, _ in (result.best_checkpoints or [])}
+    fs, root = result.checkpoint.filesystem, posixpath.dirname(result.checkpoint.path)
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if (info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+                and info.path not in kept):
+            fs.delete_dir(info.path)
+            print(f"[distill] removed {info.path}: a checkpoint Ray Train no longer tracks", flush=True)
 
 
 def _workers(checkpoint) -> list[dict]:
