@@ -80,25 +80,24 @@ class LocalCluster:
             raise
         return cluster
 
-    def alive_nodes(self, env: dict) -> int:
-        """Alive nodes as the GCS counts them, asked from a short-lived client process (this one
-        may be a driver of another cluster)."""
-        code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-                "print(sum(n['Alive'] for n in ray.nodes()))")
-        proc = subprocess.run([sys.executable, "-c", code, self.address], env=env, capture_output=True, text=True,
-                              timeout=120)
-        return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else 0
-
     def _wait(self, procs: list[subprocess.Popen], nodes: int, timeout: float) -> None:
-        env = node_env()
+        """Until the GCS counts `nodes` alive nodes: one client process polls (this process may
+        already be a driver of another cluster), this one watches the `ray start` processes."""
+        code = ("import ray, sys, time; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+                "while sum(n['Alive'] for n in ray.nodes()) < int(sys.argv[2]): time.sleep(0.2)")
+        client = subprocess.Popen([sys.executable, "-c", code, self.address, str(nodes)], env=node_env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + timeout
-        while True:
-            dead = [p.args for p in procs if p.poll() is not None]
-            assert not dead, f"ray start exited early: {dead[0]}"
-            if self.alive_nodes(env) >= nodes:
-                return
-            assert time.time() < deadline, f"{nodes} Ray node(s) not up within {timeout:.0f} s"
-            time.sleep(0.5)
+        try:
+            while client.poll() is None:
+                dead = [p.args for p in procs if p.poll() is not None]
+                assert not dead, f"ray start exited early: {dead[0]}"
+                assert time.time() < deadline, f"{nodes} Ray node(s) not up within {timeout:.0f} s"
+                time.sleep(0.2)
+            assert client.returncode == 0, client.stderr.read()[-2000:]
+        finally:
+            if client.poll() is None:
+                client.kill()
 
     def stop(self, grace: float = 10) -> None:
         """SIGTERM to every node's process group, SIGKILL to what is left after `grace` seconds

@@ -44,12 +44,12 @@ def _submit(address: str, env: dict, args: list[str], submission_id: str | None 
                                                             if submission_id else []),
            "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "pipelines/distill.py",
            *args]
-    for _ in range(12):  # the head's job agent may start a few seconds after its dashboard answers
+    deadline = time.time() + 60
+    while True:  # the head's job agent may start a few seconds after its dashboard answers
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         out = proc.stdout + proc.stderr
-        if "No available agent to submit job" not in out:
+        if "No available agent to submit job" not in out or time.time() > deadline:
             break
-        time.sleep(5)
     assert proc.returncode == 0, out[-3000:]
     return out
 

@@ -74,25 +74,26 @@ def test_renewal_keeps_it_past_its_ttl(where):
         held.check()
 
 
-def _take(uri, storage, endpoint, ttl, barrier, results):
+def _take(uri, storage, endpoint, ttl, barrier, results, done):
     res = ResourcesConfig(storage=storage, s3=S3Config(endpoint_url=endpoint))
     barrier.wait()
     try:
-        Lease(uri, res, ttl_s=ttl).acquire()  # held until the process exits
+        Lease(uri, res, ttl_s=ttl).acquire()  # held until every taker has answered
         results.put("won")
-        time.sleep(2)
+        done.wait(120)
     except LeaseHeld:
         results.put("held")
 
 
 def _race(uri, res, n=6):
     ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_take, args=(uri, res.storage, res.s3.endpoint_url, 30, barrier, results))
+    barrier, results, done = ctx.Barrier(n), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_take, args=(uri, res.storage, res.s3.endpoint_url, 30, barrier, results, done))
              for _ in range(n)]
     for p in procs:
         p.start()
     outcomes = sorted(results.get(timeout=DEADLINE) for _ in procs)
+    done.set()
     for p in procs:
         p.join(30)
     return outcomes
@@ -114,13 +115,13 @@ def test_racing_takers_of_a_stale_lease_one_wins(where):
 
 
 HOLDER = """
-import sys, time
+import signal, sys
 from pipelines.retraining.lease import Lease
 from pipelines.schema import ResourcesConfig, S3Config
 res = ResourcesConfig(storage=sys.argv[2], s3=S3Config(endpoint_url=sys.argv[3] or None))
 Lease(sys.argv[1], res, ttl_s=float(sys.argv[4])).acquire()
 print("held", flush=True)
-time.sleep(600)
+signal.pause()  # until SIGKILLed
 """
 
 

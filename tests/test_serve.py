@@ -416,10 +416,9 @@ def test_deploy_that_started_ray_serves_in_the_foreground_until_interrupted(stud
             lines.append(line)
             if "serving until interrupted" in line:
                 break
-        assert proc.poll() is None, "".join(lines)
-        time.sleep(2)  # the stage is in its foreground wait: the app still answers
         r = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=60)
         assert r.status_code == 200 and r.json()["data"][0]["source"] == students["a"]
+        assert proc.poll() is None, "".join(lines)  # the stage is in its foreground wait, and the app answers
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
     finally:
