@@ -79,7 +79,16 @@ class Store:
         files = self.files() if files is None else files
         if not files:
             raise StoreMismatchError(f"{self.uri}: the store has no data files; run the precompute stage")
-        return ray.data.read_parquet(files, filesystem=arrow_filesystem(self.uri, self.resources), columns=columns)
+        # Ray Data's V1 Parquet reader: V2 (Ray 2.60's default) lists the named files again in a
+        # task of its own before the first read, which makes every execution (each distill run's
+        # first batch, each epoch that streams) several seconds slower on a store's few files
+        # (bench/store_read.py).
+        ctx = ray.data.DataContext.get_current()
+        v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+        try:
+            return ray.data.read_parquet(files, filesystem=arrow_filesystem(self.uri, self.resources), columns=columns)
+        finally:
+            ctx.use_datasource_v2 = v2
 
     def empty_prompt(self):
         import torch

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 
 # A worker whose rows take less than this keeps them in memory after its first pass: each pass over
-# a Ray Data shard starts a streaming execution (~10 s on a 2-core box), which a small store pays
-# every epoch, i.e. every few steps. Larger stores stream every epoch, as before.
+# a Ray Data shard starts a streaming execution (tasks scheduled, files opened again), which a small
+# store would pay every epoch, i.e. every few steps. Larger stores stream every epoch.
 CACHE_BYTES = 512 * 2**20
 
 
