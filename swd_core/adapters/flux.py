@@ -15,14 +15,16 @@ Prompt encoding is the pipeline's own `encode_prompt` (CLIP-L pooled + T5 tokens
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-from diffusers import FluxPipeline
 
 from swd_core.adapters.base import TextEmbeddings, cfg_velocity
 from swd_core.adapters.sd3 import TransformerConfigOnly, torch_dtype
 from swd_core.feature_taps import StopForward, only_rows_onward, tap_block_outputs
+
+if TYPE_CHECKING:  # the pipeline module imports transformers' models: loaded only when a teacher is
+    from diffusers import FluxPipeline
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -31,6 +33,8 @@ def load_flux_pipeline(path: str, dtype: str = "float32", load_transformer: bool
                        load_text_encoders: bool = True) -> FluxPipeline:
     """`FluxPipeline.from_pretrained` for a folder, a hub id or a `builtin:tiny-flux` spec, with
     the same switches as the SD3 loader (encoding only; no text encoders for training)."""
+    from diffusers import FluxPipeline
+
     from swd_core.tiny_models import resolve_pretrained
 
     path = resolve_pretrained(path)
@@ -49,17 +53,23 @@ def load_flux_pipeline(path: str, dtype: str = "float32", load_transformer: bool
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 · W/2, 4C), as `FluxPipeline._pack_latents`."""
+    from diffusers import FluxPipeline
+
     b, c, h, w = latents.shape
     return FluxPipeline._pack_latents(latents, b, c, h, w)
 
 
 def unpack(tokens: torch.Tensor, side: int) -> torch.Tensor:
     """(B, side/2 · side/2, 4C) -> (B, C, side, side), as `FluxPipeline._unpack_latents`."""
+    from diffusers import FluxPipeline
+
     return FluxPipeline._unpack_latents(tokens, side, side, 1)
 
 
 def image_ids(side: int, device, dtype=torch.float32) -> torch.Tensor:
     """RoPE ids of a `side`×`side` latent's packed tokens."""
+    from diffusers import FluxPipeline
+
     return FluxPipeline._prepare_latent_image_ids(1, side // 2, side // 2, device, dtype)
 
 

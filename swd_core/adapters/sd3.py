@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 
 from swd_core.adapters.base import TextEmbeddings, cfg_velocity
 from swd_core.feature_taps import StopForward, only_rows_onward, tap_block_outputs
+
+if TYPE_CHECKING:  # the pipeline module imports transformers' models: loaded only when a teacher is
+    from diffusers import StableDiffusion3Pipeline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,6 +56,8 @@ def load_sd3_pipeline(path: str, dtype: str = "float32", load_transformer: bool 
     `load_transformer=False` loads only the text encoders and the VAE (for precomputing);
     `load_text_encoders=False` skips CLIP and T5 (training reads precomputed embeddings, and
     T5-XXL alone is 9 GB in bf16)."""
+    from diffusers import StableDiffusion3Pipeline
+
     from swd_core.tiny_models import resolve_pretrained
 
     path = resolve_pretrained(path)
