@@ -3,6 +3,7 @@ reserves: precompute, distill (2 Ray Train workers), evaluate, then deploy and H
 
     python bench/gpu_pipeline.py --device cuda                -> bench/results/gpu_pipeline.json
     python bench/gpu_pipeline.py --device cpu --quick --out X  (the same code path, tiny; a test runs it)
+    python bench/gpu_pipeline.py ... --address HOST:PORT        (on a running cluster instead of its own)
 
 With `--device cuda` every stage reserves a fraction of the one GPU (precompute actors, the two
 training workers, the evaluate task and the Serve replica hold 0.25 each), so the whole pipeline
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=20)
     p.add_argument("--storage", help="where the run writes (default: a temporary folder)")
     p.add_argument("--out", help="result file (default bench/results/gpu_pipeline.json)")
+    p.add_argument("--address", help="a running Ray cluster to join (default: start one on this machine)")
     args = p.parse_args(argv)
 
     import ray
@@ -120,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     if not ray.is_initialized():
         from pipelines.ray_runtime import worker_env
 
-        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=1 if args.device == "cuda" else 0,
-                 include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": worker_env()})
+        common = {"logging_level": "WARNING", "runtime_env": {"env_vars": worker_env()}}
+        if args.address:
+            ray.init(address=args.address, **common)
+        else:
+            ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=1 if args.device == "cuda" else 0,
+                     include_dashboard=False, **common)
     stages, total = {}, time.perf_counter()
     for stage in ("precompute", "distill", "evaluate"):
         t0 = time.perf_counter()

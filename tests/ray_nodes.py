@@ -23,12 +23,14 @@ def free_port() -> int:
 
 def node_env(**extra: str) -> dict:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               RAY_USAGE_STATS_ENABLED="0", **extra)
+               RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the drivers' loopback-only switch; `ray start` does without
     env.pop("RAY_ADDRESS", None)
-    # Nodes and clients agree on no token auth (a token file in ~/.ray would otherwise switch a
-    # `ray start` head to token auth while the clients send none).
+    # Nodes and clients agree on no token auth unless `extra` says otherwise (a token file in
+    # ~/.ray would otherwise switch a `ray start` head to token auth while the clients send none).
     env["RAY_AUTH_MODE"] = "disabled"
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.update(extra)
     return env
 
 
@@ -69,23 +71,24 @@ class LocalCluster:
         procs = [_ray_start(head_args, env)]
         cluster = cls(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}" if dash else None, [p.pid for p in procs], procs)
         try:
-            cluster._wait(procs, 1, timeout)
+            cluster._wait(procs, 1, timeout, env)
             for w in workers:
                 procs.append(_ray_start([f"--address=127.0.0.1:{gcs}", f"--num-cpus={w['cpus']}",
                                          f"--num-gpus={w.get('gpus', 0)}"], env))
                 cluster.pgids.append(procs[-1].pid)  # procs is cluster._procs
-            cluster._wait(procs, 1 + len(workers), timeout)
+            cluster._wait(procs, 1 + len(workers), timeout, env)
         except BaseException:
             cluster.stop()
             raise
         return cluster
 
-    def _wait(self, procs: list[subprocess.Popen], nodes: int, timeout: float) -> None:
-        """Until the GCS counts `nodes` alive nodes: one client process polls (this process may
-        already be a driver of another cluster), this one watches the `ray start` processes."""
+    def _wait(self, procs: list[subprocess.Popen], nodes: int, timeout: float, env: dict) -> None:
+        """Until the GCS counts `nodes` alive nodes: one client process (with the nodes' `env`, so
+        their token too) polls (this process may already be a driver of another cluster), this one
+        watches the `ray start` processes."""
         code = ("import ray, sys, time; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
                 "while sum(n['Alive'] for n in ray.nodes()) < int(sys.argv[2]): time.sleep(0.2)")
-        client = subprocess.Popen([sys.executable, "-c", code, self.address, str(nodes)], env=node_env(),
+        client = subprocess.Popen([sys.executable, "-c", code, self.address, str(nodes)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + timeout
         try:

@@ -1,6 +1,7 @@
 """The distill stage end to end: Ray Train + DeepSpeed on a real local 2-node Ray cluster,
 the committed toy-sd3 teacher and a store made by the precompute stage."""
 
+import io
 import json
 import math
 import os
@@ -111,9 +112,12 @@ def test_lora_zero2_two_nodes_exports_a_stock_loadable_student(store_dir, lora2)
 
 
 def _validation_record(student: Path) -> dict:
-    """The export's validation.json, checked against itself: the chosen step is the history's best
-    (the latest of tied ones)."""
-    record = json.loads((student / "validation.json").read_text())
+    """The export's validation.json, checked against itself."""
+    return _checked_validation(json.loads((student / "validation.json").read_text()))
+
+
+def _checked_validation(record: dict) -> dict:
+    """The chosen step is the history's best (the latest of tied ones)."""
     best, history = record["best"], record["history"]
     key = best["metric"]
     scores = [h[key] for h in history]
@@ -164,23 +168,36 @@ def _run_cli(cfg_dict: dict, tmp: Path, cluster, name: str):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster, lora2):
-    """The first run is `lora2`'s definition under another name, from the command line: the same
+def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster, lora2, s3_server):
+    """The first run is `lora2`'s definition under another name, from the command line, with its
+    run folder on S3 (checkpoints, export, validation record; the store stays local): the same
     definition and store train the same student (each worker reads the same rows in the same
     order, pipelines/sharding.py, and draws the same noise). Run again with more steps, it goes
-    on from its checkpoint, the student EMA and the validation history and choice included."""
-    from safetensors.torch import load_file
+    on from its checkpoint on S3, the student EMA and the validation history and choice
+    included. Run a third time unchanged, it finds the run finished and trains nothing."""
+    import s3fs
+    from safetensors.torch import load
 
-    first = definition(store_dir, "resume", **EMA_AND_VALIDATION)
+    def on_s3(d: dict) -> dict:
+        d["resources"].update(storage="s3://swd-test/distill-runs", s3={"endpoint_url": s3_server})
+        return d
+
+    run = "swd-test/distill-runs/resume"
+
+    def lora(fs) -> dict:
+        return load(fs.cat(f"{run}/student/lora/pytorch_lora_weights.safetensors"))
+
+    first = on_s3(definition(store_dir, "resume", **EMA_AND_VALIDATION))
     proc = _run_cli(first, store_dir, ray_cluster, "resume1")
     out1, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out1[-4000:]
-    a, b = (load_file(Path(student) / "lora" / "pytorch_lora_weights.safetensors")
-            for student in (lora2["student"], store_dir / "runs" / "resume" / "student"))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+    a = load((Path(lora2["student"]) / "lora" / "pytorch_lora_weights.safetensors").read_bytes())
+    b = lora(fs)
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
-    second = definition(store_dir, "resume", steps=4, checkpoint_every=2, **EMA_AND_VALIDATION)  # more steps
+    second = on_s3(definition(store_dir, "resume", steps=4, checkpoint_every=2, **EMA_AND_VALIDATION))  # more steps
     proc = _run_cli(second, store_dir, ray_cluster, "resume2")
     out2, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out2[-4000:]
@@ -188,15 +205,30 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster, lora
     assert "the export does not hold" not in out2  # every rank got the export's record, and it names step 2
     assert "step 3/4" in out2 and "step 1/4" not in out2 and "step 2/4" not in out2
     assert "holds no student EMA" not in out2
-    emas = sorted((store_dir / "runs" / "resume" / "train").glob("**/checkpoint_*/student_ema.pt"))
-    assert [torch.load(f, weights_only=True)["optimization_step"] for f in emas][-1] == 4  # 2 before the restart + 2 after
+    fs.invalidate_cache()
+    emas = sorted(fs.glob(f"{run}/train/**/checkpoint_*/student_ema.pt"))
+    assert [torch.load(io.BytesIO(fs.cat(f)), weights_only=True)["optimization_step"] for f in emas][-1] == 4  # 2 + 2
     assert "validation at step 2" in out1 and "validation at step 4" in out2
-    record = _validation_record(store_dir / "runs" / "resume" / "student")
+    record = _checked_validation(json.loads(fs.cat(f"{run}/student/validation.json")))
     assert [h["step"] for h in record["history"]] == [2, 4]
     # each rank's data position came back: 2 batches of 2 rows per step, so 16 rows of epoch 0
     # after 4 steps (a restart at a new epoch would say [1, 8])
-    assert _checkpoint_states(store_dir / "runs" / "resume")[-1]["data_positions"] == [[0, 16], [0, 16]]
+    states = [json.loads(fs.cat(f)) for f in sorted(fs.glob(f"{run}/train/**/checkpoint_*/state.json"))]
+    assert states[-1]["data_positions"] == [[0, 16], [0, 16]]
     assert f"the exported student is step {record['best']['step']} of 4" in out2
+    exported = lora(fs)
+
+    # the finished run, submitted again: it resumes at its last step, trains and exports nothing,
+    # and names the exported student again
+    proc = _run_cli(second, store_dir, ray_cluster, "resume3")
+    out3, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out3[-4000:]
+    assert "resumed from checkpoint at step 4" in out3 and "step 5/" not in out3 and "[distill] step " not in out3
+    assert "validation at step" not in out3 and "exported the student" not in out3
+    assert f"the exported student is step {record['best']['step']} of 4" in out3
+    fs.invalidate_cache()
+    again = lora(fs)
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
 
 
 def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster):
@@ -230,6 +262,28 @@ def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster)
     # and the data: 24 steps × 4 rows = 96 rows per rank, epochs running on into each other:
     # rank 0 has 67 rows (1 epoch + 29), rank 1 has 68 (1 epoch + 28)
     assert _checkpoint_states(run_dir)[-1]["data_positions"] == [[1, 29], [1, 28]]
+
+
+def test_a_run_out_of_max_failures_fails_and_says_how_to_go_on(store_dir, ray_cluster):
+    """max_failures 0: the first lost worker ends the run (killed as soon as rank 0 names it),
+    and the command fails saying so."""
+    import re
+    import signal
+
+    proc = _run_cli(definition(store_dir, "fragile", steps=24, max_failures=0), store_dir, ray_cluster, "fragile")
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        victim = re.search(r"rank 1 node \w+ pid (\d+)", line)
+        if victim:
+            os.kill(int(victim.group(1)), signal.SIGKILL)
+            break
+    out = "".join(seen) + proc.communicate(timeout=600)[0]
+    assert victim, out[-4000:]
+    assert proc.returncode != 0 and "step 24/24" not in out, out[-4000:]
+    assert "[distill] failed (0 restart(s) allowed by distill.max_failures)" in out, out[-4000:]
+    assert f"its checkpoints stay under {store_dir / 'runs' / 'fragile'}/train" in out
+    assert "resumed from checkpoint" not in out  # no restart
 
 
 def test_store_made_for_another_definition_is_refused(store_dir):

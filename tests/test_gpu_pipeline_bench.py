@@ -1,5 +1,6 @@
 """bench/gpu_pipeline.py on CPU (`--device cpu --quick`): the script a GPU run uses, end to end
-through its own local Ray, every stage reporting the device its model ran on."""
+on the session's local Ray cluster (`--address`; a GPU run starts its own), every stage
+reporting the device its model ran on."""
 
 import json
 import math
@@ -9,17 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.ray
-def test_the_gpu_pipeline_bench_runs_every_stage_on_cpu(tmp_path):
+def test_the_gpu_pipeline_bench_runs_every_stage_on_cpu(tmp_path, ray_cluster):
     out = tmp_path / "gpu_pipeline.json"
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "bench/gpu_pipeline.py", "--device", "cpu", "--quick", "--requests", "3",
-                           "--storage", str(tmp_path / "runs"), "--out", str(out)],
+                           "--storage", str(tmp_path / "runs"), "--out", str(out), "--address", ray_cluster.address],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

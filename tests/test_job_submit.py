@@ -3,6 +3,7 @@ worker node started with `ray start`, as a user starts them."""
 
 import json
 import re
+import secrets
 import subprocess
 import time
 from pathlib import Path
@@ -20,8 +21,10 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def job_cluster():
     """A cluster of its own, as a user starts one for `ray job submit`: a head (1 CPU, no GPU, the
-    job drivers run there, with the dashboard's job API) and a worker node (2 CPUs)."""
-    env = node_env()
+    job drivers run there, with the dashboard's job API) and a worker node (2 CPUs), with Ray's
+    token authentication on, as every rendered manifest turns it on: nodes, jobs and the CLI hold
+    the token through RAY_AUTH_TOKEN."""
+    env = node_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     cluster = LocalCluster.start(head_cpus=1, workers=[{"cpus": 2}], dashboard=True, env=env)
     try:
         deadline = time.time() + 120
@@ -54,6 +57,22 @@ def _submit(address: str, env: dict, args: list[str], submission_id: str | None 
     return out
 
 
+def _client(address: str, env: dict) -> JobSubmissionClient:
+    """The SDK client with the cluster's token (this process's own Ray runs without auth)."""
+    return JobSubmissionClient(address, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+
+
+def test_the_job_api_answers_only_with_the_clusters_token(job_cluster):
+    address, env = job_cluster
+    assert requests.get(f"{address}/api/jobs/", timeout=30).status_code == 401
+    wrong = {"Authorization": f"Bearer {secrets.token_hex(32)}"}
+    assert requests.get(f"{address}/api/jobs/", headers=wrong, timeout=30).status_code == 403
+    assert isinstance(_client(address, env).list_jobs(), list)
+    no_token = subprocess.run(["ray", "job", "list", "--address", address], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**env, "RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": ""})
+    assert no_token.returncode != 0, no_token.stdout
+
+
 def test_dry_run_submitted_as_a_ray_job(job_cluster):
     out = _submit(*job_cluster, ["--config", "pipelines/configs/sd35_medium_6step.yaml", "--dry-run"])
     assert "succeeded" in out
@@ -76,7 +95,7 @@ def test_the_whole_pipeline_as_a_ray_job_stopped_and_resubmitted(job_cluster, tm
     cluster; stopped after its first checkpoint and submitted again, the job goes on from that
     checkpoint (and precompute keeps what it stored) to the exported student and the report."""
     address, env = job_cluster
-    client = JobSubmissionClient(address)
+    client = _client(address, env)
     storage = tmp_path / "runs"
     args = ["--config", "pipelines/configs/toy_smoke.yaml", "--set", f"resources.storage={storage}"]
     run_dir = storage / "toy-smoke"

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -94,7 +93,7 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
     from ray import serve
 
     from pipelines.ray_compat import serve_http_address
-    from pipelines.retraining.cycle import lock_uri, run_cycle
+    from pipelines.retraining.cycle import CycleRefused, lock_uri, run_cycle
     from pipelines.retraining.registry import Registry
 
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
@@ -127,24 +126,27 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         # v1's folder is untouched: every cycle exports into its own
         assert (run_dir / "cycles" / "cycle-0001" / "student" / "merged" / "model_index.json").exists()
 
-        # cycle 3 cannot pass (a margin no model meets): registered, not promoted, serving stays on
-        # v2; a second --once started meanwhile finds the lock and exits, changing nothing
-        hard = definition(tmp_path, rows=112, margin=1e9)
+        # cycle 3, from the command line: no new rows, so only --force trains; it cannot pass (a
+        # margin no model meets): registered, not promoted, serving stays on v2. A cycle started
+        # meanwhile finds the lock and changes nothing.
+        hard = definition(tmp_path, rows=96, margin=1e9)
         path = write(tmp_path, hard)
-        out = {}
-        third = threading.Thread(target=lambda: out.setdefault("r", run_cycle(parse_pipeline_config(hard))))
-        third.start()
+        third = subprocess.Popen([sys.executable, "pipelines/retrain.py", "--once", "--force", "--config", str(path)],
+                                 cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS=ray_cluster.address),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lock = Path(lock_uri(cfg))
         deadline = time.time() + 120
         while not lock.exists():
-            assert time.time() < deadline and third.is_alive(), "cycle 3 never took the lock"
+            assert time.time() < deadline and third.poll() is None, "cycle 3 never took the lock"
             time.sleep(0.1)
-        other = retrain_cli(path, "--once", cluster=ray_cluster)
-        third.join()
-        assert other.returncode == 3, other.stdout + other.stderr
-        assert "another retraining cycle of 'nightly' is running" in other.stderr
-        result = out["r"]
+        with pytest.raises(CycleRefused, match="another retraining cycle of 'nightly' is running"):
+            run_cycle(parse_pipeline_config(hard))
+        out3, _ = third.communicate(timeout=600)
+        assert third.returncode == 0, out3[-4000:]
+        assert "store: 96 rows, 0 new this cycle" in out3 and "training 2 steps from v2's checkpoint" in out3
+        result = json.loads((run_dir / "cycles" / "cycle-0003" / "cycle.json").read_text())
         assert result["cycle"] == "cycle-0003" and result["version"] == 3 and not result["promoted"]
+        assert result["new_rows"] == 0 and result["rows"] == 96
         assert sorted(p.name for p in (run_dir / "cycles").iterdir()) == ["cycle-0001", "cycle-0002", "cycle-0003"]
         assert served_models(base) == ["nightly-swd-v2"]
         registry = Registry(cfg)

@@ -112,6 +112,37 @@ def test_registry_versions_alias_and_its_history(tmp_path):
     assert (tmp_path / "toy-retrain" / "mlflow-artifacts").as_uri() in again.client.get_experiment(again.experiment_id).artifact_location
 
 
+def test_a_cycle_registers_one_version_however_often_it_resumes(tmp_path):
+    from pipelines.retraining.registry import Registry
+
+    d = with_retrain()
+    d["resources"]["storage"] = str(tmp_path)
+    reg = Registry(parse_pipeline_config(d))
+    run = reg.start_run("cycle-0001")
+    first = reg.register_cycle("cycle-0001", "/s/1", run, {"gate": "passed"})
+    again = reg.register_cycle("cycle-0001", "/s/1-resumed", run, {"gate": "failed"})  # killed after registering
+    other = reg.register_cycle("cycle-0002", "/s/2", run, {"gate": "passed"})
+    assert (first.number, again.number, other.number) == (1, 1, 2)
+    assert [(v.number, v.source, v.tags["cycle"], v.tags["gate"]) for v in reg.versions()] == [
+        (1, "/s/1", "cycle-0001", "passed"), (2, "/s/2", "cycle-0002", "passed")]
+
+
+def test_the_teacher_fd_gate_metric_is_zero_on_the_teachers_own_samples_and_grows_away_from_them():
+    """`teacher_fd`: the Fréchet distance between the teacher's readings of a model's samples and of
+    its own (the references). The teacher's own samples score 0; the same images with noise added
+    score above 0, and more noise scores higher."""
+    import torch
+
+    from pipelines.retraining.gate import Gate
+
+    gate = Gate(parse_pipeline_config(with_retrain(gate={
+        "metrics": [{"name": "teacher_fd"}], "num_prompts": 8, "batch_size": 8, "teacher_steps": 4})))
+    images = gate._decode(gate.reference_latents())
+    fd = [gate.score_samples(None, (images + s * torch.randn(images.shape, generator=torch.Generator().manual_seed(0)))
+                             .clamp(-1, 1)).metrics["teacher_fd"] for s in (0.0, 0.3, 1.0)]
+    assert abs(fd[0]) < 1e-6 * fd[2] and 0 < fd[1] < fd[2], fd
+
+
 def test_the_served_model_id_names_the_version():
     cfg = load_pipeline_config(RETRAIN)
 

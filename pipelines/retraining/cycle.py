@@ -169,8 +169,8 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     # 4. a version either way; promoted only when it passes
     lease.check()
     # a cycle resumed after it registered (killed before its record said finished) registers nothing twice
-    version = next((v for v in registry.versions() if v.tags.get("cycle") == cycle), None) or registry.register(student, run_id, {
-        "cycle": cycle, "rows": pre["rows"], "new_rows": record["new_rows"], "iterations": r.steps,
+    version = registry.register_cycle(cycle, student, run_id, {
+        "rows": pre["rows"], "new_rows": record["new_rows"], "iterations": r.steps,
         "step": trained["final_metrics"].get("val_best_step", steps), "checkpoint": trained["export_checkpoint"],
         "metrics": json.dumps(cand.metrics), "gate": "passed" if passed else "failed", "gate_report": "\n".join(lines),
         "champion_metrics": json.dumps(champ.metrics) if champ else "", "warm_start_from": champion.number if warm else ""})

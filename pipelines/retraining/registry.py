@@ -106,6 +106,12 @@ class Registry:
                                               tags={k: str(v) for k, v in tags.items()})
         return self.version(int(mv.version))
 
+    def register_cycle(self, cycle: str, source: str, run_id: str, tags: dict) -> Version:
+        """The version of `cycle`: the one registered already (a cycle killed after registering
+        and resumed), else a new one."""
+        done = next((v for v in self.versions() if v.tags.get("cycle") == cycle), None)
+        return done or self.register(source, run_id, {**tags, "cycle": cycle})
+
     def tag(self, version: int, **tags) -> None:
         for k, v in tags.items():
             self.client.set_model_version_tag(self.name, str(version), k, str(v))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import os
+import sys
 import time
 
 from pipelines.schema import PipelineConfig
@@ -95,9 +96,18 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
           f"{d.steps} steps, {'scale-wise' if schedule.is_scalewise else 'full-resolution'} scales {list(schedule.scales)}",
           flush=True)
     start = time.perf_counter()
-    result = build_trainer(cfg, store, warm_start, callbacks).fit()
-    if result.error:
-        raise result.error
+    from ray.train import TrainingFailedError
+
+    try:
+        result = build_trainer(cfg, store, warm_start, callbacks).fit()
+    except TrainingFailedError as err:
+        # Ray's error runs to many lines of worker details; these two say what happened and what to do
+        restarts = "unlimited" if d.max_failures < 0 else d.max_failures
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"[distill] failed ({restarts} restart(s) allowed by distill.max_failures): {reason}\n"
+              f"[distill] its checkpoints stay under {cfg.run_dir}/train: running the same definition again resumes "
+              "from the last one", file=sys.stderr, flush=True)
+        raise
     metrics = dict(result.metrics or {})
     out = {"student": student_dir(cfg), "checkpoint": result.checkpoint.path if result.checkpoint else None,
            "seconds": time.perf_counter() - start, "final_metrics": metrics}
