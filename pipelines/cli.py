@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return retrain(argv[1:])
     if argv and argv[0] == "render":
-        from pipelines.cluster import main as cluster
+        from pipelines.cluster.cli import main as cluster
 
         return cluster(["render", *argv[1:]])
     parser = argparse.ArgumentParser(prog="swd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
