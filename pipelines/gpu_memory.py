@@ -61,7 +61,7 @@ def teacher_architecture(cfg: PipelineConfig) -> Architecture | None:
         return None  # the embedded toy and tiny pipelines: megabytes
     from swd_core.pretrained import pretrained_file
 
-    config = pretrained_file(path, "transformer/config.json", download=False)
+    config = pretrained_file(path, "transformer/config.json")
     if config is None:
         return KNOWN.get(path)
     c = json.loads(config.read_text())
@@ -80,12 +80,12 @@ def _stored_params(path: str) -> float | None:
     """Parameters of the transformer's safetensors files, from their headers (no tensor is read)."""
     from swd_core.pretrained import pretrained_file
 
-    index = pretrained_file(path, "transformer/diffusion_pytorch_model.safetensors.index.json", download=False)
+    index = pretrained_file(path, "transformer/diffusion_pytorch_model.safetensors.index.json")
     names = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index
              else ["diffusion_pytorch_model.safetensors"])
     total = 0
     for name in names:
-        f = pretrained_file(path, f"transformer/{name}", download=False)
+        f = pretrained_file(path, f"transformer/{name}")
         if f is None:
             return None
         with open(f, "rb") as fh:

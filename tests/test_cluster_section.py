@@ -200,3 +200,15 @@ def test_toleration_and_cache_sections_check_their_fields():
                        ({"start_deadline_seconds": 0}, "greater than or equal to 1")]:
         with pytest.raises(ValueError, match=words):
             ClusterConfig.model_validate(bad)
+
+
+def test_cluster_package_is_small_modules_and_serve_config_does_not_import_it():
+    import subprocess
+    import sys
+
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "pipelines" / "cluster").glob("*.py")}
+    assert {"shapes.py", "pods.py", "rayjob.py", "raycluster.py", "rayservice.py", "launcher.py", "cli.py"} <= set(sizes)
+    assert max(sizes.values()) <= 300, sizes
+    code = "import sys, pipelines.serve.config; print(sorted(m for m in sys.modules if m.startswith('pipelines.cluster')))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stderr[-2000:]

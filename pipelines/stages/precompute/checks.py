@@ -79,14 +79,13 @@ def caption_limit(teacher: str, max_sequence_length: int, family: str = "sd3"):
     from transformers import AutoTokenizer
 
     from swd_core.adapters import FAMILIES
-    from swd_core.pretrained import pretrained_file
-    from swd_core.tiny_models import resolve_pretrained
+    from swd_core.pretrained import pretrained_folder
 
-    path = resolve_pretrained(teacher)
-    # a local folder's or a Hub repo's own index (the Hub cache first): which tokenizers it ships
-    index = pretrained_file(teacher, "model_index.json")
+    # a local folder, or a Hub repo's snapshot (the Hub cache first): which tokenizers it ships
+    path = pretrained_folder(teacher, ["model_index.json", "tokenizer*/*"])
+    index = path / "model_index.json"
     t5 = FAMILIES[family].t5_tokenizer
-    has_t5 = index is not None and (json.loads(index.read_text()).get(t5) or [None])[0] is not None
+    has_t5 = index.exists() and (json.loads(index.read_text()).get(t5) or [None])[0] is not None
     if has_t5 and max_sequence_length > 0:
         tok = AutoTokenizer.from_pretrained(path, subfolder=t5)
         return tok, max_sequence_length
