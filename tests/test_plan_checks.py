@@ -124,3 +124,16 @@ def test_plan_prints_the_estimates_it_checks(capsys):
     out = capsys.readouterr().out
     assert "checked against cluster.gpu.memory 141G" in out
     assert "distill: ≈ " in out and "micro-batch 2" in out
+
+
+def test_a_retraining_cycle_checks_its_plan_before_it_runs(tmp_path, capsys):
+    from pipelines.retrain import main as retrain_main
+
+    data = yaml.safe_load(Path(config("toy_retrain")).read_text())
+    data["resources"].update(storage=str(tmp_path / "runs"), gpus_per_worker=1, placement_strategy="STRICT_PACK")
+    definition = tmp_path / "retrain.yaml"
+    definition.write_text(yaml.safe_dump(data))
+    assert retrain_main(["--config", str(definition), "--once"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("resources.placement_strategy STRICT_PACK puts all 2 Ray Train workers on one node")
+    assert not (tmp_path / "runs").exists()
