@@ -10,7 +10,7 @@ PY          := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP       := $(VENV)/.installed
 
-.PHONY: install browser run test test-fast dry-run docs bench-sampler bench-teacher bench-precompute bench-distill bench-serve toy-teacher clean
+.PHONY: install browser run test test-fast dry-run docs image bench-sampler bench-teacher bench-precompute bench-distill bench-serve toy-teacher clean
 
 install: $(STAMP)
 
@@ -48,6 +48,14 @@ test-fast: install
 # docs/configuration.md from the schema's field descriptions (tests/test_schema_docs.py checks it is current)
 docs: install
 	$(PY) -m pipelines.schema_docs docs/configuration.md
+
+# The cluster image (cluster/Dockerfile) with docker or podman; push it and pass --image to render.
+RAY_PIN     := $(shell sed -n 's/^ray==//p' cluster/constraints.txt)
+IMAGE       ?= swd-ray:$(RAY_PIN)
+ENGINE      ?= $(shell command -v docker || command -v podman)
+image:
+	@test -n "$(ENGINE)" || { echo "make image: needs docker or podman (or ENGINE=...)"; exit 1; }
+	$(ENGINE) build -f cluster/Dockerfile --build-arg TORCH_SPEC="$(TORCH_SPEC)" -t $(IMAGE) .
 
 bench-sampler: install
 	$(PY) bench/sampler.py

@@ -4,7 +4,7 @@
     swd plan    --config my.yaml [--set ...]            # the resolved plan, nothing runs
     swd serve   --config my.yaml [--set ...]            # the deploy stage
     swd retrain --config my.yaml [--once | status | rollback [--to N]]
-    swd render  --config my.yaml --kind rayjob|raycluster|rayservice|raycronjob|cronjob|launcher ...
+    swd render  --config my.yaml --kind rayjob|raycluster|rayservice|raycronjob|cronjob|cache|launcher ...
     swd schema [--markdown]                             # the definition's JSON Schema (or docs/configuration.md)
 
 `python pipelines/distill.py`, `python pipelines/retrain.py` and `python -m pipelines.cluster`
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return retrain(argv[1:])
     if argv and argv[0] == "render":
-        from pipelines.cluster import main as cluster
+        from pipelines.cluster.cli import main as cluster
 
         return cluster(["render", *argv[1:]])
     parser = argparse.ArgumentParser(prog="swd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # `ray job submit --working-dir .` the package may not be installed, so add the root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.plan import render_plan  # noqa: E402
+from pipelines.plan import plan_problems, render_plan  # noqa: E402
 from pipelines.ray_runtime import quiet_output  # noqa: E402
 from pipelines.schema import STAGES, PipelineConfigError, load_pipeline_config  # noqa: E402
 from pipelines.stages import AVAILABLE, run_stage  # noqa: E402
@@ -51,11 +51,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--stages: unknown stage(s) {unknown}; allowed: {list(STAGES)}", file=sys.stderr)
             return 2
         stages = [s for s in STAGES if s in wanted]
+    planned = cfg.model_copy(update={"stages": stages})
+    problems = plan_problems(planned)  # before any stage: on a cluster, the job's first seconds
     if args.dry_run:
         if args.set:
             print("overrides (--set): " + ", ".join(args.set) + "\n")
-        print(render_plan(cfg.model_copy(update={"stages": stages})))
-        return 0
+        print(render_plan(planned))
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems or args.dry_run:
+        return 2 if problems else 0
 
     quiet_output()
     results = {}

@@ -1,4 +1,6 @@
-"""The resolved plan of a pipeline definition, as `--dry-run` prints it."""
+"""The resolved plan of a pipeline definition, as `--dry-run` prints it, and the problems a
+cluster would meet for reasons known before anything runs (`plan_problems`): `--dry-run`,
+`render` and the job itself (before its first stage) refuse a definition that has any."""
 
 from __future__ import annotations
 
@@ -48,4 +50,32 @@ def render_plan(cfg: PipelineConfig) -> str:
         f"max batch {cfg.serve.max_batch_size}, port {cfg.serve.port}",
         f"  storage {cfg.run_dir}",
     ]
+    out += _gpu_memory_lines(cfg)
     return "\n".join(out)
+
+
+def _gpu_memory_lines(cfg: PipelineConfig) -> list[str]:
+    from pipelines.gpu_memory import stage_needs
+
+    needs = stage_needs(cfg)
+    if not needs:
+        return []
+    have = cfg.cluster.gpu.memory
+    out = ["", "GPU memory per worker, actor or replica (estimate, pipelines/gpu_memory.py; "
+           + (f"checked against cluster.gpu.memory {have}):" if have else "cluster.gpu.memory not set: not checked):")]
+    out += [f"  {n.stage}: ≈ {n.gb:.0f} GB ({n.how})" for n in needs]
+    return out
+
+
+def plan_problems(cfg: PipelineConfig) -> list[str]:
+    """One line per problem, each naming the field: a GPU unit larger than a pod, a placement
+    strategy the pods cannot satisfy (Ray would wait forever), a GPU stage whose estimated memory
+    exceeds `cluster.gpu.memory`. The definition's schema checks the rest (batch per worker,
+    Kubernetes names and quantities)."""
+    from pipelines.cluster.shapes import memory_bytes, pod_problems
+    from pipelines.gpu_memory import memory_problems
+
+    out = pod_problems(cfg)
+    if have := cfg.cluster.gpu.memory:
+        out += memory_problems(cfg, memory_bytes(have), f"cluster.gpu.memory {have}")
+    return out

@@ -10,6 +10,14 @@ import os
 import sys
 
 
+# What every job's runtime env sets: cluster/runtime_env.yaml for `ray job submit`, the rendered
+# RayJob, RayCronJob and CronJob, and the Serve app's config. No download or "Loading weights"
+# bars: a job log is not a terminal.
+JOB_ENV_VARS = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
+                "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_COLOR_PREFIX": "0"}
+
+
 def interactive() -> bool:
     """Whether stdout is a terminal (not `| tee log`, a file or a Ray job log)."""
     try:

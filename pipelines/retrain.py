@@ -39,11 +39,15 @@ def _load(path: str):
 
 
 def once(path: str, force: bool = False) -> int:
+    from pipelines.plan import plan_problems
     from pipelines.retraining.cycle import CycleRefused, run_cycle
 
+    cfg = _load(path)
+    if problems := plan_problems(cfg):  # as a pipeline job does, before anything runs
+        raise PipelineConfigError("\n".join(problems))
     quiet_output()
     try:
-        run_cycle(_load(path), force=force)
+        run_cycle(cfg, force=force)
     except CycleRefused as err:
         print(f"[retrain] {err}", file=sys.stderr, flush=True)
         return EXIT_LOCKED

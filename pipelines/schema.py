@@ -9,6 +9,7 @@ checks in one place, in the order of the YAML's sections.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -25,9 +26,20 @@ Stage = Literal["synthesize", "precompute", "distill", "evaluate", "deploy", "pr
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
-# Memory of one actor, worker or replica, as a Kubernetes quantity ("48Gi", "512Mi"): rendered
-# cluster manifests size their pods from it (pipelines/cluster.py). None: the renderer's default.
-Memory = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")]
+# Memory as a Kubernetes quantity ("48Gi", "512Mi", "141G"): rendered cluster manifests size
+# their pods from it (pipelines/cluster/). The pattern stays in the JSON Schema for editors; the
+# validator gives the message, which names the units instead of quoting the pattern.
+MEMORY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+
+
+def _memory_quantity(v: str) -> str:
+    if not re.fullmatch(MEMORY_PATTERN, v):
+        raise ValueError("not a Kubernetes memory quantity: a number and an optional unit, Ki Mi Gi Ti (powers of "
+                         "1024) or k M G T (of 1000), e.g. 48Gi or 141G (not GB)")
+    return v
+
+
+Memory = Annotated[str, AfterValidator(_memory_quantity), Field(json_schema_extra={"pattern": MEMORY_PATTERN})]
 
 
 class Strict(BaseModel):
@@ -591,6 +603,198 @@ class RetrainConfig(Strict):
         return v
 
 
+# --- the cluster section: what a Kubernetes or launcher deployment needs beyond the stages ---------
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+# the images KubeRay's docs start from: Ray alone, without this project (the entrypoint's import fails)
+STOCK_RAY_IMAGES = ("rayproject/ray", "rayproject/ray-ml")
+
+
+def _dns_label(v: str) -> str:
+    if len(v) > 63 or not re.fullmatch(DNS_LABEL, v):
+        raise ValueError("not a DNS-1123 label (a Kubernetes namespace): lower-case letters, digits and '-', "
+                         "starting and ending with a letter or digit, at most 63 characters")
+    return v
+
+
+def _dns_subdomain(v: str) -> str:
+    if len(v) > 253 or not re.fullmatch(DNS_SUBDOMAIN, v):
+        raise ValueError("not a DNS-1123 subdomain (a Kubernetes object name): lower-case letters, digits, '-' and "
+                         "'.', starting and ending with a letter or digit, at most 253 characters")
+    return v
+
+
+def _qualified_name(v: str, what: str = "label key") -> str:
+    prefix, _, name = v.rpartition("/")
+    if (prefix and (len(prefix) > 253 or not re.fullmatch(DNS_SUBDOMAIN, prefix))) or len(name) > 63 \
+            or not re.fullmatch(_LABEL_NAME, name):
+        raise ValueError(f"not a Kubernetes {what}: an optional DNS-subdomain prefix and '/', then at most 63 "
+                         "letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
+    return v
+
+
+def _label_value(v: str) -> str:
+    if len(v) > 63 or (v and not re.fullmatch(_LABEL_NAME, v)):
+        raise ValueError("not a Kubernetes label value: at most 63 letters, digits, '-', '_' or '.', starting and "
+                         "ending with a letter or digit")
+    return v
+
+
+def _extended_resource(v: str) -> str:
+    _qualified_name(v, "resource name")
+    if "/" not in v or v in ("nvidia.com/gpu",) or v.split("/")[0].endswith("kubernetes.io"):
+        raise ValueError("an extra resource is an extended resource with a domain, e.g. vpc.amazonaws.com/efa or "
+                         "rdma/ib; cpu, memory and nvidia.com/gpu come from the definition's sizing")
+    return v
+
+
+def _project_image(v: str) -> str:
+    if not v or any(c.isspace() for c in v):
+        raise ValueError("not a container image reference")
+    repository = v.split("@")[0]
+    if ":" in repository.rsplit("/", 1)[-1]:
+        repository = repository.rsplit(":", 1)[0]
+    if repository.removeprefix("docker.io/").removeprefix("index.docker.io/") in STOCK_RAY_IMAGES:
+        raise ValueError("a stock Ray image does not hold this project (the job's first import fails): build "
+                         "cluster/Dockerfile (`make image`), push it, and name that image")
+    return v
+
+
+DnsLabel = Annotated[str, AfterValidator(_dns_label), Field(json_schema_extra={"pattern": DNS_LABEL, "maxLength": 63})]
+DnsName = Annotated[str, AfterValidator(_dns_subdomain),
+                    Field(json_schema_extra={"pattern": DNS_SUBDOMAIN, "maxLength": 253})]
+LabelKey = Annotated[str, AfterValidator(_qualified_name)]
+LabelValue = Annotated[str, AfterValidator(_label_value)]
+ResourceName = Annotated[str, AfterValidator(_extended_resource)]
+Seconds = Annotated[int, Field(ge=1)]
+
+
+class Toleration(Strict):
+    """A Kubernetes toleration (core/v1 Toleration) of a taint on the GPU nodes, e.g. `{key:
+    nvidia.com/gpu, operator: Exists, effect: NoSchedule}` for the taint GPU node pools usually carry."""
+
+    key: LabelKey | None = Field(None, description="The taint's key; null with `operator: Exists`: every taint.")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="`Equal`: key and value match; `Exists`: the key does.")
+    value: LabelValue | None = Field(None, description="The taint's value (`Equal` only).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="The taint effect tolerated; null: every effect.")
+    tolerationSeconds: Seconds | None = Field(  # noqa: N815 - Kubernetes' own field name
+        None, description="`NoExecute` only: how long the pod stays bound after the taint appears.")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if self.operator == "Equal" and self.key is None:
+            raise ValueError("a toleration with operator Equal needs a key")
+        return self
+
+
+class GpuPoolConfig(Strict):
+    """The GPU worker group's pods: the nodes they may run on, the GPUs each holds, and what else
+    they ask for."""
+
+    memory: Memory | None = Field(
+        None, description="Memory of one GPU of the pool, e.g. 80G (A100 / H100 80 GB) or 141G (H200): plan-time "
+                          "checks compare each GPU stage's estimated need per GPU with it; null: not checked (the "
+                          "launcher uses its instance type's).")
+    per_pod: Annotated[int, Field(ge=1, le=16)] | None = Field(
+        None, description="GPUs per pod, e.g. 8 on an 8-GPU node: that many Ray Train workers (or actors) share a "
+                          "pod and NCCL stays inside the node; null: the most one worker, actor or replica asks for.")
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        {}, description="Node labels the GPU pods require, e.g. `{nvidia.com/gpu.product: NVIDIA-H200}` (NVIDIA's "
+                        "GPU feature discovery) or a node pool's label.")
+    tolerations: list[Toleration] = Field([], description="Taints of the GPU nodes the pods tolerate.")
+    affinity: dict[Literal["nodeAffinity", "podAffinity", "podAntiAffinity"], dict[str, Any]] | None = Field(
+        None, description="A Kubernetes affinity of the GPU pods (core/v1 Affinity, as in a pod spec); `render` "
+                          "checks it against the KubeRay CRD's pod schema.")
+    extra_resources: dict[ResourceName, Annotated[int, Field(ge=1)]] = Field(
+        {}, description="Extended resources per GPU pod beside its GPUs, e.g. `{vpc.amazonaws.com/efa: 32}` "
+                        "(AWS EFA) or an RDMA device plugin's.")
+
+
+class ModelCacheConfig(Strict):
+    """The Hugging Face cache every pod mounts at `path` (HF_HOME): the teacher's weights are
+    downloaded into it once per cluster, by the staging job (`render --kind cache`), not by
+    each of the 16-32 pods into its own scratch space."""
+
+    claim: DnsName | None = Field(
+        None, description="An existing PersistentVolumeClaim holding the cache (ReadWriteMany, e.g. EFS, Filestore "
+                          "or an NFS class).")
+    volume: dict[str, dict[str, Any]] | None = Field(
+        None, description="Instead of `claim`: a Kubernetes volume source, one key, e.g. `{nfs: {server: "
+                          "fs.example.com, path: /hf}}` or `{csi: {...}}`; `render` checks it against the pod schema.")
+    path: str = Field("/mnt/hf-cache", description="Where every pod mounts it: HF_HOME.")
+    read_only: bool = Field(
+        True, description="Ray pods mount it read-only and the Hugging Face libraries stay offline (HF_HUB_OFFLINE=1): "
+                          "every file comes from what the staging job put there. false: pods may download into it.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.claim is None) == (self.volume is None):
+            raise ValueError("give exactly one of `claim` (an existing PersistentVolumeClaim) or `volume`")
+        if self.volume is not None and len(self.volume) != 1:
+            raise ValueError(f"`volume` is one volume source (e.g. nfs, csi), got {sorted(self.volume)}")
+        if not self.path.startswith("/"):
+            raise ValueError(f"`path` {self.path!r} must be absolute")
+        return self
+
+
+class LauncherConfig(Strict):
+    """The Ray cluster launcher file (`render --kind launcher`, AWS)."""
+
+    region: str = Field("us-west-2", description="AWS region.")
+    head_instance_type: str = Field("m6i.2xlarge", description="EC2 type of the head (no GPU; runs no tasks).")
+    cpu_instance_type: str = Field("m6i.2xlarge", description="EC2 type of the CPU workers.")
+    gpu_instance_type: str | None = Field(
+        None, description="EC2 type of the GPU workers; each node declares all its GPUs. null: the smallest known "
+                          "type whose GPUs hold the definition's estimated need (pipelines/gpu_memory.py).")
+    instance_profile: str | None = Field(None, description="IAM instance profile ARN of every node (storage access).")
+
+
+class ClusterConfig(Strict):
+    """What a cluster deployment needs beyond the stages (pipelines/cluster/, docs/cluster.md):
+    the image, the Secrets by name, the model cache, the GPU nodes and deadlines. `render` flags
+    of the same names override each field (`--gpu-memory 141G`, `--image ...`)."""
+
+    image: Annotated[str, AfterValidator(_project_image)] | None = Field(
+        None, description="Container image with this project installed (cluster/Dockerfile, `make image`), on every "
+                          "pod; required to render a cluster.")
+    image_pull_secrets: list[DnsName] = Field([], description="Secrets of the image's registry (imagePullSecrets).")
+    namespace: DnsLabel | None = Field(None, description="Namespace of every object; null: kubectl's current one.")
+    service_account: DnsName | None = Field(
+        None, description="Service account of every pod (e.g. one bound to an IAM role for s3://).")
+    auth_secret: DnsName | None = Field(
+        None, description="Secret with key `auth_token`, Ray's cluster token; null: `swd-<name>-ray-token`.")
+    storage_secret: DnsName | None = Field(
+        None, description="Secret whose keys become environment variables on every Ray container (e.g. "
+                          "AWS_ACCESS_KEY_ID); null: `swd-<name>-storage` when the definition uses s3:// and no "
+                          "`service_account` is given.")
+    hf_token_secret: DnsName | None = Field(
+        None, description="Secret with key `HF_TOKEN` (a Hugging Face token that may read a gated teacher): HF_TOKEN "
+                          "on the head and every worker; null: none.")
+    model_cache: ModelCacheConfig | None = Field(None, description="The shared Hugging Face cache; null: none.")
+    gpu: GpuPoolConfig = Field(GpuPoolConfig(), description="The GPU worker group's pods.")
+    head_memory: Memory = Field("8Gi", description="Memory of the head pod (the driver runs there).")
+    cpu_max_replicas: Annotated[int, Field(ge=1)] = Field(
+        4, description="CPU-only worker pods the autoscaler may add for Ray Data's read and map tasks (at least "
+                       "what the CPU-only actors need).")
+    idle_timeout_seconds: Seconds = Field(
+        600, description="Seconds an idle worker pod stays before the autoscaler removes it (Ray's default is 60). A "
+                         "RayJob's GPU pods stay for the whole run.")
+    active_deadline_seconds: Seconds | None = Field(
+        None, description="RayJob: the longest the whole run may take; past it KubeRay stops the job and deletes "
+                          "its cluster. null: no limit.")
+    start_deadline_seconds: Seconds | None = Field(
+        3600, description="RayJob: how long every pod may take to start (GPU nodes scaled up, image pulled) before "
+                          "the job fails instead of waiting (`preRunningDeadlineSeconds`, KubeRay 1.7). null: no limit.")
+    serve_service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = Field(
+        "ClusterIP", description="RayService: the Serve Service's type; anything but ClusterIP needs an API key.")
+    launcher: LauncherConfig = Field(LauncherConfig(), description="The Ray cluster launcher file's AWS settings.")
+
+
 TOY_TEACHER = "builtin:toy-sd3"
 
 
@@ -611,6 +815,7 @@ class PipelineConfig(Strict):
     resources: ResourcesConfig = Field(ResourcesConfig(), description="Training workers and storage.")
     retrain: RetrainConfig | None = Field(
         None, description="Scheduled retraining (pipelines/retrain.py); null: none. Not part of `swd run`.")
+    cluster: ClusterConfig = Field(ClusterConfig(), description="How a cluster runs the definition (docs/cluster.md).")
 
     @model_validator(mode="after")
     def _schedule_fits_model(self):
@@ -630,6 +835,18 @@ class PipelineConfig(Strict):
         if v.num_prompts % self.resources.num_workers:
             raise ValueError(f"distill.validation.num_prompts {v.num_prompts} must be divisible by "
                              f"resources.num_workers {self.resources.num_workers}: each worker samples an equal share")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self):
+        b, n = self.distill.batch_size, self.resources.num_workers
+        if b % n:
+            workers = sorted({d for d in range(1, b + 1) if b % d == 0}, key=lambda d: (abs(d - n), d))[:2]
+            batches = sorted({max(n, b - b % n), b - b % n + n})
+            raise ValueError(
+                f"distill.batch_size {b} is not divisible by resources.num_workers {n}: each worker trains "
+                f"batch_size / num_workers rows per step (its micro-batch); use num_workers "
+                f"{' or '.join(map(str, sorted(workers)))}, or batch_size {' or '.join(map(str, batches))}")
         return self
 
     @model_validator(mode="after")
@@ -723,7 +940,7 @@ def _renamed(loc: tuple) -> str | None:
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid pipeline definition ({err.error_count()} problem{'s' * (err.error_count() > 1)})"]
     for e in err.errors():
-        loc = tuple(e["loc"])
+        loc = tuple(p for p in e["loc"] if p != "[key]")  # a mapping's key: its path names it already
         where = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             if new := _renamed(loc):
@@ -756,6 +973,30 @@ def parse_pipeline_config(data: Any, source: str = "<config>") -> PipelineConfig
         raise PipelineConfigError(format_validation_error(err, source)) from None
 
 
+def _check_key(parts: list[str], item: str, source: str) -> None:
+    """Fail on an unknown key, naming the fields allowed at that level (or the new name)."""
+    for depth in range(len(parts)):
+        allowed = _allowed_fields(PipelineConfig, (*parts[:depth], parts[depth]))
+        if allowed is None:
+            return  # below a free-form field (a list or mapping): validation checks the rest
+        if parts[depth] not in allowed:
+            if new := _renamed(tuple(parts[:depth + 1])):
+                raise PipelineConfigError(f"{source} {item!r}: {'.'.join(parts[:depth + 1])} was renamed to {new}")
+            close = difflib.get_close_matches(parts[depth], allowed, n=1)
+            hint = f" (did you mean {'.'.join([*parts[:depth], close[0]])!r}?)" if close else ""
+            raise PipelineConfigError(f"{source} {item!r}: unknown field {'.'.join(parts[:depth + 1])!r}{hint}; "
+                                      f"allowed there: {', '.join(allowed)}")
+
+
+def _set(data: dict, parts: list[str], value: Any) -> None:
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = child = dict(child) if isinstance(child, dict) else {}
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
     """`key.path=value` overrides onto a definition's mapping; each value is read as YAML
     (`3`, `1e-4`, `true`, `[8, 16]`, `{a: 1}`). An unknown key fails here, naming the fields
@@ -766,32 +1007,29 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
         parts = key.strip().split(".")
         if not sep or not all(parts):
             raise PipelineConfigError(f"{source} {item!r}: expected key.path=value, e.g. distill.steps=600")
-        for depth in range(len(parts)):
-            allowed = _allowed_fields(PipelineConfig, (*parts[:depth], parts[depth]))
-            if allowed is None:
-                break  # below a free-form field (a list or mapping): validation checks the rest
-            if parts[depth] not in allowed:
-                if new := _renamed(tuple(parts[:depth + 1])):
-                    raise PipelineConfigError(f"{source} {item!r}: {'.'.join(parts[:depth + 1])} was renamed to {new}")
-                close = difflib.get_close_matches(parts[depth], allowed, n=1)
-                hint = f" (did you mean {'.'.join([*parts[:depth], close[0]])!r}?)" if close else ""
-                raise PipelineConfigError(f"{source} {item!r}: unknown field {'.'.join(parts[:depth + 1])!r}{hint}; "
-                                          f"allowed there: {', '.join(allowed)}")
+        _check_key(parts, item, source)
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise PipelineConfigError(f"{source} {item!r}: the value is not valid YAML: {err}") from None
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            node[part] = child = dict(child) if isinstance(child, dict) else {}
-            node = child
-        node[parts[-1]] = value
+        _set(data, parts, value)
     return data
 
 
-def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
-    """The definition in `path`, with `key.path=value` `overrides` applied before validation."""
+def apply_values(data: dict, values: dict[str, Any], source: str) -> dict:
+    """Like `apply_overrides` with values already parsed: {"cluster.namespace": "ml", ...}."""
+    data = dict(data)
+    for key, value in values.items():
+        parts = key.split(".")
+        _check_key(parts, key, source)
+        _set(data, parts, value)
+    return data
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] = (), values: dict[str, Any] | None = None,
+                         values_source: str = "") -> PipelineConfig:
+    """The definition in `path`, with `key.path=value` `overrides` applied before validation, then
+    `values` ({dotted path: parsed value}, e.g. from `render`'s flags, which `values_source` names)."""
     path = Path(path)
     if not path.exists():
         raise PipelineConfigError(f"{path}: no such pipeline definition")
@@ -799,9 +1037,12 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> Pipelin
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise PipelineConfigError(f"{path}: not valid YAML: {err}") from None
+    if (overrides or values) and not isinstance(data, dict):
+        raise PipelineConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     if overrides:
-        if not isinstance(data, dict):
-            raise PipelineConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         data = apply_overrides(data, list(overrides))
-    source = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
+    if values:
+        data = apply_values(data, values, values_source or "override")
+    given = ([f"--set {' '.join(overrides)}"] if overrides else []) + ([values_source] if values else [])
+    source = f"{path} with {' '.join(given)}" if given else str(path)
     return parse_pipeline_config(data, source)

@@ -1,15 +1,15 @@
-"""Rendered cluster manifests (pipelines/cluster.py) against the real schemas.
+"""Rendered cluster manifests (pipelines/cluster/) against the real schemas.
 
 KubeRay objects are checked against the v1 CRD schemas of KubeRay v1.7.0 (cluster/crds/) made
-strict as `kubectl apply --validate=strict` is: a field the schema does not list is an error.
-The launcher file is checked against the schema inside the installed `ray` package, core
-Kubernetes objects with kubernetes-validate. No cluster, no Ray: all offline.
+strict as `kubectl apply --validate=strict` is: a field the schema does not list is an error
+(pipelines/cluster/crd.py, which `render` uses too). The launcher file is checked against the
+schema inside the installed `ray` package, core Kubernetes objects with kubernetes-validate. No
+cluster, no Ray: all offline.
 """
 
 from __future__ import annotations
 
 import copy
-import gzip
 import importlib.util
 import json
 from functools import lru_cache
@@ -21,57 +21,19 @@ import pytest
 import yaml
 
 from pipelines import cluster
-from pipelines.cluster import Options, Unit, render, size_groups
+from pipelines.cluster import Unit, render, size_groups
+from pipelines.cluster.cli import main as cluster_main
+from pipelines.cluster.crd import crd_errors, crd_schema, strict
+from pipelines.cluster.shapes import DEFAULT_MEMORY
+from pipelines.ray_runtime import JOB_ENV_VARS
 from pipelines.schema import load_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = ROOT / "cluster" / "crds" / "kuberay-v1.7.0"
 CONFIGS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
 KUBERAY_KINDS = {"rayjob": "RayJob", "raycluster": "RayCluster", "rayservice": "RayService"}
-CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml.gz", "RayCluster": "ray.io_rayclusters.yaml.gz",
-             "RayService": "ray.io_rayservices.yaml.gz", "RayCronJob": "ray.io_raycronjobs.yaml.gz"}
 KUBERNETES_VERSION = "1.33"
 PRIVATE_PORTS = {8265, 10001}  # the dashboard / job API and the Ray client
-Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-# What the API server checks on every object's metadata (ObjectMeta, the fields rendered here);
-# a CRD's own schema says only `type: object`.
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-OBJECT_META = {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
-    "name": {"type": "string", "maxLength": 253, "pattern": DNS_SUBDOMAIN},
-    "namespace": {"type": "string", "maxLength": 63, "pattern": DNS_SUBDOMAIN},
-    "labels": STRING_MAP, "annotations": STRING_MAP}}
-
-
-def strict(schema):
-    """Close every object schema that lists `properties` and says nothing about extras, as
-    strict field validation does; `x-kubernetes-preserve-unknown-fields` stays open and an
-    existing `additionalProperties` (a map's value schema) is kept and walked."""
-    if isinstance(schema, list):
-        return [strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: strict(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
-
-
-@lru_cache(maxsize=None)
-def crd_schema(kind: str, strict_fields: bool = True) -> dict:
-    crd = yaml.load(gzip.decompress((CRDS / CRD_FILES[kind]).read_bytes()), Loader=Loader)
-    assert crd["spec"]["names"]["kind"] == kind
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    schema = copy.deepcopy(v1["schema"]["openAPIV3Schema"])
-    schema["properties"].update(apiVersion={"const": "ray.io/v1"}, kind={"const": kind}, metadata=OBJECT_META)
-    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"})
-    return strict(schema) if strict_fields else schema
-
-
-def crd_errors(doc: dict, strict_fields: bool = True) -> list[str]:
-    validator = jsonschema.Draft7Validator(crd_schema(doc["kind"], strict_fields))
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+IMAGE = {"image": "registry.example/swd-ray:1"}
 
 
 @lru_cache(maxsize=None)
@@ -89,6 +51,10 @@ def launcher_errors(doc: dict) -> list[str]:
 @lru_cache(maxsize=None)
 def definition(path: Path):
     return load_pipeline_config(path)
+
+
+def by_stem(stem: str):
+    return definition(ROOT / "pipelines" / "configs" / f"{stem}.yaml")
 
 
 def cluster_specs(doc: dict) -> list[dict]:
@@ -133,7 +99,7 @@ def cases():
 
 
 def _toy_raycluster() -> dict:
-    return render(definition(CONFIGS[[p.stem for p in CONFIGS].index("toy")]), "raycluster")[0]
+    return render(by_stem("toy"), "raycluster", IMAGE)[0]
 
 
 def test_strict_validator_rejects_what_kubectl_strict_would():
@@ -177,7 +143,7 @@ def test_strict_keeps_open_what_the_schema_leaves_open():
 
 @pytest.mark.parametrize("path,kind", list(cases()))
 def test_rendered_kuberay_objects_validate(path, kind):
-    docs = render(definition(path), kind, Options(image="registry.example/swd-ray:1"))
+    docs = render(definition(path), kind, IMAGE)
     assert docs[0]["apiVersion"] == "ray.io/v1" and docs[0]["kind"] == KUBERAY_KINDS[kind]
     assert crd_errors(docs[0]) == []
     for companion in docs[1:]:
@@ -186,7 +152,7 @@ def test_rendered_kuberay_objects_validate(path, kind):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_rendered_launcher_validates(path):
-    (doc,) = render(definition(path), "launcher")
+    (doc,) = render(definition(path), "launcher", IMAGE)
     assert launcher_errors(doc) == []
     broken = {**doc, "head_node_typ": "head"}
     assert any("head_node_typ" in e for e in launcher_errors(broken))
@@ -196,10 +162,11 @@ def test_rendered_launcher_validates(path):
 
 def test_options_render_valid_objects():
     """A service account instead of a storage Secret, a namespace, an API key and a LoadBalancer."""
-    cfg = definition(CONFIGS[[p.stem for p in CONFIGS].index("sd35_medium_4step")])
+    cfg = by_stem("sd35_medium_4step")
     keyed = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key_env": "SWD_API_KEY", "min_replicas": 1,
                                                                          "max_replicas": 4, "gpus_per_replica": 1})})
-    opts = Options(namespace="ml", service_account="swd-s3", serve_service_type="LoadBalancer", auth_secret="tok")
+    opts = {**IMAGE, "namespace": "ml", "service_account": "swd-s3", "serve_service_type": "LoadBalancer",
+            "auth_secret": "tok"}
     for kind in KUBERAY_KINDS:
         docs = render(keyed, kind, opts)
         assert crd_errors(docs[0]) == []
@@ -219,7 +186,7 @@ def test_options_render_valid_objects():
 
 @pytest.mark.parametrize("path,kind", list(cases()))
 def test_token_auth_on_and_dashboard_and_client_stay_inside(path, kind):
-    docs = render(definition(path), kind)
+    docs = render(definition(path), kind, IMAGE)
     for spec in cluster_specs(docs[0]):
         assert spec["authOptions"]["mode"] == "token" and spec["authOptions"]["secretName"]
         assert tuple(map(int, spec["rayVersion"].split(".")[:2])) >= (2, 52)  # KubeRay refuses token auth below
@@ -242,11 +209,11 @@ def test_exposure_check_can_fail():
 
 
 def test_serve_port_leaves_the_cluster_only_behind_an_api_key():
-    cfg = definition(CONFIGS[[p.stem for p in CONFIGS].index("toy")])
+    cfg = by_stem("toy")
     with pytest.raises(ValueError, match="serve.api_key_env"):
-        render(cfg, "rayservice", Options(serve_service_type="LoadBalancer"))
+        render(cfg, "rayservice", {**IMAGE, "serve_service_type": "LoadBalancer"})
     keyed = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key_env": "SWD_API_KEY"})})
-    (doc,) = render(keyed, "rayservice", Options(serve_service_type="NodePort"))
+    (doc,) = render(keyed, "rayservice", {**IMAGE, "serve_service_type": "NodePort"})
     assert exposed_ports(doc) == {8000}
     env = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "SWD_API_KEY", "valueFrom": {"secretKeyRef": {"name": "swd-toy-api-key", "key": "key"}}} in env
@@ -255,11 +222,12 @@ def test_serve_port_leaves_the_cluster_only_behind_an_api_key():
 @pytest.mark.parametrize("path,kind", list(cases()))
 def test_credentials_by_reference_only(path, kind):
     cfg = definition(path)
-    docs = render(cfg, kind)
+    docs = render(cfg, kind, IMAGE)
     for spec in cluster_specs(docs[0]):
         for pod in pod_specs(spec):
             for c in pod["containers"]:
-                assert all("valueFrom" in e for e in c.get("env", [])), c["env"]
+                # plain values only for what is no secret: where the model cache is, and offline mode
+                assert all("valueFrom" in e or e["name"] in ("HF_HOME", "HF_HUB_OFFLINE") for e in c.get("env", [])), c["env"]
                 refs = [e["secretRef"]["name"] for e in c.get("envFrom", [])]
                 uses_s3 = "s3://" in json.dumps(cfg.model_dump(mode="json"))
                 assert refs == ([f"{cluster.resource_name(cfg)}-storage"] if uses_s3 else [])
@@ -269,7 +237,7 @@ def test_credentials_by_reference_only(path, kind):
 
 def test_launcher_keeps_the_dashboard_local_and_turns_on_tokens():
     for path in CONFIGS:
-        (doc,) = render(definition(path), "launcher")
+        (doc,) = render(definition(path), "launcher", IMAGE)
         starts = doc["head_start_ray_commands"][1:] + doc["worker_start_ray_commands"][1:]
         assert all("RAY_AUTH_MODE=token" in c for c in starts)
         assert "--dashboard-host=127.0.0.1" in doc["head_start_ray_commands"][1]
@@ -289,43 +257,43 @@ def _limits(group):
 
 
 def test_pipeline_groups_follow_the_definition():
-    by_stem = {p.stem: definition(p) for p in CONFIGS}
-    medium = _groups(render(by_stem["sd35_medium_4step"], "rayjob")[0])
+    medium = _groups(render(by_stem("sd35_medium_4step"), "rayjob", IMAGE)[0])
     # 16 Ray Train workers (the most GPU units of any stage), each pod as large as the largest
-    # unit: 8 CPUs (a worker), 48Gi (a worker or the evaluate task); every stage reserves a GPU,
-    # so the CPU group is only room for Ray Data's tasks
-    assert (medium["gpu"]["maxReplicas"], _limits(medium["gpu"])) == (16, {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"})
-    assert (medium["cpu"]["replicas"], medium["cpu"]["maxReplicas"], _limits(medium["cpu"])["cpu"]) == (0, 1, "1")
-    head = render(by_stem["sd35_medium_4step"], "rayjob")[0]["spec"]["rayClusterSpec"]["headGroupSpec"]
+    # unit: 8 CPUs (a worker), 48Gi (a worker or the evaluate task); the run holds all 16; every
+    # stage reserves a GPU, so the CPU group is only room for Ray Data's tasks
+    assert (medium["gpu"]["minReplicas"], medium["gpu"]["maxReplicas"], _limits(medium["gpu"])) == (
+        16, 16, {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"})
+    assert (medium["cpu"]["replicas"], medium["cpu"]["maxReplicas"], _limits(medium["cpu"])["cpu"]) == (0, 4, "1")
+    head = render(by_stem("sd35_medium_4step"), "rayjob", IMAGE)[0]["spec"]["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
-    toy = _groups(render(by_stem["toy"], "raycluster")[0])
+    toy = _groups(render(by_stem("toy"), "raycluster", IMAGE)[0])
     # the evaluate task's 2 CPUs size the pod; the 2 precompute actors of 1 CPU share one
     assert set(toy) == {"cpu"} and (toy["cpu"]["replicas"], _limits(toy["cpu"])["cpu"]) == (1, "2")
     # memory per pod from the definition where it says it
-    cfg = by_stem["sd35_medium_4step"]
+    cfg = by_stem("sd35_medium_4step")
     sized = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"memory_per_worker": "96Gi"})})
-    assert _limits(_groups(render(sized, "raycluster")[0])["gpu"])["memory"] == "96Gi"
+    assert _limits(_groups(render(sized, "raycluster", IMAGE)[0])["gpu"])["memory"] == "96Gi"
 
 
 def test_fractional_gpus_share_pods():
     gpu, cpu = size_groups([Unit("precompute", 4, 2, 0.5, "10Gi"), Unit("distill", 3, 4, 1, "30Gi"),
                             Unit("synthesize", 5, 1.5, 0)])
     assert (gpu.gpus, gpu.replicas, gpu.cpus, gpu.memory) == (1, 3, 4, "30Gi")  # 2 precompute actors per GPU
-    assert (cpu.cpus, cpu.replicas, cpu.memory) == (2, 5, cluster.DEFAULT_MEMORY)
+    assert (cpu.cpus, cpu.replicas, cpu.memory) == (2, 5, DEFAULT_MEMORY)
     (cpu_only,) = size_groups([Unit("distill", 2, 0.5, 0)])
     assert (cpu_only.cpus, cpu_only.replicas) == (1, 1)  # two half-CPU workers share a pod
 
 
 def test_rayjob_spec_is_reusable_as_a_job_template():
     """A RayCronJob's jobTemplate is a RayJobSpec: the builder returns one that validates alone."""
-    cfg = definition(CONFIGS[0])
-    spec = cluster.rayjob_spec(cfg, Options())
+    cfg = cluster.with_cluster(definition(CONFIGS[0]), IMAGE)
+    spec = cluster.rayjob_spec(cfg)
     rayjob_spec_schema = crd_schema("RayJob")["properties"]["spec"]
     assert list(jsonschema.Draft7Validator(rayjob_spec_schema).iter_errors(spec)) == []
-    assert spec["entrypoint"].endswith(f"--config {cluster.DEFINITION_DIR}/definition.yaml")
+    assert spec["entrypoint"].endswith("--config /etc/swd/definition.yaml")
     (cm,) = render(cfg, "rayjob")[1:]
-    assert load_pipeline_config_text(cm["data"]["definition.yaml"]) == cfg
+    assert load_pipeline_config_text(cm["data"]["definition.yaml"]) == cluster.job_definition(cfg)
 
 
 def load_pipeline_config_text(text: str):
@@ -338,7 +306,8 @@ def load_pipeline_config_text(text: str):
 
 
 def test_cli_prints_the_ray_object_first(capsys):
-    assert cluster.main(["render", "--config", str(CONFIGS[0]), "--kind", "rayjob", "--storage", "s3://b/runs"]) == 0
+    assert cluster_main(["render", "--config", str(CONFIGS[0]), "--kind", "rayjob", "--storage", "s3://b/runs",
+                         "--image", IMAGE["image"]]) == 0
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
     assert [d["kind"] for d in docs] == ["RayJob", "ConfigMap"]
     assert "s3://b/runs" in docs[1]["data"]["definition.yaml"]
@@ -346,14 +315,14 @@ def test_cli_prints_the_ray_object_first(capsys):
 
 def test_cli_refuses_bad_input(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        cluster.main(["render", "--config", str(CONFIGS[0]), "--kind", "deployment"])
-    assert cluster.main(["render", "--config", str(tmp_path / "missing.yaml"), "--kind", "rayjob"]) == 2
+        cluster_main(["render", "--config", str(CONFIGS[0]), "--kind", "deployment"])
+    assert cluster_main(["render", "--config", str(tmp_path / "missing.yaml"), "--kind", "rayjob"]) == 2
     assert "no such pipeline definition" in capsys.readouterr().err
 
 
 def test_runtime_env_file_matches_the_renderer():
     runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
-    assert runtime_env["env_vars"] == cluster.ENV_VARS
+    assert runtime_env["env_vars"] == JOB_ENV_VARS
     for path in (ROOT / "cluster").glob("*.yaml"):
         for word in path.read_text().split():
             if word.strip("`'\"(),").startswith("cluster/") and word.strip("`'\"(),").endswith(".yaml"):
@@ -367,7 +336,7 @@ RETRAIN = ROOT / "pipelines" / "configs" / "toy_retrain.yaml"
 
 def test_retraining_manifests_validate_and_target_the_standing_cluster():
     cfg = definition(RETRAIN)
-    opts = Options(image="registry.example/swd-ray:1", namespace="ml")
+    opts = {**IMAGE, "namespace": "ml"}
     cluster_doc, configmap = render(cfg, "raycluster", opts)
     assert crd_errors(cluster_doc) == []
     kubernetes_validate.validate(configmap, KUBERNETES_VERSION, strict=True)
@@ -405,4 +374,4 @@ def test_retraining_manifests_validate_and_target_the_standing_cluster():
 def test_retraining_kinds_need_a_retrain_section():
     for kind in ("raycronjob", "cronjob"):
         with pytest.raises(ValueError, match="no `retrain` section"):
-            render(definition(ROOT / "pipelines" / "configs" / "toy.yaml"), kind)
+            render(by_stem("toy"), kind, IMAGE)

@@ -91,3 +91,18 @@ def _base_env() -> dict:
 def test_worker_line_prefixes_uncoloured_off_a_terminal(no_color_prefix, restore_bars, tty):
     quiet_output(tty=tty)
     assert os.environ.get("RAY_COLOR_PREFIX") == (None if tty else "0")
+
+
+def test_gpu_train_workers_choose_their_own_deepspeed_accelerator():
+    """A driver without CUDA (a cluster's head, or this CPU box) tells CPU workers to use
+    DeepSpeed's CPU accelerator, and leaves GPU workers to choose theirs from their own torch."""
+    import torch
+
+    from pipelines.stages.distill.trainer import train_worker_env
+
+    if torch.cuda.is_available():
+        pytest.skip("the driver sees CUDA here: it sets no DS_ACCELERATOR for any worker")
+    assert worker_env()["DS_ACCELERATOR"] == "cpu"
+    assert train_worker_env(use_gpu=False)["DS_ACCELERATOR"] == "cpu"
+    gpu = train_worker_env(use_gpu=True)
+    assert "DS_ACCELERATOR" not in gpu and gpu["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.schema import PipelineConfigError, ServeConfig, load_pipeline_config, parse_pipeline_config
-from pipelines.cluster import Options, render_rayservice
+from pipelines.cluster import render
 from pipelines.serve.config import serve_config
 from pipelines.serve.auth import BearerAuth, read_api_key
 from pipelines.serve.validation import Limits, RequestError, parse_json_request, parse_query_request
@@ -79,7 +79,7 @@ def test_generated_serve_config_and_rayservice_validate():
     gen = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Generator")
     assert gen["autoscaling_config"]["max_replicas"] == 3 and gen["user_config"]["model"] == "runs/toy/student/merged"
     assert "num_replicas" not in gen
-    (manifest,) = render_rayservice(cfg, Options(image="example/swd:1"))
+    (manifest,) = render(cfg, "rayservice", {"image": "example/swd:1"})
     assert manifest["kind"] == "RayService" and manifest["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"]
     inner = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert inner == yaml.safe_load(yaml.safe_dump(doc))

@@ -36,8 +36,9 @@ def model_user_config(cfg: PipelineConfig) -> dict:
 
 def definition_args(cfg: PipelineConfig) -> dict:
     """The definition as deployment init args, without the model: a new model must change only
-    `user_config` (an in-place reconfigure), not the init args (which would restart replicas)."""
-    return cfg.model_dump(mode="json", exclude={"serve": {"model", "model_id"}})
+    `user_config` (an in-place reconfigure), not the init args (which would restart replicas); nor
+    the cluster section, which says where the app runs, not what it does."""
+    return cfg.model_dump(mode="json", exclude={"serve": {"model", "model_id"}, "cluster": True})
 
 
 def generator_options(cfg: PipelineConfig) -> dict:

@@ -30,12 +30,22 @@ def _absolute(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update=update) if update else cfg
 
 
+def train_worker_env(use_gpu: bool) -> dict[str, str]:
+    """The Ray Train workers' environment. The driver's DS_ACCELERATOR describes the driver's node:
+    on a cluster that is the head, which has no GPU, so GPU workers choose their own (worker.py)."""
+    from pipelines.ray_compat import TRAIN_WORKER_ENV
+    from pipelines.ray_runtime import worker_env
+
+    env = {**worker_env(), **TRAIN_WORKER_ENV}
+    if use_gpu:
+        env.pop("DS_ACCELERATOR", None)
+    return env
+
+
 def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.ray_compat import TRAIN_WORKER_ENV
-    from pipelines.ray_runtime import worker_env
     from pipelines.sharding import StoreShards, plan_shards
     from pipelines.storage import arrow_filesystem, fs_path
 
@@ -69,7 +79,7 @@ def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None, cal
                 num_to_keep=d.keep_checkpoints,
                 checkpoint_score_attribute=d.validation.score_key if d.validation.num_prompts else None,
                 checkpoint_score_order=d.validation.mode),
-            worker_runtime_env={"env_vars": {**worker_env(), **TRAIN_WORKER_ENV}},
+            worker_runtime_env={"env_vars": train_worker_env(use_gpu)},
             callbacks=callbacks or None,
         ),
     )

@@ -75,16 +75,15 @@ def caption_limit(teacher: str, max_sequence_length: int, family: str = "sd3"):
     encoder sees — T5's `max_sequence_length` when the teacher has T5, else CLIP's. T5 is
     SD3's third tokenizer and FLUX's second."""
     import json
-    from pathlib import Path
 
     from transformers import AutoTokenizer
 
-    from swd_core.tiny_models import resolve_pretrained
-
-    path = resolve_pretrained(teacher)
-    index = Path(path) / "model_index.json"
     from swd_core.adapters import FAMILIES
+    from swd_core.pretrained import pretrained_folder
 
+    # a local folder, or a Hub repo's snapshot (the Hub cache first): which tokenizers it ships
+    path = pretrained_folder(teacher, ["model_index.json", "tokenizer*/*"])
+    index = path / "model_index.json"
     t5 = FAMILIES[family].t5_tokenizer
     has_t5 = index.exists() and (json.loads(index.read_text()).get(t5) or [None])[0] is not None
     if has_t5 and max_sequence_length > 0:

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.cluster.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""Files of a pretrained pipeline by its `teacher.path`: a local folder, a `builtin:` spec or a
+Hugging Face Hub id, read without loading the pipeline (and, for a Hub id, from the Hub cache
+first, so a pod with a staged cache and HF_HUB_OFFLINE=1 reads it). Light to import: plan-time
+checks use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pretrained_file(path: str, name: str) -> Path | None:
+    """The file `name` (e.g. "transformer/config.json") of the pipeline `path`: in a local folder
+    (or a `builtin:` one), else in the Hub repo `path` as the local Hub cache (HF_HOME) holds it.
+    None when there is no such file; nothing goes to the network."""
+    if str(path).startswith("builtin:"):
+        from swd_core.tiny_models import resolve_pretrained
+
+        path = resolve_pretrained(path)
+    folder = Path(path)
+    if folder.is_dir():
+        return folder / name if (folder / name).exists() else None
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(str(path), name)
+    except HFValidationError:  # not a repo id either (e.g. a missing local folder)
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def pretrained_folder(path: str, allow_patterns: list[str]) -> Path:
+    """A local folder laid out as the pipeline (model_index.json, tokenizer/, ...): the folder
+    itself, a `builtin:` one, or a Hub id's snapshot in the Hub cache, which `allow_patterns` are
+    fetched into when the Hub is reachable. Loading from it (`from_pretrained(folder,
+    subfolder=...)`) works offline, where loading by the Hub id would look for files the
+    staging never fetched (e.g. a tokenizer folder's config.json)."""
+    if str(path).startswith("builtin:"):
+        from swd_core.tiny_models import resolve_pretrained
+
+        path = resolve_pretrained(path)
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path), allow_patterns=allow_patterns))
