@@ -45,7 +45,8 @@ def render_plan(cfg: PipelineConfig) -> str:
         *([f"  synthesize actors {sy.actors} × ({sy.cpus_per_actor} CPU, {sy.gpus_per_actor} GPU), batch {sy.batch_size}"]
           if sy.enabled else []),
         f"  precompute actors {cfg.precompute.actors} × ({cfg.precompute.cpus_per_actor} CPU, {cfg.precompute.gpus_per_actor} GPU), batch {cfg.precompute.batch_size}",
-        f"  evaluate and preview: one task × ({ev.cpus} CPU, {ev.gpus} GPU)",
+        f"  evaluate and preview: one task × ({ev.cpus} CPU, {ev.gpus} GPU)"
+        + (f"; image metrics {', '.join(ev.metrics)} on {ev.num_prompts} prompts" if ev.metrics else ""),
         f"  serve: {cfg.serve.replicas} replica(s) × ({cfg.serve.cpus_per_replica} CPU, {cfg.serve.gpus_per_replica} GPU), "
         f"max batch {cfg.serve.max_batch_size}, port {cfg.serve.port}",
         f"  storage {cfg.run_dir}",

@@ -13,6 +13,53 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _interval(e: dict | None, n: int | None = None, digits: int = 3, signed: bool = False) -> str:
+    """value [lo, hi], and the prompts it was computed on where they are fewer than the row's `n`."""
+    if e is None:
+        return "–"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f"{f.format(e['value'])} [{f.format(e['lo'])}, {f.format(e['hi'])}]" + (
+        f" (n={e['n']})" if n is not None and e["n"] < n else "")
+
+
+IMAGE_COLUMNS = [("clip_score", "CLIP score"), ("pickscore", "PickScore"), ("fd_dinov2", "FD DINOv2 to the teacher"),
+                 ("fd_dinov2_source", "FD DINOv2 to the source")]
+
+
+def _most(difference: dict) -> int:
+    return max([e["n"] for e in difference["difference"].values()] or [0])
+
+
+def image_metrics_section(report: dict) -> list[str]:
+    """The image metrics of every model with their intervals, and the paired differences."""
+    info, models = report["image_metrics"], report["models"]
+    level = f"{info['level']:.0%}"
+    cols = [(k, label) for k, label in IMAGE_COLUMNS if any(k in (x.get("image_metrics") or {}) for x in models)]
+    out = ["## Image metrics", "",
+           f"Value on all of a model's prompts and its {level} bootstrap interval over prompts ({info['resamples']} "
+           f"resamples). Higher is better for CLIP score and PickScore, lower for the Fréchet distances. FD DINOv2 "
+           f"to the teacher compares with {info['reference']}'s images of the same prompts and seeds (it is the "
+           "reference: –)"
+           + (f"; to the source, with {info['source_images']}." if info.get("source_images") else "."), ""]
+    out += _table(["model", "prompts", *(label for _, label in cols)],
+                  [[x["name"], str(x["n_prompts"]), *(_interval(x["image_metrics"].get(k), x["n_prompts"]) for k, _ in cols)]
+                   for x in models])
+    if info["differences"]:
+        diff_cols = [(k, label) for k, label in cols if any(k in d["difference"] for d in info["differences"])]
+        win = any("pickscore_win_rate" in d for d in info["differences"])
+        out += ["", f"### Paired differences ({level} intervals)", "",
+                "The same prompts resampled for both models. An interval that excludes 0 is a difference these "
+                "prompts resolve; one that straddles 0 is not. Win rate: the fraction of prompts on which the first "
+                "model's PickScore is higher (0.5: no preference).", ""]
+        out += _table(["model − baseline", "prompts", *(f"Δ {label}" for _, label in diff_cols)]
+                      + (["PickScore win rate"] if win else []),
+                      [[f"{d['model']} − {d['baseline']}", str(_most(d)),
+                        *(_interval(d["difference"].get(k), _most(d), signed=True) for k, _ in diff_cols)]
+                       + ([_interval(d.get("pickscore_win_rate"), _most(d))] if win else [])
+                       for d in info["differences"]])
+    return out + [""]
+
+
 def render_markdown(report: dict) -> str:
     models, shapes_domain = report["models"], report["domain"] == "shapes"
     student = report["student"]
@@ -55,6 +102,9 @@ def render_markdown(report: dict) -> str:
         out += _table(["model", "steps", "cfg", "prompts", "latency / image"],
                       [[x["name"], str(x["steps"]), f"{x['guidance']:g}", str(x["n_prompts"]),
                         f"{x['latency']['total_s']:.3f} s"] for x in models])
+
+    if report.get("image_metrics"):
+        out += [""] + image_metrics_section(report)[:-1]
 
     lat_rows = [[x["name"], *(f"{x['latency'][k]:.4f}" for k in ("text_s", "transformer_s", "vae_s", "other_s",
                                                                  "total_s")),

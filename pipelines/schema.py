@@ -115,9 +115,20 @@ class DataConfig(Strict):
                           "line) or Parquet with a `prompt` column, local or s3://.")
     eval_prompts: str | None = Field(
         None, description="Held-out prompts of the evaluate stage and the retrain gate outside the shapes domain "
-                          "(same formats as `prompts`); null: `preview_prompts`.")
+                          "(same formats as `prompts`; Parquet with an `image` column beside `prompt` also gives "
+                          "`fd_dinov2` against those images), or `builtin:parti` (PartiPrompts; "
+                          "`builtin:parti?category=animals,vehicles&challenge=basic` selects); null: `preview_prompts`.")
     preview_prompts: list[str] = Field(["a photo"], description="Prompts of the preview stage and of the sample grid "
                                                                 "written with each export.")
+
+    @field_validator("prompts", "eval_prompts")
+    @classmethod
+    def _builtin_set(cls, v: str | None):
+        if v is not None and v.startswith("builtin:"):
+            from pipelines.prompt_sets import builtin_prompts
+
+            builtin_prompts(v)  # unknown sets, options and categories fail here, before anything runs
+        return v
 
 
 class SynthesizeConfig(Strict):
@@ -368,6 +379,21 @@ class DistillConfig(Strict):
         return self
 
 
+ImageMetric = Literal["clip_score", "pickscore", "fd_dinov2"]
+
+
+class MetricModels(Strict):
+    """The pretrained models of the image metrics: Hub ids (downloaded once into the Hugging Face
+    cache, as the teacher is) or local folders (docs/evaluate.md gives each one's licence)."""
+
+    clip: str = Field("openai/clip-vit-large-patch14", description="The CLIP checkpoint of `clip_score` (any "
+                                                                     "CLIPModel with its processor).")
+    pickscore: str = Field("yuvalkirstain/PickScore_v1", description="The PickScore model (a CLIPModel).")
+    pickscore_processor: str = Field("laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                                     description="The processor PickScore is used with (its base CLIP-H's).")
+    dinov2: str = Field("facebook/dinov2-large", description="The DINOv2 checkpoint of `fd_dinov2`, with its image processor.")
+
+
 class EvaluateConfig(Strict):
     """The evaluate stage (pipelines/stages/evaluate.py, docs/evaluate.md): the teacher with CFG,
     the teacher at the student's step count without CFG, and the exported student, on the same
@@ -397,6 +423,16 @@ class EvaluateConfig(Strict):
                                  "teacher and the student on CUDA, fractions share a GPU.")] = 0.0
     memory: Memory | None = Field(None, description="Memory the evaluate task needs on its pod, e.g. 40Gi "
                                   "(sizes the rendered cluster's pods).")
+    metrics: list[ImageMetric] = Field(
+        [], description="Image metrics of every model, for any teacher: `clip_score` (CLIP image-prompt similarity), "
+                        "`pickscore` (PickScore v1, a human-preference model), `fd_dinov2` (Fréchet distance of DINOv2 "
+                        "features to the guided teacher's images of the same prompts and seeds, and to the prompts' own "
+                        "images where the prompt source holds them); each with a bootstrap interval over prompts.")
+    metric_models: MetricModels = Field(MetricModels(), description="Where the metrics' models are.")
+    metric_batch_size: Annotated[int, Field(ge=1)] = Field(32, description="Images per call of a metric model.")
+    bootstrap_resamples: Annotated[int, Field(ge=100)] = Field(
+        1000, description="Resamples of the prompts behind every interval of the image metrics.")
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = Field(0.95, description="Level of the intervals.")
 
 
 class ServeConfig(Strict):
@@ -500,23 +536,29 @@ class GateMetric(Strict):
     a tolerance: the candidate may be that much worse."""
 
     name: Literal["teacher_denoise", "teacher_fd", "teacher_alignment", "teacher_cfg_denoise", "fd",
-                  "prompt_accuracy"] = Field(
-        "teacher_denoise", description="The metric (docs/retrain.md); `fd` and `prompt_accuracy` need the shapes domain.")
+                  "prompt_accuracy", "clip_score", "pickscore", "fd_dinov2"] = Field(
+        "teacher_denoise", description="The metric (docs/retrain.md); `fd` and `prompt_accuracy` need the shapes domain; "
+                                       "`clip_score`, `pickscore` and `fd_dinov2` (to the teacher's images) read "
+                                       "`evaluate.metric_models`.")
     direction: Literal["min", "max"] | None = Field(
-        None, description="Which way is better; null: the metric's own (max for prompt_accuracy and teacher_alignment, else min).")
+        None, description="Which way is better; null: the metric's own (max for prompt_accuracy, teacher_alignment, "
+                          "clip_score and pickscore, else min).")
     min_margin: float = Field(0.0, description="How much better than the champion the candidate must be, in the "
-                                               "metric's units; negative: a tolerance.")
+                                               "metric's units: the lower end of the interval of that gain must reach "
+                                               "it; negative: a tolerance.")
 
     @property
     def resolved_direction(self) -> Literal["min", "max"]:
-        return self.direction or ("max" if self.name in ("prompt_accuracy", "teacher_alignment") else "min")
+        higher = ("prompt_accuracy", "teacher_alignment", "clip_score", "pickscore")
+        return self.direction or ("max" if self.name in higher else "min")
 
 
 class GateConfig(Strict):
     """The promotion gate: candidate and champion sample the same held-out prompts (the evaluate
     stage's) with the same seeds, `seed + i` for prompt i, and are scored with `metrics`; every
-    metric must pass. teacher_denoise and teacher_fd need only the teacher (swd_core.teacher_metrics);
-    fd and prompt_accuracy need the shapes domain's scorer."""
+    metric must pass, judged on the paired difference's bootstrap interval over prompts.
+    The teacher metrics need only the teacher (swd_core.teacher_metrics); fd and prompt_accuracy
+    need the shapes domain's scorer; clip_score, pickscore and fd_dinov2 their pretrained models."""
 
     # docs/retrain.md says how far the teacher-only metrics agree with the toy's
     metrics: Annotated[list[GateMetric], Field(min_length=1)] | None = Field(
@@ -542,6 +584,11 @@ class GateConfig(Strict):
         4.5, description="Classifier-free guidance scale of the teacher's reference images for `teacher_fd` (1: no guidance).")
     batch_size: Annotated[int, Field(ge=1)] = Field(32, description="Images sampled or scored per call.")
     grid_prompts: Annotated[int, Field(ge=1)] = Field(6, description="Rows (prompts) of the candidate-vs-champion image grid.")
+    bootstrap_resamples: Annotated[int, Field(ge=100)] = Field(
+        1000, description="Resamples of the prompts behind the interval of each candidate - champion difference.")
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = Field(
+        0.95, description="Level of those intervals; a metric passes when the interval's end on the worse side clears "
+                          "`min_margin` (0.95: the candidate is that much better with 97.5% one-sided confidence).")
 
 
 class RegistryConfig(Strict):

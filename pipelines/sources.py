@@ -224,20 +224,38 @@ def ray_dataset(tasks: list[dict], resources: ResourcesConfig):
 
 def read_prompts(uri: str, resources: ResourcesConfig) -> list[str]:
     """Prompts for synthesize: a text file (one per line) or a Parquet file/folder with a
-    `prompt` column, local or s3://. Blank lines are skipped."""
+    `prompt` column, local or s3://, or a built-in set (`builtin:parti[?category=...]`,
+    pipelines/prompt_sets.py). Blank lines are skipped."""
+    return read_prompts_and_images(uri, resources)[0]
+
+
+def read_prompts_and_images(uri: str, resources: ResourcesConfig) -> tuple[list[str], list[bytes] | None]:
+    """(prompts, the image bytes of each prompt or None): Parquet with an `image` column beside
+    `prompt` (bytes, or a Hugging Face image struct) holds images of its prompts, as a caption
+    set such as COCO's does; a text file or a built-in set holds none."""
+    if uri.startswith("builtin:"):
+        from pipelines.prompt_sets import builtin_prompts
+
+        return builtin_prompts(uri), None
     fs = filesystem(uri, resources)
     if uri.endswith(".parquet") or (fs.exists(fs_path(uri)) and fs.isdir(fs_path(uri))):
-        out = []
+        prompts, images, with_images = [], [], None
         for path in _parquet_files(uri, resources):
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f)
             if "prompt" not in table.column_names:
                 raise ValueError(f"{_display(path, uri)}: no `prompt` column; it has {table.column_names}")
-            out.extend(table.column("prompt").to_pylist())
-        return [p.strip() for p in out if p and p.strip()]
+            has = "image" in table.column_names
+            with_images = has if with_images is None else with_images and has
+            prompts.extend(table.column("prompt").to_pylist())
+            images.extend([_image_bytes(v) for v in table.column("image").to_pylist()] if has
+                          else [None] * table.num_rows)
+        keep = [i for i, p in enumerate(prompts) if p and p.strip()]
+        kept_images = [images[i] for i in keep]
+        return [prompts[i].strip() for i in keep], (kept_images if with_images and all(kept_images) else None)
     try:
         with fs.open(fs_path(uri), "rb") as f:
             text = f.read().decode("utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"data.prompts {uri}: no such file") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()], None

@@ -210,3 +210,51 @@ def resolve_pretrained(path: str) -> str:
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)
+
+
+def clip_bpe_tokenizer():
+    """A CLIP tokenizer (byte-level BPE) whose vocabulary is the 256 byte symbols alone, with and
+    without the end-of-word mark, and no merges: every prompt tokenizes, letter by letter."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab[s] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def save_tiny_clip(folder: str | Path, *, seed: int = 0, image_size: int = 32, with_processor: bool = True) -> str:
+    """A randomly initialised `CLIPModel` (2 layers per tower, width 32) and, with
+    `with_processor`, its `CLIPProcessor`, saved to `folder` as a Hub checkpoint is laid out."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = clip_bpe_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    if with_processor:
+        images = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size})
+        CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_dinov2(folder: str | Path, *, seed: int = 0, image_size: int = 32) -> str:
+    """A randomly initialised `Dinov2Model` (2 layers, width 32) and its image processor (resize,
+    centre crop, ImageNet normalization, as the Hub checkpoints ship it), saved to `folder`."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=image_size, patch_size=8)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return str(folder)

@@ -95,9 +95,19 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, ray_cluster):
     from pipelines.serve.stand_in import export_stand_in
     from pipelines.stages.evaluate import eval_prompts, run
 
-    data = _config(tmp_path, num_prompts=6, teacher_num_prompts=4, grid_prompts=3, domain="shapes")
+    from swd_core.tiny_models import save_tiny_clip, save_tiny_dinov2
+
+    # the image metrics' models: tiny random checkpoints, one of them read from S3
+    metric_models = {"clip": save_tiny_clip(tmp_path / "clip", seed=2),
+                     "pickscore": save_tiny_clip(tmp_path / "pickscore", seed=3, with_processor=False),
+                     "pickscore_processor": save_tiny_clip(tmp_path / "processor", seed=4),
+                     "dinov2": "s3://swd-test/metric-models/dinov2"}
+    data = _config(tmp_path, num_prompts=6, teacher_num_prompts=4, grid_prompts=3, domain="shapes",
+                   metrics=["clip_score", "pickscore", "fd_dinov2"], metric_models=metric_models,
+                   bootstrap_resamples=200)
     data["resources"].update(storage="s3://swd-test/eval-runs", s3={"endpoint_url": s3_server})
     cfg = parse_pipeline_config(data)
+    upload_dir(save_tiny_dinov2(tmp_path / "dinov2"), metric_models["dinov2"], cfg.resources)
     export_stand_in(cfg, tmp_path / "merged", perturb=1.0, seed=1)
     upload_dir(tmp_path / "merged", f"{cfg.run_dir}/student/merged", cfg.resources)
     # the record the distill stage leaves beside an export chosen by validation
@@ -149,6 +159,41 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, ray_cluster):
     teacher = load_adapter("sd3", TINY, max_sequence_length=0)
     same_sampler = to_pil(sample_images(teacher, prompts, [cfg.evaluate.seed + i for i in range(3)], schedule=schedule))
     assert np.abs(np.stack(same_sampler).astype(int) - cells.astype(int)).mean() > 5  # not the teacher's weights
+
+    # the image metrics beside the classifier's: each model's, with intervals, and paired differences
+    info = report["image_metrics"]
+    assert info["metrics"] == ["clip_score", "pickscore", "fd_dinov2"] and info["reference"] == "teacher_3_cfg"
+    assert info["source_images"] == "real renders of the shapes prompts" and info["resamples"] == 200
+    for m in report["models"]:
+        im = m["image_metrics"]
+        assert set(im) == {"clip_score", "pickscore", "fd_dinov2", "fd_dinov2_source"}
+        assert im["clip_score"]["n"] == m["n_prompts"] and im["fd_dinov2_source"]["n"] == m["n_prompts"]
+        for e in (im["clip_score"], im["pickscore"], im["fd_dinov2_source"]):
+            assert e["lo"] <= e["value"] <= e["hi"] and e["level"] == 0.95
+    assert models["teacher_3_cfg"]["image_metrics"]["fd_dinov2"] is None  # the reference itself
+    assert models["swd_4"]["image_metrics"]["fd_dinov2"]["n"] == 4  # the guided teacher's prompts
+    assert [(d["model"], d["baseline"]) for d in info["differences"]] == [
+        ("teacher_4", "teacher_3_cfg"), ("swd_4", "teacher_3_cfg"), ("swd_4", "teacher_4")]
+    student_vs = info["differences"][1]
+    assert models["swd_4"]["vs_teacher"] == student_vs["difference"]
+    assert set(student_vs["difference"]) == {"clip_score", "pickscore", "fd_dinov2_source"}
+    assert 0 <= student_vs["pickscore_win_rate"]["value"] <= 1 and student_vs["pickscore_win_rate"]["n"] == 4
+    # recomputed here from the student's and the guided teacher's own samples
+    from swd_core.bootstrap import frechet_distance
+    from swd_core.image_metrics import ClipSimilarity, DinoFeatures
+
+    all_prompts, seeds = eval_prompts(cfg, "shapes", 6)[0], [cfg.evaluate.seed + i for i in range(6)]
+    student_images = sample_images(student, all_prompts, seeds, schedule=schedule)
+    teacher_images = sample_images(teacher, all_prompts[:4], seeds[:4], teacher_steps=3, guidance=4.5)
+    # (other batches than the task's: a pixel may round to the next 8-bit value, moving a score by ~1e-4)
+    clip = ClipSimilarity(metric_models["clip"])
+    assert abs(models["swd_4"]["image_metrics"]["clip_score"]["value"] - clip.scores(student_images, all_prompts).mean()) < 1e-3
+    diff = clip.scores(student_images[:4], all_prompts[:4]).mean() - clip.scores(teacher_images, all_prompts[:4]).mean()
+    assert abs(student_vs["difference"]["clip_score"]["value"] - diff) < 1e-3
+    dino = DinoFeatures(str(tmp_path / "dinov2"))
+    fd = frechet_distance(dino.features(student_images[:4]), dino.features(teacher_images))
+    assert models["swd_4"]["image_metrics"]["fd_dinov2"]["value"] == pytest.approx(fd, rel=1e-3)
+    assert "## Image metrics" in md and "| swd_4 − teacher_4 | 6 |" in md and "PickScore win rate" in md
 
 
 @pytest.mark.ray

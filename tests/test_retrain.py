@@ -37,6 +37,7 @@ def definition(tmp: Path, rows: int, margin: float = -1e9) -> dict:
             "lora": {"rank": 4}, "batch_size": 4, "steps": 2, "lr": 1e-3, "fake_updates": 1,
             "checkpoint_every": 2, "log_every": 1,
         },
+        "evaluate": {"metric_models": {"clip": str(tmp / "tiny-clip")}},  # written by the test
         "serve": {"app_name": APP, "route_prefix": ROUTE, "host": "127.0.0.1", "max_batch_size": 2,
                   "max_ongoing_requests": 4, "cpus_per_replica": 0.5},
         "resources": {"num_workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "SPREAD",
@@ -46,7 +47,7 @@ def definition(tmp: Path, rows: int, margin: float = -1e9) -> dict:
             # a negative margin is a tolerance: the short cycles here pass unless `margin` is raised
             "gate": {"num_prompts": 8, "batch_size": 8, "grid_prompts": 2,
                      "metrics": [{"name": "fd", "min_margin": margin},
-                                 {"name": "teacher_denoise", "min_margin": margin}]},
+                                 {"name": "clip_score", "min_margin": margin}]},
             "lock_ttl_s": 10,
         },
     }
@@ -96,6 +97,9 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
     from pipelines.retraining.cycle import CycleRefused, lock_uri, run_cycle
     from pipelines.retraining.registry import Registry
 
+    from swd_core.tiny_models import save_tiny_clip
+
+    save_tiny_clip(tmp_path / "tiny-clip")  # the gate's CLIP score model: random weights, read by path
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
     try:
         # cycle 1: v1 from the teacher, promoted (no champion yet) and deployed
@@ -119,7 +123,7 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         assert second["new_rows"] == 32 and second["rows"] == 96
         assert second["warm_start"] == first["checkpoint"] and second["start_step"] == 2
         assert checkpoint_steps(run_dir / "cycles" / "cycle-0002") == [4]  # went on from step 2, not from 0
-        assert second["promoted"] and set(second["gate"]["champion"]) == {"fd", "teacher_denoise"}
+        assert second["promoted"] and set(second["gate"]["champion"]) == {"fd", "clip_score"}
         assert second["gate"]["seeds"] == first["gate"]["seeds"] and second["gate"]["prompts"] == first["gate"]["prompts"]
         assert not load.failures(), load.failures()[:5]  # connection errors included
         assert {o.model for o in load.outcomes} == {"nightly-swd-v1", "nightly-swd-v2"}
@@ -174,7 +178,10 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         assert [re.match(r"^  \S+ \S+  (v\d+)", h).group(1) for h in history] == ["v1", "v2", "v1"]
         assert "rollback from v2" in history[-1] and "cycle-0002: gate passed" in history[1]
         versions = Registry(cfg).versions()
-        assert all(set(json.loads(v.tags["metrics"])) == {"fd", "teacher_denoise"} for v in versions)
+        assert all(set(json.loads(v.tags["metrics"])) == {"fd", "clip_score"} for v in versions)
+        clip = json.loads(versions[2].tags["intervals"])["clip_score"]  # each metric with its interval
+        assert clip["lo"] <= clip["value"] <= clip["hi"] and clip["n"] == 8
+        assert set(json.loads(versions[2].tags["differences"])) == {"fd", "clip_score"}
         # MLflow runs: one per cycle, with per-step training metrics and the gate's
         client = Registry(cfg).client
         runs = client.search_runs([Registry(cfg).experiment_id])

@@ -194,7 +194,20 @@ def _gate(metrics: list[dict]):
     return gate
 
 
+def scored(per_prompt: dict):
+    """A model's gate scores: per metric, its per-prompt values (a number: 8 prompts scoring alike)."""
+    import numpy as np
+
+    from pipelines.retraining.gate import Scored
+    from swd_core.bootstrap import Reading
+
+    values = {k: np.full(8, v, dtype=float) if np.isscalar(v) else np.asarray(v, dtype=float)
+              for k, v in per_prompt.items()}
+    return Scored({k: float(v.mean()) for k, v in values.items()}, None, {k: Reading(values=v) for k, v in values.items()})
+
+
 # (metric, margin, candidate, champion, passes); values exact in binary, so the margin edge is exact.
+# Every prompt scores alike here, so the interval of the difference is the difference itself.
 # fd: lower is better, gain = champion - candidate; prompt_accuracy: higher is better, gain = candidate - champion.
 VERDICTS = [
     ("fd", 0.0, 1.25, 1.5, True),         # better
@@ -215,25 +228,28 @@ VERDICTS = [
 
 @pytest.mark.parametrize("name,margin,candidate,champion,passes", VERDICTS)
 def test_gate_verdict_follows_the_metric_direction_and_margin(name, margin, candidate, champion, passes):
-    passed, lines = _gate([{"name": name, "min_margin": margin}]).verdict({name: candidate}, {name: champion})
+    passed, lines, diffs = _gate([{"name": name, "min_margin": margin}]).verdict(scored({name: candidate}),
+                                                                                 scored({name: champion}))
     gain = champion - candidate if name == "fd" else candidate - champion
     assert passed is passes
     assert lines == [f"{name}: candidate {candidate:.4f} vs champion {champion:.4f} "
-                     f"({'lower' if name == 'fd' else 'higher'} is better; gain {gain:+.4f}, needs >= {margin:+.4f}): "
+                     f"({'lower' if name == 'fd' else 'higher'} is better; gain {gain:+.4f}, 95% interval "
+                     f"[{gain:+.4f}, {gain:+.4f}] over 8 prompts, its lower end needs >= {margin:+.4f}): "
                      f"{'pass' if passes else 'FAIL'}"]
+    assert diffs[name]["value"] == candidate - champion and diffs[name]["lo"] == diffs[name]["hi"] == candidate - champion
 
 
 def test_gate_verdict_takes_an_explicit_direction_over_the_metric_default():
     # teacher_denoise defaults to lower-is-better, teacher_alignment to higher-is-better
     assert _gate([{"name": "teacher_denoise", "direction": "max"}]).verdict(
-        {"teacher_denoise": 2.0}, {"teacher_denoise": 1.0})[0] is True
+        scored({"teacher_denoise": 2.0}), scored({"teacher_denoise": 1.0}))[0] is True
     assert _gate([{"name": "teacher_alignment", "direction": "min"}]).verdict(
-        {"teacher_alignment": 0.75}, {"teacher_alignment": 0.5})[0] is False
+        scored({"teacher_alignment": 0.75}), scored({"teacher_alignment": 0.5}))[0] is False
 
 
 def test_gate_verdict_without_a_champion_promotes_the_first_candidate():
     gate = _gate([{"name": "fd", "min_margin": 0.5}])
-    assert gate.verdict({"fd": 99.0}, None) == (True, ["no champion yet: the first version is promoted"])
+    assert gate.verdict(scored({"fd": 99.0}), None) == (True, ["no champion yet: the first version is promoted"], {})
 
 
 @pytest.mark.parametrize("fd,accuracy,passes", [
@@ -244,10 +260,47 @@ def test_gate_verdict_without_a_champion_promotes_the_first_candidate():
 ])
 def test_gate_verdict_needs_every_metric_to_pass(fd, accuracy, passes):
     gate = _gate([{"name": "fd"}, {"name": "prompt_accuracy"}])
-    passed, lines = gate.verdict({"fd": fd, "prompt_accuracy": accuracy}, {"fd": 1.5, "prompt_accuracy": 0.5})
+    passed, lines, _ = gate.verdict(scored({"fd": fd, "prompt_accuracy": accuracy}),
+                                    scored({"fd": 1.5, "prompt_accuracy": 0.5}))
     assert passed is passes
     assert [line.split(":")[0] for line in lines] == ["fd", "prompt_accuracy"]  # one line per metric, in order
     assert [line.endswith(": pass") for line in lines] == [fd < 1.5, accuracy > 0.5]
+
+
+def test_gate_decides_on_the_interval_of_the_paired_difference_not_the_point_values():
+    """The same mean gain of PickScore over the champion: when every prompt gains a little it
+    passes; when a few prompts gain a lot and the others lose, the interval reaches below 0 and
+    the candidate stays a candidate. A tolerance (negative margin) lets the noisy one through."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    champion = rng.normal(20.0, 1.0, 64)
+    steady = champion + 0.25 + rng.normal(0, 0.05, 64)
+    noisy = champion + np.where(np.arange(64) % 4 == 0, 2.5, -0.5) + rng.normal(0, 0.05, 64)
+    assert abs((steady - champion).mean() - (noisy - champion).mean()) < 0.05
+    gate = _gate([{"name": "pickscore"}])
+    assert gate.verdict(scored({"pickscore": steady}), scored({"pickscore": champion}))[0] is True
+    passed, lines, diffs = gate.verdict(scored({"pickscore": noisy}), scored({"pickscore": champion}))
+    assert passed is False and diffs["pickscore"]["value"] > 0 > diffs["pickscore"]["lo"]
+    assert "FAIL" in lines[0] and "higher is better" in lines[0]
+    assert _gate([{"name": "pickscore", "min_margin": -1.0}]).verdict(
+        scored({"pickscore": noisy}), scored({"pickscore": champion}))[0] is True
+    # a lower-is-better distance of features to the same reference: the paired Fréchet distances
+    from pipelines.retraining.gate import Scored
+    from swd_core.bootstrap import Reading
+
+    ref = rng.normal(size=(64, 8))
+    near, far = ref + rng.normal(0, 0.2, (64, 8)), ref + rng.normal(0.6, 0.2, (64, 8))
+
+    def fd(x):
+        reading = Reading(features=x, reference=ref)
+        return Scored({"fd_dinov2": reading.statistic()}, None, {"fd_dinov2": reading})
+
+    gate = _gate([{"name": "fd_dinov2"}])
+    assert gate.verdict(fd(near), fd(far))[0] is True and gate.verdict(fd(far), fd(near))[0] is False
+    assert _gate([{"name": "clip_score"}]).g.metrics[0].resolved_direction == "max"
+    intervals = gate.intervals(fd(near))["fd_dinov2"]
+    assert intervals["lo"] < intervals["value"] < intervals["hi"]
 
 
 def test_the_scheduler_outlives_a_failed_cycle_a_broken_definition_and_a_refused_cycle(tmp_path, monkeypatch, capsys):

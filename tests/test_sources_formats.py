@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines.schema import DataSource, ResourcesConfig, parse_pipeline_config
-from pipelines.sources import read_prompts, read_task, read_tasks
+from pipelines.sources import read_prompts, read_prompts_and_images, read_task, read_tasks
 from pipelines.stages.precompute.checks import check_batch, sample_id
 from pipelines.stages.precompute.spec import EncodeSpec
 
@@ -80,6 +80,52 @@ def test_the_evaluate_stage_reads_its_held_out_prompts_from_a_parquet_eval_promp
     assert prompts == ["p0", "p1"] and samples == [] and source == str(path) and notes == []
     prompts, _, _, notes = eval_prompts(cfg, "prompts", 5)
     assert prompts == ["p0", "p1", "p2"] and "has 3 prompts" in notes[0]
+
+
+def test_a_parquet_prompts_file_with_an_image_column_gives_each_prompt_its_image(tmp_path):
+    """The images fd_dinov2 compares with the prompts' own: bytes or a Hugging Face struct, kept
+    beside their prompts when blank prompts are skipped; a text file or a prompt-only file has none."""
+    path = tmp_path / "captions.parquet"
+    pq.write_table(pa.table({"prompt": ["red", "", "blue"], "image": [png("red"), png("white"), png("blue")]}), path)
+    prompts, images = read_prompts_and_images(str(path), ResourcesConfig())
+    assert prompts == ["red", "blue"]
+    assert [Image.open(io.BytesIO(b)).getpixel((0, 0)) for b in images] == [(255, 0, 0), (0, 0, 255)]
+    write_hf_parquet(tmp_path / "hf.parquet", [{"bytes": png("red"), "path": None}], ["x"], caption_column="prompt")
+    assert read_prompts_and_images(str(tmp_path / "hf.parquet"), ResourcesConfig())[1] == [png("red")]
+    text = tmp_path / "p.txt"
+    text.write_text("a\nb\n")
+    assert read_prompts_and_images(str(text), ResourcesConfig()) == (["a", "b"], None)
+
+
+def test_builtin_parti_is_partiprompts_with_its_licence_and_selectable_categories(tmp_path):
+    from pipelines.prompt_sets import PARTI, parti_rows
+
+    every = read_prompts("builtin:parti", ResourcesConfig())
+    assert len(every) == 1632 == len(parti_rows())
+    assert every[0] == "bond" and every[-1] == "a series of musical notes on a computer screen"
+    assert any(p.startswith('"G I G G L E" painted') for p in every)  # quotation marks kept
+    assert "Apache License" in (PARTI.parent / "LICENSE").read_text()
+    assert "google-research/parti" in (PARTI.parent / "README.md").read_text()
+    animals = read_prompts("builtin:parti?category=Animals", ResourcesConfig())
+    assert len(animals) == 314 and set(animals) < set(every)
+    two = read_prompts("builtin:parti?category=animals,food-beverage", ResourcesConfig())
+    assert len(two) == 314 + 74
+    basic_animals = read_prompts("builtin:parti?category=animals&challenge=Basic", ResourcesConfig())
+    assert 0 < len(basic_animals) < 314
+    assert set(basic_animals) == {r["prompt"] for r in parti_rows() if r["category"] == "Animals" and r["challenge"] == "Basic"}
+    with pytest.raises(ValueError, match="unknown category.*'pets'.*animals"):
+        read_prompts("builtin:parti?category=pets", ResourcesConfig())
+    with pytest.raises(ValueError, match="unknown option"):
+        read_prompts("builtin:parti?style=x", ResourcesConfig())
+    base = {"name": "ev", "teacher": {"path": TOY, "max_sequence_length": 0},
+            "distill": {"schedule": {"preset": "toy_4step"}}, "resources": {"storage": str(tmp_path)}}
+    with pytest.raises(Exception, match="data.eval_prompts.*unknown built-in prompt set 'coco'"):
+        parse_pipeline_config({**base, "data": {"eval_prompts": "builtin:coco"}})
+    cfg = parse_pipeline_config({**base, "data": {"eval_prompts": "builtin:parti?category=vehicles"}})
+    from pipelines.stages.evaluate import eval_prompts
+
+    prompts, _, source, _ = eval_prompts(cfg, "prompts", 8)
+    assert prompts == read_prompts("builtin:parti?category=vehicles", ResourcesConfig())[:8] and source.startswith("builtin:parti")
 
 
 # ---------------------------------------------------------------- b. Hugging Face image structs

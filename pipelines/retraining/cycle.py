@@ -157,12 +157,16 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
 
     gate = _gate(cfg)
     cand, champ = score_in_task(cfg, student, champion.source if champion is not None else None)
-    passed, lines = gate.verdict(cand.metrics, champ.metrics if champ else None)
+    passed, lines, differences = gate.verdict(cand, champ)
     for line in lines:
         _say(f"gate: {line}")
-    registry.log_metrics(run_id, {f"gate.candidate.{k}": v for k, v in cand.metrics.items()})
+    intervals = gate.intervals(cand)  # each metric of the candidate with its interval over the gate prompts
+    registry.log_metrics(run_id, {f"gate.candidate.{k}{end}": e[key] for k, e in intervals.items()
+                                  for end, key in (("", "value"), (".lo", "lo"), (".hi", "hi"))})
     if champ is not None:
         registry.log_metrics(run_id, {f"gate.champion.{k}": v for k, v in champ.metrics.items()})
+        registry.log_metrics(run_id, {f"gate.difference.{k}{end}": e[key] for k, e in differences.items()
+                                      for end, key in (("", "value"), (".lo", "lo"), (".hi", "hi"))})
     grid = _grid(cfg, ccfg, gate, cand, champ, champion)
     registry.log_file(run_id, grid)
 
@@ -172,7 +176,8 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     version = registry.register_cycle(cycle, student, run_id, {
         "rows": pre["rows"], "new_rows": record["new_rows"], "iterations": r.steps,
         "step": trained["final_metrics"].get("val_best_step", steps), "checkpoint": trained["export_checkpoint"],
-        "metrics": json.dumps(cand.metrics), "gate": "passed" if passed else "failed", "gate_report": "\n".join(lines),
+        "metrics": json.dumps(cand.metrics), "intervals": json.dumps(intervals), "differences": json.dumps(differences),
+        "gate": "passed" if passed else "failed", "gate_report": "\n".join(lines),
         "champion_metrics": json.dumps(champ.metrics) if champ else "", "warm_start_from": champion.number if warm else ""})
     if passed:
         registry.set_champion(version.number, f"{cycle}: gate passed")
@@ -181,6 +186,7 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
         _say(f"v{version.number} is registered, not promoted: the gate failed; v{champion.number} stays the champion")
     record.update(state="finished", finished=time.time(), version=version.number, promoted=passed,
                   gate={"candidate": cand.metrics, "champion": champ.metrics if champ else None, "report": lines,
+                        "intervals": intervals, "differences": differences,
                         **gate.describe()},
                   student=student, checkpoint=trained["export_checkpoint"])
     _write_record(cfg, cycle, record)

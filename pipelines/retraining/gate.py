@@ -1,15 +1,18 @@
 """The promotion gate: candidate and champion sample the same held-out prompts with the same seeds
 (the evaluate stage's prompts, seed `gate.seed + i` for prompt i) and are scored alike; the
-candidate is promoted only when it passes every metric of `retrain.gate.metrics`.
+candidate is promoted only when it passes every metric of `retrain.gate.metrics`, each judged on
+the bootstrap interval over prompts of the paired difference candidate − champion
+(swd_core.bootstrap), not on the two point values.
 
 Metrics: `teacher_denoise`, `teacher_fd`, `teacher_alignment` and `teacher_cfg_denoise` need only
 the teacher (swd_core.teacher_metrics), so they gate any teacher; `fd` and `prompt_accuracy` are
-the shapes domain's (the toy's classifier).
+the shapes domain's (the toy's classifier); `clip_score`, `pickscore` and `fd_dinov2` (to the
+teacher's own samples of the gate prompts) read pretrained models (swd_core.image_metrics).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,12 +21,14 @@ from pipelines.storage import local_copy
 
 TEACHER_METRICS = ("teacher_denoise", "teacher_fd", "teacher_alignment", "teacher_cfg_denoise")
 SHAPES_METRICS = ("fd", "prompt_accuracy")
+IMAGE_METRICS = ("clip_score", "pickscore", "fd_dinov2")
 
 
 @dataclass
 class Scored:
-    metrics: dict
+    metrics: dict  # the value of each gate metric on all gate prompts
     images: torch.Tensor  # the first `grid_prompts` images, for the comparison grid
+    readings: dict = field(default_factory=dict)  # per metric, its swd_core.bootstrap.Reading
 
 
 class Gate:
@@ -41,14 +46,32 @@ class Gate:
         self._reference = None
         self._reference_latents = None
         self._scorer = None
+        self._image_metrics = None
+        self._dinov2_reference = None
         if any(n in SHAPES_METRICS for n in self.names):
             from swd_core.evaluate_model import ShapesScorer
 
             self._scorer = ShapesScorer(self.samples)
 
+    def image_metrics(self):
+        if self._image_metrics is None:
+            from pipelines.stages.evaluate import metric_model_paths
+            from swd_core.image_metrics import ImageMetrics
+
+            self._image_metrics = ImageMetrics([n for n in self.names if n in IMAGE_METRICS], metric_model_paths(self.cfg),
+                                               device=self.device, batch_size=self.cfg.evaluate.metric_batch_size)
+        return self._image_metrics
+
+    def dinov2_reference(self):
+        """DINOv2 features of the teacher's own samples of the gate prompts (`fd_dinov2`'s reference)."""
+        if self._dinov2_reference is None:
+            self._dinov2_reference = self.image_metrics().reference_features(self._decode(self.reference_latents()))
+        return self._dinov2_reference
+
     def describe(self) -> dict:
         return {"prompts": self.source, "num_prompts": len(self.prompts), "seeds": f"{self.g.seed}..{self.seeds[-1]}",
                 "metrics": [m.model_dump() for m in self.g.metrics], "sigma": self.g.sigma,
+                "bootstrap_resamples": self.g.bootstrap_resamples, "confidence": self.g.confidence,
                 "alignment_sigmas": list(self.g.alignment_sigmas), "cfg_denoise_sigmas": list(self.g.cfg_denoise_sigmas)}
 
     def teacher(self):
@@ -123,51 +146,90 @@ class Gate:
 
     @torch.no_grad()
     def score_samples(self, latents: torch.Tensor, images: torch.Tensor) -> Scored:
-        """Every gate metric of a model's samples of the gate prompts (`sample`)."""
-        metrics = {}
+        """Every gate metric of a model's samples of the gate prompts (`sample`): its value and
+        its per-prompt reading, for the interval of the difference to another model."""
+        from swd_core.bootstrap import Reading
+
+        readings = {}
+
+        def per_prompt(name, values):
+            readings[name] = Reading(values=torch.as_tensor(values).double().cpu().numpy())
+
         if self.g.reencode and any(n in TEACHER_METRICS for n in self.names):
             latents = self._encode(images)
         if "teacher_alignment" in self.names:
             from swd_core.teacher_metrics import teacher_alignment
 
-            metrics["teacher_alignment"] = float(teacher_alignment(
+            per_prompt("teacher_alignment", teacher_alignment(
                 self.teacher(), latents, self.prompts, self.seeds, sigmas=self.g.alignment_sigmas,
-                batch_size=self.g.batch_size).mean())
+                batch_size=self.g.batch_size))
         if "teacher_cfg_denoise" in self.names:
             from swd_core.teacher_metrics import teacher_cfg_denoise
 
-            metrics["teacher_cfg_denoise"] = float(teacher_cfg_denoise(
+            per_prompt("teacher_cfg_denoise", teacher_cfg_denoise(
                 self.teacher(), latents, self.prompts, self.seeds, sigmas=self.g.cfg_denoise_sigmas,
-                guidance=self.g.teacher_guidance_scale, batch_size=self.g.batch_size).mean())
+                guidance=self.g.teacher_guidance_scale, batch_size=self.g.batch_size))
         if any(n in ("teacher_denoise", "teacher_fd") for n in self.names):
-            from swd_core.teacher_metrics import teacher_fd
-
             losses, feats = self._readings(latents)
-            metrics["teacher_denoise"] = float(losses.mean())
+            per_prompt("teacher_denoise", losses)
             if "teacher_fd" in self.names:
-                metrics["teacher_fd"] = teacher_fd(feats, self.reference_features())
+                readings["teacher_fd"] = Reading(features=feats.numpy(), reference=self.reference_features().numpy())
         if self._scorer is not None:
-            scores, _ = self._scorer.score(images)
-            metrics["fd"], metrics["prompt_accuracy"] = scores["fd"], scores["prompt_accuracy"]
-        return Scored({n: metrics[n] for n in self.names}, images[:self.g.grid_prompts])
+            from swd_core.evaluation import judge
+
+            seen, feats = self._scorer.features(images)
+            samples = self._scorer.samples[:len(images)]
+            readings["fd"] = Reading(features=feats.numpy(), reference=self._scorer.real_features[:len(feats)].numpy())
+            readings["prompt_accuracy"] = Reading(values=torch.tensor([float(judge(x, r)["all"])
+                                                                       for x, r in zip(samples, seen)]).double().numpy())
+        if any(n in IMAGE_METRICS for n in self.names):
+            raw = self.image_metrics().read(images, self.prompts)
+            for name in ("clip_score", "pickscore"):
+                if name in raw:
+                    per_prompt(name, raw[name])
+            if "dinov2" in raw:
+                readings["fd_dinov2"] = Reading(features=raw["dinov2"], reference=self.dinov2_reference())
+        # Fréchet distances by swd_core.bootstrap's exact factored form: the gate has fewer prompts
+        # than feature dimensions, where a matrix square root of the covariances is inaccurate
+        return Scored({n: readings[n].statistic() for n in self.names}, images[:self.g.grid_prompts],
+                      {n: readings[n] for n in self.names})
 
     def score_pair(self, candidate: str, champion: str | None) -> tuple[Scored, Scored | None]:
         return self.score(candidate), (self.score(champion) if champion is not None else None)
 
-    def verdict(self, candidate: dict, champion: dict | None) -> tuple[bool, list[str]]:
-        """(passed, one line per metric). With no champion, the first candidate passes."""
+    def intervals(self, scored: Scored) -> dict:
+        """Each gate metric of one model with its bootstrap interval over the gate prompts."""
+        from swd_core.bootstrap import estimate
+
+        return {m.name: estimate(scored.readings[m.name], self.g.bootstrap_resamples, self.g.confidence).as_dict()
+                for m in self.g.metrics}
+
+    def verdict(self, candidate: Scored, champion: Scored | None) -> tuple[bool, list[str], dict]:
+        """(passed, one line per metric, the paired difference candidate − champion of each metric
+        with its interval). A metric passes when the candidate's gain over the champion (the
+        difference, signed so that better is positive) has the lower end of its interval at or
+        above `min_margin`. With no champion, the first candidate passes."""
+        from swd_core.bootstrap import paired_difference
+
         if champion is None:
-            return True, ["no champion yet: the first version is promoted"]
-        passed, lines = True, []
+            return True, ["no champion yet: the first version is promoted"], {}
+        passed, lines, differences = True, [], {}
+        level = f"{self.g.confidence:.0%}"
         for m in self.g.metrics:
-            c, h = candidate[m.name], champion[m.name]
-            gain = (h - c) if m.resolved_direction == "min" else (c - h)  # > 0: the candidate is better
-            ok = gain >= m.min_margin
+            c, h = candidate.metrics[m.name], champion.metrics[m.name]
+            diff = paired_difference(candidate.readings[m.name], champion.readings[m.name],
+                                     self.g.bootstrap_resamples, self.g.confidence)
+            differences[m.name] = diff.as_dict()
+            sign = -1.0 if m.resolved_direction == "min" else 1.0  # gain > 0: the candidate is better
+            low, high = sorted((sign * diff.lo + 0.0, sign * diff.hi + 0.0))  # + 0.0: a tie gains +0, not -0
+            gain = sign * diff.value + 0.0
+            ok = low >= m.min_margin
             passed &= ok
             better = "lower" if m.resolved_direction == "min" else "higher"
             lines.append(f"{m.name}: candidate {c:.4f} vs champion {h:.4f} ({better} is better; gain {gain:+.4f}, "
-                         f"needs >= {m.min_margin:+.4f}): {'pass' if ok else 'FAIL'}")
-        return passed, lines
+                         f"{level} interval [{low:+.4f}, {high:+.4f}] over {diff.n} prompts, its lower end needs "
+                         f">= {m.min_margin:+.4f}): {'pass' if ok else 'FAIL'}")
+        return passed, lines, differences
 
 
 def score_in_task(cfg: PipelineConfig, candidate: str, champion: str | None) -> tuple[Scored, Scored | None]:

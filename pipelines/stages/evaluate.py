@@ -4,9 +4,11 @@ grid, `report.json` and `report.md` in <run_dir>/eval/ (docs/evaluate.md).
 
 On the toy shapes domain every model gets prompt accuracy (per attribute) and the Fréchet
 distance to real renders of the same prompts; on any other domain (a real SD3.5 teacher) those
-metrics mean nothing, so the report has latency and the grid only. Without an exported student
-the teacher is evaluated alone and the report says how to make one. Runs on the driver: the work
-is one process sampling in batches, and the latency it reports is this machine's.
+metrics mean nothing. `evaluate.metrics` adds, in any domain, CLIP score, PickScore and the
+Fréchet distance of DINOv2 features (swd_core.image_metrics), each with a bootstrap interval
+over prompts and paired differences between the models (swd_core.bootstrap). Without an
+exported student the teacher is evaluated alone and the report says how to make one. Runs as one
+Ray task sampling in batches; the latency it reports is that machine's.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipelines.report import render_markdown
 from pipelines.schema import PipelineConfig
 from pipelines.storage import filesystem, local_copy, write_bytes, write_png
 from swd_core.adapters import FAMILIES, load_adapter
+from swd_core.bootstrap import Reading, estimate, paired_difference, win_rate
 from swd_core.evaluate_model import ShapesScorer, latency_split, load_exported_student, sample_images
 from swd_core.export import read_schedule
 from swd_core.generate import to_pil
@@ -83,6 +87,31 @@ def eval_prompts(cfg: PipelineConfig, domain: str, wanted: int) -> tuple[list[st
     return prompts[:wanted], [], source, notes
 
 
+def source_images(cfg: PipelineConfig, scorer: ShapesScorer | None, n: int) -> tuple[object, str | None]:
+    """(the prompts' own images, the first `n`, or None; where they come from): real renders in
+    the shapes domain, the `image` column of a Parquet `data.eval_prompts`, else none."""
+    if scorer is not None:
+        return scorer.real[:n], "real renders of the shapes prompts"
+    if not cfg.data.eval_prompts:
+        return None, None
+    import io
+
+    from PIL import Image
+
+    from pipelines.sources import read_prompts_and_images
+
+    _, images = read_prompts_and_images(cfg.data.eval_prompts, cfg.resources)
+    if images is None:
+        return None, None
+    return [Image.open(io.BytesIO(b)).convert("RGB") for b in images[:n]], f"the `image` column of {cfg.data.eval_prompts}"
+
+
+def metric_model_paths(cfg: PipelineConfig) -> dict:
+    """`evaluate.metric_models`, an s3:// folder replaced by its local copy (`from_pretrained` reads files)."""
+    return {k: str(local_copy(v, cfg.resources)) if v.startswith("s3://") else v
+            for k, v in cfg.evaluate.metric_models.model_dump().items()}
+
+
 def chosen_by_validation(student_uri: str, cfg: PipelineConfig) -> dict | None:
     """How the distill stage chose this export (`distill.validation`): the `validation.json`
     beside `merged/`, summarized; None for an export of the last step."""
@@ -110,8 +139,10 @@ def machine() -> dict:
 
 
 def evaluate_models(adapter, models: list[Model], prompts: list[str], seeds: list[int], cfg: PipelineConfig,
-                    scorer: ShapesScorer | None) -> tuple[dict, dict]:
-    """Sample, score and time each model on one loaded adapter; returns (results, images)."""
+                    scorer: ShapesScorer | None, metrics=None) -> tuple[dict, dict]:
+    """Sample, score and time each model on one loaded adapter; returns (results, images).
+    With `metrics` (swd_core.image_metrics.ImageMetrics) each model's per-prompt readings go to
+    `_readings`, read before the images are dropped."""
     results, images = {}, {}
     for m in models:
         start = time.perf_counter()
@@ -128,6 +159,8 @@ def evaluate_models(adapter, models: list[Model], prompts: list[str], seeds: lis
             scores, feats = scorer.score(imgs)
             res.update(scores)
             res["_features"] = feats
+        if metrics is not None:
+            res["_readings"] = metrics.read(imgs, prompts[:m.n])
         res["latency"] = latency_split(adapter, prompts[0], seeds[0], repeats=cfg.evaluate.latency_repeats,
                                        **m.sampling)
         lat = res["latency"]
@@ -138,6 +171,54 @@ def evaluate_models(adapter, models: list[Model], prompts: list[str], seeds: lis
         results[m.name] = res
         images[m.name] = imgs[:cfg.evaluate.grid_prompts]
     return results, images
+
+
+def image_metric_report(results: dict, models: list[Model], ev, device: str, source: np.ndarray | None) -> list[dict]:
+    """Every model's image metrics with their intervals (`image_metrics`), its paired difference
+    to the guided teacher (`vs_teacher`) and PickScore win rate against it; returns the list of
+    paired differences (each row against the guided teacher, and the student against the
+    few-step teacher). `source`: DINOv2 features of the prompts' own images, or None."""
+    opts = dict(resamples=ev.bootstrap_resamples, level=ev.confidence)
+    reference = models[0]  # the guided teacher: the images fd_dinov2 compares with
+    teacher_feats = results[reference.name]["_readings"].get("dinov2")
+    readings = {}
+    for m in models:
+        raw, own = results[m.name].pop("_readings"), {}
+        for name in ("clip_score", "pickscore"):
+            if name in raw:
+                own[name] = Reading(values=raw[name])
+        if "dinov2" in raw:
+            if m is not reference:
+                n = min(len(raw["dinov2"]), len(teacher_feats))
+                own["fd_dinov2"] = Reading(features=raw["dinov2"][:n], reference=teacher_feats[:n])
+            if source is not None:
+                n = min(len(raw["dinov2"]), len(source))
+                own["fd_dinov2_source"] = Reading(features=raw["dinov2"][:n], reference=source[:n])
+        readings[m.name] = own
+        results[m.name]["image_metrics"] = {k: estimate(r, device=device, **opts).as_dict() for k, r in own.items()}
+        if "dinov2" in raw and m is reference:
+            results[m.name]["image_metrics"]["fd_dinov2"] = None  # the reference itself
+
+    def compare(a: Model, b: Model) -> dict:
+        ra, rb = readings[a.name], readings[b.name]
+        out = {"model": a.name, "baseline": b.name,
+               "difference": {k: paired_difference(ra[k], rb[k], device=device, **opts).as_dict()
+                              for k in ra if k in rb}}
+        if "pickscore" in ra:
+            out["pickscore_win_rate"] = win_rate(ra["pickscore"].values, rb["pickscore"].values, **opts).as_dict()
+        return out
+
+    pairs = [(m, reference) for m in models[1:]]
+    by_role = {m.role: m for m in models}
+    if "student" in by_role:
+        pairs.append((by_role["student"], by_role["teacher_few_step"]))
+    differences = [compare(a, b) for a, b in pairs]
+    for d in differences:
+        if d["baseline"] == reference.name:
+            results[d["model"]]["vs_teacher"] = d["difference"]
+            if "pickscore_win_rate" in d:
+                results[d["model"]]["pickscore_win_rate"] = d["pickscore_win_rate"]
+    return differences
 
 
 def checks(results: dict, models: list[Model], shapes_domain: bool) -> list[dict]:
@@ -200,9 +281,15 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
     n_few, n_cfg = min(n_few, len(prompts)), min(n_cfg, len(prompts))
     seeds = [ev.seed + i for i in range(len(prompts))]
     scorer = ShapesScorer(samples) if domain == "shapes" else None
-    if scorer is None:
+    if scorer is None and not ev.metrics:
         notes.append(f"domain {domain!r} (teacher {t.path}): prompt accuracy and FD need the shapes evaluator, "
-                     "which only reads the toy shapes domain; this report has latency and the grid only")
+                     "which only reads the toy shapes domain; this report has latency and the grid only (select "
+                     "image metrics in evaluate.metrics: clip_score, pickscore, fd_dinov2)")
+    metrics = None
+    if ev.metrics:
+        from swd_core.image_metrics import ImageMetrics
+
+        metrics = ImageMetrics(ev.metrics, metric_model_paths(cfg), device=device, batch_size=ev.metric_batch_size)
 
     student_dir = student_folder(student_uri, cfg)
     if student_dir is None:
@@ -233,7 +320,7 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
           + (f", student from {student_uri} ({n_few} prompts)" if record else ""), flush=True)
     # One model in memory at a time: the teacher, then the student (matters at SD3.5 sizes).
     teacher = load_adapter(t.family, t.path, dtype=t.dtype, device=device, max_sequence_length=t.max_sequence_length)
-    results, images = evaluate_models(teacher, models, prompts, seeds, cfg, scorer)
+    results, images = evaluate_models(teacher, models, prompts, seeds, cfg, scorer, metrics)
     del teacher
     gc.collect()
     if record is not None:
@@ -243,7 +330,7 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
                    f"student, {'scale-wise' if schedule.is_scalewise else 'full-res'} {n_steps} steps",
                    n_steps, 0.0, n_few, dict(schedule=schedule))
         models.append(sm)
-        r, im = evaluate_models(student, [sm], prompts, seeds, cfg, scorer)
+        r, im = evaluate_models(student, [sm], prompts, seeds, cfg, scorer, metrics)
         results.update(r)
         images.update(im)
         del student
@@ -260,6 +347,14 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
             res["fd_common"], res["fd_common_n"] = scorer.fd(feats[:n_common]), n_common
         report["classifier_real_accuracy"] = scorer.real_accuracy["prompt_accuracy"]
         report["fd_floor"] = {str(n): scorer.fd_floor(n) for n in sorted({m.n for m in models} | {n_common})}
+    if metrics is not None:
+        src, src_from = (source_images(cfg, scorer, max(m.n for m in models)) if "fd_dinov2" in ev.metrics
+                         else (None, None))
+        source = metrics.reference_features(src) if src is not None else None
+        report["image_metrics"] = {
+            "metrics": list(ev.metrics), "models": metric_model_paths(cfg), "level": ev.confidence,
+            "resamples": ev.bootstrap_resamples, "reference": models[0].name, "source_images": src_from,
+            "differences": image_metric_report(results, models, ev, device, source)}
     report["models"] = [results[m.name] for m in models]
     report["checks"] = checks(results, models, scorer is not None)
 
