@@ -86,7 +86,6 @@ RECIPES: dict[str, dict] = {
     # beats the 4-step teacher and lr 1e-3 swings FD around it: a gentler student against a critic
     # that keeps pace (two time-scale learning rates, as DMD2 runs its fake score)
     "lr1e-4_fakelr1e-3": {"lr": 1e-4, "fake_lr": 1e-3},
-    "lr3e-4_fakelr1e-3": {"lr": 3e-4, "fake_lr": 1e-3},
 }
 
 
