@@ -8,6 +8,12 @@ CONFIG      ?= pipelines/configs/toy.yaml
 PY          := $(VENV)/bin/python
 # idle OpenMP threads sleep instead of spinning (many torch processes share the cores here)
 export OMP_WAIT_POLICY ?= PASSIVE
+# C++ ops that DeepSpeed compiles on first use live with the venv that built them (the default
+# ~/.cache is shared by every checkout and rebuilt whenever another one used it)
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# the venv's tools first, as in an activated venv: its `ray`, and its `ninja`, whose build log
+# another ninja version reads as changed (a full rebuild of those ops)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAMP       := $(VENV)/.installed
 
 .PHONY: install browser run test test-fast dry-run docs image bench-sampler bench-teacher bench-precompute bench-distill bench-serve toy-teacher clean
@@ -20,6 +26,9 @@ $(STAMP): pyproject.toml cluster/constraints.txt
 	# torch first, pinned, so nothing below pulls a multi-GB CUDA build on a CPU box.
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -c cluster/constraints.txt -e ".[test]"
+	# Without CUDA, DeepSpeed's collectives compile a C++ op on first use (about 30 s on 2 cores):
+	# compile it here rather than inside the first training run.
+	$(PY) -c "import torch; torch.cuda.is_available() or __import__('deepspeed.ops.op_builder.cpu', fromlist=['cpu']).ShareMemCommBuilder().load(verbose=False)"
 	touch $(STAMP)
 
 run: install

@@ -70,14 +70,15 @@ def _case(args) -> dict:
     cuda = args.device == "cuda"
     os.environ.setdefault("DS_ACCELERATOR", args.device)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
     import torch
 
     from pipelines.schema import load_pipeline_config
     try:
-        from pipelines.stages.distill.engines import build_engines, build_networks, loss_settings
+        from pipelines.stages.distill.engines import build_engines, build_networks, import_deepspeed, loss_settings
         from pipelines.stages.distill.iteration import train_iteration
-    except ModuleNotFoundError:  # bench/host_overhead.py --baseline: a tree with the stage in one module
+        deepspeed = import_deepspeed()
+    except (ModuleNotFoundError, ImportError):  # bench/host_overhead.py --baseline: the stage in one module
+        import deepspeed
         from pipelines.stages.distill import build_engines, build_networks, loss_settings, train_iteration
     from swd_core.adapters import TextEmbeddings
 

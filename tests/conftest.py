@@ -1,4 +1,5 @@
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see pipelines/distill.py
 
@@ -13,6 +14,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # machine's IP and `ray.init(address=...)` can wait forever for a GCS that is not there.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# where `make install` compiled DeepSpeed's CPU collectives op, with the venv's ninja (see the Makefile)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+if not os.environ["PATH"].startswith(os.path.dirname(sys.executable) + os.pathsep):
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
 # The test clusters run without token auth; drivers and `ray job` clients must not send a token
 # from ~/.ray either.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

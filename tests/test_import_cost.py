@@ -1,6 +1,7 @@
 """What importing the algorithm costs: every Ray worker, task and test process imports it, and
 most never load a teacher pipeline (data checks, drivers, the CLI's plan)."""
 
+import os
 import subprocess
 import sys
 
@@ -19,3 +20,13 @@ def test_an_adapter_still_finds_its_pipeline_when_it_loads_a_teacher(tiny_adapte
     from diffusers import StableDiffusion3Pipeline
 
     assert isinstance(tiny_adapter.pipe, StableDiffusion3Pipeline)
+
+
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """Every training process imports DeepSpeed, whose autotuner imports mlflow when installed."""
+    code = ("import sys; from pipelines.stages.distill.engines import import_deepspeed; ds = import_deepspeed(); "
+            "loaded = 'mlflow' in sys.modules; import mlflow; from deepspeed.autotuning import autotuner; "
+            "print(loaded, autotuner.has_mlflow, hasattr(mlflow, 'MlflowClient'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"}).stdout.split()
+    assert out == ["False", "False", "True"], out

@@ -14,6 +14,7 @@ The fake engine runs at ZeRO ≤ 2: its module holds the frozen base the teacher
 from __future__ import annotations
 
 import copy
+import sys
 from contextlib import contextmanager
 from functools import partial
 
@@ -87,10 +88,25 @@ def build_networks(cfg: PipelineConfig, device: torch.device, separate_fake_base
     return adapter, Networks(adapter, head, d.losses.feature_block, student_transformer=student, fake_transformer=fake_base)
 
 
+def import_deepspeed():
+    """`import deepspeed` without its optional mlflow import: DeepSpeed's autotuner imports mlflow
+    when it is installed (it is, for the registry), 1 to 5 s in every training process here for a
+    feature no run uses. mlflow stays importable afterwards."""
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed goes on without it
+    try:
+        import deepspeed
+    finally:
+        if hide and sys.modules.get("mlflow", False) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def build_engines(cfg: PipelineConfig, nets, micro_batch: int, bf16: bool):
     """DeepSpeed engines for the student and for the fake score + GAN head (ZeRO ≤ 2: its
     module holds the frozen base the teacher also uses)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     d = cfg.distill
     student_module = nets.student_transformer if not nets.lora_student else torch.nn.ModuleDict({"base": nets.base})

@@ -15,7 +15,8 @@ from pipelines.ray_runtime import quiet_libraries
 from pipelines.schema import PipelineConfig
 from pipelines.stages.distill.checkpoint import _report_checkpoint, checkpoint_state, restore_checkpoint
 from pipelines.stages.distill.data import DataStream, _batches
-from pipelines.stages.distill.engines import averaged_student, build_engines, build_networks, loss_settings, student_ema
+from pipelines.stages.distill.engines import (averaged_student, build_engines, build_networks, import_deepspeed,
+                                              loss_settings, student_ema)
 from pipelines.stages.distill.export import _export_student
 from pipelines.stages.distill.iteration import train_iteration
 from pipelines.stages.distill.progress import Progress
@@ -26,7 +27,6 @@ def train_loop_per_worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     quiet_train_report_log()
     quiet_libraries()  # the teacher's load, and each validation's and export's load of the student
-    import deepspeed
     import ray.train
     from ray.train.torch import get_device
 
@@ -46,7 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
     settings = loss_settings(cfg)
 
     adapter, nets = build_networks(cfg, device)
-    deepspeed.init_distributed()  # joins the process group Ray Train already set up
+    import_deepspeed().init_distributed()  # joins the process group Ray Train already set up
     engine_g, engine_f = build_engines(cfg, nets, micro, bf16)
     ema = student_ema(cfg, nets)
     student_params = nets.student_parameters()
