@@ -228,6 +228,8 @@ class RunLogger:
         self.client = self.run_id = None
         self.last_step = 0  # the last step the run holds
         self.broken = False
+        self.logged = 0  # steps logged by this attempt
+        self.waited = 0.0  # seconds the training loop waited for the store (flush, close)
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="mlflow-run", daemon=True)
         self._thread.start()
@@ -245,9 +247,10 @@ class RunLogger:
     def flush(self, timeout: float = 300) -> None:
         """Wait until everything queued is in the store (before a checkpoint is reported: a run
         resumed from it has logged every step up to it)."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline and self._thread.is_alive():
+        t0 = time.monotonic()
+        while self._queue.unfinished_tasks and time.monotonic() < t0 + timeout and self._thread.is_alive():
             time.sleep(0.01)
+        self.waited += time.monotonic() - t0
 
     def curves(self, chosen_step: int) -> None:
         """curves.png into the student folder and the run (queued before the final export, so it
@@ -256,11 +259,16 @@ class RunLogger:
 
     def close(self, status: str = "FINISHED", timeout: float = 300) -> None:
         """The student's location and final samples, the run's status; waits for the thread."""
+        t0 = time.monotonic()
         self._queue.put(("close", status))
         self._queue.put(None)
         self._thread.join(timeout)
+        self.waited += time.monotonic() - t0
         if self._thread.is_alive():
             _say(f"the store has not taken the run's last records after {timeout:.0f} s; leaving them")
+        elif not self.broken:
+            _say(f"MLflow run {self.run_id}: {self.logged} steps logged by this attempt; training waited "
+                 f"{self.waited:.2f} s for the store")
 
     # ------------------------------------------------------------------ the thread
 
@@ -301,6 +309,7 @@ class RunLogger:
         if step > self.last_step:
             log_metrics(self.client, self.run_id, metrics, step)
             self.last_step = step
+            self.logged += 1
 
     def _samples(self, step: int, images, captions, export_png: str | None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -355,6 +364,7 @@ def draw_curves(history: dict[str, list[tuple[int, float]]], terms: list[str], v
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     groups = [("losses", [k for k in terms if not k.startswith("grad_norm")]),
               ("gradient norms", [k for k in terms if k.startswith("grad_norm")])]
@@ -372,6 +382,10 @@ def draw_curves(history: dict[str, list[tuple[int, float]]], terms: list[str], v
         for s in checkpoints:
             ax.axvline(s, color="grey", linestyle=":", linewidth=0.8)
         ax.axvline(chosen_step, color="crimson", linewidth=1.6, label=f"exported: step {chosen_step}")
+        if keys == [val_key]:
+            ax.scatter([s for s, _ in history[val_key] if s == chosen_step],
+                       [v for s, v in history[val_key] if s == chosen_step], s=80, color="crimson", zorder=3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(name)
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
