@@ -74,6 +74,9 @@ def render_markdown(report: dict) -> str:
                 f"checkpoints at steps {', '.join(map(str, chosen['candidates']))} on validation prompts that are "
                 f"not among these.", ""]
     out += [f"- {n}" for n in report["notes"]] + ([""] if report["notes"] else [])
+    if student.get("curves"):
+        out += ["## Training", "", "The distill run's losses, gradient norms and validation metric over steps (dotted: "
+                "checkpoints; red: the exported step).", "", f"![training curves]({student['curves']})", ""]
 
     if report["checks"]:
         out += ["## Checks", ""]

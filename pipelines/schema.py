@@ -353,7 +353,8 @@ class DistillConfig(Strict):
         2, description="Checkpoints kept; with validation on, the best scored ones (Ray also keeps the latest).")
     max_failures: Annotated[int, Field(ge=-1)] = Field(
         2, description="Worker failures to recover from by restarting at the last checkpoint; -1: unlimited.")
-    log_every: Annotated[int, Field(ge=1)] = Field(10, description="Steps between progress lines.")
+    log_every: Annotated[int, Field(ge=1)] = Field(
+        10, description="Steps between progress lines and between the metrics rank 0 reports and tracks.")
     export_at_checkpoints: bool = Field(
         False, description="Also export the student (LoRA and merged) at each checkpoint, not only at the end.")
     validation: ValidationConfig = Field(ValidationConfig(), description="Choosing the export by a held-out score.")
@@ -598,6 +599,18 @@ class RegistryConfig(Strict):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; null: MLFLOW_TRACKING_URI, else a SQLite file under the run's storage.")
     model_name: str | None = Field(None, description="The registered model's name; null: the definition's `name`.")
+
+
+class TrackingConfig(Strict):
+    """Run tracking in MLflow (docs/tracking.md): every distill run is an MLflow run holding the
+    definition, per-step metrics, validation scores, samples, curves and the evaluation report."""
+
+    enabled: bool = Field(True, description="Track the run in MLflow; false: no MLflow run.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (a server, or sqlite:///file); null: MLFLOW_TRACKING_URI, else the "
+                          "SQLite file `mlflow.db` in the run's folder (local storage only). A server that does not "
+                          "answer at the start falls back to that file.")
+    experiment: str | None = Field(None, description="The MLflow experiment; null: the definition's `name`.")
 
 
 class RetrainConfig(Strict):
@@ -863,6 +876,7 @@ class PipelineConfig(Strict):
     retrain: RetrainConfig | None = Field(
         None, description="Scheduled retraining (pipelines/retrain.py); null: none. Not part of `swd run`.")
     cluster: ClusterConfig = Field(ClusterConfig(), description="How a cluster runs the definition (docs/cluster.md).")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="Run tracking in MLflow (docs/tracking.md).")
 
     @model_validator(mode="after")
     def _schedule_fits_model(self):
@@ -916,7 +930,7 @@ class PipelineConfig(Strict):
             raise ValueError(f"retrain.gate.metrics {shapes_only} need the shapes-domain scorer and this definition's "
                              f"evaluation domain is {self.evaluation_domain()!r}; use the teacher-only metrics: teacher_cfg_denoise, "
                              "teacher_fd, teacher_alignment or teacher_denoise")
-        if self.resources.storage.startswith("s3://") and not r.registry.tracking_uri:
+        if self.resources.storage.startswith("s3://") and not (r.registry.tracking_uri or self.tracking.uri):
             import os
 
             if not os.environ.get("MLFLOW_TRACKING_URI"):

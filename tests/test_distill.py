@@ -111,6 +111,38 @@ def test_lora_zero2_two_nodes_exports_a_stock_loadable_student(store_dir, lora2)
     assert diff > 0
 
 
+def _mlflow_run(tracking: dict):
+    """(client, run, {metric: its logged steps}, every artifact's path) of a tracked run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking["uri"])
+    run = client.get_run(tracking["run_id"])
+    steps = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
+
+    def artifacts(path=None):
+        for f in client.list_artifacts(run.info.run_id, path):
+            yield from artifacts(f.path) if f.is_dir else [f.path]
+
+    return client, run, steps, set(artifacts())
+
+
+def test_the_run_is_one_mlflow_run_with_every_logged_step_samples_and_curves(lora2):
+    """Read back through MlflowClient from the run folder's SQLite store: the definition, one value
+    per logged step of each metric (log_every 1: steps 1 and 2; validation at the checkpoint,
+    step 2), the checkpoint's samples, the curves and the student's location."""
+    _, run, steps, artifacts = _mlflow_run(lora2["tracking"])
+    assert lora2["tracking"]["uri"] == f"sqlite:///{Path(lora2['student']).parent.resolve()}/mlflow.db"
+    assert run.info.status == "FINISHED" and run.info.run_name == "lora2"
+    assert {"lr", "samples_per_s", "iter_s", "mmd", "dmd", "gan_g", "fake_denoise", "gan_d", "grad_norm_g",
+            "grad_norm_f", "val_prompt_accuracy", "val_fd"} <= set(steps)
+    assert all(v == ([2] if k.startswith("val_") else [1, 2]) for k, v in steps.items()), steps
+    assert run.data.params["distill.steps"] == "2" and run.data.params["distill.validation.metric"] == "prompt_accuracy"
+    assert run.data.params["data.preview_prompts"] == json.dumps(["a red circle", "a blue square on a black background"])
+    assert {"definition.yaml", "curves.png", "checkpoints/step_000002/samples.png", "student/samples.png"} <= artifacts
+    assert run.data.tags["student"] == f"{lora2['student']}/merged"
+    assert (Path(lora2["student"]) / "curves.png").stat().st_size > 10_000
+
+
 def _validation_record(student: Path) -> dict:
     """The export's validation.json, checked against itself."""
     return _checked_validation(json.loads((student / "validation.json").read_text()))
@@ -180,6 +212,7 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster, lora
 
     def on_s3(d: dict) -> dict:
         d["resources"].update(storage="s3://swd-test/distill-runs", s3={"endpoint_url": s3_server})
+        d["tracking"] = {"uri": f"sqlite:///{store_dir}/resume-mlflow.db"}  # no local run folder for the default
         return d
 
     run = "swd-test/distill-runs/resume"
@@ -217,6 +250,14 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster, lora
     assert states[-1]["data_positions"] == [[0, 16], [0, 16]]
     assert f"the exported student is step {record['best']['step']} of 4" in out2
     exported = lora(fs)
+    # one MLflow run across both: each step logged once, the change of definition noted
+    tracking = json.loads(fs.cat(f"{run}/mlflow_run.json"))
+    _, tracked, steps, artifacts = _mlflow_run(tracking)
+    assert steps["lr"] == [1, 2, 3, 4] and steps["grad_norm_g"] == [1, 2, 3, 4] and steps["val_fd"] == [2, 4], steps
+    assert tracked.info.status == "FINISHED" and tracked.data.params["distill.steps"] == "2"
+    assert "distill.steps: 2 -> 4" in tracked.data.tags["definition_changes.after_step_2"]
+    assert {"checkpoints/step_000002/samples.png", "checkpoints/step_000004/samples.png", "curves.png"} <= artifacts
+    assert "MLflow run " + tracking["run_id"] + " (continued after step 2)" in out2
 
     # the finished run, submitted again: it resumes at its last step, trains and exports nothing,
     # and names the exported student again
@@ -229,6 +270,8 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster, lora
     fs.invalidate_cache()
     again = lora(fs)
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
+    assert json.loads(fs.cat(f"{run}/mlflow_run.json")) == tracking
+    assert _mlflow_run(tracking)[2]["lr"] == [1, 2, 3, 4]
 
 
 def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster):

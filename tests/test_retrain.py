@@ -189,6 +189,10 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         run2 = next(r for r in runs if r.info.run_name == "cycle-0002")
         assert "gate.candidate.fd" in run2.data.metrics and "gate.champion.fd" in run2.data.metrics
         assert [m.step for m in client.get_metric_history(run2.info.run_id, "generator")] == [3, 4]
+        # that run is the cycle's distill run, and the version it registered links to it
+        assert run2.data.params["distill.steps"] == "4" and run2.data.params["cycle"] == "cycle-0002"
+        assert client.get_model_version("nightly", "2").run_id == run2.info.run_id
+        assert run2.data.tags["student"].endswith("cycles/cycle-0002/student/merged")
 
         # no new rows (retrain.min_new_rows 1): a cycle changes nothing, no folder, no version
         idle = retrain_cli(path, "--once", cluster=ray_cluster)

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
 from pipelines.schema import PipelineConfig
 from pipelines.storage import filesystem, read_json, write_bytes
@@ -45,6 +44,7 @@ def cycles_root(cfg: PipelineConfig) -> str:
 def cycle_config(cfg: PipelineConfig, cycle: str, steps: int) -> PipelineConfig:
     """The definition as one cycle runs it: its own run folder (cycles/<cycle>), the run's shared
     store and synthesized data, `steps` in all (the champion's plus this cycle's steps)."""
+    from pipelines.retraining.registry import model_name, tracking_uri
     from pipelines.store.store import store_uri
 
     update = {
@@ -53,6 +53,9 @@ def cycle_config(cfg: PipelineConfig, cycle: str, steps: int) -> PipelineConfig:
         "precompute": cfg.precompute.model_copy(update={"output": store_uri(cfg)}),
         "synthesize": cfg.synthesize.model_copy(update={"output": cfg.synthesize.output or f"{cfg.run_dir}/synthesized"}),
         "distill": cfg.distill.model_copy(update={"steps": steps}),
+        # the distill run is the cycle's MLflow run, in the registry's store (pipelines/tracking.py)
+        "tracking": cfg.tracking.model_copy(update={"enabled": True, "uri": tracking_uri(cfg),
+                                                    "experiment": model_name(cfg)}),
     }
     return cfg.model_copy(update=update)
 
@@ -104,7 +107,8 @@ def run_cycle(cfg: PipelineConfig, *, force: bool = False) -> dict:
 
 
 def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
-    from pipelines.retraining.registry import Registry, metrics_callback
+    from pipelines.retraining.registry import Registry
+    from pipelines.tracking import write_run_record
     from pipelines.stages import distill, precompute
 
     r = cfg.retrain
@@ -141,14 +145,15 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     run_id = record.get("mlflow_run_id") or registry.start_run(cycle)
     record.update(mlflow_run_id=run_id, warm_start=warm, start_step=start_step, steps=steps)
     _write_record(cfg, cycle, record)
+    # the distill stage's rank 0 logs the cycle's definition, steps and samples into this run
+    write_run_record(ccfg.run_dir, cfg.resources, registry.uri, run_id)
     if not resumed:
-        registry.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "definition.yaml")
         registry.log_params(run_id, {"cycle": cycle, "warm_start": warm or "teacher", "start_step": start_step,
                                      "steps": steps, "rows": pre["rows"], "new_rows": record["new_rows"]})
     _say(f"training {r.steps} steps from "
          + (f"v{champion.number}'s checkpoint at step {start_step}" if warm else "the teacher"))
     lease.check()
-    trained = distill.trainer.run(ccfg, warm_start=warm, callbacks=[metrics_callback(registry.uri, run_id)])
+    trained = distill.trainer.run(ccfg, warm_start=warm)
     student = f"{trained['student']}/merged"
 
     # 3. the gate: candidate and champion on the same prompts and seeds

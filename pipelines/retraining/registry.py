@@ -1,14 +1,16 @@
 """The model registry and run tracking of scheduled retraining, on MLflow.
 
-Every cycle is an MLflow run (experiment: the definition's name) holding the definition, the
-training metrics per step, the gate's metrics and the candidate-vs-champion grid. Every student
+Every cycle is one MLflow run (experiment: the registered model's name): its distill run
+(pipelines/tracking.py: the definition, the training metrics per step, samples, curves) with
+the gate's metrics and the candidate-vs-champion grid added. Every student
 is a version of one registered model, tagged with its cycle, store rows, steps, metrics and the
 gate's verdict. `champion` is an alias: the model Serve runs. An alias moves; its history does
 not: each move is also a tag on the registered model (`alias.<time>`), so the registry shows who
 was champion when, and why.
 
 The default store is a SQLite file beside the run (`<storage>/<name>/registry.db`, local storage
-only); on a cluster, a tracking server from `retrain.registry.tracking_uri` or MLFLOW_TRACKING_URI.
+only); on a cluster, a tracking server from `retrain.registry.tracking_uri`, `tracking.uri` or
+MLFLOW_TRACKING_URI.
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ CHAMPION = "champion"
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
-    configured = cfg.retrain.registry.tracking_uri if cfg.retrain else None
+    configured = (cfg.retrain.registry.tracking_uri if cfg.retrain else None) or cfg.tracking.uri
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     if cfg.run_dir.startswith("s3://"):
         raise ValueError("the registry's default SQLite file must be on a local disk and storage is on s3://: set "
-                         "retrain.registry.tracking_uri or MLFLOW_TRACKING_URI to a tracking server")
+                         "retrain.registry.tracking_uri, tracking.uri or MLFLOW_TRACKING_URI to a tracking server")
     return f"sqlite:///{Path(cfg.run_dir).resolve() / 'registry.db'}"
+
+
+def model_name(cfg: PipelineConfig) -> str:
+    """The registered model's name, also the experiment of the cycles' runs."""
+    return (cfg.retrain.registry.model_name if cfg.retrain else None) or cfg.name
 
 
 @dataclass
@@ -60,7 +67,7 @@ class Registry:
         self.uri = tracking_uri(cfg)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.name = (cfg.retrain.registry.model_name if cfg.retrain else None) or cfg.name
+        self.name = model_name(cfg)
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         experiment = self.client.get_experiment_by_name(self.name)
@@ -88,6 +95,8 @@ class Registry:
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        from pipelines.tracking import log_metrics
+
         log_metrics(self.client, run_id, metrics, step)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
@@ -145,35 +154,3 @@ class Registry:
     def alias_history(self) -> list[dict]:
         tags = self.client.get_registered_model(self.name).tags
         return [json.loads(tags[k]) for k in sorted(tags) if k.startswith("alias.")]
-
-
-def log_metrics(client, run_id: str, metrics: dict, step: int) -> None:
-    """The numeric, non-NaN values of `metrics` at `step`, in one call to the store."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and v == v]
-    if batch:
-        client.log_batch(run_id, metrics=batch)
-
-
-def metrics_callback(tracking: str, run_id: str):
-    """A Ray Train callback that logs every report of rank 0 (per `distill.log_every` step and at
-    checkpoints) to the cycle's MLflow run. It runs in Ray Train's controller, so the tracking
-    store must be reachable from there: a server on a cluster, the run's SQLite file locally."""
-    from ray.train import UserCallback
-
-    class MetricsToMLflow(UserCallback):
-        def __init__(self):
-            self._client = None
-
-        def after_report(self, run_context, metrics, checkpoint):
-            from mlflow import MlflowClient
-
-            if self._client is None:
-                self._client = MlflowClient(tracking_uri=tracking)
-            row = dict(metrics[0]) if metrics else {}
-            log_metrics(self._client, run_id, row, int(row.pop("step", 0)))
-
-    return MetricsToMLflow()

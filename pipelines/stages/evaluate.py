@@ -126,6 +126,15 @@ def chosen_by_validation(student_uri: str, cfg: PipelineConfig) -> dict | None:
     return {**best, "candidates": [h["step"] for h in record.get("history", [])]}
 
 
+def training_curves(student_uri: str, cfg: PipelineConfig) -> str | None:
+    """The distill run's curves.png beside `merged/` as report.md links it (relative for the run's
+    own student), or None without one."""
+    uri = student_uri.rstrip("/").rsplit("/", 1)[0] + "/curves.png"
+    if not filesystem(uri, cfg.resources).exists(uri):
+        return None
+    return "../student/curves.png" if uri == f"{cfg.run_dir}/student/curves.png" else uri
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -261,8 +270,12 @@ def run(cfg: PipelineConfig) -> dict:
     the definition put them, not in the driver (on a cluster, the head node without a GPU)."""
     from pipelines.placement import run_as_task
 
+    from pipelines.tracking import log_evaluation
+
     ev = cfg.evaluate
-    return run_as_task("evaluate", evaluate_here, cfg, cpus=ev.cpus, gpus=ev.gpus)
+    out = run_as_task("evaluate", evaluate_here, cfg, cpus=ev.cpus, gpus=ev.gpus)
+    log_evaluation(cfg, out)  # into the run's MLflow run, when the distill stage tracked one
+    return out
 
 
 def evaluate_here(cfg: PipelineConfig) -> dict:
@@ -303,6 +316,7 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
         record = read_schedule(student_dir)  # refuses a folder that is not an export, before any sampling
         n_steps = len(record["scales"])
     chosen = chosen_by_validation(student_uri, cfg)
+    curves = training_curves(student_uri, cfg)
     # an embedded guidance (FLUX.1-dev) is fed by the few-step teacher too: "unguided" only without one
     guidance = FAMILIES[t.family].guidance_label
     unguided = "no cfg" if guidance == "cfg" else f"default {guidance}"
@@ -337,7 +351,8 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
 
     report = {"name": cfg.name, "domain": domain, "teacher": t.path, "device": device, "machine": machine(),
               "placement": {"device": device, "pid": os.getpid(), "node": _node_id()},
-              "student": {"uri": student_uri, "found": record is not None, "schedule": record, "chosen": chosen},
+              "student": {"uri": student_uri, "found": record is not None, "schedule": record, "chosen": chosen,
+                          "curves": curves},
               "prompts": {"source": source, "seeds": f"{ev.seed} + prompt index, the same in every model"},
               "notes": notes}
     if scorer is not None:

@@ -92,6 +92,8 @@ def import_deepspeed():
     """`import deepspeed` without its optional mlflow import: DeepSpeed's autotuner imports mlflow
     when it is installed (it is, for the registry), 1 to 5 s in every training process here for a
     feature no run uses. mlflow stays importable afterwards."""
+    if "deepspeed" in sys.modules:  # imported: hiding mlflow now could fail another thread's import
+        return sys.modules["deepspeed"]
     hide = "mlflow" not in sys.modules
     if hide:
         sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed goes on without it

@@ -42,7 +42,8 @@ def train_worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None, callbacks: list | None = None):
+def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None, callbacks: list | None = None,
+                  tracking: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -64,7 +65,7 @@ def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None, cal
         # warm_start: another run's checkpoint to start from while this run has none of its own
         # (scheduled retraining trains the champion further; a restarted cycle resumes its own)
         train_loop_config={"pipeline": cfg.model_dump(mode="json"), "store": store, "data_plan": plan,
-                           "warm_start": warm_start},
+                           "warm_start": warm_start, "tracking": tracking},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=r.placement_strategy),
@@ -100,6 +101,9 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
     missing = sorted(set(cfg.schedule().scales) - set(store.scales))
     if missing:
         raise ValueError(f"the store at {store.uri} has no latents at scales {missing}; rerun the precompute stage")
+    from pipelines.tracking import resolve_store
+
+    tracking = resolve_store(cfg)  # rank 0 logs to it (pipelines/tracking.py)
     ensure_ray(cfg)
     schedule = cfg.schedule()
     print(f"[distill] {d.mode} student, ZeRO-{d.zero_stage}, {r.num_workers} workers, batch {d.batch_size}, "
@@ -109,7 +113,7 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
     from ray.train import TrainingFailedError
 
     try:
-        result = build_trainer(cfg, store, warm_start, callbacks).fit()
+        result = build_trainer(cfg, store, warm_start, callbacks, tracking).fit()
     except TrainingFailedError as err:
         # Ray's error runs to many lines of worker details; these two say what happened and what to do
         restarts = "unlimited" if d.max_failures < 0 else d.max_failures
@@ -128,6 +132,10 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
         exported = result.get_best_checkpoint(d.validation.score_key, d.validation.mode) or exported
     out["export_checkpoint"] = exported.path if exported else None
     out["workers"] = _workers(result.checkpoint)
+    if tracking is not None:
+        from pipelines.tracking import run_record
+
+        out["tracking"] = run_record(cfg.run_dir, cfg.resources)  # {"uri", "run_id"}
     _remove_untracked_checkpoints(result)
     for key in ("checkpoint", "export_checkpoint"):
         if out[key] and cfg.run_dir.startswith("s3://"):  # Ray names it by its bare filesystem path

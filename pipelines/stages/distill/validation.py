@@ -32,6 +32,7 @@ class Validation:
         self.rank, self.world, self.batch_size = rank, world, v.batch_size
         self.schedule = cfg.schedule()
         self._scorer = None
+        self.last_samples = (None, None)  # rank 0: the last scoring's first images and their captions
 
     def restore(self, record: dict | None) -> dict:
         """The choice a checkpoint carried, if this definition chooses the same way. Its `best`
@@ -90,6 +91,9 @@ class Validation:
             if self._scorer is None:  # real renders and the classifier, once
                 self._scorer = ShapesScorer(self.samples)
             scores, _ = self._scorer.score(images)
+            from pipelines.tracking import SAMPLE_ROWS
+
+            self.last_samples = (images[:SAMPLE_ROWS].cpu(), [s.caption for s in self.samples[:SAMPLE_ROWS]])
             out = [{"val_fd": scores["fd"], "val_fd_mean_term": scores["fd_mean_term"],
                     "val_prompt_accuracy": scores["prompt_accuracy"]}]
         torch.distributed.broadcast_object_list(out, src=0)

@@ -17,7 +17,7 @@ from pipelines.stages.distill.checkpoint import _report_checkpoint, checkpoint_s
 from pipelines.stages.distill.data import DataStream, _batches
 from pipelines.stages.distill.engines import (averaged_student, build_engines, build_networks, import_deepspeed,
                                               loss_settings, student_ema)
-from pipelines.stages.distill.export import _export_student
+from pipelines.stages.distill.export import _export_student, student_dir
 from pipelines.stages.distill.iteration import train_iteration
 from pipelines.stages.distill.progress import Progress
 from pipelines.stages.distill.validation import Validation
@@ -39,6 +39,12 @@ def train_loop_per_worker(config: dict) -> None:
     digest = plan_digest(plan, store.data_root(), (d.shuffle_window, d.seed))  # names this run's data order in checkpoints
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed = import_deepspeed()  # before the tracking thread imports mlflow, which it hides
+    tracker = None  # rank 0's MLflow run; its thread opens the store while the networks build
+    if rank == 0 and config.get("tracking"):
+        from pipelines.tracking import RunLogger
+
+        tracker = RunLogger(cfg, config["tracking"])
     device = get_device()
     micro = d.batch_size // world
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -46,7 +52,7 @@ def train_loop_per_worker(config: dict) -> None:
     settings = loss_settings(cfg)
 
     adapter, nets = build_networks(cfg, device)
-    import_deepspeed().init_distributed()  # joins the process group Ray Train already set up
+    deepspeed.init_distributed()  # joins the process group Ray Train already set up
     engine_g, engine_f = build_engines(cfg, nets, micro, bf16)
     ema = student_ema(cfg, nets)
     student_params = nets.student_parameters()
@@ -83,17 +89,30 @@ def train_loop_per_worker(config: dict) -> None:
             # checkpoint that records the choice is reported
             with averaged_student(ema, student_params):
                 metrics.update(validation.choose(step, nets, chosen, export=export))
+        if tracker is not None and (save or step % d.log_every == 0):
+            tracker.metrics(step, metrics)
+        if save and tracker is not None:
+            images, captions = validation.last_samples if validation is not None else (None, None)
+            exported = (f"{student_dir(cfg)}/step_{step}/samples.png"
+                        if d.export_at_checkpoints and step < d.steps else None)
+            tracker.samples(step, images, captions, exported)
+            tracker.flush()  # a run resumed from this checkpoint has logged every step up to it
         if save:
             state = checkpoint_state(cfg, step, [data.epoch, data.rows_done], world, workers, digest, chosen)
             _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets, state)
         elif step % d.log_every == 0:
             ray.train.report(metrics)
 
+    if tracker is not None:  # drawn while the student exports
+        best = (chosen or {}).get("best") if validation is not None else None
+        tracker.curves(best["step"] if best else step)
     if validation is None:
         with averaged_student(ema, student_params):
             export()
     elif rank == 0:  # validation chose and exported already
         validation.announce(chosen)
+    if tracker is not None:
+        tracker.close()
 
 
 def _placement(rank: int, world: int, device: torch.device) -> list[dict]:

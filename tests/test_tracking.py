@@ -1,0 +1,68 @@
+"""Where a run is tracked (pipelines/tracking.py), without Ray: the store a definition names, and
+a tracking server that does not answer at the start (real HTTP on 127.0.0.1)."""
+
+import http.server
+import threading
+
+import pytest
+
+from pipelines.schema import parse_pipeline_config
+from pipelines.tracking import resolve_store
+from tests.conftest import free_port
+
+
+def definition(storage: str, **tracking) -> object:
+    return parse_pipeline_config({
+        "name": "tracked", "teacher": {"path": "builtin:toy-sd3", "max_sequence_length": 0},
+        "distill": {"schedule": {"preset": "toy_4step"}, "validation": {"num_prompts": 0}},
+        "resources": {"storage": storage}, "tracking": tracking})
+
+
+@pytest.fixture
+def no_env_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_a_server_that_does_not_answer_falls_back_to_the_local_store_said_once(tmp_path, no_env_uri, capsys):
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    store = resolve_store(definition(str(tmp_path), uri=closed, experiment="exp"))
+    lines = capsys.readouterr().out.splitlines()
+    assert store["uri"] == f"sqlite:///{tmp_path.resolve()}/tracked/mlflow.db" and store["experiment"] == "exp"
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"[tracking] the tracking server {closed} does not answer (")
+    assert lines[0].endswith(f"this run logs to {store['uri']} instead")
+
+
+def test_with_storage_on_s3_there_is_no_local_store_to_fall_back_to(no_env_uri, capsys):
+    closed = f"http://127.0.0.1:{free_port()}"
+    assert resolve_store(definition("s3://bucket/runs", uri=closed)) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "this run is not tracked (storage is on s3://" in lines[0], lines
+    assert resolve_store(definition("s3://bucket/runs")) is None
+    assert "neither tracking.uri nor MLFLOW_TRACKING_URI" in capsys.readouterr().out
+
+
+def test_a_server_that_answers_is_used_and_the_default_is_the_run_folder(tmp_path, no_env_uri, monkeypatch, capsys):
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # any HTTP answer shows the server is there
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        store = resolve_store(definition(str(tmp_path), uri=uri))
+        assert store["uri"] == uri and store["experiment"] == "tracked" and store["artifacts"] is None
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert resolve_store(definition(str(tmp_path)))["uri"] == uri
+    finally:
+        server.shutdown()
+    assert capsys.readouterr().out == ""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    local = resolve_store(definition(str(tmp_path)))
+    assert local["uri"] == f"sqlite:///{tmp_path.resolve()}/tracked/mlflow.db"
+    assert local["artifacts"] == (tmp_path.resolve() / "tracked" / "mlflow-artifacts").as_uri()
+    assert resolve_store(definition(str(tmp_path), enabled=False)) is None
