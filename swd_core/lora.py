@@ -12,10 +12,10 @@ import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from torch import nn
-
-if TYPE_CHECKING:  # peft (and the transformers it imports) loads on first use: the schema imports this module
+if TYPE_CHECKING:  # torch and peft load on first use: the schema imports this module, and so does
+    # every process that reads a definition (a lease holder, a CLI command, a Ray Train controller)
     from peft import LoraConfig
+    from torch import nn
     from peft.tuners.tuners_utils import BaseTunerLayer
 
 STUDENT = "student"

@@ -9,9 +9,10 @@ index ("boundaries"), so a schedule is fully described by `scales` + `boundaries
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use: the schema imports this module (see swd_core/lora.py)
+    import torch
 
 GRID_STEPS = 28
 GRID_SHIFT = 3.0
@@ -23,6 +24,7 @@ def sigma_grid(num_steps: int = GRID_STEPS, shift: float = GRID_SHIFT) -> torch.
     Taken from diffusers' `FlowMatchEulerDiscreteScheduler` so it matches what SD3 samples with
     (imported here: the pipeline schema imports this module, and diffusers takes a second to load).
     """
+    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
@@ -39,6 +41,7 @@ def flux_sigma_grid(num_steps: int, image_seq_len: int) -> torch.Tensor:
     """The sigmas stock `FluxPipeline` samples an image of `image_seq_len` tokens with (float32,
     `num_steps` values, no terminal 0): linspace(1, 1/n) shifted by mu(tokens)."""
     import numpy as np
+    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -122,6 +125,8 @@ class ScaleSchedule:
         return ScaleSchedule((self.final_scale,) * self.num_steps, self.sigmas, self.boundaries, self.patch_size)
 
     def sigmas_tensor(self) -> torch.Tensor:
+        import torch
+
         # float32 like diffusers' schedulers, so timesteps (sigma * 1000) match stock sampling bit for bit.
         return torch.tensor(self.sigmas, dtype=torch.float32)
 
@@ -186,5 +191,7 @@ def sample_grid_sigmas(batch: int, low: int, high: int, generator: torch.Generat
     grid = sigma_grid() if grid is None else grid
     if not 0 <= low < high <= len(grid):
         raise ValueError(f"grid index range [{low}, {high}) must lie within [0, {len(grid)}]")
+    import torch
+
     idx = torch.randint(low, high, (batch,), generator=generator)
     return grid[idx]

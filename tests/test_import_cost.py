@@ -30,3 +30,11 @@ def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "DS_ACCELERATOR": "cpu"}).stdout.split()
     assert out == ["False", "False", "True"], out
+
+
+@pytest.mark.parametrize("module", ["pipelines.schema", "pipelines.retraining.lease", "pipelines.store"])
+def test_reading_a_definition_loads_no_torch(module):
+    """Lease holders, command-line tools and Ray Train's controller read definitions and stores;
+    torch (2 s per process here) loads when a schedule's sigmas are computed."""
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False"]
