@@ -138,6 +138,7 @@ def test_a_payload_planted_in_any_checkpoint_file_is_refused_on_resume_and_warm_
             engine = engine_g if name.parts[0] == "student" else engine_f
             refused(lambda bad=bad, engine=engine: load_engine_checkpoint(engine, str(bad / name.parts[0])),
                     where + "it is not weights only", "DeepSpeed's load_checkpoint")
-    # the untouched checkpoint loads through the same reads
+    # the untouched checkpoint loads through the same reads, as a warm start and as a resume
+    assert restore_checkpoint(cfg, 0, engine_g, engine_f, ema, "cpu", "plan", warm_start=str(good))[0] == 1
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(good)))
     assert restore_checkpoint(cfg, 0, engine_g, engine_f, ema, "cpu", "plan")[0] == 1
