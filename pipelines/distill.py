@@ -27,6 +27,7 @@ from pipelines.plan import plan_problems, render_plan  # noqa: E402
 from pipelines.ray_runtime import quiet_output  # noqa: E402
 from pipelines.schema import STAGES, PipelineConfigError, load_pipeline_config  # noqa: E402
 from pipelines.stages import AVAILABLE, run_stage  # noqa: E402
+from pipelines.storage import InputError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{stage}] not available in this version of the project; skipped", flush=True)
             continue
         print(f"[{stage}] starting", flush=True)
-        results[stage] = run_stage(stage, cfg)
+        try:
+            results[stage] = run_stage(stage, cfg)
+        except InputError as err:  # an unusable source or storage: the message says which
+            print(f"[{stage}] {err}", file=sys.stderr, flush=True)
+            return 2
     ran = [s for s in stages if s in results]
     print(f"done: ran {', '.join(ran) if ran else 'no stage'}; outputs under {cfg.run_dir}", flush=True)
     return 0

@@ -505,6 +505,10 @@ class S3Config(Strict):
     endpoint_url: str | None = Field(
         None, description="S3 endpoint (e.g. a MinIO URL); null: the standard AWS variables and config.")
     region: str | None = Field(None, description="S3 region; null: the standard AWS variables and config.")
+    timeout_s: Annotated[float, Field(gt=0)] = Field(
+        60.0, description="Seconds a request may wait to connect, and then for each read of its answer, before it "
+                          "fails; a failed request is tried 5 times in all, so a stalled endpoint ends a read "
+                          "within about 5 × this.")
 
 
 class ResourcesConfig(Strict):

@@ -13,16 +13,18 @@ whole input, which decides which of two duplicates is kept.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import posixpath
+import stat
 from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
 from pipelines.schema import DataSource, ResourcesConfig
-from pipelines.storage import filesystem, fs_path
+from pipelines.storage import InputError, filesystem, fs_path
 from pipelines.store.shards import list_parquet
 
 # Rows per read task for csv folders and shapes (Parquet: one task per row group). Each task's
@@ -61,6 +63,11 @@ def read_tasks(sources: list[DataSource], resources: ResourcesConfig) -> list[di
             for path in _parquet_files(src.path, resources):
                 with fs.open(path, "rb") as f:
                     meta = pq.read_metadata(f)
+                names = meta.schema.to_arrow_schema().names
+                absent = [c for c in (src.image_column, src.caption_column) if c not in names]
+                if absent:
+                    raise InputError(f"data source {_display(path, src.path)}: no column(s) {absent}; it has {names} "
+                                     "(set image_column / caption_column of the source)")
                 first = 0  # row index of the row group's first row within the file
                 for g in range(meta.num_row_groups):
                     rows = meta.row_group(g).num_rows
@@ -95,16 +102,25 @@ def _metadata_rows(src: DataSource, resources: ResourcesConfig) -> list[list]:
     fs = filesystem(uri, resources)
     try:
         with fs.open(fs_path(uri), "rb") as f:
-            text = f.read().decode("utf-8-sig")
+            data = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"data source {src.path}: an imagefolder source needs a metadata.csv "
                                 f"(columns file_name, {src.caption_column})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise InputError(f"{uri}: not UTF-8 text (byte {data[err.start:err.start + 1]!r} at offset {err.start}, "
+                         f"line {line}); save it as UTF-8") from None
     reader = csv.DictReader(io.StringIO(text))
     need = {"file_name", src.caption_column}
     if not need <= set(reader.fieldnames or ()):
-        raise ValueError(f"{uri}: columns {reader.fieldnames} lack {sorted(need - set(reader.fieldnames or ()))}")
-    # line numbers as a text editor shows them (header = line 1)
-    return [[reader.line_num, row["file_name"], row[src.caption_column]] for row in reader]
+        raise InputError(f"{uri}: columns {reader.fieldnames} lack {sorted(need - set(reader.fieldnames or ()))}")
+    try:
+        # line numbers as a text editor shows them (header = line 1)
+        return [[reader.line_num, row["file_name"], row[src.caption_column]] for row in reader]
+    except csv.Error as err:
+        raise InputError(f"{uri}: line {reader.line_num}: {err}") from None
 
 
 def _batch(task: int, refs, images, captions, missing, long_captions: str = "truncate") -> dict:
@@ -137,7 +153,7 @@ def read_task(task: dict, resources: ResourcesConfig) -> Iterator[dict]:
             pf = pq.ParquetFile(f)
             absent = [c for c in (icol, ccol) if c not in pf.schema_arrow.names]
             if absent:
-                raise ValueError(f"{task['file']}: no column(s) {absent}; it has {pf.schema_arrow.names} "
+                raise InputError(f"{task['file']}: no column(s) {absent}; it has {pf.schema_arrow.names} "
                                  "(set image_column / caption_column of the source)")
             for rb in pf.iter_batches(batch_size=256, row_groups=[task["row_group"]], columns=[icol, ccol]):
                 rb = rb.slice(0, task["count"] - done)
@@ -156,19 +172,26 @@ def read_task(task: dict, resources: ResourcesConfig) -> Iterator[dict]:
         fs = filesystem(folder, resources)
         refs, images, captions, missing = [], [], [], []
         for line, name, caption in task["rows"]:
-            path, escape = inside(folder, name)
+            path, refused = inside(folder, name)
             refs.append(f"{path} (metadata.csv line {line})")
             captions.append(caption)
             images.append(None)
-            if escape:  # never opened
-                missing.append(f"outside_source: {escape}")
+            if refused:  # never opened
+                missing.append(refused)
                 continue
             try:
-                images[-1] = fs.cat_file(fs_path(path))
+                images[-1] = fs.cat_file(fs_path(path)) if folder.startswith("s3://") else read_regular_file(path)
                 missing.append(None)
-            except (FileNotFoundError, IsADirectoryError) as err:
+            except NotRegularFile as err:
+                missing.append(f"not_a_file: {err}")
+            except FileNotFoundError as err:
                 missing.append(f"{type(err).__name__}: {path}")
             except OSError as err:  # permission denied, an I/O error: this row only
+                if err.errno == errno.ENAMETOOLONG:
+                    missing.append(f"bad_path: file_name {name!r:.60}... is too long ({len(name)} characters)")
+                else:
+                    missing.append(f"unreadable: {type(err).__name__}: {err}")
+            except Exception as err:  # noqa: BLE001 - a timeout, a refused request: this row only
                 missing.append(f"unreadable: {type(err).__name__}: {err}")
         yield _batch(n, refs, images, captions, missing, task.get("long_captions", "truncate"))
     else:
@@ -176,21 +199,54 @@ def read_task(task: dict, resources: ResourcesConfig) -> Iterator[dict]:
 
 
 def inside(folder: str, name) -> tuple[str, str | None]:
-    """(the path of `name` in `folder`, why it is outside the folder or None). Local folders
-    compare real paths, symlinks resolved; on s3:// a key may not be absolute or climb with `..`."""
-    if not isinstance(name, str) or not name:
-        return f"{folder}/{name!r}", f"file_name {name!r} is not a file name"
+    """(the path of `name` in `folder`, why it is refused or None): `bad_path: ...` for a name no
+    file can have (empty, a NUL byte, too long), `outside_source: ...` for one outside the folder.
+    Local folders compare real paths, symlinks resolved; on s3:// a key may not be absolute or
+    climb with `..`."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        why = "holds a NUL byte" if isinstance(name, str) and "\0" in name else "is not a file name"
+        return f"{folder}/{name!r}", f"bad_path: file_name {name!r} {why}"
     path = posixpath.join(folder, name)
     if folder.startswith("s3://"):
         parts = name.split("/")
         if name.startswith("/") or "://" in name or ".." in parts:
-            return path, f"file_name {name!r} leaves {folder}"
+            return path, f"outside_source: file_name {name!r} leaves {folder}"
         return path, None
-    root = os.path.realpath(folder)
-    real = os.path.realpath(os.path.join(folder, name))
+    try:
+        root = os.path.realpath(folder)
+        real = os.path.realpath(os.path.join(folder, name))
+    except (OSError, ValueError) as err:  # ENAMETOOLONG, a name the OS cannot take
+        return path, f"bad_path: file_name {name!r:.80}: {type(err).__name__}: {err}"
     if os.path.commonpath([root, real]) != root:
-        return path, f"file_name {name!r} resolves to {real}, outside {root}"
+        return path, f"outside_source: file_name {name!r} resolves to {real}, outside {root}"
     return path, None
+
+
+class NotRegularFile(OSError):
+    """A path that names a directory, FIFO, socket or device, not a file."""
+
+
+FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _file_type(mode: int) -> str:
+    return next((what for test, what in FILE_TYPES if test(mode)), f"not a regular file (mode {mode:o})")
+
+
+def read_regular_file(path: str) -> bytes:
+    """The bytes of a local regular file. Anything else raises `NotRegularFile` unopened: a FIFO
+    would block the read forever, a device could stream without end. The open is non-blocking and
+    checked again on the descriptor, so a file swapped for a FIFO after the first check cannot block."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(f"{path} is {_file_type(mode)}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(f"{path} is {_file_type(mode)}")
+        return f.read()
 
 
 def _image_bytes(value):

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -21,10 +22,19 @@ import fsspec
 from pipelines.schema import ResourcesConfig
 
 
+class InputError(ValueError):
+    """An input or output location a stage cannot use at all (not one bad row); the message is
+    one line naming it."""
+
+
 def filesystem(uri: str, resources: ResourcesConfig) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem for `uri`: s3fs with the definition's endpoint and region, else local."""
     if uri.startswith("s3://"):
-        opts = {}
+        # Every request times out: a stalled endpoint fails the read instead of hanging the stage.
+        # botocore tries once; s3fs retries timeouts and dropped connections (5 tries, backoff).
+        timeout = resources.s3.timeout_s
+        opts = {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                                  "retries": {"total_max_attempts": 1}}}
         if resources.s3.endpoint_url:
             opts["endpoint_url"] = resources.s3.endpoint_url
         if resources.s3.region:
@@ -65,6 +75,18 @@ def write_bytes(uri: str, data: bytes, resources: ResourcesConfig) -> str:
     with fs.open(uri, "wb") as f:
         f.write(data)
     return uri if uri.startswith("s3://") else os.path.abspath(uri)
+
+
+def check_writable(uri: str, resources: ResourcesConfig) -> None:
+    """Write and remove a probe file under `uri`, so that a stage finds storage it cannot write
+    to before it has done any work."""
+    probe = f"{uri.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
+    try:
+        written = write_bytes(probe, b"", resources)
+        filesystem(uri, resources).rm_file(fs_path(written))
+    except Exception as err:  # noqa: BLE001 - whatever the cause, the message names the place
+        raise InputError(f"cannot write to {uri}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                         ) from None
 
 
 def write_png(uri: str, image, resources: ResourcesConfig) -> str:

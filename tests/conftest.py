@@ -120,3 +120,20 @@ def s3_server():
         yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def _deepspeed_process_group():
+    from tests.deepspeed_world import one_process_world
+
+    with one_process_world():
+        yield
+
+
+@pytest.fixture
+def deepspeed_world(_deepspeed_process_group, monkeypatch):
+    """A one-process DeepSpeed world (gloo, CPU) for tests that build real engines without Ray."""
+    from tests.deepspeed_world import WORLD_ENV
+
+    for key, value in WORLD_ENV.items():
+        monkeypatch.setenv(key, value)

@@ -42,3 +42,21 @@ def check_cells(grid: Image.Image, rows: int, cols: int) -> None:
     for i, cell in enumerate(cells):
         assert (cell.std(axis=(0, 1)) > 0.05).all() and ((cell == 0) | (cell == 1)).mean() < 0.1, f"cell {i}"
     assert len({cell.tobytes() for cell in cells}) == len(cells)
+
+
+def test_a_source_without_its_caption_column_is_one_line_from_the_driver(tmp_path, capsys):
+    """Found when the driver reads the file's schema, before any Ray work: exit code 2 and one
+    line naming the file and the column, no trace."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [b"x"], "text": ["a red circle"]}), tmp_path / "part.parquet")
+    data = yaml.safe_load(TOY.read_text())
+    data["data"]["sources"] = [{"path": str(tmp_path / "part.parquet")}]
+    data["resources"]["storage"] = str(tmp_path / "runs")
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["--config", str(cfg), "--stages", "precompute"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"[precompute] data source {tmp_path / 'part.parquet'}: no column(s) ['caption']; it has "
+                   "['image', 'text'] (set image_column / caption_column of the source)"]

@@ -1,36 +1,13 @@
 """`distill.grad_clip` reaches DeepSpeed: in the config the distill engines are built with, and in
 the gradient a real DeepSpeed step (CPU, a one-process world) hands its optimizer."""
 
-import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from pipelines.schema import parse_pipeline_config
 from pipelines.stages.distill.engines import build_engines, deepspeed_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def config(tmp_path, **distill):
-    return parse_pipeline_config({"name": "gc", "teacher": {"path": "builtin:toy-sd3", "max_sequence_length": 0},
-                                  "distill": {"schedule": {"preset": "toy_4step"}, **distill},
-                                  "resources": {"storage": str(tmp_path)}})
-
-
-def tiny_nets(seed=0):
-    """What `build_engines` reads of `Networks`: a full student, a fake base and a GAN head."""
-    torch.manual_seed(seed)
-    student, fake, head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
-    return SimpleNamespace(lora_student=False, student_transformer=student, base=None, fake_base=fake, head=head,
-                           student_parameters=lambda: list(student.parameters()),
-                           fake_parameters=lambda: [*fake.parameters(), *head.parameters()])
+from tests.deepspeed_world import config, tiny_nets
 
 
 def test_the_deepspeed_config_carries_the_definitions_grad_clip(tmp_path):
@@ -51,31 +28,6 @@ def test_both_distill_engines_are_initialised_with_the_definitions_grad_clip(tmp
     assert [c["gradient_clipping"] for c in seen] == [0.5, 0.5]
     assert [c["zero_optimization"]["stage"] for c in seen] == [3, 2]  # the fake engine stays at ZeRO <= 2
     assert [c["optimizer"]["params"]["lr"] for c in seen] == [1e-4, 3e-4]
-
-
-@pytest.fixture(scope="module")
-def one_process_world():
-    """deepspeed.init_distributed on gloo with a world of one (as bench/distill.py runs it)."""
-    import importlib
-
-    import deepspeed
-
-    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `import ... as` would give torch itself
-
-    with pytest.MonkeyPatch.context() as mp:
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-               "LOCAL_RANK": "0", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-        for key, value in env.items():
-            mp.setenv(key, value)
-        # DeepSpeed compiles a shared-memory all-reduce op for CPU on first use (about a minute on a
-        # fresh machine); a world of one never all-reduces through it
-        if hasattr(ds_torch, "build_shm_op"):
-            mp.setattr(ds_torch, "build_shm_op", lambda: None)
-        deepspeed.init_distributed(dist_backend="gloo")
-        try:
-            yield
-        finally:
-            torch.distributed.destroy_process_group()
 
 
 def loss_of(student, fake, head, x):
@@ -113,7 +65,7 @@ def step_and_record(engine, loss) -> float:
 
 @pytest.mark.training
 @pytest.mark.parametrize("zero_stage", [2, 0])
-def test_a_deepspeed_step_hands_its_optimizer_the_gradient_clipped_to_grad_clip(tmp_path, one_process_world, zero_stage):
+def test_a_deepspeed_step_hands_its_optimizer_the_gradient_clipped_to_grad_clip(tmp_path, deepspeed_world, zero_stage):
     """AdamW's update hardly depends on the gradient's scale, so the weights cannot show the
     clipping; the gradient it receives can: norm grad_clip when clipped, the raw norm otherwise."""
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -193,7 +194,7 @@ def hostile_corpus(tmp: Path) -> dict:
     """One image folder with every kind of hostile row, plus two small Parquet sources for what a
     metadata.csv cannot say (a caption that is a number, a row without image bytes). Returns the
     sources, the good rows {ref suffix: (image bytes, stored caption, conversion)}, the bad ones
-    {ref suffix: reason}, and the FIFO sentinels outside the root."""
+    {ref suffix: reason}, and the FIFO sentinels (outside the root, and one inside it)."""
     rng = np.random.default_rng(7)
     root, outside = tmp / "corpus", tmp / "outside"
     root.mkdir()
@@ -226,9 +227,19 @@ def hostile_corpus(tmp: Path) -> dict:
     for f in sentinels:
         os.mkfifo(f)
     (root / "link.png").symlink_to(outside / "linked.png")
+    # named as images but not regular files: opening the FIFO would block the reader for good
+    os.mkfifo(root / "pipe.png")
+    sentinels.append(root / "pipe.png")
+    (root / "folder.png").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.png"))  # the socket file stays after close
+    sock.close()
+    nul = "bad\x00name.png"  # a name no file can have
     rows = [(n, c) for n, (_, c) in files.items()] + [
         ("good.png", "a red circle"),  # duplicate of the first row
-        ("../outside/up.png", "x"), (str(outside / "abs.png"), "x"), ("link.png", "x"), ("gone.png", "a lost circle")]
+        ("../outside/up.png", "x"), (str(outside / "abs.png"), "x"), ("link.png", "x"), ("gone.png", "a lost circle"),
+        (nul, "a nul in the name"), ("pipe.png", "a pipe"), ("folder.png", "a folder"),
+        ("sock.png", "a socket")]
     buf = io.StringIO()
     csv_writer = csv.writer(buf)
     csv_writer.writerow(["file_name", "caption"])
@@ -253,7 +264,8 @@ def hostile_corpus(tmp: Path) -> dict:
            ref("tiny.png"): "too_small", ref("empty.png"): "empty_caption", ref("locked.png"): "unreadable",
            ref("good.png", len(files) + 2): "duplicate", ref("../outside/up.png"): "outside_source",
            ref(str(outside / "abs.png")): "outside_source", ref("link.png"): "outside_source",
-           ref("gone.png"): "missing_image", "numbers.parquet#0": "caption_not_text",
+           ref("gone.png"): "missing_image", f"{nul!r} (metadata.csv line {line[nul]})": "bad_path", ref("pipe.png"): "not_a_file", ref("folder.png"): "not_a_file", ref("sock.png"): "not_a_file",
+           "numbers.parquet#0": "caption_not_text",
            "strict.parquet#0": "caption_too_long", "strict.parquet#1": "missing_image"}
     return {"sources": sources, "good": good, "bad": bad, "sentinels": sentinels, "root": root}
 
@@ -284,9 +296,9 @@ def test_hostile_corpus_every_row_stored_once_or_quarantined_with_its_reason(ray
                               env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as err:
         opened = opened_sentinels(corpus["sentinels"])
-        pytest.fail(f"precompute did not finish in 300 s; files outside the root being opened: {opened}\n"
+        pytest.fail(f"precompute did not finish in 300 s; FIFOs being opened: {opened}\n"
                     f"{(err.stdout or b'')[-3000:]!r}")
-    assert opened_sentinels(corpus["sentinels"]) == [], "a file outside the source's root was opened"
+    assert opened_sentinels(corpus["sentinels"]) == [], "a file outside the source's root, or a FIFO, was opened"
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "RESULT " in proc.stdout, out[-4000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
@@ -461,3 +473,21 @@ def test_a_folder_source_reads_nothing_outside_its_root(tmp_path):
     # root reads a mode-000 file anyway (then its one byte is no image); anyone else may not
     assert reasons[5] == ("undecodable_image" if os.geteuid() == 0 else "unreadable")
     assert "resolves to" in table[3]["detail"] and "int" in table[4]["detail"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_storage_that_cannot_be_written_is_refused_before_any_input_is_read(tmp_path, where, request):
+    """The source's metadata.csv does not exist: reading the input first would fail on that.
+    The refusal names the store instead, so nothing was read and no Ray work was started."""
+    from pipelines.storage import InputError
+
+    (tmp_path / "in").mkdir()
+    if where == "local":
+        (tmp_path / "taken").write_text("a file where the storage folder should be")
+        storage, resources = str(tmp_path / "taken" / "runs"), {}
+    else:  # a bucket that does not exist on a real S3 endpoint
+        endpoint = request.getfixturevalue("s3_server")
+        storage, resources = "s3://no-such-bucket/runs", {"s3": {"endpoint_url": endpoint}}
+    data = config(storage, [{"path": str(tmp_path / "in"), "format": "imagefolder"}], resources=resources)
+    with pytest.raises(InputError, match=rf"cannot write to {storage}/pc/store: \w+"):
+        precompute.run(parse_pipeline_config(data))

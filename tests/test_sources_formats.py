@@ -159,12 +159,18 @@ def test_a_hugging_face_image_struct_column_is_decoded_and_a_row_without_bytes_i
     assert table[0]["sample_id"] == sample_id(red, "a red square") and table[2]["sample_id"] == sample_id(blue, "a blue square")
 
 
-def test_a_hugging_face_parquet_source_without_its_image_column_names_the_column(tmp_path):
+def test_a_parquet_source_without_its_columns_is_refused_on_the_driver_in_one_line(tmp_path):
+    """The driver reads every file's schema when it splits the source: a missing image or caption
+    column is refused there, naming the file and the column, before any read task exists."""
+    from pipelines.storage import InputError
+
     path = tmp_path / "hf.parquet"
     write_hf_parquet(path, [{"bytes": png((1, 2, 3)), "path": None}], ["x"], image_column="img")
-    (task,) = read_tasks([DataSource(path=str(path), caption_column="text")], ResourcesConfig())
-    with pytest.raises(ValueError, match=r"hf\.parquet: no column\(s\) \['image'\].*image_column"):
-        next(read_task(task, ResourcesConfig()))
+    with pytest.raises(InputError, match=r"hf\.parquet: no column\(s\) \['image'\].*image_column") as err:
+        read_tasks([DataSource(path=str(path), caption_column="text")], ResourcesConfig())
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match=r"hf\.parquet: no column\(s\) \['caption'\]; it has \['img', 'text'\]"):
+        read_tasks([DataSource(path=str(path), image_column="img")], ResourcesConfig())
 
 
 # ---------------------------------------------------------------- c. image folders on S3
@@ -222,3 +228,97 @@ def test_an_s3_image_folder_reads_its_images_and_captions_and_nothing_outside_it
     table = checked(rows)
     assert [r["reason"] for r in table] == [None, None] + ["outside_source"] * 4 + ["missing_image"]
     assert "leaves s3://swd-test/fold/set" in table[2]["detail"]
+
+
+# ---------------------------------------------------------------- d. unusable files and folders
+
+def test_a_metadata_csv_that_is_not_utf8_is_refused_naming_the_file_and_the_place(tmp_path):
+    from pipelines.storage import InputError
+
+    folder = tmp_path / "latin"
+    folder.mkdir()
+    (folder / "metadata.csv").write_bytes("file_name,caption\na.png,a caf\u00e9 sign\n".encode("latin-1"))
+    with pytest.raises(InputError) as err:
+        read_tasks([DataSource(path=str(folder), format="imagefolder")], ResourcesConfig())
+    message = str(err.value)
+    assert str(folder / "metadata.csv") in message and "not UTF-8" in message and "line 2" in message, message
+
+
+def test_names_no_file_can_have_and_files_that_are_not_regular_are_refused_unopened(tmp_path):
+    """A NUL byte or an over-long name is bad_path; a FIFO, a directory, a socket or a device
+    named as an image is not_a_file, and is never opened (a FIFO would block the read forever).
+    The other rows of the task are read as usual."""
+    import os
+    import socket
+    import stat
+    import threading
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "good.png").write_bytes(png((200, 10, 10)))
+    os.mkfifo(root / "pipe.png")
+    (root / "folder.png").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.png"))
+    try:
+        os.mknod(root / "null.png", 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+        device = ["null.png"]
+    except OSError:  # no CAP_MKNOD here: the other types still count
+        device = []
+    names = ["good.png", "bad\x00name.png", "x" * 5000 + ".png", "pipe.png", "folder.png", "sock.png", *device]
+    task = {"kind": "imagefolder", "task": 0, "folder": str(root),
+            "rows": [[i + 2, name, "a red square"] for i, name in enumerate(names)]}
+    out = {}
+    reader = threading.Thread(target=lambda: out.setdefault("b", next(read_task(task, ResourcesConfig()))), daemon=True)
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():
+        os.close(os.open(root / "pipe.png", os.O_WRONLY | os.O_NONBLOCK))  # release the blocked reader
+        pytest.fail("reading the rows blocked: a FIFO was opened")
+    sock.close()
+    table = check_batch(out["b"], SPEC).to_pylist()
+    reasons = [r["reason"] for r in table]
+    assert reasons == [None, "bad_path", "bad_path"] + ["not_a_file"] * (3 + len(device)), table
+    assert "NUL byte" in table[1]["detail"] and "too long (5004 characters)" in table[2]["detail"]
+    assert [t["detail"].rsplit(" is ", 1)[1] for t in table[3:]] == (
+        ["a FIFO (named pipe)", "a directory", "a socket"] + ["a character device"] * len(device))
+
+
+def test_a_stalled_object_store_fails_the_read_within_its_timeout(tmp_path):
+    """An endpoint that accepts connections and never answers: each request gives up after
+    `resources.s3.timeout_s` (5 tries in all), and the row is quarantined as unreadable."""
+    import os
+    import socket
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []  # accepted and never answered
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # closed at the end of the test
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    resources = ResourcesConfig(s3={"endpoint_url": f"http://127.0.0.1:{server.getsockname()[1]}", "timeout_s": 0.2})
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # conftest sets them; standalone runs too
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    task = {"kind": "imagefolder", "task": 0, "folder": "s3://stalled/set", "rows": [[2, "a.png", "a red square"]]}
+    out = {}
+    start = time.monotonic()
+    reader = threading.Thread(target=lambda: out.setdefault("b", next(read_task(task, resources))), daemon=True)
+    reader.start()
+    reader.join(60)
+    try:
+        assert not reader.is_alive(), "the read of a stalled endpoint did not end within 60 s"
+        assert time.monotonic() - start < 20 and held, "no request reached the endpoint"
+        (row,) = checked([dict(zip(("ref", "order", "image", "caption", "missing"), r)) for r in
+                          zip(*(out["b"][k] for k in ("ref", "order", "image", "caption", "missing")))])
+        assert row["reason"] == "unreadable" and "timeout" in row["detail"].lower(), row
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()

@@ -2,7 +2,13 @@
 `CKPT_TAG`, only what training changes), the student's EMA (`EMA_FILE`) and `state.json`: the
 step, every rank's data position under the run's data plan, where the workers ran, the
 validation choice, what the trained parameters are (mode, LoRA rank and targets) and the step's
-metrics."""
+metrics.
+
+A checkpoint is read from shared storage (a resume, or a warm start from the registry), so none
+of its files is unpickled: every `.pt` file is scanned for the globals it names, then read with
+torch's weights-only unpickler, DeepSpeed's reads included, with only the few DeepSpeed classes
+its optimizer states hold allow-listed (`ALLOWED_GLOBALS`). DeepSpeed's own loading code runs
+unchanged, so a resumed run goes on exactly as the uninterrupted one."""
 
 from __future__ import annotations
 
@@ -18,6 +24,81 @@ from pipelines.stages.distill.export import _export_student
 
 CKPT_TAG = "ckpt"  # DeepSpeed checkpoint tag inside each Ray checkpoint
 EMA_FILE = "student_ema.pt"  # the student's weight average (distill.ema_decay), beside state.json
+
+# Classes DeepSpeed pickles into a ZeRO optimizer's states beside tensors and plain values (found
+# with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints, fp32 and bf16).
+ALLOWED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                   "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that holds more than tensors, plain values and `ALLOWED_GLOBALS`."""
+
+
+def _allowed_globals() -> list:
+    import importlib
+
+    return [getattr(importlib.import_module(name.rpartition(".")[0]), name.rpartition(".")[2])
+            for name in ALLOWED_GLOBALS]
+
+
+def _refusal(path, why: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(f"refusing to load the checkpoint file {path}: {why}. The distill stage never "
+                                 "writes such a file; it was made or changed elsewhere, and nothing of it was run")
+
+
+def load_weights_only(path, map_location=None):
+    """`torch.load` with the weights-only unpickler and only `ALLOWED_GLOBALS` allowed beyond its
+    defaults; anything else raises `UnsafeCheckpointError` before it is built."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        why = next((line for line in lines if "global" in line.lower()), lines[0] if lines else type(err).__name__)
+        raise _refusal(path, f"it is not weights only ({why.split('. ')[0].rstrip('.')})") from None
+
+
+def check_checkpoint_files(folder) -> None:
+    """Refuse a checkpoint folder any of whose `.pt` files names a global beyond the allowed ones,
+    before any of it is loaded (a scan of the pickles: nothing in them runs)."""
+    with torch.serialization.safe_globals(_allowed_globals()):
+        for path in sorted(Path(folder).rglob("*.pt")):
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except ValueError:  # not torch.save's zip format: the weights-only load decides
+                continue
+            if unsafe:
+                raise _refusal(path, f"it names {sorted(unsafe)}, which a weights-only load does not allow")
+
+
+class _WeightsOnlyReads:
+    """A DeepSpeed checkpoint engine whose every read is `load_weights_only`; all else (saving,
+    committing) is the wrapped engine's."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def load(self, path: str, map_location=None):
+        return load_weights_only(path, map_location)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def load_engine_checkpoint(engine, folder: str) -> None:
+    """`engine.load_checkpoint` of tag `CKPT_TAG` in `folder` (modules non-strict: the frozen base
+    is not in it), every file DeepSpeed reads going through `load_weights_only`."""
+    saved = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyReads(saved)
+    try:
+        path, _ = engine.load_checkpoint(folder, tag=CKPT_TAG, load_module_strict=False)
+    finally:
+        engine.checkpoint_engine = saved
+    if path is None:
+        raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint {CKPT_TAG!r} in it")
 
 
 def trained_parameters(cfg) -> dict:
@@ -62,10 +143,11 @@ def restore_checkpoint(cfg, rank: int, engine_g, engine_f, ema, device, digest: 
             differ = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in wanted.items() if saved.get(k) != v)
             raise ValueError(f"the checkpoint of run {cfg.name!r} trained other parameters than the definition asks "
                              f"for ({differ}): give the run another `name`, or set distill back to the checkpoint's")
-        engine_g.load_checkpoint(f"{ckpt_dir}/student", tag=CKPT_TAG, load_module_strict=False)
-        engine_f.load_checkpoint(f"{ckpt_dir}/fake", tag=CKPT_TAG, load_module_strict=False)
+        check_checkpoint_files(ckpt_dir)  # before any engine is touched
+        load_engine_checkpoint(engine_g, f"{ckpt_dir}/student")
+        load_engine_checkpoint(engine_f, f"{ckpt_dir}/fake")
         if ema is not None and Path(ckpt_dir, EMA_FILE).exists():
-            ema.load_state_dict(torch.load(Path(ckpt_dir, EMA_FILE), map_location=device, weights_only=True))
+            ema.load_state_dict(load_weights_only(Path(ckpt_dir, EMA_FILE), map_location=device))
         elif ema is not None and rank == 0:
             print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
     epoch, rows_done, note = _data_position(state, digest, rank)
@@ -92,12 +174,17 @@ def _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, net
         with averaged_student(ema, nets.student_parameters()):
             _export_student(cfg, rank, engine_g, adapter, nets, final=False, step=state["step"])
     with tempfile.TemporaryDirectory() as tmp:
-        # exclude_frozen_parameters: the frozen base is the teacher, already on disk; checkpoints hold
-        # only what training changes (adapters, head, or the sharded full student) plus optimizer state.
-        engine_g.save_checkpoint(f"{tmp}/student", tag=CKPT_TAG, exclude_frozen_parameters=True)
-        engine_f.save_checkpoint(f"{tmp}/fake", tag=CKPT_TAG, exclude_frozen_parameters=True)
-        if rank == 0:
-            Path(tmp, "state.json").write_text(json.dumps({**state, "metrics": metrics}, indent=2))
-            if ema is not None:  # the same on every rank (ZeRO <= 2 keeps whole student weights)
-                torch.save(ema.state_dict(), Path(tmp, EMA_FILE))
+        write_checkpoint(tmp, rank, engine_g, engine_f, ema, {**state, "metrics": metrics})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def write_checkpoint(folder: str, rank: int, engine_g, engine_f, ema, state: dict) -> None:
+    """This rank's part of a checkpoint in `folder`; rank 0 adds `state.json` and the EMA."""
+    # exclude_frozen_parameters: the frozen base is the teacher, already on disk; checkpoints hold
+    # only what training changes (adapters, head, or the sharded full student) plus optimizer state.
+    engine_g.save_checkpoint(f"{folder}/student", tag=CKPT_TAG, exclude_frozen_parameters=True)
+    engine_f.save_checkpoint(f"{folder}/fake", tag=CKPT_TAG, exclude_frozen_parameters=True)
+    if rank == 0:
+        Path(folder, "state.json").write_text(json.dumps(state, indent=2))
+        if ema is not None:  # the same on every rank (ZeRO <= 2 keeps whole student weights)
+            torch.save(ema.state_dict(), Path(folder, EMA_FILE))

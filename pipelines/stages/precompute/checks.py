@@ -15,8 +15,8 @@ from PIL import Image
 from pipelines.stages.precompute.spec import EncodeSpec
 
 # Why a row is refused (the quarantine's `reason` column).
-REASONS = ("missing_image", "outside_source", "unreadable", "undecodable_image", "too_small", "caption_not_text",
-           "empty_caption", "caption_too_long", "check_failed", "duplicate")
+REASONS = ("missing_image", "bad_path", "outside_source", "not_a_file", "unreadable", "undecodable_image", "too_small",
+           "caption_not_text", "empty_caption", "caption_too_long", "check_failed", "duplicate")
 
 
 class Refused(Exception):
@@ -112,7 +112,7 @@ def check_row(image: bytes | None, caption: str | None, missing: str | None, spe
     `long_captions` is "truncate") and `control_characters` (how many were removed)."""
     if image is None:
         reason, _, detail = (missing or "").partition(": ")
-        if reason in ("outside_source", "unreadable"):
+        if reason in ("bad_path", "outside_source", "not_a_file", "unreadable"):
             raise Refused(reason, detail)
         raise Refused("missing_image", missing or "no image")
     if caption is not None and not isinstance(caption, str):

@@ -16,7 +16,7 @@ from pipelines.stages.precompute.checks import CHECK_SCHEMA, check_batch
 from pipelines.stages.precompute.encoder import Encoder, text_shapes
 from pipelines.stages.precompute.quarantine import decide, write_quarantine
 from pipelines.stages.precompute.spec import EncodeSpec
-from pipelines.storage import arrow_filesystem, fs_path, read_json, write_bytes
+from pipelines.storage import arrow_filesystem, check_writable, fs_path, read_json, write_bytes
 
 
 def all_sources(cfg: PipelineConfig) -> list[DataSource]:
@@ -83,13 +83,15 @@ def run(cfg: PipelineConfig) -> dict:
     from pipelines.ray_runtime import ensure_ray
 
     start = time.perf_counter()
+    pc, resources = cfg.precompute, cfg.resources
+    # on the driver, before any Ray work: storage that cannot be written, an unusable source
+    check_writable(store.store_uri(cfg), resources)
+    tasks = sources.read_tasks(all_sources(cfg), resources)
     ensure_ray(cfg)
     uri, previous, removed = prepare(cfg)
     if removed:
         print(f"[precompute] removed {len(removed)} partial shard(s) of an interrupted run: {removed}", flush=True)
     spec = EncodeSpec.from_config(cfg)
-    pc, resources = cfg.precompute, cfg.resources
-    tasks = sources.read_tasks(all_sources(cfg), resources)
 
     # The empty prompt needs the text encoders: a task of its own, running while pass 1 checks.
     text_ref = ray.remote(num_cpus=pc.cpus_per_actor, num_gpus=pc.gpus_per_actor)(text_shapes).remote(spec)
