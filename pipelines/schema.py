@@ -446,7 +446,10 @@ class ServeConfig(Strict):
     model_id: str | None = Field(None, description="The model name the API reports and accepts; null: `<name>-swd`.")
     app_name: str | None = Field(None, description="The Ray Serve application name; null: `swd-<name>`.")
     route_prefix: str = Field("/", description="HTTP path prefix of the application; starts with `/`.")
-    host: str = Field("0.0.0.0", description="Address Serve's HTTP proxy listens on.")
+    host: str | None = Field(
+        None, description="Address Serve's HTTP proxy listens on; null: 127.0.0.1 (this machine only), or 0.0.0.0 "
+                          "(every interface) when an API key is configured. A public address without a key is "
+                          "allowed, with a warning at deploy time.")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="Port Serve's HTTP proxy listens on.")
     replicas: Annotated[int, Field(ge=1)] = Field(1, description="Generator replicas when not autoscaling.")
     cpus_per_replica: Annotated[float, Field(ge=0)] = Field(1.0, description="CPUs reserved per generator replica.")
@@ -482,6 +485,28 @@ class ServeConfig(Strict):
                     "only a fixed batch shape makes a request's pixels bit-identical whether it was sampled alone "
                     "or with others; the price is max_batch_size images of compute for every batch, however "
                     "few requests it holds. Off: a batch is computed at the size that arrived.")
+
+    @property
+    def listen_host(self) -> str:
+        """The address in effect: what `host` says, else loopback unless requests need a key."""
+        if self.host is not None:
+            return self.host
+        return "0.0.0.0" if (self.api_key_env or self.api_key_file) else "127.0.0.1"
+
+    def exposure_warning(self) -> str | None:
+        """A line for the deployer when any machine that reaches the port can generate, with no key."""
+        import ipaddress
+
+        if self.api_key_env or self.api_key_file or self.listen_host == "localhost":
+            return None
+        try:
+            if ipaddress.ip_address(self.listen_host).is_loopback:
+                return None
+        except ValueError:
+            pass  # a host name: it may resolve to a public address
+        return (f"warning: serve.host {self.listen_host} accepts connections from other machines and no API key "
+                "is set: anyone who reaches the port can generate images (set serve.api_key_env or "
+                "serve.api_key_file, or serve.host 127.0.0.1)")
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -155,7 +155,7 @@ def test_a_batch_computes_only_its_own_images_unless_batching_is_deterministic(t
     queue needs a replica; `__wrapped__` is the handler it calls with the gathered requests)."""
     import asyncio
 
-    from pipelines.serve.app import definition_args, model_user_config
+    from pipelines.serve.app import model_user_config, replica_args
     from pipelines.serve.generator import Generator
     from pipelines.serve.stand_in import export_stand_in
 
@@ -164,7 +164,7 @@ def test_a_batch_computes_only_its_own_images_unless_batching_is_deterministic(t
     cfg = cfg.model_copy(update={"serve": cfg.serve.model_validate(
         {"model": str(student), "max_batch_size": 4, "batch_wait_timeout_s": 0, "deterministic_batching": deterministic})})
     cls = Generator.func_or_class
-    gen = cls(definition_args(cfg))
+    gen = cls(replica_args(cfg))
     rows = []
 
     async def batches():
@@ -183,3 +183,88 @@ def test_a_batch_computes_only_its_own_images_unless_batching_is_deterministic(t
     assert len(pair) == 2 and {p["batch"] for p in pair} == {2}
     assert seen_alone and set(seen_alone) == ({4} if deterministic else {1}), seen_alone
     assert rows and set(rows) == ({4} if deterministic else {2}), rows
+
+
+@pytest.mark.parametrize("body,field,words", [
+    (b'{"prompt": "x\\ud800", "seed": 1}', "prompt", "not valid Unicode"),  # a lone surrogate, as JSON escapes it
+    (b'{"prompt": "\xed\xa0\x80"}', "prompt", "not valid Unicode"),  # the same, as raw bytes
+    (b'{"prompt": "x", "st\\udfffyle": 1}', "st\\udfffyle", "not valid Unicode"),  # in a field name
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "seed", "5000-digit integer is out of range"),
+    (b'{"prompt": "x", "seed": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", "seed", "nested more than"),
+    (b"[" * 30_000 + b"]" * 30_000, "body", "nested more than"),
+    (b'{"prompt": "x", "quality": ' + b"[" * 40 + b"]" * 40 + b"}", "quality", "nested more than 32"),
+], ids=["surrogate-escape", "surrogate-bytes", "surrogate-key", "long-seed", "deep-seed", "deep-body", "deep-quality"])
+def test_what_cannot_be_encoded_or_parsed_is_a_400_naming_the_field(body, field, words):
+    import json as _json
+
+    with pytest.raises(RequestError) as err:
+        parse_json_request(body, "application/json", LIMITS)
+    assert err.value.status == 400 and err.value.param == field and err.value.message.startswith(f"{field}: ")
+    assert words in err.value.message
+    _json.dumps(err.value.body(), ensure_ascii=False).encode()  # the answer itself encodes
+    with pytest.raises(RequestError, match="seed: a 5000-digit integer is out of range"):
+        parse_query_request("x", "9" * 5000, None, LIMITS)
+
+
+def test_serve_listens_on_loopback_unless_a_key_or_a_host_is_set():
+    toy = load_pipeline_config("pipelines/configs/toy.yaml")
+    assert serve_config(toy)["http_options"]["host"] == "127.0.0.1" and toy.serve.exposure_warning() is None
+    keyed = ServeConfig(api_key_file="/etc/swd/key")
+    assert keyed.listen_host == "0.0.0.0" and keyed.exposure_warning() is None
+    assert ServeConfig(host="::1").exposure_warning() is None and ServeConfig(host="localhost").listen_host == "localhost"
+    for public in ("0.0.0.0", "10.1.2.3", "serve.example.com"):
+        assert "no API key" in ServeConfig(host=public).exposure_warning()
+    # in a pod the proxy listens on the pod's address: its ClusterIP Service is the boundary
+    (manifest,) = render(toy, "rayservice", {"image": "example/swd:1"})
+    import yaml
+
+    assert yaml.safe_load(manifest["spec"]["serveConfigV2"])["http_options"]["host"] == "0.0.0.0"
+
+
+def test_replicas_get_and_are_versioned_by_only_what_they_run():
+    from pipelines.serve.app import code_version, replica_args
+    from pipelines.retraining.cycle import served_model
+
+    base = load_pipeline_config("pipelines/configs/toy.yaml")
+    data = base.model_dump(mode="json")
+    same = [{**data, "data": {**data["data"], "sources": [{**data["data"]["sources"][0], "limit": 96}]}},
+            {**data, "distill": {**data["distill"], "steps": 600, "lr": 3e-4}},
+            {**data, "evaluate": {**data["evaluate"], "num_prompts": 64}},
+            {**data, "serve": {**data["serve"], "replicas": 2, "port": 8001, "model": "s3://b/v2", "model_id": "v2"}}]
+    version = code_version(replica_args(base))
+    for d in same:
+        assert code_version(replica_args(parse_pipeline_config(d))) == version
+    version2 = code_version(replica_args(served_model(base, type("V", (), {"source": "/m/v2", "number": 2})())))
+    assert version2 == version  # a promotion changes only user_config
+    for d in ({**data, "serve": {**data["serve"], "max_batch_size": 4}}, {**data, "teacher": {**data["teacher"], "dtype": "bfloat16"}}):
+        assert code_version(replica_args(parse_pipeline_config(d))) != version
+
+
+def test_a_request_the_model_fails_on_fails_alone_and_its_batch_is_answered_as_if_each_came_alone(tmp_path):
+    """The generator's batch handler outside Serve (as above): a prompt the tokenizer refuses (a
+    lone surrogate, which validation keeps from the HTTP API) in a batch of three."""
+    import asyncio
+
+    from pipelines.serve.app import model_user_config, replica_args
+    from pipelines.serve.generator import Generator
+    from pipelines.serve.stand_in import export_stand_in
+
+    cfg = load_pipeline_config("pipelines/configs/toy.yaml")
+    student = export_stand_in(cfg, tmp_path / "student")
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_validate({"model": str(student), "max_batch_size": 4})})
+    cls = Generator.func_or_class
+    gen = cls(replica_args(cfg))
+    good = [("a red circle", 3), ("a blue square", 4)]
+
+    async def batches():
+        await gen.reconfigure(model_user_config(cfg))
+        alone = [(await cls.generate.__wrapped__(gen, [r]))[0] for r in good]
+        mixed = await cls.generate.__wrapped__(gen, [good[0], ("x\ud800", 5), good[1]])
+        bad_alone = await cls.generate.__wrapped__(gen, [("x\ud800", 5)])
+        return alone, mixed, bad_alone
+
+    alone, mixed, bad_alone = asyncio.run(batches())
+    assert len(mixed) == 3 and "png" not in mixed[1] and mixed[1]["error"].startswith("TypeError")
+    assert [m["png"] for m in (mixed[0], mixed[2])] == [a["png"] for a in alone]  # byte for byte
+    assert mixed[0]["batch"] == mixed[2]["batch"] == 1
+    assert bad_alone[0]["error"] == mixed[1]["error"]

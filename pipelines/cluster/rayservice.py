@@ -20,8 +20,12 @@ def render_rayservice(cfg: PipelineConfig) -> list[dict]:
         raise ValueError(f"cluster.serve_service_type {service_type} would expose the model without a key: set "
                          "serve.api_key_env (or serve.api_key_file) in the definition, or keep ClusterIP")
     serve_port = {"containerPort": s.port, "name": "serve"}
+    config = serve_config(cfg)
+    # In a pod the proxy must listen on the pod's address for the Service to reach it; the Service
+    # (ClusterIP unless keyed, checked above) is what bounds who reaches it.
+    config["http_options"]["host"] = s.host or "0.0.0.0"
     spec = {
-        "serveConfigV2": to_yaml(serve_config(cfg)),
+        "serveConfigV2": to_yaml(config),
         "rayClusterConfig": ray_cluster_spec(cfg, serve_groups(cfg), autoscale=s.min_replicas is not None,
                                              head_ports=[serve_port]),
         "serveService": {"spec": {"type": service_type,

@@ -256,7 +256,9 @@ def follow_champion(cfg: PipelineConfig, registry, deploy: bool = True, only_if_
         _say(f"serve: no running app {name}; its next deployment serves {served.serve.model_id}")
         return None
     if not running:
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        if warning := cfg.serve.exposure_warning():
+            _say(f"serve: {warning}")
+        serve.start(http_options={"host": cfg.serve.listen_host, "port": cfg.serve.port})
     serve.run(build_app(served), name=name, route_prefix=cfg.serve.route_prefix, blocking=False)
     _say(f"serve: {name} {'now serves' if running else 'deployed with'} {served.serve.model_id} ({champion.source})")
     if started_ray:

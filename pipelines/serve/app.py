@@ -19,6 +19,7 @@ from pipelines.schema import PipelineConfig, load_pipeline_config, parse_pipelin
 from pipelines.serve.generator import Generator
 from pipelines.serve.ingress import Ingress
 from pipelines.serve.model import default_model_source
+from pipelines.serve.replica import ReplicaConfig
 
 # The ingress only validates and awaits handles: it holds many requests at once and needs no
 # CPU reservation (which would take a core from the generator on a small node).
@@ -34,11 +35,11 @@ def model_user_config(cfg: PipelineConfig) -> dict:
     return {"model": default_model_source(cfg), "model_id": cfg.serve.model_id or f"{cfg.name}-swd"}
 
 
-def definition_args(cfg: PipelineConfig) -> dict:
-    """The definition as deployment init args, without the model: a new model must change only
-    `user_config` (an in-place reconfigure), not the init args (which would restart replicas); nor
-    the cluster section, which says where the app runs, not what it does."""
-    return cfg.model_dump(mode="json", exclude={"serve": {"model", "model_id"}, "cluster": True})
+def replica_args(cfg: PipelineConfig) -> dict:
+    """The deployments' init args: only what a replica runs (pipelines/serve/replica.py). Neither
+    the model (`user_config`: a new one is an in-place reconfigure) nor anything a replica does
+    not read (new data, training settings) is in them, so neither restarts replicas."""
+    return ReplicaConfig.of(cfg).model_dump(mode="json")
 
 
 def generator_options(cfg: PipelineConfig) -> dict:
@@ -70,8 +71,9 @@ def ingress_options(cfg: PipelineConfig) -> dict:
 def code_version(args: dict) -> str:
     """`serve run` gives deployments a random code version, so every redeploy would restart all
     replicas; `serve deploy` derives it from the config instead. Same here: a hash of the init
-    args and this package's code, so a redeploy that changes only the model (user_config) is an
-    in-place reconfigure, and any other change restarts replicas (Serve's rolling update)."""
+    args (what a replica runs) and this package's code. A redeploy that changes neither is an
+    in-place reconfigure on the same replicas; any other change restarts them (Serve's rolling
+    update). Serve's own options (replicas, resources, queue limits) it versions itself."""
     h = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         h.update(source.read_bytes())
@@ -79,7 +81,7 @@ def code_version(args: dict) -> str:
 
 
 def build_app(cfg: PipelineConfig) -> Application:
-    args = definition_args(cfg)
+    args = replica_args(cfg)
     version = deployment_version(code_version(args))
     generator = Generator.options(**generator_options(cfg), **version).bind(args)
     return Ingress.options(**ingress_options(cfg), **version).bind(generator, args)

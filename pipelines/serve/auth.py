@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 
 from pipelines.schema import ServeConfig
+from pipelines.serve.replica import ReplicaConfig
 from pipelines.serve.validation import RequestError
 
 
-def read_api_key(cfg: ServeConfig) -> str | None:
+def read_api_key(cfg: ServeConfig | ReplicaConfig) -> str | None:
     """The configured key, or None when auth is off. A configured but missing key is an error at
     startup: silently serving without auth would be worse than not serving."""
     if cfg.api_key_env:
@@ -40,7 +41,7 @@ class BearerAuth:
         self._stamp = self._file_stamp()
 
     @classmethod
-    def from_config(cls, cfg: ServeConfig) -> BearerAuth:
+    def from_config(cls, cfg: ServeConfig | ReplicaConfig) -> BearerAuth:
         return cls(read_api_key(cfg), cfg.api_key_file)
 
     def _file_stamp(self):

@@ -32,7 +32,7 @@ def serve_config(cfg: PipelineConfig, proxy_location: str = "EveryNode") -> dict
     deployments = [{"name": "Generator", **generator_options(cfg)}, {"name": "Ingress", **ingress_options(cfg)}]
     return {
         "proxy_location": proxy_location,
-        "http_options": {"host": s.host, "port": s.port},
+        "http_options": {"host": s.listen_host, "port": s.port},
         "applications": [{
             "name": app_name(cfg), "route_prefix": s.route_prefix, "import_path": IMPORT_PATH,
             "args": {"definition": definition}, "runtime_env": {"env_vars": dict(JOB_ENV_VARS)},

@@ -19,9 +19,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.schema import PipelineConfig
 from pipelines.serve.auth import BearerAuth
 from pipelines.serve.playground import playground_html
+from pipelines.serve.replica import ReplicaConfig
 from pipelines.serve.validation import (ImageRequest, Limits, RequestError, parse_json_request, parse_query_request,
                                         read_limited_body)
 
@@ -54,10 +54,10 @@ def _model_headers(result: dict) -> dict:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator: DeploymentHandle, definition: dict):
-        self.cfg = PipelineConfig.model_validate(definition)
+    def __init__(self, generator: DeploymentHandle, settings: dict):
+        self.cfg = ReplicaConfig.model_validate(settings)
         self.generator = generator
-        self.auth = BearerAuth.from_config(self.cfg.serve)
+        self.auth = BearerAuth.from_config(self.cfg)
         self._info: tuple[float, dict] | None = None
 
     async def _model_info(self, fresh: bool = False) -> dict:
@@ -70,7 +70,7 @@ class Ingress:
         return self._info[1]
 
     async def _limits(self) -> Limits:
-        s = self.cfg.serve
+        s = self.cfg
         return Limits(s.max_images, s.max_prompt_chars, tuple((await self._model_info())["sizes"]))
 
     async def _generate(self, req: ImageRequest) -> tuple[list[int], list[dict]]:
@@ -86,6 +86,9 @@ class Ingress:
             raise RequestError(503, "server is at capacity; retry shortly") from None
         except DeploymentUnavailableError:
             raise RequestError(503, "the generator is unavailable; retry shortly") from None
+        if failed := next((r for r in results if "error" in r), None):
+            # validation admits only what the model takes; a failure here is the server's
+            raise RequestError(500, f"the model failed on this request: {failed['error']}")
         return seeds, results
 
     @api.get("/", response_class=HTMLResponse)

@@ -22,7 +22,7 @@ from swd_core.adapters import FamilyAdapter
 from swd_core.evaluate_model import load_exported_student
 from swd_core.generate import generate_images
 from swd_core.schedules import ScaleSchedule
-from pipelines.schema import PipelineConfig
+from pipelines.schema import PipelineConfig, ResourcesConfig
 from pipelines.storage import local_copy
 
 
@@ -56,12 +56,17 @@ def default_model_source(cfg: PipelineConfig) -> str:
 
 
 def load_student(cfg: PipelineConfig, source: str, model_id: str, device: str = "cpu") -> ServedModel:
-    folder = local_copy(source, cfg.resources)
+    return load_served(source, model_id, cfg.teacher.family, cfg.teacher.dtype, cfg.resources, device)
+
+
+def load_served(source: str, model_id: str, family: str, dtype: str, resources: ResourcesConfig,
+                device: str = "cpu") -> ServedModel:
+    folder = local_copy(source, resources)
     if not folder.exists():
         raise FileNotFoundError(f"no exported student at {source}: run the distill stage, or set serve.model "
                                 "to an exported folder (local path or s3://)")
     # the evaluate stage's loader: the folder's family and embedded guidance (swd_schedule.json)
-    adapter, schedule, record = load_exported_student(str(folder), cfg.teacher.family, cfg.teacher.dtype, device)
+    adapter, schedule, record = load_exported_student(str(folder), family, dtype, device)
     return ServedModel(source, model_id, adapter, schedule, record)
 
 

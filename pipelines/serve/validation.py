@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts any non-negative int64
 MAX_BODY_BYTES = 64 * 1024
+MAX_DEPTH = 32  # nesting of the JSON body: no field needs more, and deeper values only cost recursion
+MAX_INT_DIGITS = 40  # longer integer literals are refused by name (Python refuses > 4300 digits with a ValueError)
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlevel = 60, 60, 3
 
 
 class RequestError(Exception):
@@ -117,12 +122,53 @@ def _describe(err: ValidationError) -> tuple[str, str | None]:
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif e["type"] in ("int_type", "int_from_float"):
-            msg = f"must be an integer, got {e.get('input')!r}"
+            msg = f"must be an integer, got {_short.repr(e.get('input'))}"
         lines.append(f"{field}: {msg}")
     return "; ".join(lines), first
 
 
+class _LongInt:
+    """An integer literal of more than MAX_INT_DIGITS digits, kept unconverted until it is refused."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _int_literal(text: str):
+    return int(text) if len(text.lstrip("-")) <= MAX_INT_DIGITS else _LongInt(len(text.lstrip("-")))
+
+
+def _shown(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode()
+
+
+def _check_values(data: dict) -> None:
+    """Refuse, naming the top-level field, what the model or the response could not handle:
+    strings that are not valid Unicode (lone surrogates: UTF-8 cannot encode them, so the tokenizer
+    fails on them), integers too long to convert, nesting deeper than MAX_DEPTH. Iterative, so no
+    body can exhaust the stack here."""
+    stack = [(key, value, 1) for key, value in data.items()]
+    while stack:
+        field, value, depth = stack.pop()
+        keys = [] if not isinstance(value, dict) else list(value)
+        for text in (field, *keys, *([value] if isinstance(value, str) else [])):
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise RequestError(400, f"{_shown(field)}: not valid Unicode: {err.object[err.start:err.end]!r} at "
+                                       f"character {err.start} (a lone surrogate)", _shown(field)) from None
+        if isinstance(value, _LongInt):
+            raise RequestError(400, f"{_shown(field)}: a {value.digits}-digit integer is out of range", _shown(field))
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise RequestError(400, f"{_shown(field)}: nested more than {MAX_DEPTH} levels deep", _shown(field))
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((field, item, depth + 1) for item in items)
+
+
 def validate_fields(data: dict, limits: Limits) -> ImageRequest:
+    _check_values(data)
     try:
         return ImageRequest.model_validate(data, context={"limits": limits})
     except ValidationError as err:
@@ -157,13 +203,38 @@ def parse_json_request(body: bytes, content_type: str | None, limits: Limits) ->
         raise RequestError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}")
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    decoder = json.JSONDecoder(parse_int=_int_literal)
     try:
-        data = json.loads(body)
+        text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads decodes bytes
+        data = decoder.decode(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(400, f"malformed JSON body: {err}") from None
+    except RecursionError:
+        field = _deepest_field(text, decoder)
+        raise RequestError(400, f"{field}: nested more than {MAX_DEPTH} levels deep", field) from None
     if not isinstance(data, dict):
         raise RequestError(400, f"the JSON body must be an object, got {type(data).__name__}")
     return validate_fields(data, limits)
+
+
+def _deepest_field(text: str, decoder: json.JSONDecoder) -> str:
+    """The top-level field whose value nests too deep for the JSON parser ("body" when the body is
+    not an object of such fields): each value is parsed on its own, keys (flat strings) too."""
+    space = re.compile(r"\s*")
+    i = space.match(text).end()
+    if text[i:i + 1] != "{":
+        return "body"
+    try:
+        while True:
+            key, i = decoder.raw_decode(text, space.match(text, i + 1).end())
+            i = space.match(text, i).end() + 1  # past ':'
+            try:
+                _, i = decoder.raw_decode(text, space.match(text, i).end())
+            except RecursionError:
+                return _shown(key) if isinstance(key, str) else "body"
+            i = space.match(text, i).end()  # at ',' (or '}')
+    except (ValueError, IndexError):
+        return "body"
 
 
 def parse_query_request(prompt: str | None, seed: str | None, size: str | None, limits: Limits) -> ImageRequest:
@@ -172,8 +243,8 @@ def parse_query_request(prompt: str | None, seed: str | None, size: str | None, 
     data: dict = {"prompt": prompt} if prompt is not None else {}
     if seed is not None:
         if not re.fullmatch(r"\s*[+-]?\d+\s*", seed):
-            raise RequestError(400, f"seed: must be an integer, got {seed!r}", "seed")
-        data["seed"] = int(seed)
+            raise RequestError(400, f"seed: must be an integer, got {_short.repr(seed)}", "seed")
+        data["seed"] = _int_literal(seed.strip().lstrip("+"))
     if size is not None:
         data["size"] = size
     return validate_fields(data, limits)

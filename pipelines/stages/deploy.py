@@ -23,7 +23,9 @@ def run(cfg: PipelineConfig) -> dict:
     s = cfg.serve
     ensure_ray(cfg)  # joins RAY_ADDRESS / the job's cluster / this machine's cluster, else starts one
     started_ray = started_ray_here()
-    serve.start(http_options={"host": s.host, "port": s.port})
+    if warning := s.exposure_warning():
+        print(f"[deploy] {warning}", flush=True)
+    serve.start(http_options={"host": s.listen_host, "port": s.port})
     name = app_name(cfg)
     model = model_user_config(cfg)
     print(f"[deploy] deploying {name}: model {model['model_id']} from {model['model']}", flush=True)
