@@ -37,14 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.cluster.cli import main as cluster
 
         return cluster(["render", *argv[1:]])
+    from pipelines.schema import add_set_argument
+
     parser = argparse.ArgumentParser(prog="swd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def stage_parser(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--config", default="pipelines/configs/toy.yaml", help="pipeline definition (default: the toy)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                       help="override one field of the definition (value read as YAML); repeatable")
+        add_set_argument(p)
         return p
 
     run = stage_parser("run", "run the definition's stages (python pipelines/distill.py)")

@@ -25,18 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.plan import plan_problems, render_plan  # noqa: E402
 from pipelines.ray_runtime import quiet_output  # noqa: E402
-from pipelines.schema import STAGES, PipelineConfigError, load_pipeline_config  # noqa: E402
+from pipelines.schema import STAGES, PipelineConfigError, add_set_argument, load_pipeline_config  # noqa: E402
+from pipelines.stopping import stoppable  # noqa: E402
 from pipelines.stages import AVAILABLE, run_stage  # noqa: E402
 from pipelines.storage import InputError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    return stoppable("[pipeline]", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="pipeline definition (YAML)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     parser.add_argument("--stages", help=f"comma-separated stages to run instead of the definition's list ({', '.join(STAGES)})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override one field of the definition (value read as YAML); repeatable")
+    add_set_argument(parser)
     args = parser.parse_args(argv)
 
     try:

@@ -93,3 +93,6 @@ def ensure_ray(cfg=None) -> None:
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     kwargs = {} if in_job else {"runtime_env": {"env_vars": worker_env()}}
     ray.init(ignore_reinit_error=True, logging_level="WARNING", log_to_driver=True, **kwargs)
+    from pipelines.stopping import install
+
+    install()  # ray.init replaced the entry point's SIGTERM handler (pipelines/stopping.py says why)

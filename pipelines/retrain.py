@@ -5,6 +5,7 @@
     python pipelines/retrain.py --config my.yaml --once     # one cycle now (what a CronJob submits)
     python pipelines/retrain.py status --config my.yaml     # versions, metrics, promotions
     python pipelines/retrain.py rollback --config my.yaml [--to N]
+    python pipelines/retrain.py --config my.yaml --once --set retrain.steps=8   # any field, as distill.py takes it
 
 A cycle: new rows of data.sources into the shared store -> the champion trained
 retrain.steps further -> candidate and champion scored on the same prompts and seeds ->
@@ -26,23 +27,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipelines/distill.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.ray_runtime import quiet_output  # noqa: E402
-from pipelines.schema import PipelineConfigError, load_pipeline_config  # noqa: E402
+from pipelines.schema import PipelineConfigError, add_set_argument, load_pipeline_config  # noqa: E402
+from pipelines.stopping import stoppable  # noqa: E402
 
 EXIT_LOCKED = 3  # another cycle of the definition holds the lock
 
 
-def _load(path: str):
-    cfg = load_pipeline_config(path)
+def _load(path: str, overrides: list[str] = ()):
+    cfg = load_pipeline_config(path, overrides)
     if cfg.retrain is None:
         raise PipelineConfigError(f"{path}: no `retrain` section; add one to retrain this definition (docs/retrain.md)")
     return cfg
 
 
-def once(path: str, force: bool = False) -> int:
+def once(path: str, force: bool = False, overrides: list[str] = ()) -> int:
     from pipelines.plan import plan_problems
     from pipelines.retraining.cycle import CycleRefused, run_cycle
 
-    cfg = _load(path)
+    cfg = _load(path, overrides)
     if problems := plan_problems(cfg):  # as a pipeline job does, before anything runs
         raise PipelineConfigError("\n".join(problems))
     quiet_output()
@@ -63,14 +65,14 @@ def next_tick(schedule: str, timezone: str, after: datetime | None = None) -> da
     return croniter(schedule, now).get_next(datetime)
 
 
-def scheduler(path: str) -> int:
+def scheduler(path: str, overrides: list[str] = ()) -> int:
     """Run a cycle at every tick of retrain.schedule. The definition is read again before each
     cycle, so sources added to it (or a changed gate) apply from the next one. A failed cycle is
     reported and the scheduler waits for the next tick: the unfinished cycle resumes then."""
     from pipelines.retraining.cycle import CycleRefused, run_cycle
 
     quiet_output()
-    cfg = _load(path)
+    cfg = _load(path, overrides)
     while True:
         tick = next_tick(cfg.retrain.schedule, cfg.retrain.timezone)
         print(f"[retrain] next cycle of {cfg.name} at {tick.isoformat()} ({cfg.retrain.schedule!r}, "
@@ -78,7 +80,7 @@ def scheduler(path: str) -> int:
         while (left := (tick - datetime.now(tick.tzinfo)).total_seconds()) > 0:
             time.sleep(min(left, 30.0))
         try:
-            cfg = _load(path)
+            cfg = _load(path, overrides)
             run_cycle(cfg)
         except CycleRefused as err:
             print(f"[retrain] {err}", flush=True)
@@ -88,12 +90,12 @@ def scheduler(path: str) -> int:
             print(f"[retrain] the cycle failed; it resumes at the next tick:\n{traceback.format_exc()}", flush=True)
 
 
-def status(path: str) -> int:
+def status(path: str, overrides: list[str] = ()) -> int:
     from pipelines.retraining.cycle import cycles_root, lock_uri, next_cycle
     from pipelines.retraining.lease import read_lease
     from pipelines.retraining.registry import Registry
 
-    cfg = _load(path)
+    cfg = _load(path, overrides)
     registry = Registry(cfg)
     print(f"{cfg.name}: registry {registry.uri}, model {registry.name!r}; cycles under {cycles_root(cfg)}")
     print(f"schedule {cfg.retrain.schedule!r} ({cfg.retrain.timezone}); next tick "
@@ -129,20 +131,26 @@ def status(path: str) -> int:
     return 0
 
 
-def rollback_command(path: str, to: int | None) -> int:
+def rollback_command(path: str, to: int | None, overrides: list[str] = ()) -> int:
     from pipelines.retraining.cycle import rollback
 
-    rollback(_load(path), to)
+    rollback(_load(path, overrides), to)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    return stoppable("[retrain]", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     config_help = "pipeline definition (YAML) with a `retrain` section"
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)  # before or after the command
+    add_set_argument(common, default=argparse.SUPPRESS)  # --set before the command stays when none follows it
     parser = argparse.ArgumentParser(prog="pipelines/retrain.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=config_help)
+    add_set_argument(parser)
     parser.add_argument("--once", action="store_true", help="run one cycle now and exit")
     parser.add_argument("--force", action="store_true", help="with --once: train even without new rows")
     sub = parser.add_subparsers(dest="command")
@@ -154,16 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--config is required")
     try:
         if args.command == "status":
-            return status(args.config)
+            return status(args.config, args.set)
         if args.command == "rollback":
-            return rollback_command(args.config, args.to)
-        return once(args.config, args.force) if args.once else scheduler(args.config)
+            return rollback_command(args.config, args.to, args.set)
+        return once(args.config, args.force, args.set) if args.once else scheduler(args.config, args.set)
     except (PipelineConfigError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("[retrain] stopped", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -1106,6 +1106,13 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
     return data
 
 
+def add_set_argument(parser, default: Any = None) -> None:
+    """The `--set KEY.PATH=VALUE` option every entry point that reads a definition takes (an
+    argparse parser); pass its list to `load_pipeline_config`."""
+    parser.add_argument("--set", action="append", default=[] if default is None else default, metavar="KEY.PATH=VALUE",
+                        help="override one field of the definition (value read as YAML); repeatable")
+
+
 def apply_values(data: dict, values: dict[str, Any], source: str) -> dict:
     """Like `apply_overrides` with values already parsed: {"cluster.namespace": "ml", ...}."""
     data = dict(data)

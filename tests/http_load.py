@@ -21,6 +21,7 @@ class Outcome:
     model: str | None  # the x-swd-model header
     body: bytes | str | None  # the PNG/JSON bytes of a 200, the text of anything else
     error: str | None = None
+    seconds: float = 0.0  # from sent to answered
 
     @property
     def ok(self) -> bool:
@@ -38,9 +39,10 @@ class Load:
             sent = time.monotonic()
             try:
                 r = self._send()
-                out = Outcome(sent, r.status_code, r.headers.get("x-swd-model"), r.content if r.ok else r.text[:300])
+                out = Outcome(sent, r.status_code, r.headers.get("x-swd-model"), r.content if r.ok else r.text[:300],
+                              seconds=time.monotonic() - sent)
             except Exception as e:  # noqa: BLE001 - recorded, then checked by the test
-                out = Outcome(sent, None, None, None, f"{type(e).__name__}: {e}")
+                out = Outcome(sent, None, None, None, f"{type(e).__name__}: {e}", time.monotonic() - sent)
             with self._lock:
                 self.outcomes.append(out)
 

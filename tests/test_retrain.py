@@ -5,6 +5,7 @@ champion under load, rollback, and the lock between two cycles of one definition
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -80,6 +81,24 @@ def switch_to(load: Load, base: str, model: str, timeout: float = 60) -> list:
     return after
 
 
+def replica_pids() -> dict[str, int]:
+    """Each replica of the app (Serve's named replica actors, one name per replica) and its pid."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP}#")]
+    return {n: ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(lambda _: os.getpid())) for n in names}
+
+
+def check_no_restart(load: Load, before: dict[str, int]) -> None:
+    """A promotion or rollback is a reconfigure in place: the same replica processes, and no
+    request waits for a new replica (one took 35 s when the swap restarted them)."""
+    assert replica_pids() == before, (before, replica_pids())
+    assert {n.split("#")[1] for n in before} == {"Generator", "Ingress"}
+    times = sorted(o.seconds for o in load.outcomes)
+    assert times[-1] < max(5 * times[len(times) // 2], 8.0), times  # a few batch times at most
+
+
 def retrain_cli(path: Path, *args, cluster=None, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **({"RAY_ADDRESS": cluster.address} if cluster else {}))
     return subprocess.run([sys.executable, "pipelines/retrain.py", *args, "--config", str(path)], cwd=ROOT, env=env,
@@ -116,10 +135,12 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
 
         # more rows arrive; cycle 2 encodes only those, trains v1 further, passes and is served
         cfg = parse_pipeline_config(definition(tmp_path, rows=96))
+        pids = replica_pids()
         with Load(generate(base)) as load:
             load.wait_for(1)  # the load is on v1 before the cycle starts
             second = run_cycle(cfg)
             switch_to(load, base, "nightly-swd-v2")  # and continues on v2
+        check_no_restart(load, pids)  # new data changed the definition, not what a replica runs
         assert second["new_rows"] == 32 and second["rows"] == 96
         assert second["warm_start"] == first["checkpoint"] and second["start_step"] == 2
         assert checkpoint_steps(run_dir / "cycles" / "cycle-0002") == [4]  # went on from step 2, not from 0
@@ -132,21 +153,38 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
 
         # cycle 3, from the command line: no new rows, so only --force trains; it cannot pass (a
         # margin no model meets): registered, not promoted, serving stays on v2. A cycle started
-        # meanwhile finds the lock and changes nothing.
-        hard = definition(tmp_path, rows=96, margin=1e9)
+        # meanwhile finds the lock and changes nothing. The margin comes with --set.
+        hard = definition(tmp_path, rows=96)
         path = write(tmp_path, hard)
-        third = subprocess.Popen([sys.executable, "pipelines/retrain.py", "--once", "--force", "--config", str(path)],
-                                 cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS=ray_cluster.address),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        hard["retrain"]["gate"]["metrics"] = [{"name": "fd", "min_margin": 1e9}, {"name": "clip_score", "min_margin": 1e9}]
+        margin = ["--set", "retrain.gate.metrics=[{name: fd, min_margin: 1e9}, {name: clip_score, min_margin: 1e9}]"]
+        stopped = subprocess.Popen([sys.executable, "pipelines/retrain.py", "--once", "--force", "--config", str(path),
+                                    *margin], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS=ray_cluster.address))
         lock = Path(lock_uri(cfg))
         deadline = time.time() + 120
         while not lock.exists():
-            assert time.time() < deadline and third.poll() is None, "cycle 3 never took the lock"
+            assert time.time() < deadline and stopped.poll() is None, "cycle 3 never took the lock"
             time.sleep(0.1)
         with pytest.raises(CycleRefused, match="another retraining cycle of 'nightly' is running"):
             run_cycle(parse_pipeline_config(hard))
-        out3, _ = third.communicate(timeout=600)
+        # SIGTERM as it starts training: handled as Ctrl-C is, the lock released, exit 143, no
+        # stack dump; the next cycle resumes this one
+        lines = []
+        for line in stopped.stdout:
+            lines.append(line)
+            if "training 2 steps from v2's checkpoint" in line:
+                stopped.send_signal(signal.SIGTERM)
+                break
+        out_stopped = "".join(lines) + stopped.communicate(timeout=300)[0]
+        assert stopped.returncode == 143, out_stopped[-4000:]
+        assert out_stopped.count("[retrain] SIGTERM received: stopping") == 1, out_stopped[-4000:]
+        assert "SIGTERM received at time" not in out_stopped and "Traceback" not in out_stopped, out_stopped[-4000:]
+        assert not lock.exists()  # released, not left to expire
+        third = retrain_cli(path, "--once", "--force", *margin, cluster=ray_cluster)
+        out3 = third.stdout + third.stderr
         assert third.returncode == 0, out3[-4000:]
+        assert "cycle-0003 (resumed: it did not finish)" in out3
         assert "store: 96 rows, 0 new this cycle" in out3 and "training 2 steps from v2's checkpoint" in out3
         result = json.loads((run_dir / "cycles" / "cycle-0003" / "cycle.json").read_text())
         assert result["cycle"] == "cycle-0003" and result["version"] == 3 and not result["promoted"]
@@ -164,6 +202,7 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
             assert rb.returncode == 0, rb.stdout + rb.stderr
             switch_to(load, base, "nightly-swd-v1")
         assert not load.failures(), load.failures()[:5]
+        check_no_restart(load, pids)
         assert {o.model for o in load.outcomes} == {"nightly-swd-v2", "nightly-swd-v1"}
         assert Registry(cfg).champion().number == 1
 

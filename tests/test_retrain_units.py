@@ -345,3 +345,20 @@ def test_the_scheduler_outlives_a_failed_cycle_a_broken_definition_and_a_refused
     assert "the definition no longer validates; skipping this tick" in out and "retrain.steps 50" in out
     assert "another retraining cycle is running" in out
     assert out.count("[retrain] next cycle of") == 4  # the fifth tick stopped it
+
+
+def test_retrain_takes_set_as_distill_does(tmp_path, capsys):
+    """`--set` before or after the command, applied before validation, refused with what is wrong."""
+    from pipelines import retrain
+
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(with_retrain()))
+    name = with_retrain()["name"]
+    for where, argv in (("a", ["status", "--config", str(path), "--set", f"resources.storage={tmp_path / 'a'}"]),
+                        ("b", ["--set", f"resources.storage={tmp_path / 'b'}", "status", "--config", str(path)])):
+        assert retrain.main(argv) == 0
+        assert f"cycles under {tmp_path / where}/{name}/cycles" in capsys.readouterr().out
+    assert retrain.main(["--config", str(path), "--once", "--set", "retrain.stepz=8"]) == 2
+    assert "unknown field 'retrain.stepz' (did you mean 'retrain.steps'?)" in capsys.readouterr().err
+    assert retrain.main(["--config", str(path), "--once", "--set", "retrain.steps=6"]) == 2
+    assert "retrain.steps 6 is not a multiple" in capsys.readouterr().err

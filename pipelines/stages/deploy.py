@@ -41,7 +41,7 @@ def run(cfg: PipelineConfig) -> dict:
         try:
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            print(f"[deploy] interrupted: stopping {name}", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (pipelines/stopping.py): the app goes with the process
             serve.shutdown()
+            raise
     return {"app": name, "url": url, "model": model}
