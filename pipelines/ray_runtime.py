@@ -92,7 +92,7 @@ def ensure_ray(cfg=None) -> None:
     # env given here would replace it, so it is only set when joining or starting a cluster directly.
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     kwargs = {} if in_job else {"runtime_env": {"env_vars": worker_env()}}
-    ray.init(ignore_reinit_error=True, logging_level="WARNING", log_to_driver=True, **kwargs)
-    from pipelines.stopping import install
+    from pipelines.stopping import across_ray_init
 
-    install()  # ray.init replaced the entry point's SIGTERM handler (pipelines/stopping.py says why)
+    with across_ray_init():  # ray.init replaces the entry point's SIGTERM handler (pipelines/stopping.py)
+        ray.init(ignore_reinit_error=True, logging_level="WARNING", log_to_driver=True, **kwargs)

@@ -8,7 +8,7 @@ longer than that (leaving a Ray Data execution, shutting Serve down) ends in SIG
 
 `stoppable` installs a handler that does what Ctrl-C does at that moment (Ray Train's handler
 during `fit` aborts the run gracefully; otherwise a KeyboardInterrupt), after one line saying so;
-`ensure_ray` installs it again after `ray.init`. `finally` blocks then run as on Ctrl-C: the
+`ensure_ray` installs it again after `ray.init` (`across_ray_init`). `finally` blocks then run as on Ctrl-C: the
 retrain lock is released, Serve is shut down, checkpoints are left as the last one was written.
 The process exits 143 (128 + SIGTERM), 130 on Ctrl-C.
 """
@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 
 _prefix: str | None = None  # set while an entry point runs under `stoppable`
 _received: int | None = None  # the stop signal that came, if any
@@ -54,9 +55,25 @@ def install() -> None:
             signal.signal(signal.SIGINT, _on_signal)
 
 
+@contextmanager
+def across_ray_init():
+    """Around `ray.init`, which puts Ray's SIGTERM handler (`sys.exit(15)`) in place of ours: a
+    SIGTERM during it is taken as ours, and ours is installed again after it."""
+    try:
+        yield
+    except SystemExit as err:
+        if _prefix is None or err.code != signal.SIGTERM:
+            raise
+        signal.alarm(0)  # the abort timer of Ray's C-level handler, if it saw the signal first
+        _on_signal(signal.SIGTERM, None)
+    install()
+
+
 def stoppable(prefix: str, main: Callable[[], int]) -> int:
     """Run `main` with SIGTERM handled like Ctrl-C; its exit code, or 128 + the stop signal."""
     global _prefix, _received
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) if main_thread else None
     _prefix, _received = prefix, None
     install()
     try:
@@ -69,6 +86,6 @@ def stoppable(prefix: str, main: Callable[[], int]) -> int:
         return 128 + (_received or signal.SIGINT)
     finally:
         _prefix = None
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if before is not None:  # a caller in the same process (tests, `swd`) gets its handlers back
+            signal.signal(signal.SIGTERM, before[0] if before[0] is not None else signal.SIG_DFL)
+            signal.signal(signal.SIGINT, before[1] if before[1] is not None else signal.default_int_handler)

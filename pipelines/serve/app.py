@@ -15,6 +15,7 @@ from pathlib import Path
 from ray.serve import Application
 
 from pipelines.ray_compat import deployment_version
+from pipelines.ray_runtime import JOB_ENV_VARS
 from pipelines.schema import PipelineConfig, load_pipeline_config, parse_pipeline_config
 from pipelines.serve.generator import Generator
 from pipelines.serve.ingress import Ingress
@@ -24,6 +25,13 @@ from pipelines.serve.replica import ReplicaConfig
 # The ingress only validates and awaits handles: it holds many requests at once and needs no
 # CPU reservation (which would take a core from the generator on a small node).
 INGRESS_MAX_ONGOING = 1000
+
+
+def replica_runtime_env() -> dict:
+    """The replicas' own runtime env. Without one, `serve.run` gives them the deploying driver's
+    (a terminal's, a CronJob's, a test's), which is part of Serve's version: a rollback from
+    another process than the promotion's would restart every replica."""
+    return {"env_vars": {**JOB_ENV_VARS, "OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def app_name(cfg: PipelineConfig) -> str:
@@ -47,7 +55,8 @@ def generator_options(cfg: PipelineConfig) -> dict:
     opts = {
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
-        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
+                              "runtime_env": replica_runtime_env()},
         "user_config": model_user_config(cfg),
         "health_check_period_s": 10,
     }
@@ -65,7 +74,8 @@ def ingress_options(cfg: PipelineConfig) -> dict:
     # Backpressure is the generator's (its queue limit becomes a JSON 503 with a message); the
     # ingress queue is only a last guard, so the proxy's plain-text 503 stays rare.
     return {"num_replicas": 1, "max_ongoing_requests": INGRESS_MAX_ONGOING,
-            "max_queued_requests": INGRESS_MAX_ONGOING, "ray_actor_options": {"num_cpus": 0}}
+            "max_queued_requests": INGRESS_MAX_ONGOING,
+            "ray_actor_options": {"num_cpus": 0, "runtime_env": replica_runtime_env()}}
 
 
 def code_version(args: dict) -> str:
