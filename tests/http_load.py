@@ -29,8 +29,10 @@ class Outcome:
 
 
 class Load:
-    def __init__(self, send: Callable[[], requests.Response], threads: int = 1):
-        self._send, self.outcomes = send, []
+    def __init__(self, send: Callable[[], requests.Response], threads: int = 1, pause: float = 0.0):
+        """`pause`: seconds each thread waits between its requests (a steady stream that leaves
+        the server's CPU to whatever else the test runs)."""
+        self._send, self._pause, self.outcomes = send, pause, []
         self._stop, self._lock = threading.Event(), threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
@@ -45,6 +47,7 @@ class Load:
                 out = Outcome(sent, None, None, None, f"{type(e).__name__}: {e}", time.monotonic() - sent)
             with self._lock:
                 self.outcomes.append(out)
+            self._stop.wait(self._pause)
 
     def __enter__(self) -> Load:
         for t in self._threads:

@@ -5,7 +5,6 @@ import io
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -259,21 +258,6 @@ def test_rerun_resumes_and_continues_the_step_count(store_dir, ray_cluster, lora
     assert "distill.steps: 2 -> 4" in tracked.data.tags["definition_changes.after_step_2"]
     assert {"checkpoints/step_000002/samples.png", "checkpoints/step_000004/samples.png", "curves.png"} <= artifacts
     assert "MLflow run " + tracking["run_id"] + " (continued after step 2)" in out2
-
-    # SIGTERM (how Kubernetes stops a pod) as the finished run is submitted again and resumes: handled
-    # as Ctrl-C is (Ray Train's graceful abort), one line, exit 143; no stack dump from Ray's C-level
-    # failure handler nor its SIGABRT 3 s later; the checkpoints as they were (the run below)
-    proc = _run_cli(second, store_dir, ray_cluster, "resume3-stopped")
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "resumed from checkpoint at step 4" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    stopped = "".join(lines) + proc.communicate(timeout=300)[0]
-    assert proc.returncode == 143, stopped[-4000:]
-    assert stopped.count("[pipeline] SIGTERM received: stopping") == 1, stopped[-4000:]
-    assert "SIGTERM received at time" not in stopped and "Traceback" not in stopped, stopped[-4000:]
 
     # the finished run, submitted again: it resumes at its last step, trains and exports nothing,
     # and names the exported student again

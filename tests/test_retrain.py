@@ -136,7 +136,7 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         # more rows arrive; cycle 2 encodes only those, trains v1 further, passes and is served
         cfg = parse_pipeline_config(definition(tmp_path, rows=96))
         pids = replica_pids()
-        with Load(generate(base)) as load:
+        with Load(generate(base), pause=0.5) as load:
             load.wait_for(1)  # the load is on v1 before the cycle starts
             second = run_cycle(cfg)
             switch_to(load, base, "nightly-swd-v2")  # and continues on v2
@@ -197,7 +197,7 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         assert "FAIL" in registry.version(3).tags["gate_report"] and registry.version(3).tags["gate"] == "failed"
 
         # rollback moves the champion, and serving, back to v1
-        with Load(generate(base)) as load:
+        with Load(generate(base), pause=0.5) as load:
             load.wait_for(1)
             rb = retrain_cli(path, "rollback", cluster=ray_cluster)
             assert rb.returncode == 0, rb.stdout + rb.stderr
