@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swd_core.lora import DEFAULT_TARGETS
+from swd_core.loss_settings import MMD_KERNELS, LossSettings
 from swd_core.schedules import GRID_STEPS, PRESETS, ScaleSchedule, family_sigma_grid, preset
 
 # Patch size per model family, so schedules can be validated before any weights are loaded.
@@ -219,41 +220,46 @@ def _check_grid_range(v: tuple[int, int]) -> tuple[int, int]:
 
 
 GridRange = Annotated[tuple[int, int], AfterValidator(_check_grid_range)]
+LOSS = LossSettings()  # the algorithm's defaults (swd_core): the loss sections offer them
 
 
 class MMDLoss(Strict):
     """The MMD term: the student's and the real images' transformer features at a shared noise level."""
 
-    weight: Annotated[float, Field(ge=0)] = Field(1.0, description="Weight of the term in the generator loss; 0: off.")
-    kernel: Literal["linear", "rbf"] = Field(
-        "linear", description="`linear`: a pseudo-Huber distance between mean features; `rbf`: token-level MMD² "
-                              "with a Gaussian kernel.")
-    c: Annotated[float, Field(gt=0)] = Field(1e-3, description="`linear` only: the pseudo-Huber constant.")
-    rbf_bandwidth: Annotated[float, Field(gt=0)] = Field(100.0, description="`rbf` only: the kernel bandwidth h.")
+    weight: Annotated[float, Field(ge=0)] = Field(
+        LOSS.mmd_weight, description="Weight of the term in the generator loss; 0: off.")
+    kernel: Literal[MMD_KERNELS] = Field(
+        LOSS.mmd_kernel, description="`linear`: a pseudo-Huber distance between mean features; `rbf`: token-level "
+                                     "MMD² with a Gaussian kernel.")
+    c: Annotated[float, Field(gt=0)] = Field(LOSS.mmd_c, description="`linear` only: the pseudo-Huber constant.")
+    rbf_bandwidth: Annotated[float, Field(gt=0)] = Field(
+        LOSS.rbf_bandwidth, description="`rbf` only: the kernel bandwidth h.")
     grid_range: GridRange = Field(
-        (18, 28), description="[low, high) indices into the 28-step sigma grid where the noise level is drawn; "
-                              "the default, sigma <= 0.602, compares fine detail.")
+        LOSS.mmd_range, description="[low, high) indices into the 28-step sigma grid where the noise level is "
+                                    "drawn; the default, sigma <= 0.602, compares fine detail.")
 
 
 class DMDLoss(Strict):
     """The distribution-matching (DMD) term: the teacher's guided score against the fake score."""
 
-    weight: Annotated[float, Field(ge=0)] = Field(1.0, description="Weight of the term in the generator loss; 0: off.")
+    weight: Annotated[float, Field(ge=0)] = Field(
+        LOSS.dmd_weight, description="Weight of the term in the generator loss; 0: off.")
     guidance_scale: Annotated[float, Field(ge=0)] = Field(
-        7.0, description="Classifier-free guidance scale of the teacher's score (1: no guidance).")
+        LOSS.guidance_scale, description="Classifier-free guidance scale of the teacher's score (1: no guidance).")
     grid_range: GridRange = Field(
-        (12, 28), description="[low, high) indices into the 28-step sigma grid where the noise level is drawn.")
+        LOSS.dmd_range, description="[low, high) indices into the 28-step sigma grid where the noise level is drawn.")
     min_scale: Annotated[int, Field(ge=0)] = Field(
-        0, description="DMD only at scales (latent side) >= this, for a teacher whose scores at small scales are "
-                       "off its training distribution; 0: every scale (the paper).")
+        LOSS.dmd_min_scale, description="DMD only at scales (latent side) >= this, for a teacher whose scores at "
+                                        "small scales are off its training distribution; 0: every scale (the paper).")
 
 
 class GANLoss(Strict):
     """The GAN term: a head on the fake score's features tells real from generated images."""
 
-    weight: Annotated[float, Field(ge=0)] = Field(5e-3, description="Weight of the generator's GAN term; 0: off.")
+    weight: Annotated[float, Field(ge=0)] = Field(
+        LOSS.gan_weight, description="Weight of the generator's GAN term; 0: off.")
     discriminator_weight: Annotated[float, Field(ge=0)] = Field(
-        1e-2, description="Weight of the discriminator loss in the fake-score update.")
+        LOSS.discriminator_weight, description="Weight of the discriminator loss in the fake-score update.")
 
 
 class LossesConfig(Strict):
@@ -263,13 +269,24 @@ class LossesConfig(Strict):
     dmd: DMDLoss = Field(DMDLoss(), description="The DMD term.")
     gan: GANLoss = Field(GANLoss(), description="The GAN term.")
     feature_block: Annotated[int, Field(ge=0)] = Field(
-        11, description="0-based transformer block whose image tokens feed MMD and the GAN head.")
+        LOSS.feature_block, description="0-based transformer block whose image tokens feed MMD and the GAN head.")
 
     @model_validator(mode="after")
-    def _something_to_learn(self):
-        if self.mmd.weight == self.dmd.weight == self.gan.weight == 0:
-            raise ValueError("all loss weights are 0: enable at least one of mmd, dmd, gan")
+    def _valid_settings(self):
+        self.settings()  # LossSettings' own checks (at least one weight above 0)
         return self
+
+    def settings(self, grid: tuple[float, ...] | None = None) -> LossSettings:
+        """The section as the algorithm takes it; `grid`: the run's sigma grid the ranges index."""
+        m, d, g = self.mmd, self.dmd, self.gan
+        return LossSettings(
+            feature_block=self.feature_block,
+            mmd_weight=m.weight, mmd_kernel=m.kernel, mmd_c=m.c, rbf_bandwidth=m.rbf_bandwidth,
+            mmd_range=tuple(m.grid_range),
+            dmd_weight=d.weight, guidance_scale=d.guidance_scale, dmd_range=tuple(d.grid_range),
+            dmd_min_scale=d.min_scale,
+            gan_weight=g.weight, discriminator_weight=g.discriminator_weight,
+            grid=grid)
 
 
 class LoRAConfig(Strict):

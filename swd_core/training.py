@@ -25,41 +25,10 @@ from torch import nn
 from swd_core.adapters.base import FamilyAdapter, TextEmbeddings
 from swd_core.gan_head import GANHead
 from swd_core.losses import dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss, mmd_linear, mmd_rbf
+from swd_core.loss_settings import LossSettings
 from swd_core.lora import FAKE, STUDENT, TEACHER, adapter_parameters, use_role
 from swd_core.scale_ops import add_noise, upscale_latents, x0_from_velocity
-from swd_core.schedules import GRID_STEPS, ScaleSchedule, sample_grid_sigmas
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """Weights and noise ranges of the generator loss L = w_mmd·MMD + w_dmd·DMD + w_gan·GAN.
-
-    A weight of 0 removes the term and its network passes (MMD-only training runs no teacher).
-    Ranges are [low, high) indices into the 28-step sigma grid. DMD runs only where the latent
-    side is >= `dmd_min_scale`.
-    """
-
-    feature_block: int = 11
-    mmd_weight: float = 1.0
-    mmd_kernel: str = "linear"
-    mmd_c: float = 1e-3
-    rbf_bandwidth: float = 100.0
-    mmd_range: tuple[int, int] = (18, 28)
-    dmd_weight: float = 1.0
-    guidance_scale: float = 7.0
-    dmd_range: tuple[int, int] = (12, 28)
-    dmd_min_scale: int = 0
-    gan_weight: float = 5e-3
-    discriminator_weight: float = 1e-2
-    fake_range: tuple[int, int] = (0, GRID_STEPS)
-    # the run's sigma grid the ranges index (`schedules.family_sigma_grid`); None: SD3's
-    grid: tuple[float, ...] | None = None
-
-    def __post_init__(self):
-        if self.mmd_kernel not in ("linear", "rbf"):
-            raise ValueError(f"mmd_kernel {self.mmd_kernel!r}: allowed 'linear', 'rbf'")
-        if self.mmd_weight == self.dmd_weight == self.gan_weight == 0:
-            raise ValueError("all loss weights are 0: nothing to train")
+from swd_core.schedules import ScaleSchedule, sample_grid_sigmas
 
 
 class Networks:
@@ -173,30 +142,30 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _randn(shape, rng: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Noise drawn from a CPU generator, then moved: the same numbers on every device, so a run's
     noise does not depend on where it trains (and resumes exactly)."""
-    return _to_device(torch.randn(shape, generator=generator), device)
+    return _to_device(torch.randn(shape, generator=rng), device)
 
 
-def _noised_at(like: torch.Tensor, grid_range: tuple[int, int], generator: torch.Generator | None,
+def _noised_at(like: torch.Tensor, grid_range: tuple[int, int], rng: torch.Generator | None,
                grid: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(σ per sample at indices of `grid` uniform in `grid_range`, ε shaped like `like`), on its
-    device; σ is drawn first, then ε, from the one generator."""
+    device; σ is drawn first, then ε, from the one `rng`."""
     grid = None if grid is None else torch.tensor(grid, dtype=torch.float32)
-    sigma = _to_device(sample_grid_sigmas(like.shape[0], *grid_range, generator=generator, grid=grid), like.device)
-    return sigma, _randn(like.shape, generator, like.device)
+    sigma = _to_device(sample_grid_sigmas(like.shape[0], *grid_range, generator=rng, grid=grid), like.device)
+    return sigma, _randn(like.shape, rng, like.device)
 
 
 def student_input(latents: dict[int, torch.Tensor], schedule: ScaleSchedule, i: int,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's input at step i (shared by the batch): pure noise at s_0 for i = 0 (as at
     inference), else (1−σ_i)·bicubic(z_{i−1}, s_i) + σ_i·ε from the real latents at s_{i−1}.
     Returns (x, σ per sample)."""
     s_i = schedule.scales[i]
     first = next(iter(latents.values()))
     batch, channels = first.shape[:2]
-    eps = _randn((batch, channels, s_i, s_i), generator, first.device)
+    eps = _randn((batch, channels, s_i, s_i), rng, first.device)
     sigma = torch.full((batch,), float(schedule.sigmas[i]), device=first.device)
     if i == 0:
         return eps, sigma
@@ -205,13 +174,13 @@ def student_input(latents: dict[int, torch.Tensor], schedule: ScaleSchedule, i: 
 
 
 def student_samples(nets: Networks, batches: list[tuple[TextEmbeddings, dict[int, torch.Tensor]]],
-                    schedule: ScaleSchedule, i: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                    schedule: ScaleSchedule, i: int, rng: torch.Generator | None = None) -> list[torch.Tensor]:
     """The student's clean predictions x0 at step i for several (text, latents) batches, from one
     transformer call over all of them (fewer, larger kernels than a call per batch). Inputs are
     drawn batch by batch, as `student_input` would one at a time."""
     if not batches:
         return []
-    inputs = [student_input(latents, schedule, i, generator) for _, latents in batches]
+    inputs = [student_input(latents, schedule, i, rng) for _, latents in batches]
     x = torch.cat([x for x, _ in inputs])
     sigma = torch.cat([sigma for _, sigma in inputs])
     text = TextEmbeddings.cat([t.expand(len(x_b)) for (t, _), (x_b, _) in zip(batches, inputs)])
@@ -221,62 +190,104 @@ def student_samples(nets: Networks, batches: list[tuple[TextEmbeddings, dict[int
 
 def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text: TextEmbeddings,
                    uncond: TextEmbeddings, settings: LossSettings,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The student's loss on its clean prediction x0 at scale s_i against real latents z_i.
-    Call inside `frozen(nets.fake_parameters())`. The logged terms are detached 0-dim tensors:
-    reading them (`logged_floats`) waits for the GPU, so the trainer does it once per iteration."""
+                   rng: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The student's loss L = w_mmd·MMD + w_dmd·DMD + w_gan·GAN on its clean prediction x0 at scale s_i.
+
+    Call inside `frozen(nets.fake_parameters())`: gradients reach the student through the fake
+    network's features, never the fake network itself.
+
+    Args:
+        nets: the teacher, student and fake-score views.
+        x0: the student's clean prediction (B, C, s_i, s_i), with its graph.
+        z_real: the real latents at s_i.
+        text: the batch's text embeddings; `uncond`: the empty prompt's, for the teacher's CFG.
+        settings: the weights and noise ranges; a weight of 0 skips its term and its passes.
+        rng: the CPU generator of the iteration's noise.
+
+    Returns:
+        (the loss, its logged terms): the terms are detached 0-dim tensors; reading them
+        (`logged_floats`) waits for the GPU, so the trainer does it once per iteration.
+    """
+    dmd_weight = settings.dmd_weight if x0.shape[-1] >= settings.dmd_min_scale else 0.0
+    fake = _generator_fake_passes(nets, x0, z_real, text, settings, dmd_weight > 0, rng)
     total = x0.new_zeros(())
     terms: dict[str, torch.Tensor] = {}
-    dmd_weight = settings.dmd_weight if x0.shape[-1] >= settings.dmd_min_scale else 0.0
-    mmd_on, adversarial = settings.mmd_weight > 0, dmd_weight > 0 or settings.gan_weight > 0
-    if mmd_on:
-        # Real and generated latents noised with the same ε and σ, compared in feature space.
-        sigma_mmd, eps = _noised_at(x0, settings.mmd_range, generator, settings.grid)
-        x_mmd = add_noise(x0, eps, sigma_mmd)
-        with torch.no_grad():
-            _, feat_real = nets.fake(add_noise(z_real.float(), eps, sigma_mmd), sigma_mmd, text, features_only=True)
-    if adversarial:
-        # One fake pass serves both terms: its velocity (detached) for DMD, its features for the GAN.
-        sigma, eps = _noised_at(x0, settings.dmd_range, generator, settings.grid)
-        x_t = add_noise(x0, eps, sigma)
-    if mmd_on and settings.gan_weight > 0:  # both fake passes on x0 need gradients: one call
-        v_fake, feats, feat_fake = _fake_pair(nets, (x_t, sigma), (x_mmd, sigma_mmd), text, velocity=dmd_weight > 0)
-    else:
-        if mmd_on:
-            _, feat_fake = nets.fake(x_mmd, sigma_mmd, text, features_only=True)
-        if adversarial:
-            with torch.no_grad() if settings.gan_weight == 0 else nullcontext():
-                v_fake, feats = nets.fake(x_t, sigma, text, features_only=dmd_weight == 0)
-    if mmd_on:
+
+    # MMD: the real and generated latents' features, at the same noise
+    if settings.mmd_weight > 0:
         if settings.mmd_kernel == "linear":
-            mmd = mmd_linear(feat_real, feat_fake, settings.mmd_c)
+            mmd = mmd_linear(fake.real_features, fake.mmd_features, settings.mmd_c)
         else:
-            mmd = mmd_rbf(feat_real, feat_fake, settings.rbf_bandwidth)
+            mmd = mmd_rbf(fake.real_features, fake.mmd_features, settings.rbf_bandwidth)
         total = total + settings.mmd_weight * mmd
         terms["mmd"] = mmd.detach()
+
+    # DMD: the teacher's guided denoising of x_t against the fake score's
     if dmd_weight > 0:
-        x_t_detached = x_t.detach()
-        v_teacher = nets.teacher_cfg(x_t_detached, sigma, text, uncond, settings.guidance_scale)
-        x0_teacher = x0_from_velocity(x_t_detached, v_teacher, sigma)
-        x0_fake = x0_from_velocity(x_t_detached, v_fake.detach(), sigma)
+        x_t, sigma = fake.x_t.detach(), fake.sigma
+        v_teacher = nets.teacher_cfg(x_t, sigma, text, uncond, settings.guidance_scale)
+        x0_teacher = x0_from_velocity(x_t, v_teacher, sigma)
+        x0_fake = x0_from_velocity(x_t, fake.velocity.detach(), sigma)
         dmd = dmd_loss(x0, x0_teacher, x0_fake)
         total = total + dmd_weight * dmd
         terms["dmd"] = dmd.detach()
+
+    # GAN: the head's verdict on the fake network's features of x_t
     if settings.gan_weight > 0:
-        gan = gan_generator_loss(nets.head(feats))
+        gan = gan_generator_loss(nets.head(fake.features))
         total = total + settings.gan_weight * gan
         terms["gan_g"] = gan.detach()
+
     terms["generator"] = total.detach()
     return total, terms
 
 
+@dataclass
+class _FakePasses:
+    """What the fake network saw of x0 for the generator loss; None where no term reads it."""
+
+    real_features: torch.Tensor | None = None  # MMD: features of the noised real latents (no graph)
+    mmd_features: torch.Tensor | None = None  # MMD: features of x0 at the same σ and ε
+    x_t: torch.Tensor | None = None  # DMD and GAN: x0 noised at σ in `dmd_range`
+    sigma: torch.Tensor | None = None
+    velocity: torch.Tensor | None = None  # DMD: the fake score at x_t
+    features: torch.Tensor | None = None  # GAN: features of x_t
+
+
+def _generator_fake_passes(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text: TextEmbeddings,
+                           settings: LossSettings, dmd_on: bool, rng: torch.Generator | None) -> _FakePasses:
+    """The fake network's passes of `generator_loss`, as few as its terms allow. Noise is drawn
+    MMD's first, then DMD's and GAN's (one x_t serves both): the order fixes a seed's numbers."""
+    mmd_on, gan_on = settings.mmd_weight > 0, settings.gan_weight > 0
+    out = _FakePasses()
+    if mmd_on:
+        sigma_mmd, eps = _noised_at(x0, settings.mmd_range, rng, settings.grid)
+        x_mmd = add_noise(x0, eps, sigma_mmd)
+        with torch.no_grad():
+            _, out.real_features = nets.fake(add_noise(z_real.float(), eps, sigma_mmd), sigma_mmd, text,
+                                             features_only=True)
+    if dmd_on or gan_on:
+        out.sigma, eps = _noised_at(x0, settings.dmd_range, rng, settings.grid)
+        out.x_t = add_noise(x0, eps, out.sigma)
+    if mmd_on and gan_on:  # both passes on x0 need gradients: one call
+        out.velocity, out.features, out.mmd_features = _fake_pair(nets, (out.x_t, out.sigma), (x_mmd, sigma_mmd),
+                                                                  text, velocity=dmd_on)
+        return out
+    if mmd_on:
+        _, out.mmd_features = nets.fake(x_mmd, sigma_mmd, text, features_only=True)
+    if dmd_on or gan_on:
+        with nullcontext() if gan_on else torch.no_grad():  # DMD reads the velocity without its graph
+            out.velocity, out.features = nets.fake(out.x_t, out.sigma, text, features_only=not dmd_on)
+    return out
+
+
 def fake_update_loss(nets: Networks, x0_sample: torch.Tensor, z_real: torch.Tensor, text: TextEmbeddings,
-                     settings: LossSettings, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     settings: LossSettings, rng: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fake-score network's loss on stop-grad student samples: x0-prediction MSE at a grid
     index uniform in [0, 28), plus `discriminator_weight` × the GAN discriminator loss on real and
     generated latents noised with the same ε and σ."""
     x0_sample = x0_sample.detach().float()
-    sigma, eps = _noised_at(x0_sample, settings.fake_range, generator, settings.grid)
+    sigma, eps = _noised_at(x0_sample, settings.fake_range, rng, settings.grid)
     x_t = add_noise(x0_sample, eps, sigma)
     if settings.gan_weight > 0:
         v, feat_fake, feat_real = _fake_pair(nets, (x_t, sigma), (add_noise(z_real.float(), eps, sigma), sigma), text)

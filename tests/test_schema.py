@@ -182,3 +182,27 @@ def test_renames_are_only_reported_in_their_own_section():
     msg = _error(data)
     assert "synthesize.iterations: unknown field" in msg and "renamed" not in msg
     assert _model_at(PipelineConfig, ("retrain", "gate", "x")).__name__ == "GateConfig"
+
+
+def test_the_loss_section_builds_every_loss_setting_with_the_algorithms_defaults():
+    """`distill.losses` and `swd_core`'s `LossSettings` cannot drift: the section's defaults are
+    the settings' defaults, and every field of the section reaches its setting."""
+    from dataclasses import fields
+
+    from pipelines.schema import LossesConfig
+    from swd_core.training import LossSettings
+
+    assert LossesConfig().settings() == LossSettings()
+    given = {"feature_block": 3,
+             "mmd": {"weight": 0.5, "kernel": "rbf", "c": 0.25, "rbf_bandwidth": 7.0, "grid_range": [1, 2]},
+             "dmd": {"weight": 0.25, "guidance_scale": 3.0, "grid_range": [3, 4], "min_scale": 16},
+             "gan": {"weight": 0.125, "discriminator_weight": 0.0625}}
+
+    def leaves(section: dict) -> list[str]:
+        return sorted(f"{k}.{f}" if isinstance(v, dict) else k for k, v in section.items()
+                      for f in (v if isinstance(v, dict) else [None]))
+
+    assert leaves(given) == leaves(LossesConfig().model_dump())  # a new field of the section is given here
+    built, default = LossesConfig.model_validate(given).settings(grid=(1.0, 0.5)), LossSettings()
+    unset = [f.name for f in fields(LossSettings) if getattr(built, f.name) == getattr(default, f.name)]
+    assert unset == ["fake_range"]  # a setting the definition does not offer

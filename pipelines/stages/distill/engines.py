@@ -41,20 +41,12 @@ def deepspeed_config(cfg: PipelineConfig, lr: float, zero_stage: int, micro_batc
 
 
 def loss_settings(cfg: PipelineConfig):
+    """The definition's `distill.losses` as `swd_core.training.LossSettings`, on the run's sigma grid."""
     from swd_core.schedules import family_sigma_grid
-    from swd_core.training import LossSettings
 
-    losses = cfg.distill.losses
     # the grid the schedule's boundaries index: the loss ranges index the same one
     grid = family_sigma_grid(cfg.teacher.family, cfg.schedule().final_scale, cfg.teacher.resolved_patch_size)
-    return LossSettings(grid=tuple(grid.tolist()),
-        feature_block=losses.feature_block,
-        mmd_weight=losses.mmd.weight, mmd_kernel=losses.mmd.kernel, mmd_c=losses.mmd.c,
-        rbf_bandwidth=losses.mmd.rbf_bandwidth, mmd_range=tuple(losses.mmd.grid_range),
-        dmd_weight=losses.dmd.weight, guidance_scale=losses.dmd.guidance_scale, dmd_range=tuple(losses.dmd.grid_range),
-        dmd_min_scale=losses.dmd.min_scale,
-        gan_weight=losses.gan.weight, discriminator_weight=losses.gan.discriminator_weight,
-    )
+    return cfg.distill.losses.settings(grid=tuple(grid.tolist()))
 
 
 def build_networks(cfg: PipelineConfig, device: torch.device, separate_fake_base: bool = False):
@@ -112,15 +104,15 @@ def build_engines(cfg: PipelineConfig, nets, micro_batch: int, bf16: bool):
 
     d = cfg.distill
     student_module = nets.student_transformer if not nets.lora_student else torch.nn.ModuleDict({"base": nets.base})
-    engine_g, *_ = deepspeed.initialize(model=student_module, model_parameters=nets.student_parameters(),
-                                        config=deepspeed_config(cfg, d.lr, d.zero_stage, micro_batch, bf16),
-                                        lr_scheduler=lr_schedule(cfg, updates_per_step=1))
-    engine_f, *_ = deepspeed.initialize(model=torch.nn.ModuleDict({"base": nets.fake_base, "head": nets.head}),
-                                        model_parameters=nets.fake_parameters(),
-                                        config=deepspeed_config(cfg, d.fake_lr or d.lr, min(d.zero_stage, 2),
-                                                                micro_batch, bf16),
-                                        lr_scheduler=lr_schedule(cfg, updates_per_step=d.fake_updates))
-    return engine_g, engine_f
+    student_engine, *_ = deepspeed.initialize(model=student_module, model_parameters=nets.student_parameters(),
+                                              config=deepspeed_config(cfg, d.lr, d.zero_stage, micro_batch, bf16),
+                                              lr_scheduler=lr_schedule(cfg, updates_per_step=1))
+    fake_engine, *_ = deepspeed.initialize(model=torch.nn.ModuleDict({"base": nets.fake_base, "head": nets.head}),
+                                           model_parameters=nets.fake_parameters(),
+                                           config=deepspeed_config(cfg, d.fake_lr or d.lr, min(d.zero_stage, 2),
+                                                                   micro_batch, bf16),
+                                           lr_scheduler=lr_schedule(cfg, updates_per_step=d.fake_updates))
+    return student_engine, fake_engine
 
 
 def lr_schedule(cfg: PipelineConfig, updates_per_step: int):
