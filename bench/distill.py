@@ -106,7 +106,7 @@ def _case(args) -> dict:
 
     adapter, nets = build_networks(cfg, device, separate_fake_base=args.two_copies)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    engine_g, engine_f = build_engines(cfg, nets, args.batch, bf16=cuda)
+    student_engine, fake_engine = build_engines(cfg, nets, args.batch, bf16=cuda)
 
     if adapter.pipe.text_encoder is not None:
         text = adapter.encode_prompts(["a large red circle in the center"] * args.batch)
@@ -121,8 +121,8 @@ def _case(args) -> dict:
         text, uncond = (TextEmbeddings(torch.nn.functional.pad(t.prompt_embeds, (0, 0, 0, args.text_tokens - t.prompt_embeds.shape[1])),
                                        t.pooled) for t in (text, uncond))
     flops = flop_model_ratio(nets.base.config, schedule.scales, text.prompt_embeds.shape[1], adapter.patch_size)
-    g = torch.Generator().manual_seed(0)
-    latents = {s: torch.randn(args.batch, adapter.latent_channels, s, s, generator=g).to(device)
+    rng = torch.Generator().manual_seed(0)
+    latents = {s: torch.randn(args.batch, adapter.latent_channels, s, s, generator=rng).to(device)
                for s in set(schedule.scales)}
 
     def sync():
@@ -133,7 +133,7 @@ def _case(args) -> dict:
         return TextEmbeddings(text.prompt_embeds, text.pooled), latents
 
     def iteration(step: int):
-        train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, g)
+        train_iteration(nets, student_engine, fake_engine, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, rng)
 
     n = schedule.num_steps
     for step in range(n):  # warm-up: one iteration per scale
@@ -216,7 +216,7 @@ def flop_model_ratio(config, scales, text_tokens: int, patch_size: int | None = 
     return sum(block(s) for s in scales) / (len(scales) * block(scales[-1]))
 
 
-def _run(name: str, extra: list[str], args, port: int, root: Path = ROOT) -> dict:
+def run_case(name: str, extra: list[str], args, port: int, root: Path = ROOT) -> dict:
     """One case in a fresh process, with the code checked out at `root`."""
     cmd = [sys.executable, str(root / "bench" / "distill.py"), "--case", "--port", str(port), "--batch", str(args.batch),
            "--definition", str(args.definition),
@@ -289,12 +289,12 @@ def main() -> None:
         return
     mem = ["--model", args.memory_model, "--rounds", "1"]
     cases = {
-        "scalewise": _run("scalewise", [], args, 29511),
-        "fullres": _run("fullres", ["--scalewise", "0"], args, 29512),
-        "mmd_only": _run("mmd_only", ["--mmd-only", "1"], args, 29513),
-        "memory_shared": _run("memory_shared", mem, args, 29514),
-        "memory_two_copies": _run("memory_two_copies", mem + ["--two-copies", "1"], args, 29515),
-        "toy_two_copies": _run("toy_two_copies", ["--two-copies", "1", "--rounds", "1"], args, 29516),
+        "scalewise": run_case("scalewise", [], args, 29511),
+        "fullres": run_case("fullres", ["--scalewise", "0"], args, 29512),
+        "mmd_only": run_case("mmd_only", ["--mmd-only", "1"], args, 29513),
+        "memory_shared": run_case("memory_shared", mem, args, 29514),
+        "memory_two_copies": run_case("memory_two_copies", mem + ["--two-copies", "1"], args, 29515),
+        "toy_two_copies": run_case("toy_two_copies", ["--two-copies", "1", "--rounds", "1"], args, 29516),
     }
     cases["toy_shared"] = {"peak_rss_mb": cases["scalewise"]["peak_rss_mb"]}
     _write("distill", cases, out=args.out, flop_model_ratio=cases["scalewise"]["flop_model_ratio"],
@@ -309,12 +309,12 @@ def medium_cases(args) -> None:
     """Every case on one model (SD3.5-Medium-wide by default) at the Medium scales, bf16."""
     model = ["--model", args.model or MEDIUM_LIKE, "--model-blocks", str(args.model_blocks), "--setup", "medium"]
     cases = {
-        "scalewise": _run("scalewise", model + ["--count-ops", str(int(not args.ratio_only))], args, 29521),  # + a round counting ops
-        "fullres": _run("fullres", model + ["--scalewise", "0"], args, 29522),
+        "scalewise": run_case("scalewise", model + ["--count-ops", str(int(not args.ratio_only))], args, 29521),  # + a round counting ops
+        "fullres": run_case("fullres", model + ["--scalewise", "0"], args, 29522),
     }
     if not args.ratio_only:
-        cases["two_copies"] = _run("two_copies", model + ["--two-copies", "1", "--rounds", "1"], args, 29524)
-        cases["mmd_only"] = _run("mmd_only", model + ["--mmd-only", "1"], args, 29523)
+        cases["two_copies"] = run_case("two_copies", model + ["--two-copies", "1", "--rounds", "1"], args, 29524)
+        cases["mmd_only"] = run_case("mmd_only", model + ["--mmd-only", "1"], args, 29523)
     definition = args.definition
     name = ("medium" if definition == MEDIUM else definition.stem) + (f"_t{args.text_tokens}" if args.text_tokens else "")
     extra = {}

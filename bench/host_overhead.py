@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
-from bench.distill import _run  # noqa: E402
+from bench.distill import run_case  # noqa: E402
 
 NARROW = "builtin:tiny-sd3?layers=12&heads=2&head_dim=16"
 
@@ -36,7 +36,7 @@ def _case(args, code: Path, port: int) -> dict:
     case_args = argparse.Namespace(batch=2, definition=code / "pipelines" / "configs" / "toy.yaml",
                                    rounds=args.rounds, threads=1, device="cpu")
     extra = ["--setup", "toy", "--model", NARROW, "--model-blocks", "12", "--fake-updates", "5", "--count-ops", "1"]
-    out = _run(f"host overhead ({code})", extra, case_args, port, root=code)
+    out = run_case(f"host overhead ({code})", extra, case_args, port, root=code)
     times = out["iter_times_s"]
     return {"median_iter_s": statistics.median(times), "min_iter_s": min(times),
             "ops_per_iter": statistics.median(out["ops_per_iter"]), "case": out}

@@ -8,7 +8,7 @@ LoRA rank make the 4-step scale-wise student beat the 4-step teacher, and how so
 Every recipe is a set of overrides of the toy definition's `distill` section (RECIPES below) and
 trains, once per seed of `--seeds` (`distill.seed`: the adapters' initialisation, the noise and
 the data order), in its own process on one device: the distill stage's own `build_networks`,
-`train_iteration` and data order (`_batches`, one worker over all rows), with torch AdamW and
+`train_iteration` and data order (`worker_batches`, one worker over all rows), with torch AdamW and
 gradient clipping standing in for the DeepSpeed engines (what DeepSpeed does at world size 1).
 The data are the toy definition's shapes rows, encoded once by the precompute stage's own
 `Encoder` and round-tripped through the store's storage dtype. Every `--eval-every` iterations
@@ -238,7 +238,7 @@ def run_recipe(args) -> None:
     import torch
 
     from pipelines.sharding import WorkerRows
-    from pipelines.stages.distill.data import _batches
+    from pipelines.stages.distill.data import worker_batches
     from pipelines.stages.distill.engines import (averaged_student, build_networks, loss_settings, lr_schedule,
                                                   student_ema)
     from pipelines.stages.distill.iteration import train_iteration
@@ -255,17 +255,17 @@ def run_recipe(args) -> None:
     d = cfg.distill
     schedule, settings = cfg.schedule(), loss_settings(cfg)
     adapter, nets = build_networks(cfg, device)
-    engine_g = PlainEngine(nets.student_parameters(), d.lr, d.betas, d.weight_decay, d.grad_clip,
-                           lr_schedule(cfg, updates_per_step=1))
-    engine_f = PlainEngine(nets.fake_parameters(), d.fake_lr or d.lr, d.betas, d.weight_decay, d.grad_clip,
-                           lr_schedule(cfg, updates_per_step=d.fake_updates))
+    student_engine = PlainEngine(nets.student_parameters(), d.lr, d.betas, d.weight_decay, d.grad_clip,
+                                 lr_schedule(cfg, updates_per_step=1))
+    fake_engine = PlainEngine(nets.fake_parameters(), d.fake_lr or d.lr, d.betas, d.weight_decay, d.grad_clip,
+                              lr_schedule(cfg, updates_per_step=d.fake_updates))
     ema, student_params = student_ema(cfg, nets), nets.student_parameters()
 
     data = torch.load(args.data, weights_only=True)
     uncond = TextEmbeddings(data.pop("uncond_prompt_embeds"), data.pop("uncond_pooled")).to(device, adapter.dtype)
     data = {k: v.to(device) for k, v in data.items()}
     rows = len(data["prompt_embeds"])
-    order = _batches(_AllRows(rows), WorkerRows(("memory",), 0, rows), _Indices(), d.batch_size, 0, 0,
+    order = worker_batches(_AllRows(rows), WorkerRows(("memory",), 0, rows), _Indices(), d.batch_size, 0, 0,
                      d.shuffle_window, d.seed)
 
     def next_batch():
@@ -287,9 +287,9 @@ def run_recipe(args) -> None:
     train_s, started = 0.0, time.perf_counter()
     for step in range(args.steps):
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(d.seed * 1_000_003 + step)
-        _, terms = train_iteration(nets, engine_g, engine_f, next_batch, schedule, settings, uncond, step,
-                                   d.fake_updates, g)
+        rng = torch.Generator().manual_seed(d.seed * 1_000_003 + step)
+        _, terms = train_iteration(nets, student_engine, fake_engine, next_batch, schedule, settings, uncond, step,
+                                   d.fake_updates, rng)
         if ema is not None:
             ema.step(student_params)
         if device.type == "cuda":

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import median, time_calls, write_result  # noqa: E402
 from bench.distill import flop_model_ratio  # noqa: E402
 from swd_core.adapters.sd3 import SD3Adapter  # noqa: E402
-from swd_core.evaluate_model import _PhaseTimer  # noqa: E402
+from swd_core.evaluate_model import PhaseTimer  # noqa: E402
 from swd_core.generate import generate_latents  # noqa: E402
 from swd_core.schedules import preset  # noqa: E402
 from swd_core.tiny_models import BASE_VOCAB, TinySD3Config, build_tiny_sd3, build_tokenizer  # noqa: E402
@@ -208,7 +208,7 @@ def measure_pipeline(adapter: SD3Adapter, size: SD3Size, batch: int, repeats: in
             # one warm-up call of the teacher's 28 steps at one shape warms every kernel it uses
             raw[name] = time_calls(lambda name=name: run(name), teacher_repeats if teacher else repeats,
                                    warmup=min(warmup, 1) if teacher else warmup, sync=sync)
-            timer = _PhaseTimer(adapter)  # syncs around each phase on CUDA
+            timer = PhaseTimer(adapter)  # syncs around each phase on CUDA
             run(name, timer)
             phases[name] = {f"{k}_s": v / batch for k, v in timer.seconds.items()} | {"transformer_calls": timer.calls["transformer"]}
     per_image = {k: median(v) / batch for k, v in raw.items()}

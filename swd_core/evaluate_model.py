@@ -45,7 +45,7 @@ def sample_images(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequenc
     return torch.cat(out) if out else torch.zeros(0, 3, 0, 0)
 
 
-class _PhaseTimer:
+class PhaseTimer:
     """Stands in for an adapter and adds up the wall time of each phase, so one unchanged
     `generate_latents` call is timed phase by phase. Anything else goes to the adapter (the
     cached empty-prompt embedding for CFG included: a deployment encodes it once, too)."""
@@ -94,7 +94,7 @@ def latency_split(adapter: FamilyAdapter, prompt: str, seed: int = 0, *, repeats
     raw = {f"{p}_s": [] for p in (*PHASES, "total")}
     calls = {}
     for i in range(warmup + repeats):
-        timer = _PhaseTimer(adapter)
+        timer = PhaseTimer(adapter)
         start = time.perf_counter()
         timer.decode_latents(generate_latents(timer, [prompt], [seed], **sampling))
         total = time.perf_counter() - start

@@ -57,13 +57,13 @@ def one_process_world():
         torch.distributed.destroy_process_group()
 
 
-def train_steps(engine_g, engine_f, x, steps: int, ema=None, params=None) -> None:
+def train_steps(student_engine, fake_engine, x, steps: int, ema=None, params=None) -> None:
     """`steps` optimizer steps of both engines on the batch `x` (and of the EMA over `params`)."""
     for _ in range(steps):
-        engine_g.backward(engine_g(x).pow(2).mean())
-        engine_g.step()
-        engine_f.backward(engine_f.module["head"](engine_f.module["base"](x)).pow(2).mean())
-        engine_f.step()
+        student_engine.backward(student_engine(x).pow(2).mean())
+        student_engine.step()
+        fake_engine.backward(fake_engine.module["head"](fake_engine.module["base"](x)).pow(2).mean())
+        fake_engine.step()
         if ema is not None:
             ema.step(params)
 
@@ -71,15 +71,15 @@ def train_steps(engine_g, engine_f, x, steps: int, ema=None, params=None) -> Non
 def trained_checkpoint(cfg, folder, steps: int = 2):
     """Engines of `tiny_nets` trained `steps` steps and checkpointed into `folder` as the distill
     stage writes one (state.json: step `steps`, 8 rows of epoch 0 done, data plan "plan").
-    Returns (nets, engine_g, engine_f, ema, x)."""
+    Returns (nets, student_engine, fake_engine, ema, x)."""
     from pipelines.stages.distill.checkpoint import checkpoint_state, write_checkpoint
     from pipelines.stages.distill.engines import build_engines, student_ema
 
     nets = tiny_nets()
-    engine_g, engine_f = build_engines(cfg, nets, 4, bf16=False)
+    student_engine, fake_engine = build_engines(cfg, nets, 4, bf16=False)
     ema = student_ema(cfg, nets)
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
-    train_steps(engine_g, engine_f, x, steps, ema, nets.student_parameters())
+    train_steps(student_engine, fake_engine, x, steps, ema, nets.student_parameters())
     state = checkpoint_state(cfg, steps, [0, 8], 1, [], "plan", None)
-    write_checkpoint(str(folder), 0, engine_g, engine_f, ema, {**state, "metrics": {}})
-    return nets, engine_g, engine_f, ema, x
+    write_checkpoint(str(folder), 0, student_engine, fake_engine, ema, {**state, "metrics": {}})
+    return nets, student_engine, fake_engine, ema, x

@@ -51,17 +51,17 @@ def test_a_resume_goes_on_exactly_as_the_uninterrupted_engines(tmp_path, monkeyp
 
     cfg = config(tmp_path, zero_stage=zero_stage, mode="full", steps=8, lr=1e-2, lr_decay_fraction=0.5,
                  ema_decay=0.9 if zero_stage < 3 else 0.0)
-    nets, engine_g, engine_f, ema, x = trained_checkpoint(cfg, tmp_path / "ckpt")
+    nets, student_engine, fake_engine, ema, x = trained_checkpoint(cfg, tmp_path / "ckpt")
     fresh = tiny_nets(seed=1)
     g2, f2 = build_engines(cfg, fresh, 4, bf16=False)
     ema2 = student_ema(cfg, fresh)
-    assert not all(torch.equal(a, b) for a, b in zip(_full(engine_g), _full(g2)))
+    assert not all(torch.equal(a, b) for a, b in zip(_full(student_engine), _full(g2)))
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")))
     assert restore_checkpoint(cfg, 0, g2, f2, ema2, "cpu", "plan") == (2, 0, 8, None)
-    assert g2.global_steps == engine_g.global_steps == 2
-    train_steps(engine_g, engine_f, x, 1, ema, nets.student_parameters())
+    assert g2.global_steps == student_engine.global_steps == 2
+    train_steps(student_engine, fake_engine, x, 1, ema, nets.student_parameters())
     train_steps(g2, f2, x, 1, ema2, fresh.student_parameters())
-    for a, b in ((engine_g, g2), (engine_f, f2)):
+    for a, b in ((student_engine, g2), (fake_engine, f2)):
         assert a.get_lr() == b.get_lr()
         for p, q in zip(_full(a), _full(b)):
             torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -110,7 +110,7 @@ def test_a_payload_planted_in_any_checkpoint_file_is_refused_on_resume_and_warm_
     files = sorted(p.relative_to(good) for p in good.rglob("*.pt"))
     assert len(files) == (5 if zero_stage < 3 else 4), files  # 2 model states, 2 optimizer states (+ the EMA)
     nets = tiny_nets(seed=1)
-    engine_g, engine_f = build_engines(cfg, nets, 4, bf16=False)
+    student_engine, fake_engine = build_engines(cfg, nets, 4, bf16=False)
     ema = student_ema(cfg, nets)
     marker = tmp_path / "payload-ran"
 
@@ -129,16 +129,16 @@ def test_a_payload_planted_in_any_checkpoint_file_is_refused_on_resume_and_warm_
         plant(bad / name, marker)
         where = f"refusing to load the checkpoint file {re.escape(str(bad / name))}: "
         monkeypatch.setattr(ray.train, "get_checkpoint", lambda bad=bad: ray.train.Checkpoint.from_directory(str(bad)))
-        refused(lambda: restore_checkpoint(cfg, 0, engine_g, engine_f, ema, "cpu", "plan"), where + r".*posix\.system",
+        refused(lambda: restore_checkpoint(cfg, 0, student_engine, fake_engine, ema, "cpu", "plan"), where + r".*posix\.system",
                 "a resume")
         monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-        refused(lambda bad=bad: restore_checkpoint(cfg, 0, engine_g, engine_f, ema, "cpu", "plan", warm_start=str(bad)),
+        refused(lambda bad=bad: restore_checkpoint(cfg, 0, student_engine, fake_engine, ema, "cpu", "plan", warm_start=str(bad)),
                 where, "a warm start")
         if name.parts[0] in ("student", "fake"):
-            engine = engine_g if name.parts[0] == "student" else engine_f
+            engine = student_engine if name.parts[0] == "student" else fake_engine
             refused(lambda bad=bad, engine=engine: load_engine_checkpoint(engine, str(bad / name.parts[0])),
                     where + "it is not weights only", "DeepSpeed's load_checkpoint")
     # the untouched checkpoint loads through the same reads, as a warm start and as a resume
-    assert restore_checkpoint(cfg, 0, engine_g, engine_f, ema, "cpu", "plan", warm_start=str(good))[0] == 1
+    assert restore_checkpoint(cfg, 0, student_engine, fake_engine, ema, "cpu", "plan", warm_start=str(good))[0] == 1
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(good)))
-    assert restore_checkpoint(cfg, 0, engine_g, engine_f, ema, "cpu", "plan")[0] == 1
+    assert restore_checkpoint(cfg, 0, student_engine, fake_engine, ema, "cpu", "plan")[0] == 1

@@ -129,7 +129,7 @@ def test_shuffled_windows_resume_at_any_offset_exactly(start):
 def test_the_stage_data_stream_resumes_a_shuffled_epoch_exactly():
     """The distill stage's batches over a worker's range: a stream restarted at a saved
     (epoch, rows done) position yields exactly the batches the uninterrupted one went on to."""
-    from pipelines.stages.distill.data import _batches
+    from pipelines.stages.distill.data import worker_batches
 
     class Shard:  # a worker's Ray Data shard: its files' blocks, in order, each time it is read
         def iter_batches(self, **_):
@@ -140,7 +140,7 @@ def test_the_stage_data_stream_resumes_a_shuffled_epoch_exactly():
             return batch
 
     rows = WorkerRows(("a", "b", "c"), skip=1, count=10)
-    stream = _batches(Shard(), rows, Store(), batch_size=3, epoch=0, done=0, window=4, seed=5)
+    stream = worker_batches(Shard(), rows, Store(), batch_size=3, epoch=0, done=0, window=4, seed=5)
     first = [next(stream) for _ in range(12)]  # 36 rows: three epochs and a bit
     ids = [b["id"].tolist() for _, b in first]
     epoch0 = [i for b in ids for i in b][:10]
@@ -148,7 +148,7 @@ def test_the_stage_data_stream_resumes_a_shuffled_epoch_exactly():
     assert [first[k][0] for k in (6, 9)] == [(2, 1), (2, 10)]  # across an epoch's end; at a range's end
     for k in (0, 2, 5, 6, 8, 9):
         (epoch, done), _ = first[k]
-        resumed = _batches(Shard(), rows, Store(), batch_size=3, epoch=epoch, done=done, window=4, seed=5)
+        resumed = worker_batches(Shard(), rows, Store(), batch_size=3, epoch=epoch, done=done, window=4, seed=5)
         assert [next(resumed)[1]["id"].tolist() for _ in range(11 - k)] == ids[k + 1:], k
 
 
@@ -157,7 +157,7 @@ def test_a_small_shard_is_read_once_and_gives_the_batches_of_reading_it_every_ep
     """Each read of a Ray Data shard starts an execution (seconds); a worker whose rows fit the
     memory budget keeps them after its first pass, a resume mid-epoch included, and its batches
     are those of a worker that reads the shard every epoch."""
-    from pipelines.stages.distill.data import _batches
+    from pipelines.stages.distill.data import worker_batches
 
     class Shard:
         reads = 0
@@ -174,7 +174,7 @@ def test_a_small_shard_is_read_once_and_gives_the_batches_of_reading_it_every_ep
     ids = {}
     for budget in (1 << 20, 1):  # 1 byte: nothing fits, every epoch reads the shard again
         Shard.reads = 0
-        stream = _batches(Shard(), rows, Store(), batch_size=3, epoch=resume[0], done=resume[1], window=4, seed=5,
+        stream = worker_batches(Shard(), rows, Store(), batch_size=3, epoch=resume[0], done=resume[1], window=4, seed=5,
                           cache_bytes=budget)
         ids[budget] = [next(stream)[1]["id"].tolist() for _ in range(14)]  # four epochs and a bit
         assert Shard.reads == (1 if budget > 1 else 5), budget
@@ -184,7 +184,7 @@ def test_a_small_shard_is_read_once_and_gives_the_batches_of_reading_it_every_ep
 def test_the_memory_budget_counts_the_bytes_of_binary_columns():
     """The store's tensors reach a worker as object arrays of bytes: their size is what the
     values hold (12 rows of 1 kB read here), not the arrays' pointers."""
-    from pipelines.stages.distill.data import _batches
+    from pipelines.stages.distill.data import worker_batches
 
     class Shard:
         reads = 0
@@ -201,7 +201,7 @@ def test_the_memory_budget_counts_the_bytes_of_binary_columns():
     rows = WorkerRows(("a", "b", "c"), skip=1, count=10)
     for budget, reads in ((100_000, 1), (5_000, 5)):
         Shard.reads = 0
-        stream = _batches(Shard(), rows, Store(), batch_size=3, epoch=0, done=0, window=4, seed=5, cache_bytes=budget)
+        stream = worker_batches(Shard(), rows, Store(), batch_size=3, epoch=0, done=0, window=4, seed=5, cache_bytes=budget)
         for _ in range(14):
             next(stream)
         assert Shard.reads == reads, budget
@@ -244,10 +244,10 @@ def test_each_worker_reads_its_rows_in_order_on_every_run(tmp_path, ray_cluster)
 
 
 def test_a_saved_data_position_is_kept_only_under_the_same_plan():
-    from pipelines.stages.distill.data import _data_position
+    from pipelines.stages.distill.data import data_position
 
     state = {"epoch": 3, "data_plan": "abc", "data_positions": [[3, 5], [3, 6]]}
-    assert _data_position(state, "abc", rank=1) == (3, 6, None)
-    epoch, done, note = _data_position(state, "other", rank=1)  # another store or worker count
+    assert data_position(state, "abc", rank=1) == (3, 6, None)
+    epoch, done, note = data_position(state, "other", rank=1)  # another store or worker count
     assert (epoch, done) == (4, 0) and "new epoch" in note
-    assert _data_position({"epoch": 2, "batches_in_epoch": 7}, "abc", rank=0)[:2] == (3, 0)  # an older checkpoint
+    assert data_position({"epoch": 2, "batches_in_epoch": 7}, "abc", rank=0)[:2] == (3, 0)  # an older checkpoint

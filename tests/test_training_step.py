@@ -356,10 +356,10 @@ def test_the_critic_is_fitted_at_a_scale_before_the_generator_steps_there(tiny_a
         lat, text = _batch(tiny_adapter, toy_schedule)
         return text, lat
 
-    g = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     for step in range(2 * toy_schedule.num_steps):
         i, _ = train_iteration(nets, _Engine(nets.student_parameters()), _Engine(nets.fake_parameters()), next_batch,
-                               toy_schedule, settings, uncond, step, fake_updates=2, g=g)
+                               toy_schedule, settings, uncond, step, fake_updates=2, rng=rng)
         assert i == step % toy_schedule.num_steps
     expected = [e for s in list(toy_schedule.scales) * 2 for e in (("fake", s), ("fake", s), ("generator", s))]
     assert events == expected

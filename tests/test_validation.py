@@ -42,7 +42,7 @@ def test_the_export_follows_the_best_score(tmp_path):
 
 
 def _export_record(tmp_path, record: dict) -> None:
-    """The record `_export_student` writes last into the toy run's export."""
+    """The record `export_student` writes last into the toy run's export."""
     path = tmp_path / "toy" / "student" / "validation.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))

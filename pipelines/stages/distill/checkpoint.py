@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from pipelines.stages.distill.data import _data_position
+from pipelines.stages.distill.data import data_position
 from pipelines.stages.distill.engines import averaged_student
-from pipelines.stages.distill.export import _export_student
+from pipelines.stages.distill.export import export_student
 
 CKPT_TAG = "ckpt"  # DeepSpeed checkpoint tag inside each Ray checkpoint
 EMA_FILE = "student_ema.pt"  # the student's weight average (distill.ema_decay), beside state.json
@@ -120,7 +120,7 @@ def warm_start_checkpoint(uri: str, resources):
     return Checkpoint(os.path.abspath(uri))
 
 
-def restore_checkpoint(cfg, rank: int, engine_g, engine_f, ema, device, digest: str,
+def restore_checkpoint(cfg, rank: int, student_engine, fake_engine, ema, device, digest: str,
                        warm_start: str | None = None) -> tuple[int, int, int, dict | None]:
     """Loads the run's latest checkpoint, if any, into the engines and the EMA; without one,
     `warm_start` (another run's checkpoint), if given. Returns (step, epoch, rows of it done,
@@ -144,13 +144,13 @@ def restore_checkpoint(cfg, rank: int, engine_g, engine_f, ema, device, digest: 
             raise ValueError(f"the checkpoint of run {cfg.name!r} trained other parameters than the definition asks "
                              f"for ({differ}): give the run another `name`, or set distill back to the checkpoint's")
         check_checkpoint_files(ckpt_dir)  # before any engine is touched
-        load_engine_checkpoint(engine_g, f"{ckpt_dir}/student")
-        load_engine_checkpoint(engine_f, f"{ckpt_dir}/fake")
+        load_engine_checkpoint(student_engine, f"{ckpt_dir}/student")
+        load_engine_checkpoint(fake_engine, f"{ckpt_dir}/fake")
         if ema is not None and Path(ckpt_dir, EMA_FILE).exists():
             ema.load_state_dict(load_weights_only(Path(ckpt_dir, EMA_FILE), map_location=device))
         elif ema is not None and rank == 0:
             print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
-    epoch, rows_done, note = _data_position(state, digest, rank)
+    epoch, rows_done, note = data_position(state, digest, rank)
     if rank == 0:
         print(f"[distill] resumed from checkpoint at step {state['step']}" + (f"; {note}" if note else ""), flush=True)
     return state["step"], epoch, rows_done, state.get("validation")
@@ -166,24 +166,24 @@ def checkpoint_state(cfg, step: int, position: list[int], world: int, workers: l
             "data_positions": positions, "validation": chosen, "trained_parameters": trained_parameters(cfg)}
 
 
-def _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets, state) -> None:
+def report_checkpoint(cfg, rank, student_engine, fake_engine, ema, metrics, adapter, nets, state) -> None:
     import ray.train
 
     if cfg.distill.export_at_checkpoints and state["step"] < cfg.distill.steps:
         # before the checkpoint: a restart from an earlier one exports this step again
         with averaged_student(ema, nets.student_parameters()):
-            _export_student(cfg, rank, engine_g, adapter, nets, final=False, step=state["step"])
+            export_student(cfg, rank, student_engine, adapter, nets, final=False, step=state["step"])
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(tmp, rank, engine_g, engine_f, ema, {**state, "metrics": metrics})
+        write_checkpoint(tmp, rank, student_engine, fake_engine, ema, {**state, "metrics": metrics})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def write_checkpoint(folder: str, rank: int, engine_g, engine_f, ema, state: dict) -> None:
+def write_checkpoint(folder: str, rank: int, student_engine, fake_engine, ema, state: dict) -> None:
     """This rank's part of a checkpoint in `folder`; rank 0 adds `state.json` and the EMA."""
     # exclude_frozen_parameters: the frozen base is the teacher, already on disk; checkpoints hold
     # only what training changes (adapters, head, or the sharded full student) plus optimizer state.
-    engine_g.save_checkpoint(f"{folder}/student", tag=CKPT_TAG, exclude_frozen_parameters=True)
-    engine_f.save_checkpoint(f"{folder}/fake", tag=CKPT_TAG, exclude_frozen_parameters=True)
+    student_engine.save_checkpoint(f"{folder}/student", tag=CKPT_TAG, exclude_frozen_parameters=True)
+    fake_engine.save_checkpoint(f"{folder}/fake", tag=CKPT_TAG, exclude_frozen_parameters=True)
     if rank == 0:
         Path(folder, "state.json").write_text(json.dumps(state, indent=2))
         if ema is not None:  # the same on every rank (ZeRO <= 2 keeps whole student weights)

@@ -1,6 +1,6 @@
 """A worker's training data: its rows of the store, epoch after epoch in seeded windows
-(`_batches`), where it stands in them (`DataStream`, saved in checkpoints), and where a resume
-starts (`_data_position`)."""
+(`worker_batches`), where it stands in them (`DataStream`, saved in checkpoints), and where a resume
+starts (`data_position`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 CACHE_BYTES = 512 * 2**20
 
 
-def _batches(shard, rows, store, batch_size: int, epoch: int, done: int, window: int, seed: int,
+def worker_batches(shard, rows, store, batch_size: int, epoch: int, done: int, window: int, seed: int,
              cache_bytes: int = CACHE_BYTES):
     """Endless ((epoch, rows of it done), decoded batch) over this worker's `rows` (a
     `pipelines.sharding.WorkerRows`), epoch after epoch, each epoch shuffled in windows of
@@ -64,7 +64,7 @@ def _nbytes(column) -> int:
     return getattr(column, "nbytes", 0)
 
 
-def _data_position(state: dict, digest: str, rank: int) -> tuple[int, int, str | None]:
+def data_position(state: dict, digest: str, rank: int) -> tuple[int, int, str | None]:
     """(epoch, rows of it done) for this rank from a checkpoint's state, and a note when the
     position cannot be kept: it is valid only for the same store files and worker count."""
     if state.get("data_plan") == digest:
@@ -82,7 +82,7 @@ class DataStream:
     spent waiting for batches since it was last set to 0: it shows when training is input-bound."""
 
     def __init__(self, batches: Iterator, epoch: int, rows_done: int, device, dtype, scales):
-        self._batches = batches  # as `_batches` yields them
+        self._batches = batches  # as `worker_batches` yields them
         self.epoch, self.rows_done = epoch, rows_done
         self.data_wait = 0.0
         self._device, self._dtype, self._scales = device, dtype, scales

@@ -18,8 +18,8 @@ def student_dir(cfg: PipelineConfig) -> str:
     return f"{cfg.run_dir}/student"
 
 
-def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int | None = None,
-                    *, validation: dict | None = None) -> None:
+def export_student(cfg, rank, student_engine, adapter, nets, final: bool, step: int | None = None,
+                   *, validation: dict | None = None) -> None:
     """Rank 0 writes the student as a PEFT LoRA (LoRA mode) and a merged diffusers pipeline
     folder, plus a sample grid, to <run_dir>/student (or student/step_<n>); with a `validation`
     record (the chosen step and the score history) also `validation.json`, last: until it is
@@ -38,9 +38,9 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
         if cfg.distill.zero_stage == 3:
             if rank == 0:
                 say("gathering the ZeRO-3 shards of the student's weights")
-            state = engine_g._zero3_consolidated_16bit_state_dict()
+            state = student_engine._zero3_consolidated_16bit_state_dict()
         else:
-            state = engine_g.module.state_dict()
+            state = student_engine.module.state_dict()
     if rank != 0:
         return
     from pipelines.storage import filesystem, upload_dir
@@ -71,12 +71,13 @@ def _export_student(cfg, rank, engine_g, adapter, nets, final: bool, step: int |
         say(f"copying to {dest}")
         upload_dir(tmp, dest, cfg.resources)
     if validation is not None:
-        _write_record(dest, validation, cfg.resources)
+        write_record(dest, validation, cfg.resources)
     print(f"[distill] exported {what} to {dest} (merged/, {'' if full else 'lora/, '}samples.png) "
           f"in {time.monotonic() - t0:.0f} s", flush=True)
 
 
-def _write_record(export: str, record: dict, resources) -> None:
+def write_record(export: str, record: dict, resources) -> None:
+    """Writes the validation `record` (the chosen step and every score) into the export at `export`."""
     from pipelines.storage import write_bytes
 
     write_bytes(f"{export}/{RECORD_FILE}", json.dumps(record, indent=2).encode(), resources)

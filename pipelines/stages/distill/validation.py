@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from pipelines.schema import PipelineConfig
-from pipelines.stages.distill.export import RECORD_FILE, _write_record, student_dir
+from pipelines.stages.distill.export import RECORD_FILE, student_dir, write_record
 
 
 class Validation:
@@ -124,7 +124,7 @@ class Validation:
         if improved:
             export(validation=chosen)
         elif self.rank == 0:
-            _write_record(student_dir(self.cfg), chosen, self.cfg.resources)
+            write_record(student_dir(self.cfg), chosen, self.cfg.resources)
         return {**scores, "val_best_step": chosen["best"]["step"]}
 
     def announce(self, chosen: dict) -> None:

@@ -13,11 +13,11 @@ import torch
 from pipelines.ray_compat import quiet_train_report_log
 from pipelines.ray_runtime import quiet_libraries
 from pipelines.schema import PipelineConfig
-from pipelines.stages.distill.checkpoint import _report_checkpoint, checkpoint_state, restore_checkpoint
-from pipelines.stages.distill.data import DataStream, _batches
+from pipelines.stages.distill.checkpoint import checkpoint_state, report_checkpoint, restore_checkpoint
+from pipelines.stages.distill.data import DataStream, worker_batches
 from pipelines.stages.distill.engines import (averaged_student, build_engines, build_networks, import_deepspeed,
                                               loss_settings, student_ema)
-from pipelines.stages.distill.export import _export_student, student_dir
+from pipelines.stages.distill.export import export_student, student_dir
 from pipelines.stages.distill.iteration import train_iteration
 from pipelines.stages.distill.progress import Progress
 from pipelines.stages.distill.validation import Validation
@@ -53,7 +53,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     adapter, nets = build_networks(cfg, device)
     deepspeed.init_distributed()  # joins the process group Ray Train already set up
-    engine_g, engine_f = build_engines(cfg, nets, micro, bf16)
+    student_engine, fake_engine = build_engines(cfg, nets, micro, bf16)
     ema = student_ema(cfg, nets)
     student_params = nets.student_parameters()
     workers = _placement(rank, world, device)
@@ -64,24 +64,24 @@ def train_loop_per_worker(config: dict) -> None:
         validation = Validation(cfg, rank, world, image_size=schedule.scales[-1] * adapter.vae_scale_factor)
 
     # with validation, `chosen` is the exported student's record (the chosen step and every score)
-    step, epoch, rows_done, chosen = restore_checkpoint(cfg, rank, engine_g, engine_f, ema, device, digest,
+    step, epoch, rows_done, chosen = restore_checkpoint(cfg, rank, student_engine, fake_engine, ema, device, digest,
                                                         config.get("warm_start"))
     if validation is not None:
         chosen = validation.restore(chosen)
-    data = DataStream(_batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, rows_done,
-                               d.shuffle_window, d.seed), epoch, rows_done, device, adapter.dtype, schedule.scales)
+    data = DataStream(worker_batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, rows_done,
+                                     d.shuffle_window, d.seed), epoch, rows_done, device, adapter.dtype, schedule.scales)
     progress = Progress(cfg, rank, nodes=len({w["node_id"] for w in workers}))
-    export = partial(_export_student, cfg, rank, engine_g, adapter, nets, final=True)
+    export = partial(export_student, cfg, rank, student_engine, adapter, nets, final=True)
 
     while step < d.steps:
         t0, data.data_wait = time.perf_counter(), 0.0
-        g = torch.Generator().manual_seed(d.seed * 1_000_003 + rank * 10_007 + step)  # resume-exact noise
-        i, terms = train_iteration(nets, engine_g, engine_f, data.next_batch, schedule, settings, uncond, step,
-                                   d.fake_updates, g)
+        rng = torch.Generator().manual_seed(d.seed * 1_000_003 + rank * 10_007 + step)  # resume-exact noise
+        i, terms = train_iteration(nets, student_engine, fake_engine, data.next_batch, schedule, settings, uncond, step,
+                                   d.fake_updates, rng)
         if ema is not None:
             ema.step(student_params)
         step += 1
-        metrics = progress.metrics(step, i, terms, time.perf_counter() - t0, data.data_wait, engine_g.get_lr()[0])
+        metrics = progress.metrics(step, i, terms, time.perf_counter() - t0, data.data_wait, student_engine.get_lr()[0])
         save = step % d.checkpoint_every == 0 or step == d.steps
         progress.log(metrics, terms, save)
         if save and validation is not None:
@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
             tracker.flush()  # a run resumed from this checkpoint has logged every step up to it
         if save:
             state = checkpoint_state(cfg, step, [data.epoch, data.rows_done], world, workers, digest, chosen)
-            _report_checkpoint(cfg, rank, engine_g, engine_f, ema, metrics, adapter, nets, state)
+            report_checkpoint(cfg, rank, student_engine, fake_engine, ema, metrics, adapter, nets, state)
         elif step % d.log_every == 0:
             ray.train.report(metrics)
 
