@@ -44,3 +44,23 @@ def pretrained_folder(path: str, allow_patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(path), allow_patterns=allow_patterns))
+
+
+def use_pil_image_processors() -> None:
+    """Without torchvision, binds transformers' `CLIPImageProcessor` and `SiglipImageProcessor`
+    to their PIL classes (`…Pil`), as the transformers warning asks. diffusers' SD3 and FLUX
+    pipeline modules import both names (for IP-Adapter image encoders, which SwD never loads);
+    unbound, transformers 5 substitutes the same PIL classes with a warning in every process that
+    imports such a module. Call before importing a diffusers pipeline."""
+    import sys
+
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return
+    names = ("CLIPImageProcessor", "SiglipImageProcessor")
+    classes = {name: getattr(transformers, f"{name}Pil") for name in names}
+    module = sys.modules["transformers"]  # loading the classes can rebuild transformers' lazy module
+    for name, cls in classes.items():
+        setattr(module, name, cls)

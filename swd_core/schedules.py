@@ -43,6 +43,10 @@ def flux_sigma_grid(num_steps: int, image_seq_len: int) -> torch.Tensor:
     import numpy as np
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from swd_core.pretrained import use_pil_image_processors
+
+    use_pil_image_processors()
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     mu = calculate_shift(image_seq_len, FLUX_SHIFT["base_image_seq_len"], FLUX_SHIFT["max_image_seq_len"],

@@ -14,13 +14,18 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                       SD3Transformer2DModel, StableDiffusion3Pipeline)
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
                           T5Config, T5EncoderModel)
+
+from swd_core.pretrained import use_pil_image_processors
+
+if TYPE_CHECKING:  # the pipeline modules load in the builders, after `use_pil_image_processors`
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 # Enough words to tokenize shapes-style captions; unknown words map to <unk>.
 BASE_VOCAB = (
@@ -73,6 +78,9 @@ def build_tokenizer(vocab: list[str], max_length: int) -> PreTrainedTokenizerFas
 
 
 def build_tiny_sd3(cfg: TinySD3Config = TinySD3Config(), vocab: list[str] | None = None) -> StableDiffusion3Pipeline:
+    use_pil_image_processors()
+    from diffusers import StableDiffusion3Pipeline
+
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(vocab or BASE_VOCAB, cfg.text_max_length)
     text_cfg = dict(
@@ -132,6 +140,9 @@ class TinyFluxConfig:
 def build_tiny_flux(cfg: TinyFluxConfig = TinyFluxConfig(), vocab: list[str] | None = None) -> FluxPipeline:
     if sum(cfg.rope_axes) != cfg.head_dim:
         raise ValueError(f"rope_axes {list(cfg.rope_axes)} must sum to head_dim {cfg.head_dim}")
+    use_pil_image_processors()
+    from diffusers import FluxPipeline
+
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(vocab or BASE_VOCAB, cfg.text_max_length)
     clip = CLIPTextModel(CLIPTextConfig(

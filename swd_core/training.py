@@ -24,9 +24,9 @@ from torch import nn
 
 from swd_core.adapters.base import FamilyAdapter, TextEmbeddings
 from swd_core.gan_head import GANHead
-from swd_core.losses import dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss, mmd_linear, mmd_rbf
-from swd_core.loss_settings import LossSettings
 from swd_core.lora import FAKE, STUDENT, TEACHER, adapter_parameters, use_role
+from swd_core.loss_settings import LossSettings
+from swd_core.losses import dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss, mmd_linear, mmd_rbf
 from swd_core.scale_ops import add_noise, upscale_latents, x0_from_velocity
 from swd_core.schedules import ScaleSchedule, sample_grid_sigmas
 

@@ -44,3 +44,13 @@ def test_schema_is_the_definitions_json_schema(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert {"teacher", "distill", "retrain"} <= set(schema["properties"]) and schema["required"] == ["name", "teacher", "distill"]
+
+
+def test_a_flux_plan_prints_no_library_fallback_warnings():
+    """The FLUX definition's sigma grid imports diffusers' FLUX pipeline module, which asks
+    transformers for image processors that need torchvision: the plan holds only the plan."""
+    r = subprocess.run([str(SWD), "plan", "--config", "pipelines/configs/flux1_dev_4step.yaml"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "family flux" in r.stdout
+    assert "[transformers]" not in r.stdout + r.stderr and "torchvision" not in r.stdout + r.stderr, r.stderr

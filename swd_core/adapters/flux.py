@@ -33,9 +33,11 @@ def load_flux_pipeline(path: str, dtype: str = "float32", load_transformer: bool
                        load_text_encoders: bool = True) -> FluxPipeline:
     """`FluxPipeline.from_pretrained` for a folder, a hub id or a `builtin:tiny-flux` spec, with
     the same switches as the SD3 loader (encoding only; no text encoders for training)."""
-    from diffusers import FluxPipeline
-
+    from swd_core.pretrained import use_pil_image_processors
     from swd_core.tiny_models import resolve_pretrained
+
+    use_pil_image_processors()
+    from diffusers import FluxPipeline
 
     path = resolve_pretrained(path)
     kwargs = {} if load_transformer else {"transformer": None}

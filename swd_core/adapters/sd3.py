@@ -56,9 +56,11 @@ def load_sd3_pipeline(path: str, dtype: str = "float32", load_transformer: bool 
     `load_transformer=False` loads only the text encoders and the VAE (for precomputing);
     `load_text_encoders=False` skips CLIP and T5 (training reads precomputed embeddings, and
     T5-XXL alone is 9 GB in bf16)."""
-    from diffusers import StableDiffusion3Pipeline
-
+    from swd_core.pretrained import use_pil_image_processors
     from swd_core.tiny_models import resolve_pretrained
+
+    use_pil_image_processors()
+    from diffusers import StableDiffusion3Pipeline
 
     path = resolve_pretrained(path)
     kwargs = {} if load_transformer else {"transformer": None}
