@@ -39,7 +39,7 @@ def color_prefix_unchanged():
 
 @pytest.fixture
 def no_color_prefix(color_prefix_unchanged, monkeypatch):
-    """RAY_COLOR_PREFIX unset for the test, as before it after. A delenv of an unset variable records
+    """RAY_COLOR_PREFIX unset for the test and restored after it. A delenv of an unset variable records
     nothing, so what quiet_output's setdefault writes would outlive the test: setenv first."""
     from ray._private import ray_logging
 

@@ -165,8 +165,8 @@ def train_vae(steps: int = 3000, batch: int = 32) -> None:
 # VAE's factor 4) with the encoder frozen, so the latent space the teacher was trained in stays
 # as it is. The VAE is not text-conditioned, so it sees every (colour, shape) pair, as SD3.5's VAE
 # was trained on far broader images than any prompt split; the held-out pairs stay unseen by the
-# transformer. Before this refinement the committed VAE, trained at 64 px on the training pairs,
-# was the toy's ceiling: real renders encoded and decoded scored 0.156 prompt accuracy at 32 px.
+# transformer. Without the refinement the VAE, trained at 64 px on the training pairs only, is the
+# toy's ceiling: real renders encoded and decoded score 0.156 prompt accuracy at 32 px.
 # The sides are the teacher's (TOY_SIDES), with its side weights.
 
 
