@@ -19,6 +19,13 @@ from swd_core.schedules import ScaleSchedule
 
 
 def text_denoiser(adapter: FamilyAdapter, text: TextEmbeddings) -> Denoiser:
+    """The model's conditional velocity as a sampler's `Denoiser`, (x, σ) -> v in float32.
+
+    Args:
+        adapter (`FamilyAdapter`): the model (teacher, or a student via `Networks.student_sampler`).
+        text (`TextEmbeddings`): the batch's prompt embeddings.
+    """
+
     def denoise(x, sigma):
         return adapter.velocity(x, sigma, text)[0].to(torch.float32)
 
@@ -27,7 +34,17 @@ def text_denoiser(adapter: FamilyAdapter, text: TextEmbeddings) -> Denoiser:
 
 def cfg_denoiser(adapter: FamilyAdapter, text: TextEmbeddings, uncond: TextEmbeddings, guidance: float) -> Denoiser:
     """The guided teacher: v = v_uncond + w (v_cond − v_uncond), both halves in one batched call
-    (SD3), or one pass with the guidance embedding (FLUX.1-dev)."""
+    (SD3), or one pass with the guidance embedding (FLUX.1-dev).
+
+    Args:
+        adapter (`FamilyAdapter`): the teacher.
+        text (`TextEmbeddings`): the batch's prompt embeddings; `uncond`: the empty prompt's.
+        guidance (`float`): w, the guidance scale.
+
+    Returns:
+        `Denoiser`: (x, σ) -> guided velocity.
+    """
+
     def denoise(x, sigma):
         return adapter.guided_velocity(x, sigma, text, uncond, guidance)
 
@@ -35,6 +52,7 @@ def cfg_denoiser(adapter: FamilyAdapter, text: TextEmbeddings, uncond: TextEmbed
 
 
 def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per seed: each image's noise depends on its own seed only."""
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
@@ -44,7 +62,17 @@ def generate_latents(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequ
                      guidance: float = 0.0, size: int | None = None) -> torch.Tensor:
     """With a `schedule`: few-step sampling (scale-wise, or full-resolution for a constant-scale
     schedule), no CFG as in SwD. Without: the teacher's Euler sampler, `teacher_steps` steps at
-    latent side `size` (default: the model's native one), CFG when `guidance` > 1."""
+    latent side `size` (default: the model's native one), CFG when `guidance` > 1.
+
+    Args:
+        adapter (`FamilyAdapter`): the model that samples.
+        prompts (`Sequence[str]`), seeds (`Sequence[int]`): one seed per prompt.
+        schedule (`ScaleSchedule`, *optional*): few-step sampling on this schedule.
+        teacher_steps (`int`), guidance (`float`), size (`int`, *optional*): the teacher sampler's.
+
+    Returns:
+        `torch.Tensor`: (len(prompts), C, side, side) clean latents.
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     if schedule is not None and guidance > 1.0:
@@ -71,4 +99,5 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 @torch.no_grad()
 def generate_images(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequence[int], **kwargs) -> list[Image.Image]:
+    """`generate_latents` (same arguments), decoded by the VAE, as PIL images."""
     return to_pil(adapter.decode_latents(generate_latents(adapter, prompts, seeds, **kwargs)))

@@ -23,8 +23,17 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 def initial_noise(batch: int, channels: int, size: int, generator: Generators = None,
                   dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-    """Pure noise at `size` on `device`; a list of generators draws each image from its own
-    stream. CPU generators give the same noise on every device (diffusers' `randn_tensor`)."""
+    """Pure noise at `size` on `device`, as diffusers' `randn_tensor` draws it.
+
+    Args:
+        batch (`int`), channels (`int`), size (`int`): the latent's shape (batch, channels, size, size).
+        generator (`torch.Generator` or a list of them, *optional*): a list draws each image from its
+            own stream; CPU generators give the same noise on every device.
+        dtype (`torch.dtype`), device: of the returned tensor.
+
+    Returns:
+        `torch.Tensor`: (batch, channels, size, size) standard normal noise.
+    """
     return randn_tensor((batch, channels, size, size), generator=generator, dtype=dtype,
                         device=torch.device(device) if device is not None else None)
 
@@ -35,10 +44,17 @@ def sample_scalewise(denoiser: Denoiser, schedule: ScaleSchedule, noise: torch.T
     """SwD inference: predict x̂0 at each scale, bicubic-upscale x̂0 (never the
     noisy latent) to the next scale and re-noise it with fresh noise from `generator`.
 
-    `noise` is the pure-noise latent at `schedule.scales[0]`. Returns the clean latent at the
-    final scale. A constant-scale schedule gives the full-resolution few-step sampler.
-    `generator` may be one generator or one per image (then an image never depends on its
-    batch-mates), exactly as in diffusers' `randn_tensor`.
+    A constant-scale schedule gives the full-resolution few-step sampler.
+
+    Args:
+        denoiser (`Denoiser`): (x, σ) -> velocity, e.g. `swd_core.generate.text_denoiser`.
+        schedule (`ScaleSchedule`): the scales and sigmas of the steps.
+        noise (`torch.Tensor`): the pure-noise latent at `schedule.scales[0]`.
+        generator (`torch.Generator` or a list of them, *optional*): the re-noising draws; one per
+            image makes an image independent of its batch-mates, as in diffusers' `randn_tensor`.
+
+    Returns:
+        `torch.Tensor`: the clean latent at the final scale (float32).
     """
     if noise.shape[-1] != schedule.scales[0]:
         raise ValueError(f"noise is {noise.shape[-1]}x{noise.shape[-2]} but the schedule starts at scale {schedule.scales[0]}")
@@ -58,7 +74,10 @@ def sample_scalewise(denoiser: Denoiser, schedule: ScaleSchedule, noise: torch.T
 
 def sample_full_resolution(denoiser: Denoiser, schedule: ScaleSchedule, noise: torch.Tensor,
                            generator: Generators = None) -> torch.Tensor:
-    """The full-resolution few-step baseline: the same sigmas, every step at the final scale."""
+    """The full-resolution few-step baseline: the same sigmas, every step at the final scale.
+
+    Args and Returns: as `sample_scalewise`, `noise` at the final scale.
+    """
     return sample_scalewise(denoiser, schedule.full_resolution(), noise, generator)
 
 
@@ -67,7 +86,18 @@ def sample_euler(denoiser: Denoiser, noise: torch.Tensor, num_steps: int = 28, s
                  sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic Euler ODE sampling on the `num_steps` shift-`shift` grid (the teacher's sampler),
     or on the given `num_steps` `sigmas` (a family's own grid, e.g. FLUX's token-count shift).
-    Pass a CFG denoiser (`swd_core.generate.cfg_denoiser`) for guided sampling."""
+    Pass a CFG denoiser (`swd_core.generate.cfg_denoiser`) for guided sampling.
+
+    Args:
+        denoiser (`Denoiser`): (x, σ) -> velocity.
+        noise (`torch.Tensor`): the pure-noise latent.
+        num_steps (`int`): Euler steps.
+        shift (`float`): the grid's shift, without `sigmas`.
+        sigmas (`torch.Tensor`, *optional*): `num_steps` sigmas to step through instead of the grid.
+
+    Returns:
+        `torch.Tensor`: the clean latent (float32).
+    """
     sigmas = sigma_grid(num_steps, shift) if sigmas is None else sigmas.to(torch.float32)
     if len(sigmas) != num_steps:
         raise ValueError(f"{len(sigmas)} sigmas for {num_steps} steps")
