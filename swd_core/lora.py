@@ -29,7 +29,16 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.
 
 
 def lora_config(rank: int = 64, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS) -> LoraConfig:
-    """LoRA with alpha = rank and gaussian init by default (B = 0, so a fresh adapter is the teacher)."""
+    """LoRA with alpha = rank and gaussian init by default (B = 0, so a fresh adapter is the teacher).
+
+    Args:
+        rank (`int`): the LoRA rank.
+        alpha (`float`, *optional*): the scale numerator (scale alpha / rank); None: rank.
+        targets (`Sequence[str]`): names of the linear layers that get adapters.
+
+    Returns:
+        `peft.LoraConfig`
+    """
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
@@ -39,7 +48,13 @@ def lora_config(rank: int = 64, alpha: float | None = None, targets: Sequence[st
 def add_swd_adapters(transformer: nn.Module, rank: int = 64, alpha: float | None = None,
                      targets: Sequence[str] = DEFAULT_TARGETS, names: Sequence[str] = (STUDENT, FAKE)) -> None:
     """Freeze the base and add a student and a fake-score adapter (diffusers' peft integration).
-    Full fine-tuning keeps the student as its own module and passes `names=(FAKE,)`."""
+    Full fine-tuning keeps the student as its own module and passes `names=(FAKE,)`.
+
+    Args:
+        transformer (`nn.Module`): the teacher's diffusers transformer.
+        rank (`int`), alpha (`float`, *optional*), targets (`Sequence[str]`): as `lora_config`.
+        names (`Sequence[str]`): the adapters to add, of `STUDENT` and `FAKE`.
+    """
     bad = [n for n in names if n not in (STUDENT, FAKE)]
     if bad or not names:
         raise ValueError(f"adapter names {list(names)}: each must be one of {[STUDENT, FAKE]}")
@@ -54,21 +69,32 @@ def add_swd_adapters(transformer: nn.Module, rank: int = 64, alpha: float | None
 
 
 def lora_layers(transformer: nn.Module) -> list[BaseTunerLayer]:
+    """Every peft LoRA layer of `transformer`."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
 
 
 def adapter_parameters(transformer: nn.Module, adapter: str) -> list[nn.Parameter]:
-    """The trainable LoRA parameters of one adapter."""
+    """The LoRA parameters of one adapter.
+
+    Args:
+        transformer (`nn.Module`): a transformer with SwD adapters.
+        adapter (`str`): `STUDENT` or `FAKE`.
+
+    Returns:
+        `list[nn.Parameter]`
+    """
     return [p for n, p in transformer.named_parameters() if f".{adapter}." in n and "lora_" in n]
 
 
 def base_parameters(transformer: nn.Module) -> list[nn.Parameter]:
+    """The frozen base's parameters (everything but the LoRA ones)."""
     return [p for n, p in transformer.named_parameters() if "lora_" not in n]
 
 
 def set_trainable(transformer: nn.Module, adapter: str, trainable: bool) -> None:
+    """Sets `requires_grad` of one adapter's parameters."""
     for p in adapter_parameters(transformer, adapter):
         p.requires_grad_(trainable)
 
@@ -83,6 +109,10 @@ def use_role(transformer: nn.Module, role: str) -> Iterator[None]:
     `requires_grad` (which the trainer owns, so it would then have to be restored): 0.24 s of
     host time per fake-score update on an SD3.5-Medium-wide model, the floor of an iteration on
     a GPU (bench/results/distill_medium_cuda.json).
+
+    Args:
+        transformer (`nn.Module`): a transformer with SwD adapters.
+        role (`str`): `TEACHER` (adapters off), `STUDENT` or `FAKE`.
     """
     if role not in ROLES:
         raise ValueError(f"role {role!r} is unknown; allowed: {list(ROLES)}")

@@ -21,22 +21,33 @@ class LossSettings:
     (`pipelines.schema.LossesConfig.settings` builds this from it). A weight of 0 removes the term
     and its network passes (MMD-only training runs no teacher). Ranges are [low, high) indices
     into the 28-step sigma grid. DMD runs only where the latent side is >= `dmd_min_scale`.
+
+    Args:
+        feature_block (`int`): the fake network's block whose features feed MMD and the GAN head.
+        mmd_weight (`float`), mmd_kernel (`str`, one of `MMD_KERNELS`), mmd_c (`float`, the linear
+            kernel's pseudo-Huber constant), rbf_bandwidth (`float`), mmd_range (`tuple[int, int]`):
+            the MMD term.
+        dmd_weight (`float`), guidance_scale (`float`, the teacher's CFG scale), dmd_range
+            (`tuple[int, int]`, also the GAN term's), dmd_min_scale (`int`): the DMD term.
+        gan_weight (`float`), discriminator_weight (`float`, in the fake-score update): the GAN terms.
+        fake_range (`tuple[int, int]`): the fake-score update's noise range.
+        grid (`tuple[float, ...]`, *optional*): the run's sigma grid the ranges index
+            (`schedules.family_sigma_grid`); None: SD3's.
     """
 
-    feature_block: int = 11  # the fake network's block whose features feed MMD and the GAN head
+    feature_block: int = 11
     mmd_weight: float = 1.0
-    mmd_kernel: str = "linear"  # one of MMD_KERNELS
-    mmd_c: float = 1e-3  # the linear kernel's pseudo-Huber constant
+    mmd_kernel: str = "linear"
+    mmd_c: float = 1e-3
     rbf_bandwidth: float = 100.0
     mmd_range: tuple[int, int] = (18, 28)
     dmd_weight: float = 1.0
-    guidance_scale: float = 7.0  # the teacher's CFG scale in DMD
+    guidance_scale: float = 7.0
     dmd_range: tuple[int, int] = (12, 28)
     dmd_min_scale: int = 0
     gan_weight: float = 5e-3
-    discriminator_weight: float = 1e-2  # the GAN discriminator loss's weight in the fake-score update
+    discriminator_weight: float = 1e-2
     fake_range: tuple[int, int] = (0, GRID_STEPS)
-    # the run's sigma grid the ranges index (`schedules.family_sigma_grid`); None: SD3's
     grid: tuple[float, ...] | None = None
 
     def __post_init__(self):

@@ -23,6 +23,13 @@ def sigma_grid(num_steps: int = GRID_STEPS, shift: float = GRID_SHIFT) -> torch.
 
     Taken from diffusers' `FlowMatchEulerDiscreteScheduler` so it matches what SD3 samples with
     (imported here: the pipeline schema imports this module, and diffusers takes a second to load).
+
+    Args:
+        num_steps (`int`): the grid's length.
+        shift (`float`): the flow-matching shift.
+
+    Returns:
+        `torch.Tensor`: the sigmas, decreasing from 1.
     """
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -39,7 +46,15 @@ FLUX_SHIFT = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift"
 
 def flux_sigma_grid(num_steps: int, image_seq_len: int) -> torch.Tensor:
     """The sigmas stock `FluxPipeline` samples an image of `image_seq_len` tokens with (float32,
-    `num_steps` values, no terminal 0): linspace(1, 1/n) shifted by mu(tokens)."""
+    `num_steps` values, no terminal 0): linspace(1, 1/n) shifted by mu(tokens).
+
+    Args:
+        num_steps (`int`): the grid's length.
+        image_seq_len (`int`): the image's token count, (latent side / patch size)².
+
+    Returns:
+        `torch.Tensor`: the sigmas, decreasing from 1.
+    """
     import numpy as np
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -62,7 +77,17 @@ def family_sigma_grid(family: str, final_scale: int, patch_size: int = 2, num_st
     stock FLUX.1 samples the *final* resolution with (its token-count shift at the last scale), so
     the teacher is asked at the sigmas it was trained to sample the target size at, and a step's
     sigma does not change with the scale the student happens to be at (SwD's schedules fix
-    one sigma per step). The smaller scales see the same values, as they do with SD3."""
+    one sigma per step). The smaller scales see the same values, as they do with SD3.
+
+    Args:
+        family (`str`): "sd3" or "flux".
+        final_scale (`int`): the schedule's last latent side; `patch_size` (`int`): the
+            transformer's (FLUX's token count).
+        num_steps (`int`): the grid's length.
+
+    Returns:
+        `torch.Tensor`: the sigmas (float32).
+    """
     if family == "sd3":
         return sigma_grid(num_steps)
     if family == "flux":
@@ -71,7 +96,15 @@ def family_sigma_grid(family: str, final_scale: int, patch_size: int = 2, num_st
 
 
 def boundaries_to_sigmas(boundaries: Sequence[int], grid: torch.Tensor | None = None) -> list[float]:
-    """Grid indices -> sigmas, e.g. [0, 7, 14, 18] -> [1.0, 0.8959, 0.7371, 0.6022]."""
+    """Grid indices -> sigmas, e.g. [0, 7, 14, 18] -> [1.0, 0.8959, 0.7371, 0.6022].
+
+    Args:
+        boundaries (`Sequence[int]`): indices into `grid`.
+        grid (`torch.Tensor`, *optional*): the sigma grid; None: SD3's (`sigma_grid()`).
+
+    Returns:
+        `list[float]`: one sigma per index.
+    """
     grid = sigma_grid() if grid is None else grid
     bad = [b for b in boundaries if not 0 <= int(b) < len(grid)]
     if bad:
@@ -183,6 +216,16 @@ PRESETS: dict[str, dict[str, list[int]]] = {
 
 
 def preset(name: str, patch_size: int | None = None, grid: torch.Tensor | None = None) -> ScaleSchedule:
+    """A named schedule of `PRESETS` (scales and grid indices) on `grid` (None: SD3's).
+
+    Args:
+        name (`str`): a key of `PRESETS`, e.g. "sd35_medium_6step".
+        patch_size (`int`, *optional*): the transformer's, checked against the scales.
+        grid (`torch.Tensor`, *optional*): the sigma grid the boundaries index.
+
+    Returns:
+        `ScaleSchedule`
+    """
     if name not in PRESETS:
         raise ValueError(f"schedule preset {name!r} is unknown; allowed: {sorted(PRESETS)}")
     p = PRESETS[name]
@@ -191,7 +234,17 @@ def preset(name: str, patch_size: int | None = None, grid: torch.Tensor | None =
 
 def sample_grid_sigmas(batch: int, low: int, high: int, generator: torch.Generator | None = None,
                        grid: torch.Tensor | None = None) -> torch.Tensor:
-    """Sigmas at grid indices drawn uniformly from [low, high), one per sample (training-time noise levels)."""
+    """Sigmas at grid indices drawn uniformly from [low, high), one per sample (training-time noise levels).
+
+    Args:
+        batch (`int`): samples.
+        low (`int`), high (`int`): the index range [low, high) into `grid`.
+        generator (`torch.Generator`, *optional*): the CPU generator of the draw.
+        grid (`torch.Tensor`, *optional*): the sigma grid; None: SD3's.
+
+    Returns:
+        `torch.Tensor`: (batch,) sigmas.
+    """
     grid = sigma_grid() if grid is None else grid
     if not 0 <= low < high <= len(grid):
         raise ValueError(f"grid index range [{low}, {high}) must lie within [0, {len(grid)}]")

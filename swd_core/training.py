@@ -56,25 +56,31 @@ class Networks:
 
     @property
     def base(self) -> nn.Module:
+        """The teacher's transformer (in LoRA mode it carries the student and fake adapters)."""
         return self.adapter.transformer
 
     @property
     def fake_base(self) -> nn.Module:
+        """The transformer that carries the fake adapter."""
         return self._fake.transformer
 
     @property
     def student_transformer(self) -> nn.Module:
+        """The transformer the student runs on (the shared base in LoRA mode)."""
         return self._student.transformer
 
     def student_parameters(self) -> list[nn.Parameter]:
+        """What the generator update trains: the student adapter, or the student's whole transformer."""
         if self.lora_student:
             return adapter_parameters(self.base, STUDENT)
         return list(self.student_transformer.parameters())
 
     def fake_parameters(self) -> list[nn.Parameter]:
+        """What the fake-score update trains: the fake adapter and the GAN head."""
         return adapter_parameters(self.fake_base, FAKE) + list(self.head.parameters())
 
     def student(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
+        """The student's velocity at (x, σ) under `text`, in float32, with its graph."""
         with self.student_sampler() as student:
             return student.velocity(x, sigma, text)[0].float()
 
@@ -89,14 +95,32 @@ class Networks:
     def teacher_cfg(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings, uncond: TextEmbeddings,
                     guidance: float) -> torch.Tensor:
         """The teacher's guided velocity: CFG, v_uncond + w (v_cond − v_uncond), in one batched call
-        (SD3), or the guidance embedding of a guidance-distilled FLUX."""
+        (SD3), or the guidance embedding of a guidance-distilled FLUX. No gradient.
+
+        Args:
+            x (`torch.Tensor`): (B, C, s, s) noisy latents; `sigma` (`torch.Tensor`): their σ (B,).
+            text (`TextEmbeddings`): the batch's prompts; `uncond`: the empty prompt's.
+            guidance (`float`): w.
+
+        Returns:
+            `torch.Tensor`: the guided velocity, shaped like `x`.
+        """
         with use_role(self.base, TEACHER):
             return self.adapter.guided_velocity(x, sigma, text, uncond, guidance)
 
     def fake(self, x: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings, features_only: bool = False,
              velocity_rows: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(velocity or None, block features (B, N, C)); `features_only` stops after the tapped block,
-        `velocity_rows` n lets only the first n samples go on to a velocity."""
+        """The fake score's pass, with its features at block `feature_block`.
+
+        Args:
+            x (`torch.Tensor`): (B, C, s, s) noisy latents; `sigma` (`torch.Tensor`): their σ (B,).
+            text (`TextEmbeddings`): the batch's prompts.
+            features_only (`bool`): stop after the tapped block (no velocity).
+            velocity_rows (`int`, *optional*): only the first n samples go on to a velocity.
+
+        Returns:
+            `tuple`: (velocity in float32 or None, block features (B, N, C)).
+        """
         with use_role(self.fake_base, FAKE):
             v, feats = self._fake.velocity(x, sigma, text, (self.feature_block,), features_only=features_only,
                                            velocity_rows=velocity_rows)
@@ -113,7 +137,11 @@ def _with_transformer(adapter: FamilyAdapter, transformer: nn.Module) -> FamilyA
 def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
     """requires_grad False inside the block, restored after: gradients pass *through* these
     parameters to earlier ones but never land in them (and DeepSpeed never sees a gradient
-    for an engine that is not stepping; deepspeed issue 4923)."""
+    for an engine that is not stepping; deepspeed issue 4923).
+
+    Args:
+        params (`Iterable[nn.Parameter]`): the parameters to freeze, e.g. `Networks.fake_parameters()`.
+    """
     params = list(params)
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -127,7 +155,15 @@ def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
 
 def lr_factor(update: int, total: int, decay_fraction: float) -> float:
     """Learning-rate multiplier after `update` optimizer steps of `total`: 1, then a linear fall to 0
-    over the last `decay_fraction` of them (a stable final iterate for short runs)."""
+    over the last `decay_fraction` of them (a stable final iterate for short runs).
+
+    Args:
+        update (`int`): optimizer steps taken; `total` (`int`): the run's.
+        decay_fraction (`float`): the share of `total` the fall takes; <= 0: constant.
+
+    Returns:
+        `float`: the factor in [0, 1].
+    """
     start = total * (1.0 - decay_fraction)
     if decay_fraction <= 0 or update < start:
         return 1.0
@@ -161,7 +197,16 @@ def student_input(latents: dict[int, torch.Tensor], schedule: ScaleSchedule, i: 
                   rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's input at step i (shared by the batch): pure noise at s_0 for i = 0 (as at
     inference), else (1−σ_i)·bicubic(z_{i−1}, s_i) + σ_i·ε from the real latents at s_{i−1}.
-    Returns (x, σ per sample)."""
+
+    Args:
+        latents (`dict[int, torch.Tensor]`): the batch's real latents by scale (side).
+        schedule (`ScaleSchedule`): the student's scales and sigmas.
+        i (`int`): the step.
+        rng (`torch.Generator`, *optional*): the CPU generator ε is drawn from.
+
+    Returns:
+        `tuple`: (x at s_i, σ_i per sample).
+    """
     s_i = schedule.scales[i]
     first = next(iter(latents.values()))
     batch, channels = first.shape[:2]
@@ -177,7 +222,16 @@ def student_samples(nets: Networks, batches: list[tuple[TextEmbeddings, dict[int
                     schedule: ScaleSchedule, i: int, rng: torch.Generator | None = None) -> list[torch.Tensor]:
     """The student's clean predictions x0 at step i for several (text, latents) batches, from one
     transformer call over all of them (fewer, larger kernels than a call per batch). Inputs are
-    drawn batch by batch, as `student_input` would one at a time."""
+    drawn batch by batch, as `student_input` would one at a time.
+
+    Args:
+        nets (`Networks`): the student among them.
+        batches (`list`): (text, {scale: latents}) per batch.
+        schedule (`ScaleSchedule`), i (`int`), rng (`torch.Generator`, *optional*): as `student_input`.
+
+    Returns:
+        `list[torch.Tensor]`: x0 per batch, in order, with the graph of the call (if any).
+    """
     if not batches:
         return []
     inputs = [student_input(latents, schedule, i, rng) for _, latents in batches]
@@ -197,15 +251,16 @@ def generator_loss(nets: Networks, x0: torch.Tensor, z_real: torch.Tensor, text:
     network's features, never the fake network itself.
 
     Args:
-        nets: the teacher, student and fake-score views.
-        x0: the student's clean prediction (B, C, s_i, s_i), with its graph.
-        z_real: the real latents at s_i.
-        text: the batch's text embeddings; `uncond`: the empty prompt's, for the teacher's CFG.
-        settings: the weights and noise ranges; a weight of 0 skips its term and its passes.
-        rng: the CPU generator of the iteration's noise.
+        nets (`Networks`): the teacher, student and fake-score views.
+        x0 (`torch.Tensor`): the student's clean prediction (B, C, s_i, s_i), with its graph.
+        z_real (`torch.Tensor`): the real latents at s_i.
+        text (`TextEmbeddings`): the batch's prompts; `uncond`: the empty prompt's, for CFG.
+        settings (`LossSettings`): the weights and noise ranges; a weight of 0 skips its term and
+            its passes.
+        rng (`torch.Generator`, *optional*): the CPU generator of the iteration's noise.
 
     Returns:
-        (the loss, its logged terms): the terms are detached 0-dim tensors; reading them
+        `tuple`: (the loss, its logged terms): the terms are detached 0-dim tensors; reading them
         (`logged_floats`) waits for the GPU, so the trainer does it once per iteration.
     """
     dmd_weight = settings.dmd_weight if x0.shape[-1] >= settings.dmd_min_scale else 0.0
@@ -284,8 +339,20 @@ def _generator_fake_passes(nets: Networks, x0: torch.Tensor, z_real: torch.Tenso
 def fake_update_loss(nets: Networks, x0_sample: torch.Tensor, z_real: torch.Tensor, text: TextEmbeddings,
                      settings: LossSettings, rng: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fake-score network's loss on stop-grad student samples: x0-prediction MSE at a grid
-    index uniform in [0, 28), plus `discriminator_weight` × the GAN discriminator loss on real and
-    generated latents noised with the same ε and σ."""
+    index uniform in `fake_range`, plus `discriminator_weight` × the GAN discriminator loss on
+    real and generated latents noised with the same ε and σ.
+
+    Args:
+        nets (`Networks`): the fake network and GAN head train.
+        x0_sample (`torch.Tensor`): student samples at s_i (detached here).
+        z_real (`torch.Tensor`): real latents at s_i.
+        text (`TextEmbeddings`): the batch's prompts.
+        settings (`LossSettings`): `fake_range`, `gan_weight`, `discriminator_weight`.
+        rng (`torch.Generator`, *optional*): the CPU generator σ and ε are drawn from.
+
+    Returns:
+        `tuple`: (the loss, its logged terms as detached 0-dim tensors).
+    """
     x0_sample = x0_sample.detach().float()
     sigma, eps = _noised_at(x0_sample, settings.fake_range, rng, settings.grid)
     x_t = add_noise(x0_sample, eps, sigma)
@@ -316,7 +383,14 @@ def _fake_pair(nets: Networks, first: tuple[torch.Tensor, torch.Tensor], second:
 
 
 def logged_floats(terms: dict) -> dict[str, float]:
-    """Logged terms (0-dim tensors, floats or None) as floats, in order, with one device sync."""
+    """Logged terms as floats, in order, with one device sync.
+
+    Args:
+        terms (`dict`): name -> 0-dim tensor, float or None (None: 0.0).
+
+    Returns:
+        `dict[str, float]`
+    """
     tensors = [v.detach().float().reshape(()) for v in terms.values() if torch.is_tensor(v)]
     values = iter(torch.stack(tensors).tolist() if tensors else [])
     return {k: next(values) if torch.is_tensor(v) else float(v or 0.0) for k, v in terms.items()}
