@@ -34,7 +34,16 @@ FLUX_PIPELINE = Path(__file__).with_name("flux_scalewise_pipeline.py")
 
 
 def export_lora(adapter: SD3Adapter, out_dir: str | Path, adapter_name: str = STUDENT) -> Path:
-    """Save one adapter in diffusers' LoRA format (`pipe.load_lora_weights(out_dir)` reads it)."""
+    """Save one adapter in diffusers' LoRA format (`pipe.load_lora_weights(out_dir)` reads it).
+
+    Args:
+        adapter (`FamilyAdapter`): the model whose transformer carries the adapter.
+        out_dir (`str` or `Path`): the folder to write.
+        adapter_name (`str`): the adapter, by default the student's.
+
+    Returns:
+        `Path`: `out_dir`.
+    """
     out_dir = Path(out_dir)
     transformer = adapter.transformer
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
@@ -45,6 +54,8 @@ def export_lora(adapter: SD3Adapter, out_dir: str | Path, adapter_name: str = ST
 
 
 def schedule_record(schedule: ScaleSchedule, vae_scale_factor: int, max_sequence_length: int, **extra) -> dict:
+    """What an export records of its sampling (`SCHEDULE_FILE`): scales, sigmas, sizes, text length,
+    plus `extra` fields."""
     return {
         "scales": list(schedule.scales), "sigmas": list(schedule.sigmas),
         "boundaries": list(schedule.boundaries) if schedule.boundaries else None,
@@ -61,7 +72,20 @@ def export_merged_pipeline(teacher_path: str, out_dir: str | Path, schedule: Sca
                            guidance_scale: float = 0.0) -> Path:
     """Teacher pipeline + the student's weights (a LoRA folder to fuse, or a fully fine-tuned
     `transformer`), saved with `save_pretrained`: SD3 with a scale-wise `FlowMatchLCMScheduler`;
-    FLUX with the scale-wise pipeline file and `guidance_scale`, the student's embedded guidance."""
+    FLUX with the scale-wise pipeline file and `guidance_scale`, the student's embedded guidance.
+
+    Args:
+        teacher_path (`str`): the teacher pipeline (folder, Hub id or `builtin:` spec).
+        out_dir (`str` or `Path`): the folder to write.
+        schedule (`ScaleSchedule`): the student's, recorded in `SCHEDULE_FILE`.
+        lora_dir (`str` or `Path`, *optional*): a LoRA student (`export_lora`'s folder) to fuse.
+        transformer (*optional*): a fully fine-tuned student transformer; exactly one of the two.
+        max_sequence_length (`int`), dtype (`str`), family (`str`): the teacher's.
+        guidance_scale (`float`): FLUX only, the guidance the student's embedding was trained at.
+
+    Returns:
+        `Path`: `out_dir`.
+    """
     if (lora_dir is None) == (transformer is None):
         raise ValueError("export_merged_pipeline: pass exactly one of lora_dir (LoRA student) or transformer (full fine-tune)")
     if family not in ("sd3", "flux"):
@@ -88,6 +112,7 @@ def export_merged_pipeline(teacher_path: str, out_dir: str | Path, schedule: Sca
 
 
 def read_schedule(folder: str | Path) -> dict:
+    """The `schedule_record` of an exported student folder; FileNotFoundError if it is none."""
     path = Path(folder) / SCHEDULE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{folder} is not an exported SwD student: {SCHEDULE_FILE} is missing")
