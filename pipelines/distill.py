@@ -23,12 +23,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # `ray job submit --working-dir .` the package may not be installed, so add the root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.logs import add_verbosity_arguments, apply_verbosity, logger  # noqa: E402
 from pipelines.plan import plan_problems, render_plan  # noqa: E402
 from pipelines.ray_runtime import quiet_output  # noqa: E402
 from pipelines.schema import STAGES, PipelineConfigError, add_set_argument, load_pipeline_config  # noqa: E402
 from pipelines.stopping import stoppable  # noqa: E402
 from pipelines.stages import AVAILABLE, run_stage  # noqa: E402
 from pipelines.storage import InputError  # noqa: E402
+
+log = logger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +44,12 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     parser.add_argument("--stages", help=f"comma-separated stages to run instead of the definition's list ({', '.join(STAGES)})")
     add_set_argument(parser)
+    add_verbosity_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        apply_verbosity(args)
+    except ValueError as err:  # a bad SWD_LOG_LEVEL
+        parser.error(str(err))
 
     try:
         cfg = load_pipeline_config(args.config, args.set)
@@ -71,16 +79,16 @@ def _main(argv: list[str] | None) -> int:
     results = {}
     for stage in stages:
         if stage not in AVAILABLE:
-            print(f"[{stage}] not available in this version of the project; skipped", flush=True)
+            log.warning("not available in this version of the project; skipped", extra={"tag": stage})
             continue
-        print(f"[{stage}] starting", flush=True)
+        log.info("starting", extra={"tag": stage})
         try:
             results[stage] = run_stage(stage, cfg)
         except InputError as err:  # an unusable source or storage: the message says which
-            print(f"[{stage}] {err}", file=sys.stderr, flush=True)
+            log.error(str(err), extra={"tag": stage})
             return 2
     ran = [s for s in stages if s in results]
-    print(f"done: ran {', '.join(ran) if ran else 'no stage'}; outputs under {cfg.run_dir}", flush=True)
+    log.info(f"done: ran {', '.join(ran) if ran else 'no stage'}; outputs under {cfg.run_dir}")
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from pipelines.logs import LEVEL_ENV
+
 
 # What every job's runtime env sets: cluster/runtime_env.yaml for `ray job submit`, the rendered
 # RayJob, RayCronJob and CronJob, and the Serve app's config. No download or "Loading weights"
@@ -39,6 +41,8 @@ def worker_env() -> dict[str, str]:
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}
     if not interactive():
         env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"  # a Dataset made in a worker follows the driver
+    if LEVEL_ENV in os.environ:  # --quiet / --verbose (pipelines/logs.py)
+        env[LEVEL_ENV] = os.environ[LEVEL_ENV]
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed probes for CUDA otherwise and fails on CPU-only nodes
     return env
@@ -95,4 +99,5 @@ def ensure_ray(cfg=None) -> None:
     from pipelines.stopping import across_ray_init
 
     with across_ray_init():  # ray.init replaces the entry point's SIGTERM handler (pipelines/stopping.py)
-        ray.init(ignore_reinit_error=True, logging_level="WARNING", log_to_driver=True, **kwargs)
+        verbose = os.environ.get(LEVEL_ENV) == "DEBUG"  # --verbose: Ray's own info lines too
+        ray.init(ignore_reinit_error=True, logging_level="INFO" if verbose else "WARNING", log_to_driver=True, **kwargs)

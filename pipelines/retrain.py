@@ -19,18 +19,19 @@ import argparse
 import os
 import sys
 import time
-import traceback
 from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipelines/distill.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.logs import add_verbosity_arguments, apply_verbosity, logger  # noqa: E402
 from pipelines.ray_runtime import quiet_output  # noqa: E402
 from pipelines.schema import PipelineConfigError, add_set_argument, load_pipeline_config  # noqa: E402
 from pipelines.stopping import stoppable  # noqa: E402
 
 EXIT_LOCKED = 3  # another cycle of the definition holds the lock
+log = logger(__name__)
 
 
 def _load(path: str, overrides: list[str] = ()):
@@ -51,7 +52,7 @@ def once(path: str, force: bool = False, overrides: list[str] = ()) -> int:
     try:
         run_cycle(cfg, force=force)
     except CycleRefused as err:
-        print(f"[retrain] {err}", file=sys.stderr, flush=True)
+        log.error(str(err))
         return EXIT_LOCKED
     return 0
 
@@ -75,19 +76,18 @@ def scheduler(path: str, overrides: list[str] = ()) -> int:
     cfg = _load(path, overrides)
     while True:
         tick = next_tick(cfg.retrain.schedule, cfg.retrain.timezone)
-        print(f"[retrain] next cycle of {cfg.name} at {tick.isoformat()} ({cfg.retrain.schedule!r}, "
-              f"{cfg.retrain.timezone})", flush=True)
+        log.info(f"next cycle of {cfg.name} at {tick.isoformat()} ({cfg.retrain.schedule!r}, {cfg.retrain.timezone})")
         while (left := (tick - datetime.now(tick.tzinfo)).total_seconds()) > 0:
             time.sleep(min(left, 30.0))
         try:
             cfg = _load(path, overrides)
             run_cycle(cfg)
         except CycleRefused as err:
-            print(f"[retrain] {err}", flush=True)
+            log.warning(str(err))
         except PipelineConfigError as err:
-            print(f"[retrain] the definition no longer validates; skipping this tick:\n{err}", flush=True)
+            log.error(f"the definition no longer validates; skipping this tick:\n{err}")
         except Exception:  # noqa: BLE001 - one failed cycle must not end the schedule
-            print(f"[retrain] the cycle failed; it resumes at the next tick:\n{traceback.format_exc()}", flush=True)
+            log.exception("the cycle failed; it resumes at the next tick")
 
 
 def status(path: str, overrides: list[str] = ()) -> int:
@@ -153,6 +153,7 @@ def _main(argv: list[str] | None) -> int:
     add_set_argument(parser)
     parser.add_argument("--once", action="store_true", help="run one cycle now and exit")
     parser.add_argument("--force", action="store_true", help="with --once: train even without new rows")
+    add_verbosity_arguments(parser)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("status", parents=[common], help="print the version history")
     rb = sub.add_parser("rollback", parents=[common], help="move `champion` back; serving follows")
@@ -160,6 +161,10 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("--config is required")
+    try:
+        apply_verbosity(args)
+    except ValueError as err:  # a bad SWD_LOG_LEVEL
+        parser.error(str(err))
     try:
         if args.command == "status":
             return status(args.config, args.set)

@@ -22,14 +22,17 @@ import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 
+from pipelines.logs import stamp
+
 _prefix: str | None = None  # set while an entry point runs under `stoppable`
 _received: int | None = None  # the stop signal that came, if any
 
 
 def _say(signum: int) -> None:
-    # os.write, not print: the handler may interrupt a print to the same stream
+    # os.write, not print or logging: the handler may interrupt a write to the same stream, or a
+    # logging call holding its handler's lock
     name = signal.Signals(signum).name
-    os.write(sys.stderr.fileno(), f"{_prefix} {name} received: stopping\n".encode())
+    os.write(sys.stderr.fileno(), f"{stamp()} {_prefix} {name} received: stopping\n".encode())
 
 
 def _on_signal(signum: int, frame) -> None:

@@ -23,7 +23,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+
+from pipelines.logs import logger
 
 RUN_RECORD = "mlflow_run.json"  # in the run folder: {"uri": store, "run_id": run}
 DB_FILE = "mlflow.db"  # the default store, in the run folder
@@ -34,8 +35,7 @@ PARAM_BATCH = 100  # MLflow's limit of parameters per log_batch call
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit of a parameter value's length
 
 
-def _say(message: str) -> None:
-    print(f"[tracking] {message}", flush=True)
+log = logger(__name__)
 
 
 def local_store(run_dir: str) -> str | None:
@@ -61,7 +61,7 @@ def unreachable(uri: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-def resolve_store(cfg, say: Callable[[str], None] = _say) -> dict | None:
+def resolve_store(cfg) -> dict | None:
     """Where this run is tracked: {"uri", "experiment", "run_name", "artifacts"}; None when it is
     not (tracking.enabled false, or no store can be had: said in one line)."""
     t = cfg.tracking
@@ -74,17 +74,18 @@ def resolve_store(cfg, say: Callable[[str], None] = _say) -> dict | None:
         why = unreachable(configured)
         if why is not None:
             uri = local
-            say(f"the tracking server {configured} does not answer ({why}): "
+            log.warning(f"the tracking server {configured} does not answer ({why}): "
                 + (f"this run logs to {local} instead" if local else
                    "this run is not tracked (storage is on s3://, so there is no local store to fall back to)"))
     elif local is None:
-        say("storage is on s3:// and neither tracking.uri nor MLFLOW_TRACKING_URI names a tracking server: this run "
+        log.warning("storage is on s3:// and neither tracking.uri nor MLFLOW_TRACKING_URI names a tracking server: this run "
             "is not tracked")
     if uri is None:
         return None
     # a SQLite store keeps artifacts beside its file; a server keeps them where it is set up to
     artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlflow-artifacts").as_uri() \
         if uri.startswith("sqlite:///") else None
+    log.debug(f"store {uri}, experiment {t.experiment or cfg.name!r}, artifacts {artifacts or 'where the server keeps them'}")
     return {"uri": uri, "experiment": t.experiment or cfg.name, "run_name": cfg.name, "artifacts": artifacts}
 
 
@@ -265,9 +266,9 @@ class RunLogger:
         self._thread.join(timeout)
         self.waited += time.monotonic() - t0
         if self._thread.is_alive():
-            _say(f"the store has not taken the run's last records after {timeout:.0f} s; leaving them")
+            log.warning(f"the store has not taken the run's last records after {timeout:.0f} s; leaving them")
         elif not self.broken:
-            _say(f"MLflow run {self.run_id}: {self.logged} steps logged by this attempt; training waited "
+            log.info(f"MLflow run {self.run_id}: {self.logged} steps logged by this attempt; training waited "
                  f"{self.waited:.2f} s for the store")
 
     # ------------------------------------------------------------------ the thread
@@ -292,7 +293,7 @@ class RunLogger:
     def _fail(self, doing: str, err: Exception) -> None:
         self.broken = True
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        _say(f"{doing} in {self.store['uri']} failed ({type(err).__name__}: {first}); the run goes on untracked")
+        log.warning(f"{doing} in {self.store['uri']} failed ({type(err).__name__}: {first}); the run goes on untracked")
 
     def _open(self) -> None:
         t0 = time.perf_counter()
@@ -302,7 +303,7 @@ class RunLogger:
             self.client.update_run(self.run_id, status="RUNNING")
             self.last_step = max((m.step for m in self.client.get_metric_history(self.run_id, "lr")), default=0)
         log_definition(self.client, run, self.cfg, self.last_step)
-        _say(f"MLflow run {self.run_id} ({'continued' + (f' after step {self.last_step}' if self.last_step else '') if continued else 'new'}), "
+        log.info(f"MLflow run {self.run_id} ({'continued' + (f' after step {self.last_step}' if self.last_step else '') if continued else 'new'}), "
              f"experiment {self.store['experiment']!r} in {self.store['uri']} ({time.perf_counter() - t0:.1f} s)")
 
     def _metrics(self, step: int, metrics: dict) -> None:
@@ -397,7 +398,7 @@ def draw_curves(history: dict[str, list[tuple[int, float]]], terms: list[str], v
     plt.close(fig)
 
 
-def log_evaluation(cfg, outputs: dict, say: Callable[[str], None] = _say) -> None:
+def log_evaluation(cfg, outputs: dict) -> None:
     """The evaluate stage's grid and report into the run's MLflow run, when the run folder names
     one (a run the distill stage tracked); nothing is imported otherwise."""
     if not cfg.tracking.enabled:
@@ -413,4 +414,4 @@ def log_evaluation(cfg, outputs: dict, say: Callable[[str], None] = _say) -> Non
                 if path:
                     c.log_artifact(record["run_id"], path, "eval")
     except Exception as err:  # noqa: BLE001 - the evaluation stands without its copy in the run
-        say(f"logging the evaluation to {record['uri']} failed ({type(err).__name__}: {err})")
+        log.warning(f"logging the evaluation to {record['uri']} failed ({type(err).__name__}: {err})")

@@ -324,7 +324,7 @@ def test_a_run_out_of_max_failures_fails_and_says_how_to_go_on(store_dir, ray_cl
     out = "".join(seen) + proc.communicate(timeout=600)[0]
     assert victim, out[-4000:]
     assert proc.returncode != 0 and "step 24/24" not in out, out[-4000:]
-    assert "[distill] failed (0 restart(s) allowed by distill.max_failures)" in out, out[-4000:]
+    assert "[distill] error: failed (0 restart(s) allowed by distill.max_failures)" in out, out[-4000:]
     assert f"its checkpoints stay under {store_dir / 'runs' / 'fragile'}/train" in out
     assert "resumed from checkpoint" not in out  # no restart
 

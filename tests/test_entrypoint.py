@@ -58,5 +58,6 @@ def test_a_source_without_its_caption_column_is_one_line_from_the_driver(tmp_pat
     cfg.write_text(yaml.safe_dump(data))
     assert main(["--config", str(cfg), "--stages", "precompute"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"[precompute] data source {tmp_path / 'part.parquet'}: no column(s) ['caption']; it has "
-                   "['image', 'text'] (set image_column / caption_column of the source)"]
+    assert len(err) == 1, err
+    assert err[0].endswith(f"[precompute] error: data source {tmp_path / 'part.parquet'}: no column(s) ['caption']; "
+                           "it has ['image', 'text'] (set image_column / caption_column of the source)"), err

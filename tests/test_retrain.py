@@ -169,7 +169,7 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         stopped, lines = cycle3(), []
         for line in stopped.stdout:
             lines.append(line)
-            if line.startswith("[retrain] cycle-0003"):  # it holds the lock
+            if "[retrain] cycle-0003" in line:  # it holds the lock
                 stopped.send_signal(signal.SIGTERM)
                 break
         out_stopped = "".join(lines) + stopped.communicate(timeout=300)[0]

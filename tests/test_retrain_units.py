@@ -339,11 +339,11 @@ def test_the_scheduler_outlives_a_failed_cycle_a_broken_definition_and_a_refused
     monkeypatch.setattr(cycle, "run_cycle", run_cycle)
     with pytest.raises(KeyboardInterrupt):
         retrain.scheduler(str(path))
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert len(ticks) == 5 and len(ran) == 3  # tick 2 ran no cycle: its definition did not validate
-    assert "the cycle failed; it resumes at the next tick" in out and "RuntimeError: boom" in out
-    assert "the definition no longer validates; skipping this tick" in out and "retrain.steps 50" in out
-    assert "another retraining cycle is running" in out
+    assert "[retrain] error: the cycle failed; it resumes at the next tick" in err and "RuntimeError: boom" in err
+    assert "[retrain] error: the definition no longer validates; skipping this tick" in err and "retrain.steps 50" in err
+    assert "[retrain] warning: another retraining cycle is running" in err
     assert out.count("[retrain] next cycle of") == 4  # the fifth tick stopped it
 
 

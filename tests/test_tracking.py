@@ -26,20 +26,20 @@ def no_env_uri(monkeypatch):
 def test_a_server_that_does_not_answer_falls_back_to_the_local_store_said_once(tmp_path, no_env_uri, capsys):
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     store = resolve_store(definition(str(tmp_path), uri=closed, experiment="exp"))
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()  # a warning
     assert store["uri"] == f"sqlite:///{tmp_path.resolve()}/tracked/mlflow.db" and store["experiment"] == "exp"
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"[tracking] the tracking server {closed} does not answer (")
+    assert f"[tracking] warning: the tracking server {closed} does not answer (" in lines[0], lines
     assert lines[0].endswith(f"this run logs to {store['uri']} instead")
 
 
 def test_with_storage_on_s3_there_is_no_local_store_to_fall_back_to(no_env_uri, capsys):
     closed = f"http://127.0.0.1:{free_port()}"
     assert resolve_store(definition("s3://bucket/runs", uri=closed)) is None
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "this run is not tracked (storage is on s3://" in lines[0], lines
     assert resolve_store(definition("s3://bucket/runs")) is None
-    assert "neither tracking.uri nor MLFLOW_TRACKING_URI" in capsys.readouterr().out
+    assert "neither tracking.uri nor MLFLOW_TRACKING_URI" in capsys.readouterr().err
 
 
 def test_a_server_that_answers_is_used_and_the_default_is_the_run_folder(tmp_path, no_env_uri, monkeypatch, capsys):
@@ -60,7 +60,8 @@ def test_a_server_that_answers_is_used_and_the_default_is_the_run_folder(tmp_pat
         assert resolve_store(definition(str(tmp_path)))["uri"] == uri
     finally:
         server.shutdown()
-    assert capsys.readouterr().out == ""
+    said = capsys.readouterr()
+    assert said.out == said.err == ""
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     local = resolve_store(definition(str(tmp_path)))
     assert local["uri"] == f"sqlite:///{tmp_path.resolve()}/tracked/mlflow.db"

@@ -23,8 +23,11 @@ import time
 from pathlib import Path
 
 
+from pipelines.logs import logger
 from pipelines.schema import PipelineConfig
 from pipelines.storage import filesystem, read_json, write_bytes
+
+log = logger(__name__)
 
 RECORD = "cycle.json"
 
@@ -84,10 +87,6 @@ def _write_record(cfg: PipelineConfig, cycle: str, record: dict) -> None:
     write_bytes(f"{cycles_root(cfg)}/{cycle}/{RECORD}", json.dumps(record, indent=2).encode(), cfg.resources)
 
 
-def _say(msg: str) -> None:
-    print(f"[retrain] {msg}", flush=True)
-
-
 def run_cycle(cfg: PipelineConfig, *, force: bool = False) -> dict:
     """Run one cycle now under the definition's lock; raises `CycleRefused` if another holds it."""
     from pipelines.retraining.lease import Lease, LeaseHeld
@@ -97,6 +96,7 @@ def run_cycle(cfg: PipelineConfig, *, force: bool = False) -> dict:
     try:
         lease = Lease(lock_uri(cfg), cfg.resources, ttl_s=cfg.retrain.lock_ttl_s)
         lease.acquire()
+        log.debug(f"took the lock {lock_uri(cfg)} (expires unless renewed within {cfg.retrain.lock_ttl_s} s)")
     except LeaseHeld as held:
         raise CycleRefused(f"another retraining cycle of {cfg.name!r} is running: {held}; this one exits and "
                            "changes nothing") from None
@@ -118,7 +118,7 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     resumed = record is not None
     record = record or {"cycle": cycle, "started": time.time(), "state": "running",
                         "champion_before": champion.number if champion else None}
-    _say(f"{cycle}{' (resumed: it did not finish)' if resumed else ''}; champion: "
+    log.info(f"{cycle}{' (resumed: it did not finish)' if resumed else ''}; champion: "
          + (f"v{champion.number} ({champion.tags.get('cycle')})" if champion else "none yet"))
 
     # 1. new data: only rows the store has not seen are encoded
@@ -129,10 +129,10 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     pre = precompute.run(cycle_config(cfg, cycle, cfg.distill.steps))
     if not resumed or "new_rows" not in record:
         record.update(new_rows=pre["new_rows"], rows=pre["rows"])
-    _say(f"store: {pre['rows']} rows, {record['new_rows']} new this cycle")
+    log.info(f"store: {pre['rows']} rows, {record['new_rows']} new this cycle")
     if champion is not None and not force and record["new_rows"] < r.min_new_rows:
         # nothing to learn from: no folder, no version (the record of the skip is the log)
-        _say(f"{record['new_rows']} new rows < retrain.min_new_rows {r.min_new_rows}: nothing to train; "
+        log.info(f"{record['new_rows']} new rows < retrain.min_new_rows {r.min_new_rows}: nothing to train; "
              "the champion stays (--force trains anyway)")
         return {"cycle": None, "skipped": True, "new_rows": record["new_rows"], "champion": champion.number}
     _write_record(cfg, cycle, record)
@@ -150,7 +150,7 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     if not resumed:
         registry.log_params(run_id, {"cycle": cycle, "warm_start": warm or "teacher", "start_step": start_step,
                                      "steps": steps, "rows": pre["rows"], "new_rows": record["new_rows"]})
-    _say(f"training {r.steps} steps from "
+    log.info(f"training {r.steps} steps from "
          + (f"v{champion.number}'s checkpoint at step {start_step}" if warm else "the teacher"))
     lease.check()
     trained = distill.trainer.run(ccfg, warm_start=warm)
@@ -164,7 +164,7 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     cand, champ = score_in_task(cfg, student, champion.source if champion is not None else None)
     passed, lines, differences = gate.verdict(cand, champ)
     for line in lines:
-        _say(f"gate: {line}")
+        log.info(f"gate: {line}")
     intervals = gate.intervals(cand)  # each metric of the candidate with its interval over the gate prompts
     registry.log_metrics(run_id, {f"gate.candidate.{k}{end}": e[key] for k, e in intervals.items()
                                   for end, key in (("", "value"), (".lo", "lo"), (".hi", "hi"))})
@@ -186,9 +186,9 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
         "champion_metrics": json.dumps(champ.metrics) if champ else "", "warm_start_from": champion.number if warm else ""})
     if passed:
         registry.set_champion(version.number, f"{cycle}: gate passed")
-        _say(f"v{version.number} is the champion")
+        log.info(f"v{version.number} is the champion")
     else:
-        _say(f"v{version.number} is registered, not promoted: the gate failed; v{champion.number} stays the champion")
+        log.warning(f"v{version.number} is registered, not promoted: the gate failed; v{champion.number} stays the champion")
     record.update(state="finished", finished=time.time(), version=version.number, promoted=passed,
                   gate={"candidate": cand.metrics, "champion": champ.metrics if champ else None, "report": lines,
                         "intervals": intervals, "differences": differences,
@@ -253,16 +253,16 @@ def follow_champion(cfg: PipelineConfig, registry, deploy: bool = True, only_if_
     if running and only_if_absent:
         return None
     if not running and not deploy:
-        _say(f"serve: no running app {name}; its next deployment serves {served.serve.model_id}")
+        log.info(f"serve: no running app {name}; its next deployment serves {served.serve.model_id}")
         return None
     if not running:
         if warning := cfg.serve.exposure_warning():
-            _say(f"serve: {warning}")
+            log.warning(f"serve: {warning}")
         serve.start(http_options={"host": cfg.serve.listen_host, "port": cfg.serve.port})
     serve.run(build_app(served), name=name, route_prefix=cfg.serve.route_prefix, blocking=False)
-    _say(f"serve: {name} {'now serves' if running else 'deployed with'} {served.serve.model_id} ({champion.source})")
+    log.info(f"serve: {name} {'now serves' if running else 'deployed with'} {served.serve.model_id} ({champion.source})")
     if started_ray:
-        _say("serve: note: this process started Ray, so the app stops when it exits; run the scheduler "
+        log.info("serve: note: this process started Ray, so the app stops when it exits; run the scheduler "
              "(pipelines/retrain.py without --once) or join a cluster (RAY_ADDRESS) for a lasting service")
     return {"app": name, "model_id": served.serve.model_id}
 
@@ -301,7 +301,7 @@ def rollback(cfg: PipelineConfig, to: int | None = None) -> int:
     if to == current.number:
         raise ValueError(f"{cfg.name}: v{to} is already the champion")
     registry.set_champion(to, f"rollback from v{current.number}")
-    _say(f"champion: v{current.number} -> v{to}")
+    log.info(f"champion: v{current.number} -> v{to}")
     if cfg.retrain and cfg.retrain.serve:
         follow_champion(cfg, registry, deploy=False)
     return to

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.logs import logger
 from pipelines.report import render_markdown
 from pipelines.schema import PipelineConfig
 from pipelines.storage import filesystem, local_copy, write_bytes, write_png
@@ -34,6 +35,9 @@ from swd_core.export import read_schedule
 from swd_core.generate import to_pil
 from swd_core.grid import image_grid
 from swd_core.toy import shapes
+
+log = logger(__name__)
+
 
 @dataclass
 class Model:
@@ -158,8 +162,7 @@ def evaluate_models(adapter, models: list[Model], prompts: list[str], seeds: lis
 
         def progress(done, m=m, start=start):
             rate = (time.perf_counter() - start) / done
-            print(f"[evaluate] {m.name}: {done}/{m.n} images, {rate:.3f} s/image, ~{rate * (m.n - done):.0f} s left",
-                  flush=True)
+            log.info(f"{m.name}: {done}/{m.n} images, {rate:.3f} s/image, ~{rate * (m.n - done):.0f} s left")
 
         imgs = sample_images(adapter, prompts[:m.n], seeds[:m.n], batch_size=cfg.evaluate.batch_size,
                              progress=progress, **m.sampling)
@@ -173,10 +176,9 @@ def evaluate_models(adapter, models: list[Model], prompts: list[str], seeds: lis
         res["latency"] = latency_split(adapter, prompts[0], seeds[0], repeats=cfg.evaluate.latency_repeats,
                                        **m.sampling)
         lat = res["latency"]
-        print(f"[evaluate] {m.name}: latency {lat['total_s']:.3f} s/image (text {lat['text_s']:.3f}, transformer "
-              f"{lat['transformer_s']:.3f}, VAE {lat['vae_s']:.3f})"
-              + (f"; accuracy {res['prompt_accuracy']:.3f}, FD {res['fd']:.3f} (mean shift {res['fd_mean_term']:.3f}, n={res['fd_n']})" if scorer else ""),
-              flush=True)
+        log.info(f"{m.name}: latency {lat['total_s']:.3f} s/image (text {lat['text_s']:.3f}, transformer "
+                 f"{lat['transformer_s']:.3f}, VAE {lat['vae_s']:.3f})"
+                 + (f"; accuracy {res['prompt_accuracy']:.3f}, FD {res['fd']:.3f} (mean shift {res['fd_mean_term']:.3f}, n={res['fd_n']})" if scorer else ""))
         results[m.name] = res
         images[m.name] = imgs[:cfg.evaluate.grid_prompts]
     return results, images
@@ -309,7 +311,7 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
         msg = (f"no exported student at {student_uri}: evaluating the teacher only. Make one with the distill "
                f"stage (python pipelines/distill.py --config <your.yaml> --stages distill) or point "
                f"evaluate.student at an exported folder")
-        print(f"[evaluate] {msg}", flush=True)
+        log.warning(msg)
         notes.append(msg)
         record, n_steps = None, cfg.schedule().num_steps
     else:
@@ -329,9 +331,9 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
               f"teacher {n_steps} steps, {unguided}", n_steps, 0.0, n_few,
               dict(teacher_steps=n_steps, guidance=0.0)),
     ]
-    print(f"[evaluate] {domain} domain, prompts from {source}; models: "
-          + ", ".join(f"{m.name} ({m.n} prompts)" for m in models)
-          + (f", student from {student_uri} ({n_few} prompts)" if record else ""), flush=True)
+    log.info(f"{domain} domain, prompts from {source}; models: "
+             + ", ".join(f"{m.name} ({m.n} prompts)" for m in models)
+             + (f", student from {student_uri} ({n_few} prompts)" if record else ""))
     # One model in memory at a time: the teacher, then the student (matters at SD3.5 sizes).
     teacher = load_adapter(t.family, t.path, dtype=t.dtype, device=device, max_sequence_length=t.max_sequence_length)
     results, images = evaluate_models(teacher, models, prompts, seeds, cfg, scorer, metrics)
@@ -390,8 +392,9 @@ def evaluate_here(cfg: PipelineConfig) -> dict:
     paths["report_json"] = write_bytes(f"{out_dir}/report.json", (json.dumps(report, indent=2) + "\n").encode(),
                                        cfg.resources)
     for c in report["checks"]:
-        print(f"[evaluate] {'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['detail']}", flush=True)
-    print(f"[evaluate] report: {paths['report_md']}\n[evaluate] report.json: {paths['report_json']}\n"
-          f"[evaluate] grid: {paths['grid']}  ({report['seconds']:.0f} s)", flush=True)
+        log.info(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['detail']}")
+    log.info(f"report: {paths['report_md']}")
+    log.info(f"report.json: {paths['report_json']}")
+    log.info(f"grid: {paths['grid']}  ({report['seconds']:.0f} s)")
     return {**paths, "student_found": record is not None, "checks": {c["id"]: c["passed"] for c in report["checks"]},
             "seconds": report["seconds"], "device": device}

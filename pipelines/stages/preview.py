@@ -12,8 +12,11 @@ import time
 from swd_core.adapters import load_adapter
 from swd_core.generate import generate_images
 from swd_core.grid import image_grid
+from pipelines.logs import logger
 from pipelines.schema import PipelineConfig
 from pipelines.storage import write_png
+
+log = logger(__name__)
 
 
 def run(cfg: PipelineConfig) -> dict:
@@ -45,9 +48,9 @@ def preview_here(cfg: PipelineConfig) -> dict:
         start = time.perf_counter()
         images[label] = generate_images(adapter, prompts, seeds, **kwargs)
         timings[label] = (time.perf_counter() - start) / len(prompts)
-        print(f"[preview] {label}: {timings[label]:.3f} s/image", flush=True)
+        log.info(f"{label}: {timings[label]:.3f} s/image")
     grid = image_grid([[images[c][i] for c in columns] for i in range(len(prompts))], prompts, list(columns),
                       title=f"{cfg.name}: teacher {cfg.teacher.path}  scales {list(schedule.scales)}")
     path = write_png(f"{cfg.run_dir}/preview.png", grid, cfg.resources)
-    print(f"[preview] wrote {path}", flush=True)
+    log.info(f"wrote {path}")
     return {"grid": path, "seconds_per_image": timings, "device": device, "sigmas": list(schedule.sigmas)}

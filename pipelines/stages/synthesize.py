@@ -16,8 +16,11 @@ import time
 import pyarrow as pa
 
 from pipelines import sources, store
+from pipelines.logs import logger
 from pipelines.schema import PipelineConfig
 from pipelines.storage import arrow_filesystem, filesystem, fs_path
+
+log = logger(__name__)
 
 SCHEMA = pa.schema([("image", pa.binary()), ("caption", pa.string()), ("seed", pa.int64()), ("num_steps", pa.int64()),
                     ("guidance_scale", pa.float64()), ("teacher", pa.string())])
@@ -68,7 +71,7 @@ def run(cfg: PipelineConfig) -> dict:
     start = time.perf_counter()
     sc, resources = cfg.synthesize, cfg.resources
     if not sc.enabled:  # in the default stage list, but only on request: sampling costs teacher time
-        print("[synthesize] disabled (synthesize.enabled: false); skipped", flush=True)
+        log.info("disabled (synthesize.enabled: false); skipped")
         return {"skipped": True}
     if not cfg.data.prompts:
         raise ValueError("synthesize: set `data.prompts` (a text file, one prompt per line, or Parquet with a `prompt` column)")
@@ -87,7 +90,7 @@ def run(cfg: PipelineConfig) -> dict:
             if (r["num_steps"], r["guidance_scale"], r["teacher"]) == (sc.num_steps, float(sc.guidance_scale), cfg.teacher.path):
                 done.add((r["caption"], r["seed"]))
     todo = [w for w in wanted if (w["prompt"], w["seed"]) not in done]
-    print(f"[synthesize] {len(prompts)} prompts: {len(todo)} to sample, {len(wanted) - len(todo)} already in {out}", flush=True)
+    log.info(f"{len(prompts)} prompts: {len(todo)} to sample, {len(wanted) - len(todo)} already in {out}")
     if todo:
         (ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), sc.actors * 4)))
          .map_batches(TeacherSampler, batch_size=sc.batch_size, batch_format="numpy",
@@ -100,6 +103,6 @@ def run(cfg: PipelineConfig) -> dict:
     rows = store.count_rows(out, resources)
     result = {"output": out, "prompts": len(prompts), "sampled": len(todo), "skipped_present": len(wanted) - len(todo),
               "rows": rows, "seconds": time.perf_counter() - start}
-    print(f"[synthesize] sampled {len(todo)} images, skipped {result['skipped_present']} already present; "
-          f"{out} holds {rows} rows ({result['seconds']:.1f} s)", flush=True)
+    log.info(f"sampled {len(todo)} images, skipped {result['skipped_present']} already present; "
+             f"{out} holds {rows} rows ({result['seconds']:.1f} s)")
     return result

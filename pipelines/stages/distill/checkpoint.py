@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch
 
+from pipelines.logs import logger
 from pipelines.stages.distill.data import data_position
 from pipelines.stages.distill.engines import averaged_student
 from pipelines.stages.distill.export import export_student
+
+log = logger(__name__)
 
 CKPT_TAG = "ckpt"  # DeepSpeed checkpoint tag inside each Ray checkpoint
 EMA_FILE = "student_ema.pt"  # the student's weight average (distill.ema_decay), beside state.json
@@ -133,7 +136,7 @@ def restore_checkpoint(cfg, rank: int, student_engine, fake_engine, ema, device,
     if not checkpoint and warm_start:
         checkpoint = warm_start_checkpoint(warm_start, cfg.resources)
         if rank == 0:
-            print(f"[distill] warm start from {warm_start}", flush=True)
+            log.info(f"warm start from {warm_start}")
     if not checkpoint:
         return 0, 0, 0, None
     with checkpoint.as_directory() as ckpt_dir:
@@ -149,10 +152,10 @@ def restore_checkpoint(cfg, rank: int, student_engine, fake_engine, ema, device,
         if ema is not None and Path(ckpt_dir, EMA_FILE).exists():
             ema.load_state_dict(load_weights_only(Path(ckpt_dir, EMA_FILE), map_location=device))
         elif ema is not None and rank == 0:
-            print("[distill] the checkpoint holds no student EMA: the average starts here", flush=True)
+            log.info("the checkpoint holds no student EMA: the average starts here")
     epoch, rows_done, note = data_position(state, digest, rank)
     if rank == 0:
-        print(f"[distill] resumed from checkpoint at step {state['step']}" + (f"; {note}" if note else ""), flush=True)
+        log.info(f"resumed from checkpoint at step {state['step']}" + (f"; {note}" if note else ""))
     return state["step"], epoch, rows_done, state.get("validation")
 
 

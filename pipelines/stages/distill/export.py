@@ -8,7 +8,10 @@ import json
 import tempfile
 import time
 
+from pipelines.logs import logger
 from pipelines.schema import PipelineConfig
+
+log = logger(__name__)
 
 RECORD_FILE = "validation.json"  # in the export: the chosen step and every score (distill.validation)
 
@@ -32,7 +35,7 @@ def export_student(cfg, rank, student_engine, adapter, nets, final: bool, step: 
     what = "the student" + ("" if final else f" at step {step}")
 
     def say(doing: str) -> None:  # the export takes minutes for a large model: one line per part
-        print(f"[distill] exporting {what}: {doing}", flush=True)
+        log.info(f"exporting {what}: {doing}")
 
     if full:  # every rank takes part in gathering ZeRO-3 shards
         if cfg.distill.zero_stage == 3:
@@ -72,8 +75,8 @@ def export_student(cfg, rank, student_engine, adapter, nets, final: bool, step: 
         upload_dir(tmp, dest, cfg.resources)
     if validation is not None:
         write_record(dest, validation, cfg.resources)
-    print(f"[distill] exported {what} to {dest} (merged/, {'' if full else 'lora/, '}samples.png) "
-          f"in {time.monotonic() - t0:.0f} s", flush=True)
+    log.info(f"exported {what} to {dest} (merged/, {'' if full else 'lora/, '}samples.png) "
+             f"in {time.monotonic() - t0:.0f} s")
 
 
 def write_record(export: str, record: dict, resources) -> None:

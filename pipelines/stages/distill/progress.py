@@ -6,7 +6,10 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from pipelines.logs import logger
 from pipelines.schema import PipelineConfig
+
+log = logger(__name__)
 
 
 def format_duration(seconds: float) -> str:
@@ -60,7 +63,7 @@ class Progress:
         if step % d.log_every == 0 or save or step == 1:
             if self.rank == 0:
                 line = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
-                print(f"[distill] step {step}/{d.steps} scale {metrics['scale']} lr {metrics['lr']:.3g} | {line} | "
-                      f"{sum(self.window) / len(self.window):.2f} s/it (data wait {metrics['data_wait_s']:.2f} s), "
-                      f"{metrics['samples_per_s']:.1f} samples/s, {self.eta(step)}", flush=True)
+                log.info(f"step {step}/{d.steps} scale {metrics['scale']} lr {metrics['lr']:.3g} | {line} | "
+                         f"{sum(self.window) / len(self.window):.2f} s/it (data wait {metrics['data_wait_s']:.2f} s), "
+                         f"{metrics['samples_per_s']:.1f} samples/s, {self.eta(step)}")
             self.window = []

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 
 import os
-import sys
 import time
 
+from pipelines.logs import LEVEL_ENV, logger
 from pipelines.schema import PipelineConfig
 from pipelines.stages.distill.export import student_dir
 from pipelines.stages.distill.worker import train_loop_per_worker
+
+log = logger(__name__)
 
 
 def _absolute(cfg: PipelineConfig) -> PipelineConfig:
@@ -60,12 +62,13 @@ def build_trainer(cfg: PipelineConfig, store, warm_start: str | None = None, cal
         storage_path = fs_path(storage_path)  # with an explicit filesystem Ray wants a bare path
     file_rows = store.file_rows()  # one listing of the store: the plan and the named dataset share it
     plan = plan_shards(file_rows, r.num_workers, d.batch_size // r.num_workers)  # each worker's rows
+    log.debug(f"store {store.data_root()}: {len(file_rows)} file(s); checkpoints under {storage_path}")
     return TorchTrainer(
         train_loop_per_worker,
         # warm_start: another run's checkpoint to start from while this run has none of its own
         # (scheduled retraining trains the champion further; a restarted cycle resumes its own)
         train_loop_config={"pipeline": cfg.model_dump(mode="json"), "store": store, "data_plan": plan,
-                           "warm_start": warm_start, "tracking": tracking},
+                           "warm_start": warm_start, "tracking": tracking, "log_level": os.environ.get(LEVEL_ENV)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=r.placement_strategy),
@@ -106,9 +109,8 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
     tracking = resolve_store(cfg)  # rank 0 logs to it (pipelines/tracking.py)
     ensure_ray(cfg)
     schedule = cfg.schedule()
-    print(f"[distill] {d.mode} student, ZeRO-{d.zero_stage}, {r.num_workers} workers, batch {d.batch_size}, "
-          f"{d.steps} steps, {'scale-wise' if schedule.is_scalewise else 'full-resolution'} scales {list(schedule.scales)}",
-          flush=True)
+    log.info(f"{d.mode} student, ZeRO-{d.zero_stage}, {r.num_workers} workers, batch {d.batch_size}, "
+             f"{d.steps} steps, {'scale-wise' if schedule.is_scalewise else 'full-resolution'} scales {list(schedule.scales)}")
     start = time.perf_counter()
     from ray.train import TrainingFailedError
 
@@ -118,9 +120,9 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
         # Ray's error runs to many lines of worker details; these two say what happened and what to do
         restarts = "unlimited" if d.max_failures < 0 else d.max_failures
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        print(f"[distill] failed ({restarts} restart(s) allowed by distill.max_failures): {reason}\n"
-              f"[distill] its checkpoints stay under {cfg.run_dir}/train: running the same definition again resumes "
-              "from the last one", file=sys.stderr, flush=True)
+        log.error(f"failed ({restarts} restart(s) allowed by distill.max_failures): {reason}\n"
+                  f"[distill] its checkpoints stay under {cfg.run_dir}/train: running the same definition again resumes "
+                  "from the last one")
         raise
     metrics = dict(result.metrics or {})
     out = {"student": student_dir(cfg), "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -141,7 +143,7 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
         if out[key] and cfg.run_dir.startswith("s3://"):  # Ray names it by its bare filesystem path
             out[key] = "s3://" + out[key]
     chosen = f" (step {metrics['val_best_step']}, chosen by validation)" if "val_best_step" in metrics else ""
-    print(f"[distill] done in {out['seconds']:.0f} s; student at {out['student']}{chosen}", flush=True)
+    log.info(f"done in {out['seconds']:.0f} s; student at {out['student']}{chosen}")
     return out
 
 
@@ -161,7 +163,7 @@ def _remove_untracked_checkpoints(result) -> None:
         if (info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
                 and info.path not in kept):
             fs.delete_dir(info.path)
-            print(f"[distill] removed {info.path}: a checkpoint Ray Train no longer tracks", flush=True)
+            log.info(f"removed {info.path}: a checkpoint Ray Train no longer tracks")
 
 
 def _workers(checkpoint) -> list[dict]:

@@ -8,8 +8,11 @@ from typing import Callable
 
 import torch
 
+from pipelines.logs import logger
 from pipelines.schema import PipelineConfig
 from pipelines.stages.distill.export import RECORD_FILE, student_dir, write_record
+
+log = logger(__name__)
 
 
 class Validation:
@@ -44,17 +47,17 @@ class Validation:
         if not record:
             return fresh
         if record.get("num_prompts") != self.num_prompts:
-            self._say(f"validation.num_prompts changed ({record.get('num_prompts')} -> {self.num_prompts}): "
-                      "earlier scores are not comparable; the choice starts afresh")
+            log.info(f"validation.num_prompts changed ({record.get('num_prompts')} -> {self.num_prompts}): "
+                     "earlier scores are not comparable; the choice starts afresh")
             return fresh
         if record["best"] is not None and record["best"]["metric"] != self.key:
-            self._say(f"validation.metric changed ({record['best']['metric']} -> {self.key}): the choice starts "
-                      "afresh; the next checkpoint's student replaces the export")
+            log.info(f"validation.metric changed ({record['best']['metric']} -> {self.key}): the choice starts "
+                     "afresh; the next checkpoint's student replaces the export")
             return {**fresh, "history": list(record["history"])}
         best = record["best"]
         if best is not None and (self.exported_record() or {}).get("best") != best:
-            self._say(f"the export does not hold step {best['step']}, the checkpoint's choice (an attempt stopped "
-                      "after or while exporting): the next checkpoint's student replaces it")
+            log.info(f"the export does not hold step {best['step']}, the checkpoint's choice (an attempt stopped "
+                     "after or while exporting): the next checkpoint's student replaces it")
             return {**record, "best": None}
         return record
 
@@ -71,10 +74,6 @@ class Validation:
         if self.world > 1:
             torch.distributed.broadcast_object_list(record, src=0)
         return record[0]
-
-    def _say(self, message: str) -> None:
-        if self.rank == 0:
-            print(f"[distill] {message}", flush=True)
 
     def scores(self, nets) -> dict[str, float]:
         from swd_core.evaluate_model import ShapesScorer, sample_images
@@ -118,9 +117,9 @@ class Validation:
         chosen["history"].append({"step": step, **scores})
         if improved:
             chosen["best"] = {"step": step, "metric": self.key, "value": value}
-        self._say(f"validation at step {step}: fd {scores['val_fd']:.4g} (mean term {scores['val_fd_mean_term']:.3g}), "
-                  f"accuracy {scores['val_prompt_accuracy']:.3f} | "
-                  + ("best so far: exporting" if improved else f"best stays step {chosen['best']['step']}"))
+        log.info(f"validation at step {step}: fd {scores['val_fd']:.4g} (mean term {scores['val_fd_mean_term']:.3g}), "
+                 f"accuracy {scores['val_prompt_accuracy']:.3f} | "
+                 + ("best so far: exporting" if improved else f"best stays step {chosen['best']['step']}"))
         if improved:
             export(validation=chosen)
         elif self.rank == 0:
@@ -131,5 +130,5 @@ class Validation:
         """After training: which step the export holds, and why."""
         best = chosen["best"]
         if best is not None:
-            self._say(f"the exported student is step {best['step']} of {self.cfg.distill.steps}, chosen by "
-                      f"{best['metric']} {best['value']:.4g} on {self.num_prompts} validation prompts")
+            log.info(f"the exported student is step {best['step']} of {self.cfg.distill.steps}, chosen by "
+                     f"{best['metric']} {best['value']:.4g} on {self.num_prompts} validation prompts")

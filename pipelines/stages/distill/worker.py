@@ -10,6 +10,7 @@ from functools import partial
 
 import torch
 
+from pipelines.logs import configure, logger
 from pipelines.ray_compat import quiet_train_report_log
 from pipelines.ray_runtime import quiet_libraries
 from pipelines.schema import PipelineConfig
@@ -21,6 +22,8 @@ from pipelines.stages.distill.export import export_student, student_dir
 from pipelines.stages.distill.iteration import train_iteration
 from pipelines.stages.distill.progress import Progress
 from pipelines.stages.distill.validation import Validation
+
+log = logger(__name__)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -39,6 +42,7 @@ def train_loop_per_worker(config: dict) -> None:
     digest = plan_digest(plan, store.data_root(), (d.shuffle_window, d.seed))  # names this run's data order in checkpoints
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    configure(config.get("log_level"), rank=rank)  # one line per event: rank 0's, and every rank's warnings
     deepspeed = import_deepspeed()  # before the tracking thread imports mlflow, which it hides
     tracker = None  # rank 0's MLflow run; its thread opens the store while the networks build
     if rank == 0 and config.get("tracking"):
@@ -123,7 +127,6 @@ def _placement(rank: int, world: int, device: torch.device) -> list[dict]:
     torch.distributed.all_gather_object(workers, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
                                                   "pid": os.getpid(), "device": str(device)})
     if rank == 0:
-        print(f"[distill] {world} workers on {len({w['node_id'] for w in workers})} node(s): "
-              + ", ".join(f"rank {w['rank']} node {w['node_id'][:8]} pid {w['pid']} {w['device']}" for w in workers),
-              flush=True)
+        log.info(f"{world} workers on {len({w['node_id'] for w in workers})} node(s): "
+                 + ", ".join(f"rank {w['rank']} node {w['node_id'][:8]} pid {w['pid']} {w['device']}" for w in workers))
     return workers

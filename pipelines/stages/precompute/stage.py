@@ -11,12 +11,15 @@ from datetime import UTC, datetime
 import pyarrow as pa
 
 from pipelines import sources, store
+from pipelines.logs import logger
 from pipelines.schema import DataSource, PipelineConfig
 from pipelines.stages.precompute.checks import CHECK_SCHEMA, check_batch
 from pipelines.stages.precompute.encoder import Encoder, text_shapes
 from pipelines.stages.precompute.quarantine import decide, write_quarantine
 from pipelines.stages.precompute.spec import EncodeSpec
 from pipelines.storage import arrow_filesystem, check_writable, fs_path, read_json, write_bytes
+
+log = logger(__name__)
 
 
 def all_sources(cfg: PipelineConfig) -> list[DataSource]:
@@ -70,7 +73,7 @@ def summary_line(result: dict) -> str:
     q = ", ".join(f"{k} {v}" for k, v in sorted(result["quarantined_by_reason"].items())) or "none"
     conv = sum(result["converted"].values())
     cap = result.get("captions", {})
-    return (f"[precompute] kept {result['new_rows']} new rows ({conv} converted; captions: "
+    return (f"kept {result['new_rows']} new rows ({conv} converted; captions: "
             f"{cap.get('truncated', 0)} truncated to the text window, {cap.get('control_characters_removed', 0)} "
             f"with control characters removed), skipped {result['skipped_present']} "
             f"already present, quarantined {sum(result['quarantined_by_reason'].values())} ({q}); "
@@ -87,10 +90,11 @@ def run(cfg: PipelineConfig) -> dict:
     # on the driver, before any Ray work: storage that cannot be written, an unusable source
     check_writable(store.store_uri(cfg), resources)
     tasks = sources.read_tasks(all_sources(cfg), resources)
+    log.debug(f"{len(tasks)} read task(s) over {len(all_sources(cfg))} source(s); store {store.store_uri(cfg)}")
     ensure_ray(cfg)
     uri, previous, removed = prepare(cfg)
     if removed:
-        print(f"[precompute] removed {len(removed)} partial shard(s) of an interrupted run: {removed}", flush=True)
+        log.info(f"removed {len(removed)} partial shard(s) of an interrupted run: {removed}")
     spec = EncodeSpec.from_config(cfg)
 
     # The empty prompt needs the text encoders: a task of its own, running while pass 1 checks.
@@ -107,9 +111,8 @@ def run(cfg: PipelineConfig) -> dict:
     new_q = write_quarantine(uri, quarantined, resources)
     by_reason = Counter(r["reason"] for r in quarantined)
     check_s = time.perf_counter() - start
-    print(f"[precompute] checked {checks.num_rows} input rows in {check_s:.1f} s: {len(keep)} to encode, "
-          f"{counts['skipped_present']} already in the store, {len(quarantined)} quarantined ({new_q} newly recorded)",
-          flush=True)
+    log.info(f"checked {checks.num_rows} input rows in {check_s:.1f} s: {len(keep)} to encode, "
+             f"{counts['skipped_present']} already in the store, {len(quarantined)} quarantined ({new_q} newly recorded)")
 
     # Empty prompt + manifest first (complete: false until the data is written).
     text = ray.get(text_ref)
@@ -138,5 +141,5 @@ def run(cfg: PipelineConfig) -> dict:
                            "control_characters_removed": counts["control_characters_removed"]},
               "removed_partial_shards": len(removed), "check_seconds": check_s,
               "seconds": time.perf_counter() - start, "spec": asdict(spec), "device": text["device"]}
-    print(summary_line(result), flush=True)
+    log.info(summary_line(result))
     return result
