@@ -87,7 +87,8 @@ class DataSource(Strict):
 
     path: str = Field(description="Where the rows are: a Parquet file or folder, an image folder (local or "
                                   "s3://), or a label such as `builtin:shapes` for the `shapes` format.")
-    format: Literal["parquet", "imagefolder", "shapes"] = Field("parquet", description="How `path` is read (see above).")
+    format: Literal["parquet", "imagefolder", "shapes"] = Field(
+        "parquet", description="How `path` is read (see above).")
     image_column: str = Field("image", description="Parquet only: the column with image bytes (or a Hugging Face "
                                                    "`{bytes, path}` struct).")
     caption_column: str = Field("caption", description="Parquet only: the column with the caption text.")
@@ -118,7 +119,8 @@ class DataConfig(Strict):
         None, description="Held-out prompts of the evaluate stage and the retrain gate outside the shapes domain "
                           "(same formats as `prompts`; Parquet with an `image` column beside `prompt` also gives "
                           "`fd_dinov2` against those images), or `builtin:parti` (PartiPrompts; "
-                          "`builtin:parti?category=animals,vehicles&challenge=basic` selects); null: `preview_prompts`.")
+                          "`builtin:parti?category=animals,vehicles&challenge=basic` selects); "
+                          "null: `preview_prompts`.")
     preview_prompts: list[str] = Field(["a photo"], description="Prompts of the preview stage and of the sample grid "
                                                                 "written with each export.")
 
@@ -136,15 +138,19 @@ class SynthesizeConfig(Strict):
     """The optional synthesize stage (docs/precompute.md): teacher images for `data.prompts`,
     read by precompute as one more source."""
 
-    enabled: bool = Field(False, description="Run the stage when it is in `stages`, and read its output in precompute.")
-    num_steps: Annotated[int, Field(ge=1, le=1000)] = Field(28, description="Teacher sampling steps (Euler) per image.")
+    enabled: bool = Field(
+        False, description="Run the stage when it is in `stages`, and read its output in precompute.")
+    num_steps: Annotated[int, Field(ge=1, le=1000)] = Field(
+        28, description="Teacher sampling steps (Euler) per image.")
     guidance_scale: Annotated[float, Field(ge=0)] = Field(
         7.0, description="Classifier-free guidance scale of the teacher's samples (1: no guidance).")
     seed: int = Field(0, description="Prompt i is sampled with seed `seed + i`, whatever the batch or actor.")
     batch_size: Annotated[int, Field(ge=1)] = Field(8, description="Prompts per teacher call on one actor.")
-    actors: Annotated[int, Field(ge=1)] = Field(1, description="Ray Data actors, each holding a full teacher pipeline.")
+    actors: Annotated[int, Field(ge=1)] = Field(
+        1, description="Ray Data actors, each holding a full teacher pipeline.")
     cpus_per_actor: Annotated[float, Field(ge=0)] = Field(1.0, description="CPUs reserved per actor.")
-    gpus_per_actor: Annotated[float, Field(ge=0)] = Field(0.0, description="GPUs reserved per actor (fractions allowed).")
+    gpus_per_actor: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="GPUs reserved per actor (fractions allowed).")
     memory_per_actor: Memory | None = Field(
         None, description="Memory per actor as a Kubernetes quantity (e.g. `48Gi`), used to size cluster pods; "
                           "null: the renderer's default.")
@@ -156,9 +162,11 @@ class PrecomputeConfig(Strict):
     the schedule, written to the store distillation reads."""
 
     batch_size: Annotated[int, Field(ge=1)] = Field(16, description="Rows per encoder call on one actor.")
-    actors: Annotated[int, Field(ge=1)] = Field(1, description="Ray Data actors, each holding the text encoders and the VAE.")
+    actors: Annotated[int, Field(ge=1)] = Field(
+        1, description="Ray Data actors, each holding the text encoders and the VAE.")
     cpus_per_actor: Annotated[float, Field(ge=0)] = Field(1.0, description="CPUs reserved per actor.")
-    gpus_per_actor: Annotated[float, Field(ge=0)] = Field(0.0, description="GPUs reserved per actor (fractions allowed).")
+    gpus_per_actor: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="GPUs reserved per actor (fractions allowed).")
     memory_per_actor: Memory | None = Field(
         None, description="Memory per actor as a Kubernetes quantity (e.g. `16Gi`), used to size cluster pods; "
                           "null: the renderer's default.")
@@ -172,10 +180,13 @@ class ScheduleConfig(Strict):
 
     preset: str | None = Field(None, description="A named schedule from swd_core.schedules (e.g. `sd35_medium_6step`, "
                                                  "`toy_4step`); null: explicit `scales`.")
-    scales: list[int] | None = Field(None, description="Latent side per sampling step, increasing (e.g. [32, 48, 64, 80, 96, 128]).")
+    scales: list[int] | None = Field(
+        None, description="Latent side per sampling step, increasing (e.g. [32, 48, 64, 80, 96, 128]).")
     boundaries: list[int] | None = Field(
-        None, description="Per step, its index into the teacher family's 28-step sigma grid (0 = sigma 1.0); one per scale.")
-    sigmas: list[float] | None = Field(None, description="Per step, its noise level in (0, 1], decreasing; one per scale.")
+        None, description="Per step, its index into the teacher family's 28-step sigma grid (0 = sigma 1.0); "
+                          "one per scale.")
+    sigmas: list[float] | None = Field(
+        None, description="Per step, its noise level in (0, 1], decreasing; one per scale.")
     scalewise: bool = Field(True, description="false: the full-resolution baseline, every step at the last scale "
                                               "with the same sigmas.")
 
@@ -215,7 +226,8 @@ class ScheduleConfig(Strict):
 def _check_grid_range(v: tuple[int, int]) -> tuple[int, int]:
     lo, hi = v
     if not 0 <= lo < hi <= GRID_STEPS:
-        raise ValueError(f"grid_range must be [low, high) indices into the {GRID_STEPS}-step sigma grid, 0 <= low < high <= {GRID_STEPS}")
+        raise ValueError(f"grid_range must be [low, high) indices into the {GRID_STEPS}-step sigma grid, "
+                         f"0 <= low < high <= {GRID_STEPS}")
     return v
 
 
@@ -293,7 +305,8 @@ class LoRAConfig(Strict):
     """The LoRA adapters of the student and the fake score (`distill.mode: lora`)."""
 
     rank: Annotated[int, Field(ge=1)] = Field(64, description="LoRA rank of both adapters.")
-    alpha: Annotated[float, Field(gt=0)] | None = Field(None, description="LoRA alpha (scale alpha/rank); null: = rank.")
+    alpha: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="LoRA alpha (scale alpha/rank); null: = rank.")
     targets: list[str] = Field(list(DEFAULT_TARGETS), description="Names of the transformer's linear layers that "
                                                                   "get adapters.")
 
@@ -310,13 +323,15 @@ class ValidationConfig(Strict):
     metric: Literal["fd", "prompt_accuracy"] = Field(
         "fd", description="The score that chooses the export: `fd` (Fréchet distance, lower is better) or "
                           "`prompt_accuracy` (higher is better).")
-    batch_size: Annotated[int, Field(ge=1)] = Field(64, description="Validation images sampled per call on one worker.")
+    batch_size: Annotated[int, Field(ge=1)] = Field(
+        64, description="Validation images sampled per call on one worker.")
 
     @field_validator("num_prompts")
     @classmethod
     def _enough_for_a_distance(cls, v: int):
         if v == 1:
-            raise ValueError("validation.num_prompts: the Fréchet distance needs at least 2 images (0 turns validation off)")
+            raise ValueError("validation.num_prompts: the Fréchet distance needs at least 2 images "
+                             "(0 turns validation off)")
         return v
 
     @property
@@ -355,7 +370,8 @@ class DistillConfig(Strict):
     lr_decay_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         0.0, description="The last fraction of `steps` over which both learning rates fall linearly to 0; "
                          "0: constant (the paper).")
-    fake_updates: Annotated[int, Field(ge=0)] = Field(5, description="Fake-score updates before each generator update.")
+    fake_updates: Annotated[int, Field(ge=0)] = Field(
+        5, description="Fake-score updates before each generator update.")
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.0, description="Decay of an exponential moving average of the student's weights (diffusers' EMAModel, "
                          "warm-up n/(9+n)); the export and evaluation use the average. 0: off.")
@@ -409,7 +425,8 @@ class MetricModels(Strict):
     pickscore: str = Field("yuvalkirstain/PickScore_v1", description="The PickScore model (a CLIPModel).")
     pickscore_processor: str = Field("laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                                      description="The processor PickScore is used with (its base CLIP-H's).")
-    dinov2: str = Field("facebook/dinov2-large", description="The DINOv2 checkpoint of `fd_dinov2`, with its image processor.")
+    dinov2: str = Field(
+        "facebook/dinov2-large", description="The DINOv2 checkpoint of `fd_dinov2`, with its image processor.")
 
 
 class EvaluateConfig(Strict):
@@ -419,7 +436,8 @@ class EvaluateConfig(Strict):
     compare like for like; the CFG teacher is the expensive one and gets its own count."""
 
     num_prompts: Annotated[int, Field(ge=2)] = Field(
-        64, description="Held-out prompts of the few-step models (the teacher at the student's step count, and the student).")
+        64, description="Held-out prompts of the few-step models (the teacher at the student's step count, "
+                        "and the student).")
     teacher_num_prompts: Annotated[int, Field(ge=2)] | None = Field(
         None, description="Held-out prompts of the guided (CFG) teacher; null: `num_prompts`.")
     seed: int = Field(0, description="Image i uses seed `seed + i` in every model.")
@@ -427,7 +445,8 @@ class EvaluateConfig(Strict):
     teacher_guidance_scale: Annotated[float, Field(ge=0)] = Field(
         7.0, description="Classifier-free guidance scale of the guided teacher (1: no guidance).")
     student: str | None = Field(
-        None, description="The exported student folder to evaluate (local or s3://); null: `<run_dir>/student/merged`.")
+        None, description="The exported student folder to evaluate (local or s3://); "
+                          "null: `<run_dir>/student/merged`.")
     domain: Literal["auto", "shapes", "prompts"] = Field(
         "auto", description="`shapes`: prompt accuracy and FD with the shapes scorer; `prompts`: prompt-free metrics; "
                             "`auto`: shapes for the toy teacher or shapes data, else prompts.")
@@ -442,10 +461,12 @@ class EvaluateConfig(Strict):
     memory: Memory | None = Field(None, description="Memory the evaluate task needs on its pod, e.g. 40Gi "
                                   "(sizes the rendered cluster's pods).")
     metrics: list[ImageMetric] = Field(
-        [], description="Image metrics of every model, for any teacher: `clip_score` (CLIP image-prompt similarity), "
-                        "`pickscore` (PickScore v1, a human-preference model), `fd_dinov2` (Fréchet distance of DINOv2 "
-                        "features to the guided teacher's images of the same prompts and seeds, and to the prompts' own "
-                        "images where the prompt source holds them); each with a bootstrap interval over prompts.")
+        [], description="Image metrics of every model, for any teacher: "
+                        "`clip_score` (CLIP image-prompt similarity), "
+                        "`pickscore` (PickScore v1, a human-preference model), "
+                        "`fd_dinov2` (Fréchet distance of DINOv2 features to the guided teacher's images "
+                        "of the same prompts and seeds, and to the prompts' own images where the prompt source "
+                        "holds them); each with a bootstrap interval over prompts.")
     metric_models: MetricModels = Field(MetricModels(), description="Where the metrics' models are.")
     metric_batch_size: Annotated[int, Field(ge=1)] = Field(32, description="Images per call of a metric model.")
     bootstrap_resamples: Annotated[int, Field(ge=100)] = Field(
@@ -488,8 +509,10 @@ class ServeConfig(Strict):
         None, description="Autoscaling upper bound; set with `min_replicas`.")
     target_ongoing_requests: Annotated[float, Field(gt=0)] | None = Field(
         None, description="Autoscaling target of requests in progress per replica; null: `max_batch_size`.")
-    max_images: Annotated[int, Field(ge=1, le=64)] = Field(4, description="The largest `n` (images) one request may ask for.")
-    max_prompt_chars: Annotated[int, Field(ge=1)] = Field(1000, description="The longest prompt accepted, in characters.")
+    max_images: Annotated[int, Field(ge=1, le=64)] = Field(
+        4, description="The largest `n` (images) one request may ask for.")
+    max_prompt_chars: Annotated[int, Field(ge=1)] = Field(
+        1000, description="The longest prompt accepted, in characters.")
     api_key_env: str | None = Field(
         None, description="Bearer-token auth: the key is read from this environment variable on each replica; "
                           "null with `api_key_file` null: no auth.")
@@ -531,7 +554,8 @@ class ServeConfig(Strict):
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or batches can never fill")
         if (self.min_replicas is None) != (self.max_replicas is None):
-            raise ValueError("autoscaling needs both min_replicas and max_replicas (or neither, for a fixed `replicas`)")
+            raise ValueError("autoscaling needs both min_replicas and max_replicas "
+                             "(or neither, for a fixed `replicas`)")
         if self.min_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.api_key_env and self.api_key_file:
@@ -584,7 +608,8 @@ class GateMetric(Strict):
 
     name: Literal["teacher_denoise", "teacher_fd", "teacher_alignment", "teacher_cfg_denoise", "fd",
                   "prompt_accuracy", "clip_score", "pickscore", "fd_dinov2"] = Field(
-        "teacher_denoise", description="The metric (docs/retrain.md); `fd` and `prompt_accuracy` need the shapes domain; "
+        "teacher_denoise", description="The metric (docs/retrain.md); "
+                                       "`fd` and `prompt_accuracy` need the shapes domain; "
                                        "`clip_score`, `pickscore` and `fd_dinov2` (to the teacher's images) read "
                                        "`evaluate.metric_models`.")
     direction: Literal["min", "max"] | None = Field(
@@ -609,7 +634,8 @@ class GateConfig(Strict):
 
     # docs/retrain.md says how far the teacher-only metrics agree with the toy's
     metrics: Annotated[list[GateMetric], Field(min_length=1)] | None = Field(
-        None, description="The metrics that must all pass; null: `fd` in the shapes domain, else `teacher_cfg_denoise`.")
+        None, description="The metrics that must all pass; "
+                          "null: `fd` in the shapes domain, else `teacher_cfg_denoise`.")
     num_prompts: Annotated[int, Field(ge=2)] = Field(64, description="Held-out prompts both models sample.")
     seed: int = Field(0, description="Prompt i uses seed `seed + i` in both models.")
     sigma: Annotated[float, Field(gt=0, lt=1)] = Field(
@@ -628,9 +654,11 @@ class GateConfig(Strict):
     teacher_steps: Annotated[int, Field(ge=1)] = Field(
         28, description="Sampling steps of the teacher's reference images for `teacher_fd`.")
     teacher_guidance_scale: Annotated[float, Field(ge=0)] = Field(
-        4.5, description="Classifier-free guidance scale of the teacher's reference images for `teacher_fd` (1: no guidance).")
+        4.5, description="Classifier-free guidance scale of the teacher's reference images for `teacher_fd` "
+                         "(1: no guidance).")
     batch_size: Annotated[int, Field(ge=1)] = Field(32, description="Images sampled or scored per call.")
-    grid_prompts: Annotated[int, Field(ge=1)] = Field(6, description="Rows (prompts) of the candidate-vs-champion image grid.")
+    grid_prompts: Annotated[int, Field(ge=1)] = Field(
+        6, description="Rows (prompts) of the candidate-vs-champion image grid.")
     bootstrap_resamples: Annotated[int, Field(ge=100)] = Field(
         1000, description="Resamples of the prompts behind the interval of each candidate - champion difference.")
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = Field(
@@ -643,7 +671,8 @@ class RegistryConfig(Strict):
     storage only); on a cluster a tracking server, here or in MLFLOW_TRACKING_URI."""
 
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; null: MLFLOW_TRACKING_URI, else a SQLite file under the run's storage.")
+        None, description="MLflow tracking URI; "
+                          "null: MLFLOW_TRACKING_URI, else a SQLite file under the run's storage.")
     model_name: str | None = Field(None, description="The registered model's name; null: the definition's `name`.")
 
 
@@ -676,7 +705,8 @@ class RetrainConfig(Strict):
         True, description="Start from the champion's checkpoint (adapters, GAN head, optimizer state, EMA); "
                           "false: from the teacher.")
     min_new_rows: Annotated[int, Field(ge=0)] = Field(
-        1, description="A cycle that finds fewer new rows than this in `data.sources` changes nothing; 0: train anyway.")
+        1, description="A cycle that finds fewer new rows than this in `data.sources` changes nothing; "
+                       "0: train anyway.")
     gate: GateConfig = Field(GateConfig(), description="The promotion gate.")
     registry: RegistryConfig = Field(RegistryConfig(), description="MLflow tracking and model registry.")
     serve: bool = Field(
@@ -782,7 +812,8 @@ class Toleration(Strict):
     nvidia.com/gpu, operator: Exists, effect: NoSchedule}` for the taint GPU node pools usually carry."""
 
     key: LabelKey | None = Field(None, description="The taint's key; null with `operator: Exists`: every taint.")
-    operator: Literal["Equal", "Exists"] = Field("Equal", description="`Equal`: key and value match; `Exists`: the key does.")
+    operator: Literal["Equal", "Exists"] = Field(
+        "Equal", description="`Equal`: key and value match; `Exists`: the key does.")
     value: LabelValue | None = Field(None, description="The taint's value (`Equal` only).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="The taint effect tolerated; null: every effect.")
@@ -834,8 +865,9 @@ class ModelCacheConfig(Strict):
                           "fs.example.com, path: /hf}}` or `{csi: {...}}`; `render` checks it against the pod schema.")
     path: str = Field("/mnt/hf-cache", description="Where every pod mounts it: HF_HOME.")
     read_only: bool = Field(
-        True, description="Ray pods mount it read-only and the Hugging Face libraries stay offline (HF_HUB_OFFLINE=1): "
-                          "every file comes from what the staging job put there. false: pods may download into it.")
+        True, description="Ray pods mount it read-only and the Hugging Face libraries stay offline "
+                          "(HF_HUB_OFFLINE=1): every file comes from what the staging job put there. "
+                          "false: pods may download into it.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -895,7 +927,8 @@ class ClusterConfig(Strict):
                           "its cluster. null: no limit.")
     start_deadline_seconds: Seconds | None = Field(
         3600, description="RayJob: how long every pod may take to start (GPU nodes scaled up, image pulled) before "
-                          "the job fails instead of waiting (`preRunningDeadlineSeconds`, KubeRay 1.7). null: no limit.")
+                          "the job fails instead of waiting (`preRunningDeadlineSeconds`, KubeRay 1.7). "
+                          "null: no limit.")
     serve_service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = Field(
         "ClusterIP", description="RayService: the Serve Service's type; anything but ClusterIP needs an API key.")
     launcher: LauncherConfig = Field(LauncherConfig(), description="The Ray cluster launcher file's AWS settings.")
@@ -974,7 +1007,8 @@ class PipelineConfig(Strict):
         shapes_only = [m.name for m in r.gate.metrics if m.name in ("fd", "prompt_accuracy")]
         if shapes_only and self.evaluation_domain() != "shapes":
             raise ValueError(f"retrain.gate.metrics {shapes_only} need the shapes-domain scorer and this definition's "
-                             f"evaluation domain is {self.evaluation_domain()!r}; use the teacher-only metrics: teacher_cfg_denoise, "
+                             f"evaluation domain is {self.evaluation_domain()!r}; "
+                             "use the teacher-only metrics: teacher_cfg_denoise, "
                              "teacher_fd, teacher_alignment or teacher_denoise")
         if self.resources.storage.startswith("s3://") and not (r.registry.tracking_uri or self.tracking.uri):
             import os
