@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return cluster(["render", *argv[1:]])
     from pipelines.schema import add_set_argument
 
-    parser = argparse.ArgumentParser(prog="swd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="swd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def stage_parser(name: str, help: str) -> argparse.ArgumentParser:
@@ -55,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, help in (("retrain", "scheduled retraining (python pipelines/retrain.py); its arguments follow"),
                        ("render", "cluster manifests (python -m pipelines.cluster render); its arguments follow")):
         sub.add_parser(name, help=help, description=help)  # listed in --help; dispatched above
-    schema = sub.add_parser("schema", help="print the pipeline definition's JSON Schema (for editors' YAML completion)")
+    schema = sub.add_parser("schema",
+                            help="print the pipeline definition's JSON Schema (for editors' YAML completion)")
     schema.add_argument("--markdown", action="store_true",
-                        help="print the configuration reference instead (docs/configuration.md; `make docs` writes it)")
+                        help="print the configuration reference instead "
+                             "(docs/configuration.md; `make docs` writes it)")
     args = parser.parse_args(argv)
 
     if args.command == "run":

@@ -42,7 +42,8 @@ def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="pipeline definition (YAML)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
-    parser.add_argument("--stages", help=f"comma-separated stages to run instead of the definition's list ({', '.join(STAGES)})")
+    parser.add_argument("--stages",
+                        help=f"comma-separated stages to run instead of the definition's list ({', '.join(STAGES)})")
     add_set_argument(parser)
     add_verbosity_arguments(parser)
     args = parser.parse_args(argv)

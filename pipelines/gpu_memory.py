@@ -46,7 +46,8 @@ T5_XXL = 4.76e9
 KNOWN = {
     "stabilityai/stable-diffusion-3.5-medium": Architecture("SD3.5 Medium", 24, 1536, 2.47e9, T5_XXL, 0.82e9),
     "stabilityai/stable-diffusion-3.5-large": Architecture("SD3.5 Large", 38, 2432, 8.06e9, T5_XXL, 0.82e9),
-    "stabilityai/stable-diffusion-3.5-large-turbo": Architecture("SD3.5 Large Turbo", 38, 2432, 8.06e9, T5_XXL, 0.82e9),
+    "stabilityai/stable-diffusion-3.5-large-turbo":
+        Architecture("SD3.5 Large Turbo", 38, 2432, 8.06e9, T5_XXL, 0.82e9),
     "black-forest-labs/FLUX.1-dev": Architecture("FLUX.1-dev", 19 + 38, 3072, 11.9e9, T5_XXL, 0.123e9),
     "black-forest-labs/FLUX.1-schnell": Architecture("FLUX.1-schnell", 19 + 38, 3072, 11.9e9, T5_XXL, 0.123e9),
 }

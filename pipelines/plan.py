@@ -29,25 +29,33 @@ def render_plan(cfg: PipelineConfig) -> str:
         f"  scales {list(schedule.scales)}",
         f"  sigmas {[round(s, 4) for s in schedule.sigmas]}",
         "", "distill:",
-        f"  mode {d.mode}" + (f" (LoRA rank {d.lora.rank}, alpha {d.lora.alpha or d.lora.rank})" if d.mode == "lora" else ""),
-        f"  LoRA targets ({'student and fake score' if d.mode == 'lora' else 'fake score'}): {', '.join(d.lora.targets)}",
+        f"  mode {d.mode}"
+        + (f" (LoRA rank {d.lora.rank}, alpha {d.lora.alpha or d.lora.rank})" if d.mode == "lora" else ""),
+        f"  LoRA targets ({'student and fake score' if d.mode == 'lora' else 'fake score'}): "
+        f"{', '.join(d.lora.targets)}",
         f"  DeepSpeed ZeRO stage {d.zero_stage}; global batch {d.batch_size}; {d.steps} generator steps; "
         f"lr {d.lr} (fake score {d.fake_lr or d.lr}); weight decay {d.weight_decay}; grad clip {d.grad_clip}",
         f"  loss = {losses.mmd.weight}·MMD({losses.mmd.kernel}, grid {list(losses.mmd.grid_range)}) "
         f"+ {losses.dmd.weight}·DMD({guidance} {losses.dmd.guidance_scale}, grid {list(losses.dmd.grid_range)}) "
         f"+ {losses.gan.weight}·GAN; features after block {losses.feature_block}",
         f"  per iteration: {d.fake_updates} fake-score update(s), then 1 generator update, at one scale (round robin)",
-        f"  checkpoints and validation every {d.checkpoint_every} iterations ({d.checkpoint_every // schedule.num_steps} "
-        f"rounds of the {schedule.num_steps} scales); rows shuffled per epoch "
+        f"  checkpoints and validation every {d.checkpoint_every} iterations "
+        f"({d.checkpoint_every // schedule.num_steps} rounds of the {schedule.num_steps} scales); "
+        "rows shuffled per epoch "
         + (f"in windows of {d.shuffle_window}" if d.shuffle_window else "(off: file order)") + f", seed {d.seed}",
         "", "resources:",
-        f"  {r.num_workers} worker(s) × {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU; placement {r.placement_strategy}",
-        *([f"  synthesize actors {sy.actors} × ({sy.cpus_per_actor} CPU, {sy.gpus_per_actor} GPU), batch {sy.batch_size}"]
+        f"  {r.num_workers} worker(s) × {r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU; "
+        f"placement {r.placement_strategy}",
+        *([f"  synthesize actors {sy.actors} × ({sy.cpus_per_actor} CPU, {sy.gpus_per_actor} GPU), "
+           f"batch {sy.batch_size}"]
           if sy.enabled else []),
-        f"  precompute actors {cfg.precompute.actors} × ({cfg.precompute.cpus_per_actor} CPU, {cfg.precompute.gpus_per_actor} GPU), batch {cfg.precompute.batch_size}",
+        f"  precompute actors {cfg.precompute.actors} × "
+        f"({cfg.precompute.cpus_per_actor} CPU, {cfg.precompute.gpus_per_actor} GPU), "
+        f"batch {cfg.precompute.batch_size}",
         f"  evaluate and preview: one task × ({ev.cpus} CPU, {ev.gpus} GPU)"
         + (f"; image metrics {', '.join(ev.metrics)} on {ev.num_prompts} prompts" if ev.metrics else ""),
-        f"  serve: {cfg.serve.replicas} replica(s) × ({cfg.serve.cpus_per_replica} CPU, {cfg.serve.gpus_per_replica} GPU), "
+        f"  serve: {cfg.serve.replicas} replica(s) × "
+        f"({cfg.serve.cpus_per_replica} CPU, {cfg.serve.gpus_per_replica} GPU), "
         f"max batch {cfg.serve.max_batch_size}, port {cfg.serve.port}",
         f"  storage {cfg.run_dir}",
     ]

@@ -39,7 +39,8 @@ def builtin_prompts(spec: str) -> list[str]:
     """The prompts of a `builtin:` prompt set, in the file's order."""
     name, _, query = spec.removeprefix("builtin:").partition("?")
     if name not in SETS:
-        raise ValueError(f"{spec}: unknown built-in prompt set {name!r}; known: {', '.join(f'builtin:{s}' for s in SETS)}")
+        raise ValueError(f"{spec}: unknown built-in prompt set {name!r}; "
+                         f"known: {', '.join(f'builtin:{s}' for s in SETS)}")
     options = parse_qs(query, keep_blank_values=True, strict_parsing=False)
     extra = sorted(set(options) - {"category", "challenge"})
     if extra:

@@ -100,4 +100,5 @@ def ensure_ray(cfg=None) -> None:
 
     with across_ray_init():  # ray.init replaces the entry point's SIGTERM handler (pipelines/stopping.py)
         verbose = os.environ.get(LEVEL_ENV) == "DEBUG"  # --verbose: Ray's own info lines too
-        ray.init(ignore_reinit_error=True, logging_level="INFO" if verbose else "WARNING", log_to_driver=True, **kwargs)
+        ray.init(ignore_reinit_error=True, logging_level="INFO" if verbose else "WARNING", log_to_driver=True,
+                 **kwargs)

@@ -42,7 +42,8 @@ def image_metrics_section(report: dict) -> list[str]:
            "reference: –)"
            + (f"; to the source, with {info['source_images']}." if info.get("source_images") else "."), ""]
     out += _table(["model", "prompts", *(label for _, label in cols)],
-                  [[x["name"], str(x["n_prompts"]), *(_interval(x["image_metrics"].get(k), x["n_prompts"]) for k, _ in cols)]
+                  [[x["name"], str(x["n_prompts"]),
+                    *(_interval(x["image_metrics"].get(k), x["n_prompts"]) for k, _ in cols)]
                    for x in models])
     if info["differences"]:
         diff_cols = [(k, label) for k, label in cols if any(k in d["difference"] for d in info["differences"])]
@@ -75,8 +76,9 @@ def render_markdown(report: dict) -> str:
                 f"not among these.", ""]
     out += [f"- {n}" for n in report["notes"]] + ([""] if report["notes"] else [])
     if student.get("curves"):
-        out += ["## Training", "", "The distill run's losses, gradient norms and validation metric over steps (dotted: "
-                "checkpoints; red: the exported step).", "", f"![training curves]({student['curves']})", ""]
+        out += ["## Training", "",
+                "The distill run's losses, gradient norms and validation metric over steps "
+                "(dotted: checkpoints; red: the exported step).", "", f"![training curves]({student['curves']})", ""]
 
     if report["checks"]:
         out += ["## Checks", ""]
@@ -94,7 +96,8 @@ def render_markdown(report: dict) -> str:
         out += _table(header, rows)
         floor = ", ".join(f"{_f(v)} at n={n}" for n, v in report["fd_floor"].items())
         explain = (f"Prompt accuracy: the fraction of images whose every prompted attribute the classifier reads "
-                   f"right (it reads {_f(report['classifier_real_accuracy'])} of real renders of these prompts right). "
+                   f"right (it reads {_f(report['classifier_real_accuracy'])} of real renders of these prompts "
+                   "right). "
                    f"FD: Fréchet distance of classifier features to real renders of the same prompts; it grows as the "
                    f"number of images n shrinks, so compare models at the same n only. A second set of real renders "
                    f"scores {floor} (the floor).")

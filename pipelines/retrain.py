@@ -37,7 +37,8 @@ log = logger(__name__)
 def _load(path: str, overrides: list[str] = ()):
     cfg = load_pipeline_config(path, overrides)
     if cfg.retrain is None:
-        raise PipelineConfigError(f"{path}: no `retrain` section; add one to retrain this definition (docs/retrain.md)")
+        raise PipelineConfigError(f"{path}: no `retrain` section; "
+                                  "add one to retrain this definition (docs/retrain.md)")
     return cfg
 
 

@@ -22,7 +22,8 @@ REGENERATE = "make docs"
 
 HEADER = """# Configuration reference
 
-<!-- Generated from pipelines/schema.py by `{regenerate}` (python -m pipelines.schema_docs docs/configuration.md); do not edit by hand. -->
+<!-- Generated from pipelines/schema.py by `{regenerate}` \
+(python -m pipelines.schema_docs docs/configuration.md); do not edit by hand. -->
 
 A pipeline definition is one YAML file (`swd run --config my.yaml`); the shipped ones are in
 [pipelines/configs](../pipelines/configs). Every section below is a mapping in that file, and a

@@ -114,7 +114,8 @@ def shuffled_windows(blocks: Iterable[tuple[int, dict]], count: int, window: int
                 pending, held, k = [], 0, k + 1
 
 
-def fixed_batches(blocks: Iterable[tuple[tuple[int, int], dict]], batch_size: int) -> Iterator[tuple[tuple[int, int], dict]]:
+def fixed_batches(blocks: Iterable[tuple[tuple[int, int], dict]],
+                  batch_size: int) -> Iterator[tuple[tuple[int, int], dict]]:
     """Blocks tagged (epoch, offset of their first row) -> batches of exactly `batch_size` rows, in
     order; a batch may run on into the next epoch's rows, so no row is ever dropped. Each batch
     comes with the position after it: (epoch, offset) of the next row it did not take."""

@@ -57,7 +57,8 @@ def read_tasks(sources: list[DataSource], resources: ResourcesConfig) -> list[di
         remaining = src.limit
         if src.format == "shapes":
             for start in range(0, src.limit, CHUNK):
-                tasks.append({"kind": "shapes", "seed": src.seed, "start": start, "count": min(CHUNK, src.limit - start)})
+                tasks.append({"kind": "shapes", "seed": src.seed, "start": start,
+                              "count": min(CHUNK, src.limit - start)})
         elif src.format == "parquet":
             fs = filesystem(src.path, resources)
             for path in _parquet_files(src.path, resources):

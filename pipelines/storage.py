@@ -134,7 +134,8 @@ def local_copy(uri: str, resources: ResourcesConfig, cache_dir: str | None = Non
                 if old != dest:
                     shutil.rmtree(old, ignore_errors=True)
             return dest
-    raise RuntimeError(f"{uri} kept changing while it downloaded (an export in progress?); try again when it is written")
+    raise RuntimeError(f"{uri} kept changing while it downloaded (an export in progress?); "
+                       "try again when it is written")
 
 
 def upload_dir(local: str | Path, uri: str, resources: ResourcesConfig) -> str:

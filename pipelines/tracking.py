@@ -78,14 +78,15 @@ def resolve_store(cfg) -> dict | None:
                 + (f"this run logs to {local} instead" if local else
                    "this run is not tracked (storage is on s3://, so there is no local store to fall back to)"))
     elif local is None:
-        log.warning("storage is on s3:// and neither tracking.uri nor MLFLOW_TRACKING_URI names a tracking server: this run "
-            "is not tracked")
+        log.warning("storage is on s3:// and neither tracking.uri nor MLFLOW_TRACKING_URI names a tracking server: "
+                    "this run is not tracked")
     if uri is None:
         return None
     # a SQLite store keeps artifacts beside its file; a server keeps them where it is set up to
     artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlflow-artifacts").as_uri() \
         if uri.startswith("sqlite:///") else None
-    log.debug(f"store {uri}, experiment {t.experiment or cfg.name!r}, artifacts {artifacts or 'where the server keeps them'}")
+    log.debug(f"store {uri}, experiment {t.experiment or cfg.name!r}, "
+              f"artifacts {artifacts or 'where the server keeps them'}")
     return {"uri": uri, "experiment": t.experiment or cfg.name, "run_name": cfg.name, "artifacts": artifacts}
 
 
@@ -293,7 +294,8 @@ class RunLogger:
     def _fail(self, doing: str, err: Exception) -> None:
         self.broken = True
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        log.warning(f"{doing} in {self.store['uri']} failed ({type(err).__name__}: {first}); the run goes on untracked")
+        log.warning(f"{doing} in {self.store['uri']} failed ({type(err).__name__}: {first}); "
+                    "the run goes on untracked")
 
     def _open(self) -> None:
         t0 = time.perf_counter()
@@ -303,8 +305,9 @@ class RunLogger:
             self.client.update_run(self.run_id, status="RUNNING")
             self.last_step = max((m.step for m in self.client.get_metric_history(self.run_id, "lr")), default=0)
         log_definition(self.client, run, self.cfg, self.last_step)
-        log.info(f"MLflow run {self.run_id} ({'continued' + (f' after step {self.last_step}' if self.last_step else '') if continued else 'new'}), "
-             f"experiment {self.store['experiment']!r} in {self.store['uri']} ({time.perf_counter() - t0:.1f} s)")
+        state = ("continued" + (f" after step {self.last_step}" if self.last_step else "")) if continued else "new"
+        log.info(f"MLflow run {self.run_id} ({state}), "
+                 f"experiment {self.store['experiment']!r} in {self.store['uri']} ({time.perf_counter() - t0:.1f} s)")
 
     def _metrics(self, step: int, metrics: dict) -> None:
         if step > self.last_step:

@@ -29,7 +29,8 @@ def render_cache_job(cfg: PipelineConfig) -> list[dict]:
     volume, mount = cache_volume(cfg, read_only=False)
     env = [{"name": "HF_HOME", "value": c.model_cache.path}, {"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"}]
     if c.hf_token_secret:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": c.hf_token_secret, "key": HF_TOKEN_KEY}}})
+        env.append({"name": "HF_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": c.hf_token_secret, "key": HF_TOKEN_KEY}}})
     amounts = {"cpu": "2", "memory": "8Gi"}
     container = {"name": "stage-cache", "image": c.image, "command": stage_command(cfg), "env": env,
                  "resources": {"limits": dict(amounts), "requests": dict(amounts)}, "volumeMounts": [mount]}

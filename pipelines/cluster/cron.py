@@ -35,8 +35,8 @@ def render_raycronjob(cfg: PipelineConfig) -> list[dict]:
     if cfg.cluster.active_deadline_seconds:
         job["activeDeadlineSeconds"] = cfg.cluster.active_deadline_seconds
     spec = {"schedule": cfg.retrain.schedule, "timeZone": cfg.retrain.timezone, "jobTemplate": job}
-    return [{"apiVersion": "ray.io/v1", "kind": "RayCronJob", "metadata": metadata(cfg, f"{resource_name(cfg)}-retrain"),
-             "spec": spec}]
+    return [{"apiVersion": "ray.io/v1", "kind": "RayCronJob",
+             "metadata": metadata(cfg, f"{resource_name(cfg)}-retrain"), "spec": spec}]
 
 
 def render_cronjob(cfg: PipelineConfig) -> list[dict]:

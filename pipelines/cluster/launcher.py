@@ -51,7 +51,8 @@ def _fit_problems(cfg: PipelineConfig, name: str, inst: Instance) -> list[str]:
         out.append(f"{source}: a node holds {inst.vcpus} vCPUs, and the workers or actors on its {inst.gpus} GPU(s) "
                    f"reserve {gpu.cpus} CPUs")
     if memory_bytes(gpu.memory) > inst.memory_gib * 2**30:
-        out.append(f"{source}: a node has {inst.memory_gib} GiB of memory, and its workers or actors need {gpu.memory}")
+        out.append(f"{source}: a node has {inst.memory_gib} GiB of memory, "
+                   f"and its workers or actors need {gpu.memory}")
     from pipelines.gpu_memory import memory_problems
 
     return out + memory_problems(cfg, int(inst.gpu_gb * 1e9), f"{source} ({inst.gpu_gb:g} GB GPUs)")
@@ -119,5 +120,6 @@ def render_launcher(cfg: PipelineConfig) -> list[dict]:
             f"ulimit -n 65536; {env} ray start --head --port={GCS_PORT} --num-cpus=0 --dashboard-host=127.0.0.1 "
             "--autoscaling-config=~/ray_bootstrap_config.yaml",
         ],
-        "worker_start_ray_commands": ["ray stop", f"ulimit -n 65536; {env} ray start --address=$RAY_HEAD_IP:{GCS_PORT}"],
+        "worker_start_ray_commands": [
+            "ray stop", f"ulimit -n 65536; {env} ray start --address=$RAY_HEAD_IP:{GCS_PORT}"],
     }]

@@ -50,7 +50,8 @@ def uses_s3(cfg: PipelineConfig) -> bool:
 
 
 def metadata(cfg: PipelineConfig, name: str) -> dict:
-    meta = {"name": name, "labels": {"app.kubernetes.io/name": "swd", "app.kubernetes.io/instance": resource_name(cfg)}}
+    meta = {"name": name,
+            "labels": {"app.kubernetes.io/name": "swd", "app.kubernetes.io/instance": resource_name(cfg)}}
     if cfg.cluster.namespace:
         meta["namespace"] = cfg.cluster.namespace
     return meta
@@ -60,7 +61,8 @@ def env(cfg: PipelineConfig) -> list[dict]:
     """Secrets by reference only; the job's variables travel in its runtime env."""
     c, out = cfg.cluster, []
     if c.hf_token_secret:
-        out.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": c.hf_token_secret, "key": HF_TOKEN_KEY}}})
+        out.append({"name": "HF_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": c.hf_token_secret, "key": HF_TOKEN_KEY}}})
     if c.model_cache:
         out.append({"name": "HF_HOME", "value": c.model_cache.path})
         if c.model_cache.read_only:

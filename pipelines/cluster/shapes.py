@@ -139,10 +139,12 @@ def serve_groups(cfg: PipelineConfig) -> list[WorkerGroup]:
     s, unit = cfg.serve, serve_unit(cfg)
     fixed = s.min_replicas if s.min_replicas is not None else s.replicas
     return [WorkerGroup("generator", replicas=fixed, min_replicas=fixed, max_replicas=s.max_replicas or s.replicas,
-                        cpus=max(1, math.ceil(unit.cpus)), gpus=math.ceil(unit.gpus), memory=unit.memory or DEFAULT_MEMORY)]
+                        cpus=max(1, math.ceil(unit.cpus)), gpus=math.ceil(unit.gpus),
+                        memory=unit.memory or DEFAULT_MEMORY)]
 
 
-def pod_problems(cfg: PipelineConfig, gpus_per_pod: int | None = None, source: str = "cluster.gpu.per_pod") -> list[str]:
+def pod_problems(cfg: PipelineConfig, gpus_per_pod: int | None = None,
+                 source: str = "cluster.gpu.per_pod") -> list[str]:
     """Shapes no cluster can run, one line each: a unit with more GPUs than a pod holds, or a
     placement strategy the GPU pods cannot satisfy (Ray would wait for it forever)."""
     units = [u for u in pipeline_units(cfg) if u.gpus > 0]

@@ -54,7 +54,8 @@ def cycle_config(cfg: PipelineConfig, cycle: str, steps: int) -> PipelineConfig:
         "name": cycle,
         "resources": cfg.resources.model_copy(update={"storage": cycles_root(cfg)}),
         "precompute": cfg.precompute.model_copy(update={"output": store_uri(cfg)}),
-        "synthesize": cfg.synthesize.model_copy(update={"output": cfg.synthesize.output or f"{cfg.run_dir}/synthesized"}),
+        "synthesize": cfg.synthesize.model_copy(
+            update={"output": cfg.synthesize.output or f"{cfg.run_dir}/synthesized"}),
         "distill": cfg.distill.model_copy(update={"steps": steps}),
         # the distill run is the cycle's MLflow run, in the registry's store (pipelines/tracking.py)
         "tracking": cfg.tracking.model_copy(update={"enabled": True, "uri": tracking_uri(cfg),
@@ -181,14 +182,17 @@ def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     version = registry.register_cycle(cycle, student, run_id, {
         "rows": pre["rows"], "new_rows": record["new_rows"], "iterations": r.steps,
         "step": trained["final_metrics"].get("val_best_step", steps), "checkpoint": trained["export_checkpoint"],
-        "metrics": json.dumps(cand.metrics), "intervals": json.dumps(intervals), "differences": json.dumps(differences),
+        "metrics": json.dumps(cand.metrics), "intervals": json.dumps(intervals),
+        "differences": json.dumps(differences),
         "gate": "passed" if passed else "failed", "gate_report": "\n".join(lines),
-        "champion_metrics": json.dumps(champ.metrics) if champ else "", "warm_start_from": champion.number if warm else ""})
+        "champion_metrics": json.dumps(champ.metrics) if champ else "",
+        "warm_start_from": champion.number if warm else ""})
     if passed:
         registry.set_champion(version.number, f"{cycle}: gate passed")
         log.info(f"v{version.number} is the champion")
     else:
-        log.warning(f"v{version.number} is registered, not promoted: the gate failed; v{champion.number} stays the champion")
+        log.warning(f"v{version.number} is registered, not promoted: "
+                    f"the gate failed; v{champion.number} stays the champion")
     record.update(state="finished", finished=time.time(), version=version.number, promoted=passed,
                   gate={"candidate": cand.metrics, "champion": champ.metrics if champ else None, "report": lines,
                         "intervals": intervals, "differences": differences,
@@ -260,7 +264,8 @@ def follow_champion(cfg: PipelineConfig, registry, deploy: bool = True, only_if_
             log.warning(f"serve: {warning}")
         serve.start(http_options={"host": cfg.serve.listen_host, "port": cfg.serve.port})
     serve.run(build_app(served), name=name, route_prefix=cfg.serve.route_prefix, blocking=False)
-    log.info(f"serve: {name} {'now serves' if running else 'deployed with'} {served.serve.model_id} ({champion.source})")
+    log.info(f"serve: {name} {'now serves' if running else 'deployed with'} {served.serve.model_id} "
+             f"({champion.source})")
     if started_ray:
         log.info("serve: note: this process started Ray, so the app stops when it exits; run the scheduler "
              "(pipelines/retrain.py without --once) or join a cluster (RAY_ADDRESS) for a lasting service")

@@ -58,8 +58,9 @@ class Gate:
             from pipelines.stages.evaluate import metric_model_paths
             from swd_core.image_metrics import ImageMetrics
 
-            self._image_metrics = ImageMetrics([n for n in self.names if n in IMAGE_METRICS], metric_model_paths(self.cfg),
-                                               device=self.device, batch_size=self.cfg.evaluate.metric_batch_size)
+            self._image_metrics = ImageMetrics([n for n in self.names if n in IMAGE_METRICS],
+                                               metric_model_paths(self.cfg), device=self.device,
+                                               batch_size=self.cfg.evaluate.metric_batch_size)
         return self._image_metrics
 
     def dinov2_reference(self):
@@ -72,7 +73,8 @@ class Gate:
         return {"prompts": self.source, "num_prompts": len(self.prompts), "seeds": f"{self.g.seed}..{self.seeds[-1]}",
                 "metrics": [m.model_dump() for m in self.g.metrics], "sigma": self.g.sigma,
                 "bootstrap_resamples": self.g.bootstrap_resamples, "confidence": self.g.confidence,
-                "alignment_sigmas": list(self.g.alignment_sigmas), "cfg_denoise_sigmas": list(self.g.cfg_denoise_sigmas)}
+                "alignment_sigmas": list(self.g.alignment_sigmas),
+                "cfg_denoise_sigmas": list(self.g.cfg_denoise_sigmas)}
 
     def teacher(self):
         if self._teacher is None:
@@ -98,7 +100,8 @@ class Gate:
             for start in range(0, len(self.prompts), self.g.batch_size):
                 stop = start + self.g.batch_size
                 out.append(generate_latents(teacher, self.prompts[start:stop], self.seeds[start:stop],
-                                            teacher_steps=self.g.teacher_steps, guidance=self.g.teacher_guidance_scale))
+                                            teacher_steps=self.g.teacher_steps,
+                                            guidance=self.g.teacher_guidance_scale))
             self._reference_latents = torch.cat(out)
         return self._reference_latents
 
@@ -180,8 +183,8 @@ class Gate:
             seen, feats = self._scorer.features(images)
             samples = self._scorer.samples[:len(images)]
             readings["fd"] = Reading(features=feats.numpy(), reference=self._scorer.real_features[:len(feats)].numpy())
-            readings["prompt_accuracy"] = Reading(values=torch.tensor([float(judge(x, r)["all"])
-                                                                       for x, r in zip(samples, seen)]).double().numpy())
+            readings["prompt_accuracy"] = Reading(
+                values=torch.tensor([float(judge(x, r)["all"]) for x, r in zip(samples, seen)]).double().numpy())
         if any(n in IMAGE_METRICS for n in self.names):
             raw = self.image_metrics().read(images, self.prompts)
             for name in ("clip_score", "pickscore"):

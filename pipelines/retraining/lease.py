@@ -108,7 +108,8 @@ class _S3Backend:
         try:
             return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **cond)["ETag"]
         except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            if (err.response.get("Error", {}).get("Code")
+                    in ("PreconditionFailed", "ConditionalRequestConflict", "412")):
                 return None
             raise
 

@@ -93,4 +93,5 @@ class Generator:
     @staticmethod
     def _failed(model: ServedModel, err: Exception) -> dict:
         log.error("a request failed in the model: %s: %s", type(err).__name__, err)
-        return {"error": f"{type(err).__name__}: {err}", "model_id": model.model_id, "source": model.source, "batch": 1}
+        return {"error": f"{type(err).__name__}: {err}", "model_id": model.model_id, "source": model.source,
+                "batch": 1}

@@ -21,9 +21,11 @@ PAGE = """<!doctype html>
 <p>Scale-wise distilled generator. API: <code>POST {base}/v1/images/generations</code>,
  <code>GET {base}/generate?prompt=...&amp;seed=...</code>, <code>GET {base}/v1/models</code>.</p>
 <form id="form">
- <label>Prompt <input id="prompt" name="prompt" required value="a large red circle in the center on a white background"></label>
+ <label>Prompt <input id="prompt" name="prompt" required \
+value="a large red circle in the center on a white background"></label>
  <label>Seed <input id="seed" name="seed" type="number" min="0" step="1" value="0"></label>
- <label>API key (only if the server requires one) <input id="key" name="key" type="password" autocomplete="off"></label>
+ <label>API key (only if the server requires one) \
+<input id="key" name="key" type="password" autocomplete="off"></label>
  <button id="go" type="submit">Generate</button>
 </form>
 <div id="status"></div>

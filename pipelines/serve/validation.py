@@ -13,7 +13,8 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, ValidationInfo,
+                      field_validator)
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts any non-negative int64
 MAX_BODY_BYTES = 64 * 1024
@@ -156,8 +157,9 @@ def _check_values(data: dict) -> None:
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError as err:
-                    raise RequestError(400, f"{_shown(field)}: not valid Unicode: {err.object[err.start:err.end]!r} at "
-                                       f"character {err.start} (a lone surrogate)", _shown(field)) from None
+                    raise RequestError(400, f"{_shown(field)}: not valid Unicode: "
+                                            f"{err.object[err.start:err.end]!r} at "
+                                            f"character {err.start} (a lone surrogate)", _shown(field)) from None
         if isinstance(value, _LongInt):
             raise RequestError(400, f"{_shown(field)}: a {value.digits}-digit integer is out of range", _shown(field))
         if isinstance(value, (dict, list)):

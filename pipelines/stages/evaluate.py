@@ -107,7 +107,8 @@ def source_images(cfg: PipelineConfig, scorer: ShapesScorer | None, n: int) -> t
     _, images = read_prompts_and_images(cfg.data.eval_prompts, cfg.resources)
     if images is None:
         return None, None
-    return [Image.open(io.BytesIO(b)).convert("RGB") for b in images[:n]], f"the `image` column of {cfg.data.eval_prompts}"
+    return ([Image.open(io.BytesIO(b)).convert("RGB") for b in images[:n]],
+            f"the `image` column of {cfg.data.eval_prompts}")
 
 
 def metric_model_paths(cfg: PipelineConfig) -> dict:
@@ -178,7 +179,8 @@ def evaluate_models(adapter, models: list[Model], prompts: list[str], seeds: lis
         lat = res["latency"]
         log.info(f"{m.name}: latency {lat['total_s']:.3f} s/image (text {lat['text_s']:.3f}, transformer "
                  f"{lat['transformer_s']:.3f}, VAE {lat['vae_s']:.3f})"
-                 + (f"; accuracy {res['prompt_accuracy']:.3f}, FD {res['fd']:.3f} (mean shift {res['fd_mean_term']:.3f}, n={res['fd_n']})" if scorer else ""))
+                 + (f"; accuracy {res['prompt_accuracy']:.3f}, FD {res['fd']:.3f} "
+                    f"(mean shift {res['fd_mean_term']:.3f}, n={res['fd_n']})" if scorer else ""))
         results[m.name] = res
         images[m.name] = imgs[:cfg.evaluate.grid_prompts]
     return results, images
@@ -246,14 +248,16 @@ def checks(results: dict, models: list[Model], shapes_domain: bool) -> list[dict
 
     if shapes_domain:
         add("student_beats_teacher_few_step_accuracy", f"{s['name']} beats {few['name']} on prompt accuracy",
-            s["prompt_accuracy"] > few["prompt_accuracy"], f"{s['prompt_accuracy']:.3f} vs {few['prompt_accuracy']:.3f}")
+            s["prompt_accuracy"] > few["prompt_accuracy"],
+            f"{s['prompt_accuracy']:.3f} vs {few['prompt_accuracy']:.3f}")
         add("student_beats_teacher_few_step_fd", f"{s['name']} beats {few['name']} on FD (both n={s['fd_n']})",
             s["fd"] < few["fd"], f"{s['fd']:.3f} vs {few['fd']:.3f}")
         ratio = s["prompt_accuracy"] / cfg_t["prompt_accuracy"] if cfg_t["prompt_accuracy"] else float("inf")
         add("student_accuracy_vs_teacher_cfg", f"{s['name']} reaches >= 90% of {cfg_t['name']}'s prompt accuracy",
             ratio >= 0.9, f"{s['prompt_accuracy']:.3f} / {cfg_t['prompt_accuracy']:.3f} = {ratio:.2f}")
         fd_ratio = s["fd_common"] / cfg_t["fd_common"]
-        add("student_fd_vs_teacher_cfg", f"{s['name']}'s FD within 1.5x of {cfg_t['name']}'s (both n={s['fd_common_n']})",
+        add("student_fd_vs_teacher_cfg",
+            f"{s['name']}'s FD within 1.5x of {cfg_t['name']}'s (both n={s['fd_common_n']})",
             fd_ratio <= 1.5, f"{s['fd_common']:.3f} / {cfg_t['fd_common']:.3f} = {fd_ratio:.2f}")
     lat_ratio = s["latency"]["total_s"] / cfg_t["latency"]["total_s"]
     add("student_latency_vs_teacher_cfg", f"{s['name']}'s latency <= 1/10 of {cfg_t['name']}'s",

@@ -33,7 +33,8 @@ def preview_here(cfg: PipelineConfig) -> dict:
     adapter = load_adapter(cfg.teacher.family, cfg.teacher.path, dtype=cfg.teacher.dtype, device=device,
                            max_sequence_length=cfg.teacher.max_sequence_length)
     # Both samplers always, whatever `scalewise` says; checked against the loaded transformer.
-    schedule = cfg.distill.schedule.model_copy(update={"scalewise": True}).build(adapter.patch_size, cfg.teacher.family)
+    schedule = cfg.distill.schedule.model_copy(update={"scalewise": True}).build(adapter.patch_size,
+                                                                                 cfg.teacher.family)
     prompts = cfg.data.preview_prompts
     seeds = [cfg.evaluate.seed + i for i in range(len(prompts))]
     ev = cfg.evaluate

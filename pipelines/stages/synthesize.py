@@ -46,7 +46,8 @@ class TeacherSampler:
         torch.set_num_threads(threads)
         self.teacher, self.num_steps, self.guidance = teacher, num_steps, guidance
         device = stage_device("synthesize", "synthesize.gpus_per_actor", gpus)
-        self.adapter = load_adapter(family, teacher, dtype=dtype, device=device, max_sequence_length=max_sequence_length)
+        self.adapter = load_adapter(family, teacher, dtype=dtype, device=device,
+                                    max_sequence_length=max_sequence_length)
 
     def __call__(self, batch: dict) -> pa.Table:
         from swd_core.generate import generate_images
@@ -74,7 +75,8 @@ def run(cfg: PipelineConfig) -> dict:
         log.info("disabled (synthesize.enabled: false); skipped")
         return {"skipped": True}
     if not cfg.data.prompts:
-        raise ValueError("synthesize: set `data.prompts` (a text file, one prompt per line, or Parquet with a `prompt` column)")
+        raise ValueError("synthesize: set `data.prompts` "
+                         "(a text file, one prompt per line, or Parquet with a `prompt` column)")
     prompts = sources.read_prompts(cfg.data.prompts, resources)
     ensure_ray(cfg)
     out = output_uri(cfg)
@@ -87,7 +89,8 @@ def run(cfg: PipelineConfig) -> dict:
         with filesystem(out, resources).open(path, "rb") as f:
             t = pq.read_table(f, columns=["caption", "seed", "num_steps", "guidance_scale", "teacher"])
         for r in t.to_pylist():
-            if (r["num_steps"], r["guidance_scale"], r["teacher"]) == (sc.num_steps, float(sc.guidance_scale), cfg.teacher.path):
+            if ((r["num_steps"], r["guidance_scale"], r["teacher"])
+                    == (sc.num_steps, float(sc.guidance_scale), cfg.teacher.path)):
                 done.add((r["caption"], r["seed"]))
     todo = [w for w in wanted if (w["prompt"], w["seed"]) not in done]
     log.info(f"{len(prompts)} prompts: {len(todo)} to sample, {len(wanted) - len(todo)} already in {out}")

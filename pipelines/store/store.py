@@ -130,7 +130,8 @@ def open_store(cfg: PipelineConfig) -> Store:
     if diffs:
         raise StoreMismatchError(f"the store at {uri} does not match this pipeline definition:\n  - "
                                  + "\n  - ".join(diffs)
-                                 + "\nrerun the precompute stage into another `precompute.output`, or use the definition that made it")
+                                 + "\nrerun the precompute stage into another `precompute.output`, "
+                                 "or use the definition that made it")
     if not manifest.get("complete", False):
         raise StoreMismatchError(f"the store at {uri} is incomplete: its last precompute run did not finish "
                                  "(killed?); rerun the precompute stage, it resumes where it stopped")

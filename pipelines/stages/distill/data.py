@@ -48,7 +48,8 @@ def worker_batches(shard, rows, store, batch_size: int, epoch: int, done: int, w
             if start >= rows.count:  # a position at the end of an epoch: the next one starts
                 e, start = e + 1, 0
             first = start - start % window if window else start  # a resume re-reads its window
-            for offset, block in shuffled_windows(worker_blocks(read(), rows, first), rows.count, window, seed, e, start):
+            for offset, block in shuffled_windows(worker_blocks(read(), rows, first),
+                                                  rows.count, window, seed, e, start):
                 yield (e, offset), block
             e, start = e + 1, 0
 

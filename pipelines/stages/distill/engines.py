@@ -59,7 +59,8 @@ def build_networks(cfg: PipelineConfig, device: torch.device, separate_fake_base
 
     t, d = cfg.teacher, cfg.distill
     # Training reads precomputed embeddings; only validation sampling encodes prompts.
-    adapter = load_adapter(t.family, t.path, dtype=t.dtype, device=str(device), max_sequence_length=t.max_sequence_length,
+    adapter = load_adapter(t.family, t.path, dtype=t.dtype, device=str(device),
+                           max_sequence_length=t.max_sequence_length,
                            load_text_encoders=d.validation.num_prompts > 0)
     base = adapter.transformer
     student = None
@@ -77,7 +78,8 @@ def build_networks(cfg: PipelineConfig, device: torch.device, separate_fake_base
                          f"{adapter.num_blocks} blocks (0..{adapter.num_blocks - 1})")
     dim = base.config.num_attention_heads * base.config.attention_head_dim
     head = GANHead(dim).to(device)
-    return adapter, Networks(adapter, head, d.losses.feature_block, student_transformer=student, fake_transformer=fake_base)
+    return adapter, Networks(adapter, head, d.losses.feature_block,
+                             student_transformer=student, fake_transformer=fake_base)
 
 
 def import_deepspeed():

@@ -39,7 +39,8 @@ class Progress:
         self.run_times.append(seconds)
         if self.since is None:
             self.since = (step, self.clock())
-        return {"step": step, "scale": self.scales[i], "nodes": self.nodes, "iter_s": seconds, "data_wait_s": data_wait,
+        return {"step": step, "scale": self.scales[i], "nodes": self.nodes, "iter_s": seconds,
+                "data_wait_s": data_wait,
                 # mean over this run's iterations after the first (which pays for warm-up)
                 "mean_iter_s": sum(self.run_times[1:]) / max(len(self.run_times) - 1, 1),
                 "samples_per_s": d.batch_size * (1 + d.fake_updates) / seconds,

@@ -99,7 +99,8 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
     cfg = _absolute(cfg)
     r, d = cfg.resources, cfg.distill
     if d.batch_size % r.num_workers:
-        raise ValueError(f"distill.batch_size {d.batch_size} must be divisible by resources.num_workers {r.num_workers}")
+        raise ValueError(f"distill.batch_size {d.batch_size} must be divisible by "
+                         f"resources.num_workers {r.num_workers}")
     store = open_store(cfg)  # refuses a store built for another definition, with what differs
     missing = sorted(set(cfg.schedule().scales) - set(store.scales))
     if missing:
@@ -110,7 +111,8 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
     ensure_ray(cfg)
     schedule = cfg.schedule()
     log.info(f"{d.mode} student, ZeRO-{d.zero_stage}, {r.num_workers} workers, batch {d.batch_size}, "
-             f"{d.steps} steps, {'scale-wise' if schedule.is_scalewise else 'full-resolution'} scales {list(schedule.scales)}")
+             f"{d.steps} steps, {'scale-wise' if schedule.is_scalewise else 'full-resolution'} "
+             f"scales {list(schedule.scales)}")
     start = time.perf_counter()
     from ray.train import TrainingFailedError
 
@@ -121,8 +123,8 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
         restarts = "unlimited" if d.max_failures < 0 else d.max_failures
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         log.error(f"failed ({restarts} restart(s) allowed by distill.max_failures): {reason}\n"
-                  f"[distill] its checkpoints stay under {cfg.run_dir}/train: running the same definition again resumes "
-                  "from the last one")
+                  f"[distill] its checkpoints stay under {cfg.run_dir}/train: "
+                  "running the same definition again resumes from the last one")
         raise
     metrics = dict(result.metrics or {})
     out = {"student": student_dir(cfg), "checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -39,7 +39,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = PipelineConfig.model_validate(config["pipeline"])
     store, plan, d = config["store"], config["data_plan"], cfg.distill
-    digest = plan_digest(plan, store.data_root(), (d.shuffle_window, d.seed))  # names this run's data order in checkpoints
+    # names this run's data order in checkpoints
+    digest = plan_digest(plan, store.data_root(), (d.shuffle_window, d.seed))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     configure(config.get("log_level"), rank=rank)  # one line per event: rank 0's, and every rank's warnings
@@ -73,19 +74,21 @@ def train_loop_per_worker(config: dict) -> None:
     if validation is not None:
         chosen = validation.restore(chosen)
     data = DataStream(worker_batches(ray.train.get_dataset_shard("train"), plan[rank], store, micro, epoch, rows_done,
-                                     d.shuffle_window, d.seed), epoch, rows_done, device, adapter.dtype, schedule.scales)
+                                     d.shuffle_window, d.seed),
+                      epoch, rows_done, device, adapter.dtype, schedule.scales)
     progress = Progress(cfg, rank, nodes=len({w["node_id"] for w in workers}))
     export = partial(export_student, cfg, rank, student_engine, adapter, nets, final=True)
 
     while step < d.steps:
         t0, data.data_wait = time.perf_counter(), 0.0
         rng = torch.Generator().manual_seed(d.seed * 1_000_003 + rank * 10_007 + step)  # resume-exact noise
-        i, terms = train_iteration(nets, student_engine, fake_engine, data.next_batch, schedule, settings, uncond, step,
-                                   d.fake_updates, rng)
+        i, terms = train_iteration(nets, student_engine, fake_engine, data.next_batch, schedule, settings, uncond,
+                                   step, d.fake_updates, rng)
         if ema is not None:
             ema.step(student_params)
         step += 1
-        metrics = progress.metrics(step, i, terms, time.perf_counter() - t0, data.data_wait, student_engine.get_lr()[0])
+        metrics = progress.metrics(step, i, terms, time.perf_counter() - t0, data.data_wait,
+                                   student_engine.get_lr()[0])
         save = step % d.checkpoint_every == 0 or step == d.steps
         progress.log(metrics, terms, save)
         if save and validation is not None:
@@ -128,5 +131,6 @@ def _placement(rank: int, world: int, device: torch.device) -> list[dict]:
                                                   "pid": os.getpid(), "device": str(device)})
     if rank == 0:
         log.info(f"{world} workers on {len({w['node_id'] for w in workers})} node(s): "
-                 + ", ".join(f"rank {w['rank']} node {w['node_id'][:8]} pid {w['pid']} {w['device']}" for w in workers))
+                 + ", ".join(f"rank {w['rank']} node {w['node_id'][:8]} pid {w['pid']} {w['device']}"
+                             for w in workers))
     return workers

@@ -65,7 +65,8 @@ class Encoder:
         pixels = [square_pixels(load_rgb(b)[0]) for b in images]
         captions = [stored_caption(c) for c in captions]  # as pass 1 hashed them: no control characters
         text = self.adapter.encode_prompts([c.strip() for c in captions])
-        cols = {"sample_id": [sample_id(b, c) for b, c in zip(images, captions)], "caption": [c.strip() for c in captions],
+        cols = {"sample_id": [sample_id(b, c) for b, c in zip(images, captions)],
+                "caption": [c.strip() for c in captions],
                 "prompt_embeds": [store.encode_tensor(t, dt) for t in text.prompt_embeds],
                 "pooled_prompt_embeds": [store.encode_tensor(t, dt) for t in text.pooled]}
         for s in spec.scales:

@@ -105,14 +105,16 @@ def run(cfg: PipelineConfig) -> dict:
     # the (one-row) read items of the fused read->map operator until it holds that many, i.e. all of
     # them into a single call on a single worker (measured: 1 task for 16 read tasks, no parallelism).
     checks = sources.ray_dataset(tasks, resources).map_batches(check_batch, fn_kwargs={"spec": spec}, batch_size=None)
-    checks = pa.concat_tables([CHECK_SCHEMA.empty_table(), *checks.iter_batches(batch_format="pyarrow", batch_size=None)])
+    checks = pa.concat_tables([CHECK_SCHEMA.empty_table(),
+                               *checks.iter_batches(batch_format="pyarrow", batch_size=None)])
     present = set(store.read_column(f"{uri}/{store.DATA}", "sample_id", resources))
     keep, quarantined, counts, converted = decide(checks, present)
     new_q = write_quarantine(uri, quarantined, resources)
     by_reason = Counter(r["reason"] for r in quarantined)
     check_s = time.perf_counter() - start
     log.info(f"checked {checks.num_rows} input rows in {check_s:.1f} s: {len(keep)} to encode, "
-             f"{counts['skipped_present']} already in the store, {len(quarantined)} quarantined ({new_q} newly recorded)")
+             f"{counts['skipped_present']} already in the store, "
+             f"{len(quarantined)} quarantined ({new_q} newly recorded)")
 
     # Empty prompt + manifest first (complete: false until the data is written).
     text = ray.get(text_ref)
@@ -123,7 +125,8 @@ def run(cfg: PipelineConfig) -> dict:
     if keep:
         keep_ref = ray.put(keep)
         # only the read tasks holding new rows: a resumed run does not reread what is done
-        busy = {o >> sources.ORDER_SHIFT for r, o in zip(checks.column("ref").to_pylist(), checks.column("order").to_pylist())
+        busy = {o >> sources.ORDER_SHIFT
+                for r, o in zip(checks.column("ref").to_pylist(), checks.column("order").to_pylist())
                 if r in keep}
         encoded = (sources.ray_dataset([t for t in tasks if t["task"] in busy], resources)
                    .map_batches(Encoder, fn_constructor_args=(spec, [keep_ref]), batch_size=None,
@@ -135,7 +138,8 @@ def run(cfg: PipelineConfig) -> dict:
         encoded.write_parquet(fs_path(f"{uri}/{store.DATA}"), filesystem=arrow_filesystem(uri, resources))
     rows = store.count_rows(f"{uri}/{store.DATA}", resources)
     manifest = write_manifest(uri, cfg, text, complete=True, rows=rows, previous=previous)
-    result = {"store": uri, "rows": manifest["rows"], "new_rows": len(keep), "skipped_present": counts["skipped_present"],
+    result = {"store": uri, "rows": manifest["rows"], "new_rows": len(keep),
+              "skipped_present": counts["skipped_present"],
               "quarantined_by_reason": dict(by_reason), "converted": dict(converted),
               "captions": {"truncated": counts["captions_truncated"],
                            "control_characters_removed": counts["control_characters_removed"]},
