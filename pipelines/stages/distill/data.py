@@ -60,7 +60,8 @@ def worker_batches(shard, rows, store, batch_size: int, epoch: int, done: int, w
 def _nbytes(column) -> int:
     """Bytes a block's column holds. The store's tensors and captions arrive as numpy object arrays
     of bytes / str (Ray Data's binary and string columns), whose own nbytes counts only pointers."""
-    if getattr(column, "dtype", None) == object:
+    # a numpy dtype equals `object` for object arrays (`is` would never hold)
+    if getattr(column, "dtype", None) == object:  # noqa: E721
         return sum(len(x) for x in column if isinstance(x, (bytes, str)))
     return getattr(column, "nbytes", 0)
 
