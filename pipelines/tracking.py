@@ -76,7 +76,8 @@ def resolve_store(cfg) -> dict | None:
             uri = local
             log.warning(f"the tracking server {configured} does not answer ({why}): "
                         + (f"this run logs to {local} instead" if local else
-                           "this run is not tracked (storage is on s3://, so there is no local store to fall back to)"))
+                           "this run is not tracked (storage is on s3://, so there is no local store to "
+                           "fall back to)"))
     elif local is None:
         log.warning("storage is on s3:// and neither tracking.uri nor MLFLOW_TRACKING_URI names a tracking server: "
                     "this run is not tracked")
