@@ -31,7 +31,7 @@ from pipelines.stopping import stoppable  # noqa: E402
 from pipelines.stages import AVAILABLE, run_stage  # noqa: E402
 from pipelines.storage import InputError  # noqa: E402
 
-log = logger(__name__)
+log = logger("pipelines.distill")  # not __name__: run as a script, this module is __main__
 
 
 def main(argv: list[str] | None = None) -> int:

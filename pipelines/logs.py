@@ -137,6 +137,8 @@ def apply_verbosity(args) -> str:
 def logger(name: str) -> logging.Logger:
     """The logger of module `name` (pass `__name__`), with the project's lines set up in this
     process if nothing set them up yet (a Ray task or actor that logs)."""
+    if not name.startswith(f"{ROOT}."):  # e.g. "__main__" in a script: its lines would go nowhere
+        raise ValueError(f"logger({name!r}): pass the module's dotted name under {ROOT}.")
     if not logging.getLogger(ROOT).handlers:
         configure()
     return logging.getLogger(name)

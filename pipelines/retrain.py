@@ -31,7 +31,7 @@ from pipelines.schema import PipelineConfigError, add_set_argument, load_pipelin
 from pipelines.stopping import stoppable  # noqa: E402
 
 EXIT_LOCKED = 3  # another cycle of the definition holds the lock
-log = logger(__name__)
+log = logger("pipelines.retrain")  # not __name__: run as a script, this module is __main__
 
 
 def _load(path: str, overrides: list[str] = ()):

@@ -1,5 +1,8 @@
 """`pipelines/distill.py` runs the stages it is asked for (here the preview stage) and refuses unknown ones."""
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +12,8 @@ from PIL import Image
 
 from pipelines.distill import main
 
-TOY = Path(__file__).parents[1] / "pipelines" / "configs" / "toy.yaml"
+ROOT = Path(__file__).parents[1]
+TOY = ROOT / "pipelines" / "configs" / "toy.yaml"
 
 
 @pytest.mark.ray
@@ -44,9 +48,11 @@ def check_cells(grid: Image.Image, rows: int, cols: int) -> None:
     assert len({cell.tobytes() for cell in cells}) == len(cells)
 
 
-def test_a_source_without_its_caption_column_is_one_line_from_the_driver(tmp_path, capsys):
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_source_without_its_caption_column_is_one_line_from_the_driver(tmp_path, quiet):
     """Found when the driver reads the file's schema, before any Ray work: exit code 2 and one
-    line naming the file and the column, no trace."""
+    line naming the file and the column, no trace. Run as users run it, a script (whose module is
+    `__main__`): the stage's start is an info line, which --quiet leaves out."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -56,8 +62,12 @@ def test_a_source_without_its_caption_column_is_one_line_from_the_driver(tmp_pat
     data["resources"]["storage"] = str(tmp_path / "runs")
     cfg = tmp_path / "toy.yaml"
     cfg.write_text(yaml.safe_dump(data))
-    assert main(["--config", str(cfg), "--stages", "precompute"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    run = subprocess.run([sys.executable, "pipelines/distill.py", "--config", str(cfg), "--stages", "precompute",
+                          *(["--quiet"] if quiet else [])], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    err = run.stderr.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].endswith(f"[precompute] error: data source {tmp_path / 'part.parquet'}: no column(s) ['caption']; "
-                           "it has ['image', 'text'] (set image_column / caption_column of the source)"), err
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[precompute\] error: data source "
+                        + re.escape(f"{tmp_path / 'part.parquet'}: no column(s) ['caption']; it has ['image', 'text'] "
+                                    "(set image_column / caption_column of the source)"), err[0]), err
+    assert ("[precompute] starting" in run.stdout) != quiet, run.stdout
