@@ -47,10 +47,8 @@ browser:
 	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }; }
 
 # The whole suite, as CI runs it, on one local Ray cluster started once.
-# Two pytest workers: one runs every module that starts Ray or trains (one session cluster), the
-# other the rest, in the CPU time the cluster leaves idle (tests/conftest.py groups them).
 test: install browser
-	$(PY) -m pytest -q --durations=20 -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # The inner loop: every test that needs no Ray cluster and runs no training.
 test-fast: install

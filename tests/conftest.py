@@ -50,14 +50,6 @@ def pytest_collection_modifyitems(config, items):
         # (-m "not ray") must never start one.
         if "ray_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.ray)
-    # Under pytest-xdist (`make test` runs two workers, --dist loadgroup) every module holding a
-    # Ray or training test goes to one worker, whole: the session cluster and the module fixtures
-    # (stores, trained runs) are built once, and the other worker runs the modules that need
-    # neither in the CPU time the cluster leaves idle.
-    heavy = {item.module for item in items if {"ray", "training"} & {m.name for m in item.iter_markers()}}
-    for item in items:
-        if item.module in heavy:
-            item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
 def pytest_configure(config):
