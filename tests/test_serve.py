@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipelines.schema import load_pipeline_config
 from pipelines.serve import app_builder, build_app
+from pipelines.serve.app import AppArgs
 from pipelines.serve.config import serve_config
 from pipelines.serve.model import load_student, render_pngs
 from pipelines.serve.stand_in import export_stand_in
@@ -69,8 +70,12 @@ def http_base(ray_cluster):
 def deploy(cfg, use_config_file: bool = False):
     from ray import serve
 
-    # The generated Serve config's import path and args build the same app as the deploy stage.
-    app = app_builder(serve_config(cfg)["applications"][0]["args"]) if use_config_file else build_app(cfg)
+    # The generated Serve config's import path and args build the same app as the deploy stage;
+    # Serve validates the args into the builder's annotated model (AppArgs) first, as here.
+    if use_config_file:
+        app = app_builder(AppArgs.model_validate(serve_config(cfg)["applications"][0]["args"]))
+    else:
+        app = build_app(cfg)
     serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=False)
 
 

@@ -87,6 +87,31 @@ def test_generated_serve_config_and_rayservice_validate():
     assert env[0]["name"] == "SWD_API_KEY" and "secretKeyRef" in env[0]["valueFrom"]
 
 
+@pytest.mark.parametrize("args, words", [
+    ([], "exactly one of them; got no args"),
+    (["config=pipelines/configs/toy.yaml", "definition=x"], "exactly one of them; got ['config', 'definition']"),
+    (["config=pipelines/configs/toy.yaml", "replicas=2"], "replicas\n  Extra inputs are not permitted"),
+])
+def test_serve_run_refuses_bad_app_args_before_it_deploys(args, words, monkeypatch):
+    """`serve run`'s own path: Serve validates the args into app_builder's model, so a bad set of
+    args is a validation error naming the problem, raised before Ray starts."""
+    import sys
+
+    import ray
+    from click.testing import CliRunner
+    from pydantic import ValidationError
+    from ray.serve.scripts import cli
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("serve run went on to start Ray with these args")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # serve run puts its --app-dir first
+    result = CliRunner().invoke(cli, ["run", "pipelines.serve.app:app_builder", *args])
+    assert isinstance(result.exception, ValidationError), result.output
+    assert "validation error for AppArgs" in str(result.exception) and words in str(result.exception)
+
+
 def test_a_rewritten_key_file_rotates_the_key_without_a_redeploy(tmp_path):
     import os
 

@@ -6,12 +6,15 @@ The same builder serves every way of running the app:
     serve deploy / KubeRay RayService   a config file from `python -m pipelines.serve.config` (args: the definition)
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Serve reads `app_builder`'s annotation as a class to
+# validate the args into it, and a postponed annotation is only a string.
 
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
 from pipelines.ray_compat import deployment_version
@@ -97,11 +100,29 @@ def build_app(cfg: PipelineConfig) -> Application:
     return Ingress.options(**ingress_options(cfg), **version).bind(generator, args)
 
 
-def app_builder(args: dict) -> Application:
-    """Entry point for `serve run` / Serve config files: `config` (a definition file path) or
-    `definition` (the definition itself, as the generated config carries it)."""
-    if "definition" in args:
-        return build_app(parse_pipeline_config(args["definition"], "serve args 'definition'"))
-    if "config" in args:
-        return build_app(load_pipeline_config(args["config"]))
-    raise ValueError(f"app_builder: pass config=<pipeline definition file> or a 'definition' mapping; got {sorted(args)}")
+class AppArgs(BaseModel):
+    """The builder's arguments (`serve run ... key=value`, or a Serve config file's `args`): exactly
+    one of `config` and `definition`. Serve validates the args into this model before it calls
+    `app_builder`, so a wrong key fails there, naming itself, before anything is deployed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = Field(None, description="a pipeline definition file (YAML)")
+    definition: dict[str, Any] | None = Field(
+        None, description="the pipeline definition itself, as the generated Serve config carries it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def exactly_one_source(cls, data: Any) -> Any:
+        # Before field validation, so a misspelt key reads as what it is rather than as "extra".
+        if isinstance(data, dict) and ("config" in data) == ("definition" in data):
+            raise ValueError("app_builder takes config=<pipeline definition file> or a 'definition' mapping, "
+                             f"exactly one of them; got {sorted(data) or 'no args'}")
+        return data
+
+
+def app_builder(args: AppArgs) -> Application:
+    """Entry point for `serve run` and Serve config files (Serve builds `args` from their key/values)."""
+    if args.definition is not None:
+        return build_app(parse_pipeline_config(args.definition, "serve args 'definition'"))
+    return build_app(load_pipeline_config(args.config))
