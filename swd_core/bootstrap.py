@@ -32,13 +32,32 @@ CHUNK = 64  # resamples per batched Fréchet-distance call (memory: CHUNK × n �
 
 
 def resample_indices(n: int, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
-    """(resamples, n) prompt indices drawn with replacement; a fixed seed, so a report is reproducible."""
+    """Prompt indices drawn with replacement, with a fixed seed so a report is reproducible.
+
+    Args:
+        n (`int`): the prompts.
+        resamples (`int`): the bootstrap resamples.
+        seed (`int`): the generator's seed.
+
+    Returns:
+        `np.ndarray`: (resamples, n) integer indices in [0, n).
+    """
     if n < 1:
         raise ValueError("a bootstrap needs at least one prompt")
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
 def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The percentile interval: the `(1 - level) / 2` and `(1 + level) / 2` quantiles of the
+    resampled statistic (for means).
+
+    Args:
+        samples (`np.ndarray`): the statistic on each resample.
+        level (`float`): the confidence level, in (0, 1).
+
+    Returns:
+        `tuple[float, float]`: the interval's ends.
+    """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     lo, hi = np.quantile(np.asarray(samples, dtype=np.float64), [(1 - level) / 2, (1 + level) / 2])
@@ -46,7 +65,17 @@ def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[floa
 
 
 def normal_interval(value: float, samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
-    """value ± z × the standard deviation of `samples` (z: the normal quantile of `level`)."""
+    """The normal interval, for Fréchet distances (their resamples are biased upwards, see the
+    module): value ± z × the standard deviation of `samples`, z the normal quantile of `level`.
+
+    Args:
+        value (`float`): the statistic on all prompts.
+        samples (`np.ndarray`): the statistic on each resample.
+        level (`float`): the confidence level, in (0, 1).
+
+    Returns:
+        `tuple[float, float]`: the interval's ends.
+    """
     from scipy.stats import norm
 
     if not 0 < level < 1:
@@ -57,7 +86,14 @@ def normal_interval(value: float, samples: np.ndarray, level: float = LEVEL) -> 
 
 @dataclass
 class Estimate:
-    """A statistic on all prompts and its bootstrap interval."""
+    """A statistic on all prompts and its bootstrap interval.
+
+    Args:
+        value (`float`): the statistic on all prompts.
+        lo (`float`), hi (`float`): the interval's ends.
+        n (`int`): the prompts.
+        level (`float`): the interval's confidence level.
+    """
 
     value: float
     lo: float
@@ -66,6 +102,7 @@ class Estimate:
     level: float
 
     def as_dict(self) -> dict:
+        """The fields by name, for a JSON report."""
         return {"value": self.value, "lo": self.lo, "hi": self.hi, "n": self.n, "level": self.level}
 
 
@@ -84,7 +121,14 @@ def frechet_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Fréchet distance between Gaussians fitted to `a` and `b`, (..., n, d) each (batched over
     leading dimensions), in float64: ‖μa − μb‖² + Tr Σa + Tr Σb − 2 Tr (Σa Σb)^½. With Σ = F Fᵀ,
     the eigenvalues of Σa Σb are the squared singular values of Faᵀ Fb, so the last trace is
-    the sum of those singular values (an n × n problem when n < d, no matrix square root)."""
+    the sum of those singular values (an n × n problem when n < d, no matrix square root).
+
+    Args:
+        a (`torch.Tensor`), b (`torch.Tensor`): features, (..., n, d), at least 2 rows each.
+
+    Returns:
+        `torch.Tensor`: float64, one distance per leading index (a scalar for 2-d inputs).
+    """
     a, b = a.to(torch.float64), b.to(torch.float64)
     if a.shape[-2] < 2 or b.shape[-2] < 2:
         raise ValueError("the Fréchet distance needs at least 2 images on each side")
@@ -95,13 +139,28 @@ def frechet_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def frechet_distance(a, b) -> float:
+    """The Fréchet distance of two feature sets (`frechet_distances` on one pair).
+
+    Args:
+        a, b (`np.ndarray` or `torch.Tensor`): features, (n, d) each.
+
+    Returns:
+        `float`
+    """
     return float(frechet_distances(torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))))
 
 
 @dataclass
 class Reading:
     """What one model's images gave for one metric, per prompt: `values` (n,), or `features`
-    (n, d) to be compared with `reference` (n, d), row i of both belonging to prompt i."""
+    (n, d) to be compared with `reference` (n, d), row i of both belonging to prompt i.
+
+    Args:
+        values (`np.ndarray`, *optional*): per-prompt values, whose statistic is their mean.
+        features (`np.ndarray`, *optional*): per-prompt features, whose statistic is the Fréchet
+            distance to `reference`; exactly one of `values` and `features`.
+        reference (`np.ndarray`, *optional*): the reference features, one row per prompt.
+    """
 
     values: np.ndarray | None = None
     features: np.ndarray | None = None
@@ -117,22 +176,43 @@ class Reading:
         return len(self.values if self.values is not None else self.features)
 
     def head(self, n: int) -> "Reading":
-        """The reading of the first `n` prompts."""
+        """The reading of the first `n` prompts.
+
+        Args:
+            n (`int`): how many prompts to keep.
+
+        Returns:
+            `Reading`: of the same kind.
+        """
         if self.values is not None:
             return Reading(values=self.values[:n])
         return Reading(features=self.features[:n], reference=self.reference[:n])
 
     @property
     def is_fd(self) -> bool:
+        """Whether the statistic is a Fréchet distance (features), not a mean (values)."""
         return self.features is not None
 
     def statistic(self) -> float:
+        """The statistic on all prompts.
+
+        Returns:
+            `float`: the values' mean, or the Fréchet distance of the features to the reference.
+        """
         if self.values is not None:
             return float(np.mean(np.asarray(self.values, dtype=np.float64)))
         return frechet_distance(self.features, self.reference)
 
     def resampled(self, idx: np.ndarray, device: str = "cpu") -> np.ndarray:
-        """The statistic on each row of prompt indices `idx` (R, n)."""
+        """The statistic on each resample of the prompts (Fréchet distances batched, `CHUNK` at a time).
+
+        Args:
+            idx (`np.ndarray`): (R, n) prompt indices, as `resample_indices` draws them.
+            device (`str`): where the Fréchet distances are computed.
+
+        Returns:
+            `np.ndarray`: (R,) float64.
+        """
         if self.values is not None:
             return np.asarray(self.values, dtype=np.float64)[idx].mean(1)
         feats = torch.as_tensor(np.asarray(self.features), dtype=torch.float64, device=device)
@@ -146,7 +226,19 @@ class Reading:
 
 def estimate(reading: Reading, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0,
              device: str = "cpu") -> Estimate:
-    """The statistic on all prompts, with its bootstrap interval over prompts."""
+    """The statistic on all prompts, with its bootstrap interval over prompts (percentile for a
+    mean, normal for a Fréchet distance).
+
+    Args:
+        reading (`Reading`): one model's per-prompt values or features.
+        resamples (`int`): the bootstrap resamples.
+        level (`float`): the confidence level.
+        seed (`int`): the resampling seed.
+        device (`str`): where Fréchet distances are computed.
+
+    Returns:
+        `Estimate`
+    """
     idx = resample_indices(len(reading), resamples, seed)
     return _estimate(reading.statistic(), reading.resampled(idx, device), reading.is_fd, len(reading), level)
 
@@ -159,7 +251,18 @@ def _estimate(value: float, samples: np.ndarray, fd: bool, n: int, level: float)
 def paired_difference(a: Reading, b: Reading, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0,
                       device: str = "cpu") -> Estimate:
     """statistic(a) − statistic(b) on their common prompts (the first min(len) of each), and its
-    interval from resampling the same prompts for both."""
+    interval from resampling the same prompts for both.
+
+    Args:
+        a (`Reading`), b (`Reading`): two models' readings of the same kind, prompt i in row i.
+        resamples (`int`), level (`float`), seed (`int`), device (`str`): as for `estimate`.
+
+    Returns:
+        `Estimate`: of the difference; `n` is the common prompts.
+
+    Raises:
+        ValueError: one reading is values and the other features.
+    """
     n = min(len(a), len(b))
     a, b = a.head(n), b.head(n)
     idx = resample_indices(n, resamples, seed)
@@ -171,7 +274,15 @@ def paired_difference(a: Reading, b: Reading, resamples: int = RESAMPLES, level:
 
 def win_rate(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES, level: float = LEVEL,
              seed: int = 0) -> Estimate:
-    """The fraction of common prompts on which `a` scores above `b` (a tie counts one half)."""
+    """The fraction of common prompts on which `a` scores above `b` (a tie counts one half).
+
+    Args:
+        a (`np.ndarray`), b (`np.ndarray`): per-prompt scores of two models, prompt i in row i.
+        resamples (`int`), level (`float`), seed (`int`): as for `estimate`.
+
+    Returns:
+        `Estimate`: the win rate, in [0, 1], with its percentile interval.
+    """
     n = min(len(a), len(b))
     a, b = np.asarray(a[:n], dtype=np.float64), np.asarray(b[:n], dtype=np.float64)
     wins = (a > b) + 0.5 * (a == b)

@@ -30,9 +30,20 @@ FLOOR_RENDER_SEED = 8
 @torch.no_grad()
 def sample_images(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequence[int], *, batch_size: int = 64,
                   progress: Callable[[int], None] | None = None, **sampling) -> torch.Tensor:
-    """Images in [-1, 1], (N, 3, H, W) on the CPU, generated in batches; `sampling` is passed to
-    `generate_latents` (`schedule=` for few-step models, `teacher_steps=`/`guidance=` for the
-    teacher). Image i depends only on its prompt and seed, not on the batch size."""
+    """Generate and decode images in batches. Image i depends only on its prompt and seed, not on
+    the batch size.
+
+    Args:
+        adapter (`FamilyAdapter`): the model.
+        prompts (`Sequence[str]`), seeds (`Sequence[int]`): one each per image.
+        batch_size (`int`): images per `generate_latents` call.
+        progress (`Callable[[int], None]`, *optional*): called with the images done after each batch.
+        sampling: passed to `generate_latents` (`schedule=` for few-step models,
+            `teacher_steps=`/`guidance=` for the teacher).
+
+    Returns:
+        `torch.Tensor`: (N, 3, H, W) in [-1, 1], float32, on the CPU.
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     out = []
@@ -48,7 +59,14 @@ def sample_images(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequenc
 class PhaseTimer:
     """Stands in for an adapter and adds up the wall time of each phase, so one unchanged
     `generate_latents` call is timed phase by phase. Anything else goes to the adapter (the
-    cached empty-prompt embedding for CFG included: a deployment encodes it once, too)."""
+    cached empty-prompt embedding for CFG included: a deployment encodes it once, too).
+
+    Args:
+        adapter (`FamilyAdapter`): the model to time; CUDA work is synchronised around each call.
+
+    Attributes:
+        seconds (`dict[str, float]`), calls (`dict[str, int]`): per phase of `PHASES`.
+    """
 
     def __init__(self, adapter: FamilyAdapter):
         self._adapter = adapter
@@ -71,15 +89,20 @@ class PhaseTimer:
         return out
 
     def encode_prompts(self, prompts):
+        """The adapter's `encode_prompts`, timed as the "text" phase."""
         return self._timed("text", self._adapter.encode_prompts, prompts)
 
     def velocity(self, *args, **kwargs):
+        """The adapter's `velocity`, timed as the "transformer" phase."""
         return self._timed("transformer", self._adapter.velocity, *args, **kwargs)
 
-    def guided_velocity(self, *args, **kwargs):  # CFG's two halves are one call, timed as one
+    def guided_velocity(self, *args, **kwargs):
+        """The adapter's `guided_velocity`, timed as the "transformer" phase (CFG's two halves are
+        one call, timed as one)."""
         return self._timed("transformer", self._adapter.guided_velocity, *args, **kwargs)
 
     def decode_latents(self, latents):
+        """The adapter's `decode_latents`, timed as the "vae" phase."""
         return self._timed("vae", self._adapter.decode_latents, latents)
 
 
@@ -88,7 +111,20 @@ def latency_split(adapter: FamilyAdapter, prompt: str, seed: int = 0, *, repeats
                   **sampling) -> dict:
     """Per-image latency as a user sees it (one prompt per call): text encoding, the transformer
     calls, VAE decode and the end-to-end total, each the median over `repeats` timed calls after
-    `warmup` untimed ones. `other_s` is the rest of the total (noise draws, upsampling, Euler math)."""
+    `warmup` untimed ones.
+
+    Args:
+        adapter (`FamilyAdapter`): the model.
+        prompt (`str`), seed (`int`): the one image generated per call.
+        repeats (`int`): timed calls, at least 1.
+        warmup (`int`): untimed calls first (kernel selection, caches).
+        sampling: passed to `generate_latents`, as for `sample_images`.
+
+    Returns:
+        `dict`: medians in seconds `text_s`, `transformer_s`, `vae_s`, `total_s` and `other_s`
+        (the rest of the total: noise draws, upsampling, Euler math), `transformer_calls` per
+        image, `repeats`, and `raw`, the timed values per phase.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     raw = {f"{p}_s": [] for p in (*PHASES, "total")}
@@ -110,14 +146,30 @@ def latency_split(adapter: FamilyAdapter, prompt: str, seed: int = 0, *, repeats
 
 
 def render_real(samples: Sequence[shapes.ShapesSample], seed: int = REAL_RENDER_SEED, size: int = shapes.IMAGE_SIZE) -> torch.Tensor:
-    """Real shapes images for prompts, (N, 3, size, size) in [-1, 1]; image i is drawn from [seed, i]
-    at 64 px, then area-downscaled to `size` (as training images of that size are made)."""
+    """Real shapes images for prompts: image i is drawn from [seed, i] at 64 px, then
+    area-downscaled to `size` (as training images of that size are made).
+
+    Args:
+        samples (`Sequence[ShapesSample]`): the scenes to render.
+        seed (`int`): the jitter stream; the training data's is never used.
+        size (`int`): the images' side.
+
+    Returns:
+        `torch.Tensor`: (N, 3, size, size) in [-1, 1].
+    """
     real = shapes.to_tensor([shapes.render(s, np.random.default_rng([seed, i])) for i, s in enumerate(samples)])
     return real if size == shapes.IMAGE_SIZE else F.interpolate(real, size=(size, size), mode="area")
 
 
 def to_evaluator_size(images: torch.Tensor) -> torch.Tensor:
-    """Images of any size -> the 64 px the shapes classifier reads (bilinear upscaling)."""
+    """Resize images to the 64 px the shapes classifier reads (bilinear).
+
+    Args:
+        images (`torch.Tensor`): (N, 3, H, W) in [-1, 1].
+
+    Returns:
+        `torch.Tensor`: (N, 3, 64, 64) in [-1, 1]; `images` itself when already 64 px.
+    """
     if images.shape[-1] == shapes.IMAGE_SIZE:
         return images
     return F.interpolate(images.float(), size=(shapes.IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False).clamp(-1, 1)
@@ -155,6 +207,15 @@ class ShapesScorer:
         self.real_accuracy = prompt_accuracy(self.samples, readings)
 
     def features(self, images: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """What the classifier reads in images generated for `samples[:len(images)]`.
+
+        Args:
+            images (`torch.Tensor`): (n, 3, size, size) in [-1, 1], n at most `len(samples)`.
+
+        Returns:
+            `tuple[list, torch.Tensor]`: the scene readings (`read_scenes`) and the classifier
+            features, (n, d).
+        """
         if tuple(images.shape[-2:]) != (self.size, self.size):
             raise ValueError(f"this scorer reads {self.size}x{self.size} images, got {tuple(images.shape[-2:])}")
         if len(images) > len(self.samples):
@@ -163,14 +224,29 @@ class ShapesScorer:
 
     def fd(self, features: torch.Tensor) -> float:
         """Fréchet distance of the features of images for `samples[:n]` to the real renders of the
-        same n prompts. It depends on n: compare models at the same n (see `fd_floor`)."""
+        same n prompts. It depends on n: compare models at the same n (see `fd_floor`).
+
+        Args:
+            features (`torch.Tensor`): (n, d) classifier features, n at least 2.
+
+        Returns:
+            `float`
+        """
         if len(features) < 2:
             raise ValueError(f"the Fréchet distance needs at least 2 images, got {len(features)}")
         return frechet_distance(self.real_features[:len(features)], features)
 
     def score(self, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """Prompt accuracy (overall, one-/two-object, per attribute) against `samples[:len(images)]`
-        and the Fréchet distance with its mean-shift part; returns the scores and the classifier features."""
+        and the Fréchet distance with its mean-shift part.
+
+        Args:
+            images (`torch.Tensor`): (n, 3, size, size) in [-1, 1], image i generated for `samples[i]`.
+
+        Returns:
+            `tuple[dict, torch.Tensor]`: the scores (`prompt_accuracy`'s, plus `fd`,
+            `fd_mean_term` and `fd_n`) and the classifier features.
+        """
         readings, feats = self.features(images)
         acc = prompt_accuracy(self.samples[:len(images)], readings)
         return {**acc, "fd": self.fd(feats), "fd_mean_term": fd_mean_term(self.real_features[:len(feats)], feats),
@@ -178,7 +254,15 @@ class ShapesScorer:
 
     def fd_floor(self, n: int, seed: int = FLOOR_RENDER_SEED) -> float:
         """FD of a second set of real renders (other jitter) of the first `n` prompts: roughly what a
-        perfect model scores with `n` images, the floor of the metric at that sample size."""
+        perfect model scores with `n` images, the floor of the metric at that sample size.
+
+        Args:
+            n (`int`): the prompts, as many as the model's images.
+            seed (`int`): the second set's jitter stream.
+
+        Returns:
+            `float`
+        """
         _, feats = self.features(render_real(self.samples[:n], seed, self.size))
         return self.fd(feats)
 
@@ -187,13 +271,26 @@ def load_exported_student(folder: str, family: str | None = None, dtype: str = "
     """An exported student (`swd_core.export.export_merged_pipeline`) as (adapter, schedule,
     record): the project's own sampler with the exported sigmas and scales, the same code path
     that samples the teacher. The family is the folder's (`swd_schedule.json`); `family`, when
-    given, is what the caller expects, and another one is refused."""
+    given, is what the caller expects, and another one is refused.
+
+    Args:
+        folder (`str`): the exported student.
+        family (`str`, *optional*): the family the caller expects.
+        dtype (`str`), device (`str`): where and how its weights load.
+
+    Returns:
+        `tuple[FamilyAdapter, ScaleSchedule, dict]`: the model, its sampling schedule and its
+        `read_schedule` record.
+
+    Raises:
+        ValueError: the folder holds another family than `family`.
+    """
     from swd_core.adapters import load_adapter
     from swd_core.export import read_schedule
     from swd_core.schedules import ScaleSchedule
 
     record = read_schedule(folder)
-    stored = record.get("family", "sd3")  # exports before FLUX were SD3's
+    stored = record.get("family", "sd3")  # a record without a family is an SD3 export
     if family is not None and family != stored:
         raise ValueError(f"{folder} is an exported {stored!r} student and the definition's teacher is family "
                          f"{family!r}; point the definition at a {family!r} export")

@@ -35,7 +35,12 @@ def _block(c_in, c_out, stride):
 
 class ShapesClassifier(nn.Module):
     """A small CNN: 64×64 image -> per-cell (shape, colour, size) logits, background logits and
-    a pooled feature vector (for the Fréchet distance)."""
+    a pooled feature vector (for the Fréchet distance).
+
+    Args:
+        width (`int`): the first convolutions' channels.
+        feature_dim (`int`): the last convolutions' channels, and the feature vector's size.
+    """
 
     def __init__(self, width: int = 32, feature_dim: int = 128):
         super().__init__()
@@ -50,7 +55,16 @@ class ShapesClassifier(nn.Module):
         self.width, self.feature_dim = width, feature_dim
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images in [-1, 1], (B, 3, 64, 64)."""
+        """Classify the 3×3 grid's cells and the background.
+
+        Args:
+            images (`torch.Tensor`): (B, 3, 64, 64) in [-1, 1].
+
+        Returns:
+            `dict[str, torch.Tensor]`: logits "shape" (B, 9, len(SHAPE_CLASSES)), "color" and
+            "size" (B, 9, ...) for the row-major cells, "background" (B, len(BACKGROUND_CLASSES)),
+            and the pooled "features" (B, feature_dim).
+        """
         fmap = self.trunk(images)
         cells = self.cells(fmap).flatten(2).transpose(1, 2)  # (B, 9, C), row-major cells
         logits = self.cell_head(cells)
@@ -62,7 +76,13 @@ class ShapesClassifier(nn.Module):
 
 @dataclass
 class SceneReading:
-    """What the classifier sees in one image: per cell (row, col) -> ShapeObject or nothing."""
+    """What the classifier sees in one image.
+
+    Args:
+        objects (`list[ShapeObject]`): the non-empty cells, each with its position.
+        objectness (`list[float]`): 1 - p(empty) for each object, to rank them.
+        background (`str`): the background colour.
+    """
 
     objects: list[ShapeObject]
     objectness: list[float]  # 1 - p(empty) for each object
@@ -70,6 +90,15 @@ class SceneReading:
 
 
 def targets_from_sample(sample: ShapesSample) -> dict[str, torch.Tensor]:
+    """The classifier's training targets for a scene.
+
+    Args:
+        sample (`ShapesSample`): the scene.
+
+    Returns:
+        `dict[str, torch.Tensor]`: class indices "shape", "color", "size" (9 each, row-major cells;
+        colour and size -100 on empty cells, which cross-entropy ignores) and "background" (a scalar).
+    """
     shape = torch.zeros(9, dtype=torch.long)
     color = torch.full((9,), -100, dtype=torch.long)  # -100: ignored by cross-entropy (empty cell)
     size = torch.full((9,), -100, dtype=torch.long)
@@ -83,6 +112,15 @@ def targets_from_sample(sample: ShapesSample) -> dict[str, torch.Tensor]:
 
 
 def classifier_loss(out: dict, targets: dict) -> torch.Tensor:
+    """The classifier's training loss: the sum of the four cross-entropies.
+
+    Args:
+        out (`dict`): `ShapesClassifier.forward`'s output.
+        targets (`dict`): `targets_from_sample`'s, stacked over the batch.
+
+    Returns:
+        `torch.Tensor`: a scalar.
+    """
     return (F.cross_entropy(out["shape"].flatten(0, 1), targets["shape"].flatten())
             + F.cross_entropy(out["color"].flatten(0, 1), targets["color"].flatten())
             + F.cross_entropy(out["size"].flatten(0, 1), targets["size"].flatten())
@@ -91,7 +129,16 @@ def classifier_loss(out: dict, targets: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def read_scenes(classifier: ShapesClassifier, images: torch.Tensor, batch_size: int = 128) -> tuple[list[SceneReading], torch.Tensor]:
-    """Classify images in [-1, 1]; returns the readings and the (N, feature_dim) features."""
+    """Read the scenes in images (the most likely class per cell; cells read as empty are left out).
+
+    Args:
+        classifier (`ShapesClassifier`): the evaluator; put in eval mode.
+        images (`torch.Tensor`): (N, 3, 64, 64) in [-1, 1].
+        batch_size (`int`): images per forward pass.
+
+    Returns:
+        `tuple[list[SceneReading], torch.Tensor]`: one reading per image, and the (N, feature_dim) features.
+    """
     readings, feats = [], []
     classifier.eval()
     for start in range(0, len(images), batch_size):
@@ -115,7 +162,17 @@ ATTRIBUTES = ("count", "shape", "color", "size", "position", "background", "rela
 
 
 def judge(sample: ShapesSample, reading: SceneReading) -> dict[str, bool | None]:
-    """Per prompted attribute: right (True), wrong (False) or not prompted (None); plus "all"."""
+    """Whether an image's reading matches its prompt, attribute by attribute. The prompt's
+    objects are matched to the most confidently detected ones (both orders for two objects).
+
+    Args:
+        sample (`ShapesSample`): the prompt's scene.
+        reading (`SceneReading`): what the classifier read in the image generated for it.
+
+    Returns:
+        `dict[str, bool | None]`: per attribute of `ATTRIBUTES`, right (True), wrong (False) or
+        not prompted (None); plus "all", True when every prompted attribute is right.
+    """
     want = sample.objects
     # Match the prompt's objects to the most confident detected objects (both orders for two).
     ranked = [o for _, o in sorted(zip(reading.objectness, reading.objects), key=lambda t: -t[0])]
@@ -146,7 +203,17 @@ def judge(sample: ShapesSample, reading: SceneReading) -> dict[str, bool | None]
 
 
 def prompt_accuracy(samples: Sequence[ShapesSample], readings: Sequence[SceneReading]) -> dict:
-    """Prompt accuracy overall, for one- and two-object prompts, and per attribute."""
+    """Prompt accuracy overall, for one- and two-object prompts, and per attribute.
+
+    Args:
+        samples (`Sequence[ShapesSample]`): the prompts' scenes.
+        readings (`Sequence[SceneReading]`): the readings of their images, one each.
+
+    Returns:
+        `dict`: "prompt_accuracy", "acc_one_object", "acc_two_object" (fractions, None without
+        such prompts), "per_attribute" (a fraction per attribute, of the prompts that state it)
+        and "n".
+    """
     verdicts = [judge(s, r) for s, r in zip(samples, readings, strict=True)]
 
     def frac(vs, key="all"):
@@ -161,7 +228,14 @@ def prompt_accuracy(samples: Sequence[ShapesSample], readings: Sequence[SceneRea
 
 def fd_mean_term(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
     """The ‖μa − μb‖² part of the Fréchet distance: every image shifted the same way (brightness,
-    a colour cast), as opposed to lost or wrong variety (the covariance part)."""
+    a colour cast), as opposed to lost or wrong variety (the covariance part).
+
+    Args:
+        features_a, features_b (`np.ndarray` or `torch.Tensor`): (n, d) features each.
+
+    Returns:
+        `float`
+    """
     a = np.asarray(features_a, dtype=np.float64)
     b = np.asarray(features_b, dtype=np.float64)
     return float(((a.mean(0) - b.mean(0)) ** 2).sum())
@@ -169,7 +243,14 @@ def fd_mean_term(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray |
 
 def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets:
-    ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½), the matrix square root by scipy."""
+    ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½), the matrix square root by scipy.
+
+    Args:
+        features_a, features_b (`np.ndarray` or `torch.Tensor`): (n, d) features each.
+
+    Returns:
+        `float`
+    """
     a = np.asarray(features_a, dtype=np.float64)
     b = np.asarray(features_b, dtype=np.float64)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -178,13 +259,28 @@ def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarr
 
 
 def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
-    """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    """PSNR in dB for images in [-1, 1] (peak-to-peak 2).
+
+    Args:
+        reference (`torch.Tensor`): the original images.
+        reconstruction (`torch.Tensor`): their reconstructions, clamped to [-1, 1] first.
+
+    Returns:
+        `float`: over the whole batch.
+    """
     mse = F.mse_loss(reconstruction.float().clamp(-1, 1), reference.float()).item()
     return float(10 * np.log10(4.0 / max(mse, 1e-12)))
 
 
 def load_classifier(path: str | Path) -> ShapesClassifier:
-    """The evaluator from a safetensors file (weights only: nothing in it can run code)."""
+    """The evaluator from a safetensors file (weights only: nothing in it can run code).
+
+    Args:
+        path (`str` or `Path`): a file `save_classifier` wrote.
+
+    Returns:
+        `ShapesClassifier`: in eval mode.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -196,6 +292,13 @@ def load_classifier(path: str | Path) -> ShapesClassifier:
 
 
 def save_classifier(model: ShapesClassifier, path: str | Path, **meta) -> None:
+    """Save the evaluator as safetensors, its architecture in the metadata.
+
+    Args:
+        model (`ShapesClassifier`): the evaluator.
+        path (`str` or `Path`): the file to write.
+        meta: JSON-serialisable values stored in the metadata beside the config.
+    """
     from safetensors.torch import save_file
 
     config = {"width": model.width, "feature_dim": model.feature_dim}

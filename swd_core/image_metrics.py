@@ -48,7 +48,15 @@ def _load(kind: str, path: str, processor_path: str, device: str):
 
 
 def processor_images(images) -> list:
-    """What an image processor takes: PIL images as given; a tensor in [-1, 1] as 8-bit CHW tensors."""
+    """What an image processor takes: PIL images as given; a tensor quantized to 8 bits, as a saved
+    image would be.
+
+    Args:
+        images (`torch.Tensor` or `Sequence[PIL.Image.Image]`): (N, 3, H, W) in [-1, 1], or PIL images.
+
+    Returns:
+        `list`: the PIL images, or N uint8 (3, H, W) tensors on the CPU.
+    """
     if isinstance(images, torch.Tensor):
         return list(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
     return list(images)
@@ -67,6 +75,8 @@ class ClipSimilarity:
         processor_path (`str`, *optional*): where its processor is; defaults to `path`.
         scale (`str`): "clip_score" (100, torchmetrics' CLIPScore) or "logit_scale" (the model's
             learned temperature, exponentiated: PickScore's model card).
+        device (`str`): where the model runs (loaded once per process and device).
+        batch_size (`int`): images per forward pass.
     """
 
     def __init__(self, path: str, processor_path: str | None = None, *, scale: str = "clip_score",
@@ -79,6 +89,16 @@ class ClipSimilarity:
 
     @torch.no_grad()
     def scores(self, images, prompts: Sequence[str]) -> np.ndarray:
+        """Score each image against its own prompt (prompts longer than the text encoder's
+        context are truncated).
+
+        Args:
+            images (`torch.Tensor` or `Sequence[PIL.Image.Image]`): as `processor_images` takes them.
+            prompts (`Sequence[str]`): one per image.
+
+        Returns:
+            `np.ndarray`: (N,) float32 scores.
+        """
         images = processor_images(images)
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts")
@@ -99,7 +119,13 @@ class ClipSimilarity:
 
 class DinoFeatures:
     """DINOv2 features of images: the CLS token after the final layer norm (`pooler_output`),
-    the images prepared by the checkpoint's own image processor."""
+    the images prepared by the checkpoint's own image processor.
+
+    Args:
+        path (`str`): a DINOv2 checkpoint (Hub id or folder) for `AutoModel.from_pretrained`.
+        device (`str`): where the model runs (loaded once per process and device).
+        batch_size (`int`): images per forward pass.
+    """
 
     def __init__(self, path: str, *, device: str = "cpu", batch_size: int = 32):
         self.model, self.processor = _load("dinov2", path, path, device)
@@ -107,6 +133,14 @@ class DinoFeatures:
 
     @torch.no_grad()
     def features(self, images) -> np.ndarray:
+        """The features of each image.
+
+        Args:
+            images (`torch.Tensor` or `Sequence[PIL.Image.Image]`): as `processor_images` takes them.
+
+        Returns:
+            `np.ndarray`: (N, hidden_size) float32.
+        """
         images = processor_images(images)
         out = []
         for start in range(0, len(images), self.batch_size):
@@ -123,6 +157,10 @@ class ImageMetrics:
         names (`Sequence[str]`): a subset of `METRICS`.
         models (`dict`): `clip`, `pickscore`, `pickscore_processor`, `dinov2`: Hub ids or folders
             (missing keys: `DEFAULT_MODELS`).
+        device (`str`): where the models run.
+        batch_size (`int`): images per forward pass.
+
+    Each model loads on the first reading that needs it.
     """
 
     def __init__(self, names: Sequence[str], models: dict | None = None, *, device: str = "cpu",
@@ -146,7 +184,16 @@ class ImageMetrics:
         return self._readers[name]
 
     def read(self, images, prompts: Sequence[str]) -> dict[str, np.ndarray]:
-        """{"clip_score": (N,), "pickscore": (N,), "dinov2": (N, d)} for the selected metrics."""
+        """Read one model's images with the selected metrics.
+
+        Args:
+            images (`torch.Tensor` or `Sequence[PIL.Image.Image]`): as `processor_images` takes them.
+            prompts (`Sequence[str]`): one per image.
+
+        Returns:
+            `dict[str, np.ndarray]`: of the selected ones, "clip_score" (N,), "pickscore" (N,) and
+            "dinov2" (N, d), the features `fd_dinov2` compares with `reference_features`.
+        """
         out = {}
         for name in self.names:
             if name == "fd_dinov2":
@@ -156,5 +203,12 @@ class ImageMetrics:
         return out
 
     def reference_features(self, images) -> np.ndarray:
-        """DINOv2 features of reference images (the teacher's, or the data source's)."""
+        """DINOv2 features of reference images (the teacher's, or the data source's).
+
+        Args:
+            images (`torch.Tensor` or `Sequence[PIL.Image.Image]`): as `processor_images` takes them.
+
+        Returns:
+            `np.ndarray`: (N, d) float32.
+        """
         return self._reader("fd_dinov2").features(images)

@@ -41,7 +41,16 @@ def _noise(shape: tuple[int, ...], seeds: Sequence[int]) -> torch.Tensor:
 
 
 def projection(width: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """A fixed (width, dim) matrix with orthonormal columns (the identity when dim >= width)."""
+    """A fixed random map to fewer dimensions, so covariances stay full rank with few samples.
+
+    Args:
+        width (`int`): the features' width.
+        dim (`int`): the projected width.
+        seed (`int`): the map's seed; the same seed gives the same map in every process.
+
+    Returns:
+        `torch.Tensor`: (width, dim) with orthonormal columns; the identity when dim >= width.
+    """
     if dim >= width:
         return torch.eye(width)
     q, _ = torch.linalg.qr(torch.randn(width, dim, generator=torch.Generator().manual_seed(seed)))
@@ -52,8 +61,23 @@ def projection(width: int, dim: int, seed: int = 0) -> torch.Tensor:
 def teacher_readings(teacher: FamilyAdapter, latents: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int], *,
                      sigma: float = 0.5, block: int | None = None, dim: int = 64,
                      batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-image denoising loss (N,), projected pooled features (N, dim)) of `latents` (at the
-    teacher's latent size) under the teacher at `sigma`; `block` defaults to the middle one."""
+    """The teacher's denoising loss and features of samples noised to `sigma` (one forward pass
+    gives both).
+
+    Args:
+        teacher (`FamilyAdapter`): the teacher.
+        latents (`torch.Tensor`): the samples' latents, (N, C, h, w) at the teacher's latent size.
+        prompts (`Sequence[str]`): each sample's own prompt.
+        seeds (`Sequence[int]`): each sample's seed, which alone draws its scoring noise.
+        sigma (`float`): the noise level.
+        block (`int`, *optional*): the tapped block; defaults to the middle one.
+        dim (`int`): the features' projected width (`projection`).
+        batch_size (`int`): samples per forward pass.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the per-image flow-matching loss (N,) and the
+        projected, token-mean-pooled features (N, dim), on the CPU.
+    """
     if not (len(latents) == len(prompts) == len(seeds)):
         raise ValueError(f"got {len(latents)} latents, {len(prompts)} prompts and {len(seeds)} seeds")
     blocks = teacher.num_blocks
@@ -78,7 +102,18 @@ def teacher_readings(teacher: FamilyAdapter, latents: torch.Tensor, prompts: Seq
 
 
 def teacher_fd(features: torch.Tensor, reference: torch.Tensor) -> float:
-    """Fréchet distance between two sets of `teacher_readings` features."""
+    """Fréchet distance between two sets of `teacher_readings` features.
+
+    Args:
+        features (`torch.Tensor`): the model's samples' features, (n, dim).
+        reference (`torch.Tensor`): the teacher's own samples' features, (m, dim).
+
+    Returns:
+        `float`
+
+    Raises:
+        ValueError: fewer than 2 rows on a side.
+    """
     if len(features) < 2 or len(reference) < 2:
         raise ValueError("the Fréchet distance needs at least 2 images on each side")
     return frechet_distance(features, reference)
@@ -119,7 +154,18 @@ def _prompt_errors(teacher: FamilyAdapter, latents, prompts, seeds, sigmas, batc
 def teacher_alignment(teacher: FamilyAdapter, latents: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int], *,
                       sigmas: Sequence[float] = (0.3, 0.45, 0.6, 0.75), batch_size: int = 32) -> torch.Tensor:
     """Per-image (N,) mean over `sigmas` of ||v(x_t, "") - (eps - x)||^2 - ||v(x_t, prompt) - (eps - x)||^2
-    (per-element means), the same noise for both prompts and every sigma."""
+    (per-element means), the same noise for both prompts and every sigma.
+
+    Args:
+        teacher (`FamilyAdapter`): the teacher.
+        latents (`torch.Tensor`), prompts (`Sequence[str]`), seeds (`Sequence[int]`): as for
+            `teacher_readings`.
+        sigmas (`Sequence[float]`): noise levels in (0, 1).
+        batch_size (`int`): samples per forward pass.
+
+    Returns:
+        `torch.Tensor`: (N,); higher is better.
+    """
     cond, uncond = _prompt_errors(teacher, latents, prompts, seeds, sigmas, batch_size)
     return (uncond - cond).mean(1)
 
@@ -129,5 +175,17 @@ def teacher_cfg_denoise(teacher: FamilyAdapter, latents: torch.Tensor, prompts: 
                         *, sigmas: Sequence[float] = (0.3, 0.45), guidance: float = 4.5,
                         batch_size: int = 32) -> torch.Tensor:
     """Per-image (N,) mean over `sigmas` of ||v_cfg(x_t, prompt) - (eps - x)||^2 (per-element mean),
-    v_cfg = v("") + guidance (v(prompt) - v(""))."""
+    v_cfg = v("") + guidance (v(prompt) - v("")).
+
+    Args:
+        teacher (`FamilyAdapter`): the teacher.
+        latents (`torch.Tensor`), prompts (`Sequence[str]`), seeds (`Sequence[int]`): as for
+            `teacher_readings`.
+        sigmas (`Sequence[float]`): noise levels in (0, 1).
+        guidance (`float`): the CFG scale.
+        batch_size (`int`): samples per forward pass.
+
+    Returns:
+        `torch.Tensor`: (N,); lower is better.
+    """
     return _prompt_errors(teacher, latents, prompts, seeds, sigmas, batch_size, guidance=guidance)[0].mean(1)
