@@ -38,7 +38,8 @@ SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 
 @dataclass(frozen=True)
 class TinySD3Config:
-    """Sizes of a small SD3 pipeline (defaults: a few MB, fast on CPU)."""
+    """Sizes of a small SD3 pipeline (defaults: a few MB, fast on CPU). Each field is an option
+    of a `builtin:tiny-sd3?...` spec (`parse_builtin`); `seed` draws the random weights."""
 
     layers: int = 2
     heads: int = 2
@@ -59,11 +60,21 @@ class TinySD3Config:
     seed: int = 0
 
     def key(self) -> str:
+        """A short hash of the sizes, naming the cached folder of this configuration."""
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def build_tokenizer(vocab: list[str], max_length: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer wrapped in `PreTrainedTokenizerFast` (saves and reloads offline)."""
+    """A word-level tokenizer wrapped in `PreTrainedTokenizerFast` (saves and reloads offline).
+
+    Args:
+        vocab (`list[str]`): the words, lower case; any other word reads as `<unk>`.
+        max_length (`int`): the tokenizer's `model_max_length`.
+
+    Returns:
+        `PreTrainedTokenizerFast`: lower-casing, splitting on whitespace, wrapping each text in
+        `<bos>` … `<eos>`.
+    """
     words = SPECIALS + [w for w in dict.fromkeys(vocab) if w not in SPECIALS]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -78,6 +89,16 @@ def build_tokenizer(vocab: list[str], max_length: int) -> PreTrainedTokenizerFas
 
 
 def build_tiny_sd3(cfg: TinySD3Config = TinySD3Config(), vocab: list[str] | None = None) -> StableDiffusion3Pipeline:
+    """A randomly initialised SD3 pipeline: two small CLIP towers sharing one word-level
+    tokenizer, no T5, an SD3 transformer and a VAE, with SD3.5's scheduler (shift 3).
+
+    Args:
+        cfg (`TinySD3Config`): the sizes and the seed.
+        vocab (`list[str]`, *optional*): the tokenizer's words; defaults to `BASE_VOCAB`.
+
+    Returns:
+        `StableDiffusion3Pipeline`: in memory; `resolve_pretrained` saves it for `from_pretrained`.
+    """
     use_pil_image_processors()
     from diffusers import StableDiffusion3Pipeline
 
@@ -117,7 +138,8 @@ def build_tiny_sd3(cfg: TinySD3Config = TinySD3Config(), vocab: list[str] | None
 class TinyFluxConfig:
     """Sizes of a small FLUX.1 pipeline: CLIP-L's role (pooled text) and T5's (token sequence),
     a 16-channel VAE with a shift and a scale, and a `FluxTransformer2DModel` with double- and
-    single-stream blocks and, like FLUX.1-dev, a guidance embedding."""
+    single-stream blocks and, like FLUX.1-dev, a guidance embedding. Each field is an option of
+    a `builtin:tiny-flux?...` spec (`parse_builtin`); `seed` draws the random weights."""
 
     layers: int = 2  # double-stream blocks
     single_layers: int = 2
@@ -134,10 +156,24 @@ class TinyFluxConfig:
     seed: int = 0
 
     def key(self) -> str:
+        """A short hash of the sizes, naming the cached folder of this configuration."""
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def build_tiny_flux(cfg: TinyFluxConfig = TinyFluxConfig(), vocab: list[str] | None = None) -> FluxPipeline:
+    """A randomly initialised FLUX.1 pipeline: a small CLIP and T5 sharing one word-level
+    tokenizer, a FLUX transformer and a VAE, with FLUX.1's resolution-dependent scheduler.
+
+    Args:
+        cfg (`TinyFluxConfig`): the sizes and the seed.
+        vocab (`list[str]`, *optional*): the tokenizer's words; defaults to `BASE_VOCAB`.
+
+    Returns:
+        `FluxPipeline`: in memory; `resolve_pretrained` saves it for `from_pretrained`.
+
+    Raises:
+        ValueError: `rope_axes` do not sum to `head_dim`.
+    """
     if sum(cfg.rope_axes) != cfg.head_dim:
         raise ValueError(f"rope_axes {list(cfg.rope_axes)} must sum to head_dim {cfg.head_dim}")
     use_pil_image_processors()
@@ -178,7 +214,18 @@ BUILDERS = {"tiny-sd3": (TinySD3Config, build_tiny_sd3), "tiny-flux": (TinyFluxC
 
 
 def parse_builtin(spec: str) -> TinySD3Config | TinyFluxConfig:
-    """`builtin:tiny-sd3?layers=4&head_dim=64` -> TinySD3Config (`builtin:tiny-flux?...` -> TinyFluxConfig)."""
+    """The configuration a builtin spec names.
+
+    Args:
+        spec (`str`): e.g. `builtin:tiny-sd3?layers=4&head_dim=64` or `builtin:tiny-flux`; tuple
+            options are comma-separated (`vae_channels=32,32`), booleans 0 or 1.
+
+    Returns:
+        `TinySD3Config` or `TinyFluxConfig`
+
+    Raises:
+        ValueError: an unknown model or option, with the allowed ones.
+    """
     name, _, query = spec.removeprefix("builtin:").partition("?")
     if name not in BUILDERS:
         raise ValueError(f"unknown builtin model {name!r}; allowed: ['toy-sd3', {', '.join(map(repr, BUILDERS))}]")
@@ -200,9 +247,19 @@ TOY_TEACHER = Path(__file__).parent / "toy" / "weights" / "toy-sd3"
 
 
 def resolve_pretrained(path: str) -> str:
-    """Return a loadable path: `builtin:toy-sd3` is the committed toy teacher folder;
-    `builtin:tiny-sd3...` and `builtin:tiny-flux...` specs are written to a cache folder once; anything else (a local
-    folder or a hub id) is returned unchanged for `from_pretrained`."""
+    """A path `from_pretrained` loads.
+
+    Args:
+        path (`str`): `builtin:toy-sd3` (the committed toy teacher), a `builtin:tiny-sd3...` or
+            `builtin:tiny-flux...` spec (built once into `$SWD_CACHE`, default ~/.cache/swd, shared by
+            concurrent processes), or anything else (a local folder or a hub id).
+
+    Returns:
+        `str`: the folder of a builtin model; any other path unchanged.
+
+    Raises:
+        FileNotFoundError: the toy teacher's weights are not in the checkout.
+    """
     if not str(path).startswith("builtin:"):
         return str(path)
     if path == "builtin:toy-sd3":
@@ -225,7 +282,11 @@ def resolve_pretrained(path: str) -> str:
 
 def clip_bpe_tokenizer():
     """A CLIP tokenizer (byte-level BPE) whose vocabulary is the 256 byte symbols alone, with and
-    without the end-of-word mark, and no merges: every prompt tokenizes, letter by letter."""
+    without the end-of-word mark, and no merges: every prompt tokenizes, letter by letter.
+
+    Returns:
+        `CLIPTokenizer`
+    """
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -238,7 +299,18 @@ def clip_bpe_tokenizer():
 
 def save_tiny_clip(folder: str | Path, *, seed: int = 0, image_size: int = 32, with_processor: bool = True) -> str:
     """A randomly initialised `CLIPModel` (2 layers per tower, width 32) and, with
-    `with_processor`, its `CLIPProcessor`, saved to `folder` as a Hub checkpoint is laid out."""
+    `with_processor`, its `CLIPProcessor`, saved to `folder` as a Hub checkpoint is laid out.
+
+    Args:
+        folder (`str` or `Path`): where to save.
+        seed (`int`): draws the weights.
+        image_size (`int`): the vision tower's input side (patches of 8 px).
+        with_processor (`bool`): also save the processor (without it, a test names another
+            folder as the processor's, as PickScore does).
+
+    Returns:
+        `str`: `folder`.
+    """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     torch.manual_seed(seed)
@@ -260,7 +332,16 @@ def save_tiny_clip(folder: str | Path, *, seed: int = 0, image_size: int = 32, w
 
 def save_tiny_dinov2(folder: str | Path, *, seed: int = 0, image_size: int = 32) -> str:
     """A randomly initialised `Dinov2Model` (2 layers, width 32) and its image processor (resize,
-    centre crop, ImageNet normalization, as the Hub checkpoints ship it), saved to `folder`."""
+    centre crop, ImageNet normalization, as the Hub checkpoints ship it), saved to `folder`.
+
+    Args:
+        folder (`str` or `Path`): where to save.
+        seed (`int`): draws the weights.
+        image_size (`int`): the input side (patches of 8 px).
+
+    Returns:
+        `str`: `folder`.
+    """
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     torch.manual_seed(seed)

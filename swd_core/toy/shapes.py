@@ -37,6 +37,15 @@ MAX_CAPTION_TOKENS = 20  # words + <bos>/<eos>; the longest caption template fit
 
 @dataclass
 class ShapeObject:
+    """One object of a scene.
+
+    Args:
+        shape (`str`): one of `SHAPES`.
+        color (`str`): a key of `COLORS`.
+        size (`str`): a key of `SIZES`.
+        row (`int`), col (`int`): its cell of the 3×3 grid, 0 at the top left.
+    """
+
     shape: str
     color: str
     size: str
@@ -46,7 +55,15 @@ class ShapeObject:
 
 @dataclass
 class ShapesSample:
-    """What an image shows (`objects`, `background`) and what its caption states (`stated`)."""
+    """What an image shows (`objects`, `background`) and what its caption states (`stated`).
+
+    Args:
+        caption (`str`): the prompt.
+        objects (`list[ShapeObject]`): one or two.
+        background (`str`): a key of `BACKGROUNDS`.
+        relation (`str`, *optional*): for two objects, a key of `RELATIONS` holding between them.
+        stated (`dict`): attribute -> True when the caption states it.
+    """
 
     caption: str
     objects: list[ShapeObject]
@@ -56,20 +73,43 @@ class ShapesSample:
     # shape and colour are always stated; size, position and background only sometimes
 
     def to_dict(self) -> dict:
+        """The sample as plain JSON-serialisable data; `from_dict` reads it back."""
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> "ShapesSample":
+        """The sample `to_dict` wrote.
+
+        Args:
+            d (`dict`): `to_dict`'s output (`relation` and `stated` may be missing).
+
+        Returns:
+            `ShapesSample`
+        """
         return ShapesSample(d["caption"], [ShapeObject(**o) for o in d["objects"]], d["background"],
                             d.get("relation"), d.get("stated", {}))
 
 
 def relation_holds(relation: str, a: ShapeObject, b: ShapeObject) -> bool:
+    """Whether `a` is `relation` `b` on the grid (strictly: another column or row).
+
+    Args:
+        relation (`str`): a key of `RELATIONS`.
+        a (`ShapeObject`), b (`ShapeObject`): the two objects.
+
+    Returns:
+        `bool`
+    """
     return {"left of": a.col < b.col, "right of": a.col > b.col,
             "above": a.row < b.row, "below": a.row > b.row}[relation]
 
 
 def vocabulary() -> list[str]:
+    """Every word a caption can contain, so a word-level tokenizer needs no `<unk>`.
+
+    Returns:
+        `list[str]`: sorted.
+    """
     words = set("a an one the of on in at to background".split())
     for phrases in (POSITIONS.values(), RELATIONS.values()):
         for p in phrases:
@@ -100,8 +140,16 @@ SUPERSAMPLE = 4
 
 
 def render(sample: ShapesSample, rng: np.random.Generator | None = None, jitter: int = 2) -> Image.Image:
-    """Draw a sample, supersampled then box-downsampled for smooth edges. `rng` adds a
-    position jitter of up to `jitter` pixels per object."""
+    """Draw a sample, supersampled then box-downsampled for smooth edges.
+
+    Args:
+        sample (`ShapesSample`): the scene.
+        rng (`np.random.Generator`, *optional*): draws a position jitter per object; None: none.
+        jitter (`int`): the largest jitter, in pixels, either way on each axis.
+
+    Returns:
+        `Image.Image`: IMAGE_SIZE × IMAGE_SIZE RGB.
+    """
     k = SUPERSAMPLE
     img = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), BACKGROUNDS[sample.background])
     draw = ImageDraw.Draw(img)
@@ -134,7 +182,16 @@ def _article(rng) -> str:
 
 def sample_attributes(rng: np.random.Generator, two_objects: bool | None = None,
                       allow_held_out: bool = False) -> ShapesSample:
-    """Draw a random scene and a caption stating some of its attributes."""
+    """Draw a random scene and a caption stating some of its attributes.
+
+    Args:
+        rng (`np.random.Generator`): the only source of randomness.
+        two_objects (`bool`, *optional*): one or two objects; None draws it (even odds).
+        allow_held_out (`bool`): allow the (colour, shape) pairs of `HELD_OUT_PAIRS`.
+
+    Returns:
+        `ShapesSample`
+    """
     if two_objects is None:
         two_objects = rng.random() < 0.5
     background = _pick(rng, BACKGROUNDS)
@@ -162,7 +219,16 @@ def sample_attributes(rng: np.random.Generator, two_objects: bool | None = None,
 
 
 def dataset(seed: int, count: int, start: int = 0):
-    """Yield (index, sample, image) for training; sample i depends only on (seed, i)."""
+    """Training samples, each drawn from its own generator so sample i depends only on (seed, i).
+
+    Args:
+        seed (`int`): the dataset's seed.
+        count (`int`): how many.
+        start (`int`): the first index.
+
+    Returns:
+        `Iterator[tuple[int, ShapesSample, Image.Image]]`: (index, sample, rendered image).
+    """
     for i in range(start, start + count):
         rng = np.random.default_rng([seed, i])
         sample = sample_attributes(rng)
@@ -170,12 +236,26 @@ def dataset(seed: int, count: int, start: int = 0):
 
 
 def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (B, 3, H, W) -> float in [-1, 1], the range the VAE and the classifier read."""
+    """Scale 8-bit pixels to the range the VAE and the classifier read.
+
+    Args:
+        pixels (`torch.Tensor`): uint8, (B, 3, H, W).
+
+    Returns:
+        `torch.Tensor`: float32 in [-1, 1].
+    """
     return pixels.float() / 127.5 - 1.0
 
 
 def to_tensor(images) -> torch.Tensor:
-    """PIL images -> (B, 3, H, W) float tensor in [-1, 1]."""
+    """Stack PIL images into a batch.
+
+    Args:
+        images (`Iterable[Image.Image]`): of one size.
+
+    Returns:
+        `torch.Tensor`: (B, 3, H, W) float32 in [-1, 1].
+    """
     arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
     return from_uint8(torch.from_numpy(arr).permute(0, 3, 1, 2))
 
@@ -187,7 +267,15 @@ VALIDATION_SEED = 20_261_126
 def held_out_prompts(count: int = 640, seed: int = EVAL_SEED, exclude: frozenset[str] = frozenset()) -> list[ShapesSample]:
     """The fixed evaluation set: half one-object, half two-object prompts; a fifth of them use
     (colour, shape) pairs never drawn in training. Deterministic; never used for training.
-    Captions in `exclude` are skipped."""
+
+    Args:
+        count (`int`): how many prompts.
+        seed (`int`): the set's seed.
+        exclude (`frozenset[str]`): captions to skip; every caption in the set is distinct, too.
+
+    Returns:
+        `list[ShapesSample]`: alternating one- and two-object prompts.
+    """
     out, rng = [], np.random.default_rng(seed)
     seen = set(exclude)
     while len(out) < count:
@@ -205,5 +293,12 @@ def held_out_prompts(count: int = 640, seed: int = EVAL_SEED, exclude: frozenset
 def validation_prompts(count: int) -> list[ShapesSample]:
     """Prompts for choosing a checkpoint while training (`distill.validation`): drawn like the
     evaluation set from another seed and never one of its captions, so the evaluate stage scores
-    the chosen student on prompts the choice never saw."""
+    the chosen student on prompts the choice never saw.
+
+    Args:
+        count (`int`): how many prompts.
+
+    Returns:
+        `list[ShapesSample]`
+    """
     return held_out_prompts(count, VALIDATION_SEED, exclude=frozenset(s.caption for s in held_out_prompts()))

@@ -38,11 +38,22 @@ SEED = 0
 
 
 def log(msg: str) -> None:
+    """Print one timestamped line, flushed, so a long run's progress shows in its log as it goes.
+
+    Args:
+        msg (`str`): the line.
+    """
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def record(phase: str, replace: bool = False, **info) -> None:
-    """Add `info` to the phase's entry (`replace`: instead of it)."""
+    """Add `info` to the phase's entry of `RECORD`, with the command that ran.
+
+    Args:
+        phase (`str`): the entry's key ("classifier", "vae", "vae_decoder", "transformer").
+        replace (`bool`): replace the entry rather than add to it.
+        info: JSON-serialisable values.
+    """
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     data = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     entry = {} if replace else data.get(phase, {})
@@ -55,7 +66,14 @@ def record(phase: str, replace: bool = False, **info) -> None:
 
 def classifier_scene(rng: np.random.Generator) -> shapes.ShapesSample:
     """0–3 objects in distinct cells, any colour/shape pair: broader than the captions, so the
-    classifier reads whatever a generator draws."""
+    classifier reads whatever a generator draws.
+
+    Args:
+        rng (`np.random.Generator`): draws the scene.
+
+    Returns:
+        `ShapesSample`: with an empty caption.
+    """
     n = int(rng.integers(0, 4))
     cells = rng.permutation(9)[:n]
     objs = [shapes.ShapeObject(str(rng.choice(shapes.SHAPES)), str(rng.choice(list(shapes.COLORS))),
@@ -64,6 +82,16 @@ def classifier_scene(rng: np.random.Generator) -> shapes.ShapesSample:
 
 
 def classifier_batch(rng, batch):
+    """A freshly drawn training batch for the classifier.
+
+    Args:
+        rng (`np.random.Generator`): draws the scenes and their jitter.
+        batch (`int`): images in the batch.
+
+    Returns:
+        `tuple[torch.Tensor, dict[str, torch.Tensor]]`: images (batch, 3, 64, 64) in [-1, 1] and
+        their stacked `targets_from_sample` targets.
+    """
     samples = [classifier_scene(rng) for _ in range(batch)]
     images = shapes.to_tensor([shapes.render(s, rng) for s in samples])
     targets = [targets_from_sample(s) for s in samples]
@@ -71,6 +99,14 @@ def classifier_batch(rng, batch):
 
 
 def train_classifier(steps: int = 1500, batch: int = 64) -> None:
+    """Train the evaluator on freshly drawn scenes (no fixed dataset, so it cannot overfit one) and
+    save it to `CLASSIFIER`, with its accuracy on real held-out renders in the record. Skips when
+    `CLASSIFIER` exists.
+
+    Args:
+        steps (`int`): optimizer steps (one-cycle schedule).
+        batch (`int`): images per step.
+    """
     if CLASSIFIER.exists():
         log(f"classifier: {CLASSIFIER} exists, skipping")
         return
@@ -97,6 +133,16 @@ def train_classifier(steps: int = 1500, batch: int = 64) -> None:
 
 
 def evaluate_classifier(model, count: int = 640) -> dict:
+    """The evaluator's prompt accuracy on real renders of the held-out prompts: the ceiling a
+    generator can reach under it.
+
+    Args:
+        model (`ShapesClassifier`): the evaluator.
+        count (`int`): held-out prompts.
+
+    Returns:
+        `dict`: "real_prompt_accuracy" and "real_per_attribute".
+    """
     samples = shapes.held_out_prompts(count)
     rng = np.random.default_rng([SEED, 99])
     images = shapes.to_tensor([shapes.render(s, rng) for s in samples])
@@ -108,19 +154,39 @@ def evaluate_classifier(model, count: int = 640) -> dict:
 # ---------------------------------------------------------------- VAE
 
 def vae_config() -> dict:
+    """The toy VAE's `AutoencoderKL` config: 4 latent channels, 4× downsampling, 64 px images.
+
+    Returns:
+        `dict`: keyword arguments for `AutoencoderKL`.
+    """
     return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                 norm_num_groups=32, sample_size=64, scaling_factor=1.0, shift_factor=0.0)
 
 
 def image_pool(seed: int, count: int) -> torch.Tensor:
-    """`count` training images as uint8 (N, 3, 64, 64) plus their samples."""
+    """Training images, rendered once and held as uint8 so a large pool fits in memory.
+
+    Args:
+        seed (`int`): the dataset's seed (`shapes.dataset`).
+        count (`int`): how many.
+
+    Returns:
+        `tuple[torch.Tensor, list[ShapesSample]]`: uint8 images (N, 3, 64, 64) and their samples.
+    """
     items = list(shapes.dataset(seed, count))
     arr = np.stack([np.asarray(im) for _, _, im in items])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), [s for _, s, _ in items]
 
 
 def train_vae(steps: int = 3000, batch: int = 32) -> None:
+    """Train the toy VAE on training images, set its shift and scale so latents have zero mean
+    and unit variance (as SD3 normalises them), and save it under `WORK`. Skips when it exists.
+
+    Args:
+        steps (`int`): optimizer steps (one-cycle schedule).
+        batch (`int`): images per step.
+    """
     from diffusers import AutoencoderKL
 
     out = WORK / "vae"
@@ -171,11 +237,28 @@ def train_vae(steps: int = 3000, batch: int = 32) -> None:
 
 
 def vae_factor(vae) -> int:
+    """Pixels per latent cell of an `AutoencoderKL`: 2 per downsampling level.
+
+    Args:
+        vae (`AutoencoderKL`): the VAE.
+
+    Returns:
+        `int`
+    """
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def scene_pool(seed: int, count: int) -> torch.Tensor:
-    """`count` renders as uint8 (N, 3, 64, 64), drawn from every (colour, shape) pair."""
+    """Renders drawn from every (colour, shape) pair, the held-out ones included: the VAE is not
+    text-conditioned, so seeing them reveals nothing of the prompts the transformer is held out from.
+
+    Args:
+        seed (`int`): render i is drawn from [seed, i].
+        count (`int`): how many.
+
+    Returns:
+        `torch.Tensor`: uint8, (N, 3, 64, 64).
+    """
     arr = []
     for i in range(count):
         rng = np.random.default_rng([seed, i])
@@ -186,7 +269,16 @@ def scene_pool(seed: int, count: int) -> torch.Tensor:
 @torch.no_grad()
 def round_trip(vae, count: int = 320) -> dict:
     """Prompt accuracy and FD of held-out real renders encoded and decoded, per image size: what a
-    perfect transformer could reach through this VAE."""
+    perfect transformer could reach through this VAE.
+
+    Args:
+        vae (`AutoencoderKL`): the VAE.
+        count (`int`): held-out prompts.
+
+    Returns:
+        `dict`: by image size in pixels (32 px and up), "acc_one_object", "acc_two_object", "fd"
+        and "psnr_db".
+    """
     from swd_core.evaluate_model import ShapesScorer
 
     samples = shapes.held_out_prompts()[:count]
@@ -204,7 +296,15 @@ def round_trip(vae, count: int = 320) -> dict:
 
 
 def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> None:
-    """Refine the VAE's decoder at every latent side of the toy schedules (TOY_SIDES)."""
+    """Refine the VAE's decoder at every latent side of the toy schedules (TOY_SIDES), the
+    encoder frozen, and save it over the VAE it refines; skips when that VAE's marker says it is
+    refined.
+
+    Args:
+        steps (`int`): optimizer steps (warmup, then cosine decay).
+        batch (`int`): images per step, all at one side drawn by `SIDE_WEIGHTS`.
+        lr (`float`): the peak learning rate.
+    """
     from diffusers import AutoencoderKL
 
     vae_dir = WORK / "vae" if (WORK / "vae" / "config.json").exists() else TEACHER / "vae"
@@ -273,7 +373,11 @@ CKPT = WORK / "teacher_ckpt.pt"
 
 def teacher_pipeline():
     """Tokenizer for the shapes vocabulary, small CLIP encoders, the trained VAE and a fresh
-    SD3 transformer, as one `StableDiffusion3Pipeline`."""
+    SD3 transformer, as one `StableDiffusion3Pipeline`.
+
+    Returns:
+        `StableDiffusion3Pipeline`: the VAE frozen, the rest randomly initialised.
+    """
     from diffusers import AutoencoderKL
 
     from swd_core.tiny_models import TinySD3Config, build_tiny_sd3
@@ -287,14 +391,31 @@ def teacher_pipeline():
 
 
 def downscale(images: torch.Tensor, side_px: int) -> torch.Tensor:
-    """Pixel-space area downscaling, as SwD's training targets are made (before the VAE)."""
+    """Pixel-space area downscaling, as SwD's training targets are made (before the VAE).
+
+    Args:
+        images (`torch.Tensor`): (N, 3, H, W), square.
+        side_px (`int`): the target side.
+
+    Returns:
+        `torch.Tensor`: (N, 3, side_px, side_px); `images` itself at that side already.
+    """
     if images.shape[-1] == side_px:
         return images
     return F.interpolate(images, size=(side_px, side_px), mode="area")
 
 
 def training_latents(adapter, sides: tuple[int, ...]) -> tuple[dict[int, torch.Tensor], list[str]]:
-    """VAE latents of the same TRAIN_IMAGES images at every latent side (fp16), and captions."""
+    """VAE latents of the same TRAIN_IMAGES images at every latent side (fp16), and captions;
+    cached under `WORK`, as encoding takes minutes.
+
+    Args:
+        adapter (`SD3Adapter`): the teacher being trained (its VAE encodes).
+        sides (`tuple[int, ...]`): latent sides.
+
+    Returns:
+        `tuple[dict[int, torch.Tensor], list[str]]`: latents by side, and one caption per image.
+    """
     cache = WORK / f"train_latents_{'_'.join(map(str, sides))}.pt"
     if cache.exists():
         data = torch.load(cache, weights_only=True)
@@ -318,13 +439,33 @@ def training_latents(adapter, sides: tuple[int, ...]) -> tuple[dict[int, torch.T
 
 
 def teacher_modules(pipe):
+    """The modules the teacher's training updates (the VAE stays frozen).
+
+    Args:
+        pipe (`StableDiffusion3Pipeline`): the teacher.
+
+    Returns:
+        `dict[str, nn.Module]`: the transformer and both text encoders, by component name.
+    """
     return {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
 
 
 @torch.no_grad()
 def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: float = 4.5, side: int | None = None) -> dict:
     """Teacher prompt accuracy on the first `count` held-out prompts (tracks learning); `side`
-    samples at that latent side (images are upscaled to 64 px for the classifier)."""
+    samples at that latent side (images are upscaled to 64 px for the classifier).
+
+    Args:
+        pipe (`StableDiffusion3Pipeline`): the teacher.
+        classifier (`ShapesClassifier`): the evaluator.
+        count (`int`): held-out prompts, seeds 0..count-1.
+        steps (`int`): sampling steps.
+        guidance (`float`): the CFG scale.
+        side (`int`, *optional*): the latent side; defaults to the teacher's native one.
+
+    Returns:
+        `dict`: `prompt_accuracy`'s scores.
+    """
     from swd_core.adapters.sd3 import SD3Adapter
     from swd_core.evaluate_model import to_evaluator_size
     from swd_core.generate import generate_latents
@@ -338,7 +479,12 @@ def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: flo
 
 
 def trained_sides() -> tuple[int, ...]:
-    """The latent sides the committed teacher was trained at (v1 saw the full size only)."""
+    """The latent sides the committed teacher was trained at, from `RECORD` (a transformer entry
+    without `sides` is of a teacher trained at the full size only).
+
+    Returns:
+        `tuple[int, ...]`: empty when there is no record of a teacher.
+    """
     if not RECORD.exists():
         return ()
     done = json.loads(RECORD.read_text()).get("transformer", {})
@@ -355,7 +501,19 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     Starts from the committed teacher when it exists but was trained at fewer sides (a
     fine-tune, lr 1e-4), otherwise from scratch (lr 3e-4); skips when the committed teacher
     already covers `sides`, unless `continue_teacher`: then it is fine-tuned further for `hours`
-    (a new round with a fresh optimizer; the record lists the earlier rounds)."""
+    (a new round with a fresh optimizer; the record lists the earlier rounds).
+
+    Args:
+        hours (`float`): the wall-clock budget, across resumed runs; evaluation time is not counted.
+        batch (`int`): latents per step.
+        lr (`float`, *optional*): the peak learning rate; defaults as above, and a resumed run
+            keeps its checkpoint's.
+        eval_every_s (`float`): seconds between evaluations of the EMA weights (needs the classifier).
+        ckpt_every_s (`float`): seconds between work checkpoints.
+        sides (`tuple[int, ...]`): latent sides to train at, `SIDE_WEIGHTS` drawing among them.
+        out (`Path`): the teacher folder to write; only the committed one is recorded.
+        continue_teacher (`bool`): fine-tune the committed teacher for another round.
+    """
     exists = (TEACHER / "model_index.json").exists()
     ck = torch.load(CKPT, weights_only=True) if CKPT.exists() else None
     budget = hours * 3600
@@ -513,6 +671,11 @@ PHASES = {"classifier": lambda a: train_classifier(), "vae": lambda a: train_vae
 
 
 def main(argv=None) -> None:
+    """The command line: run one phase, or all in order (each skips itself when done).
+
+    Args:
+        argv (`list[str]`, *optional*): the arguments; defaults to `sys.argv[1:]`.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phase", choices=[*PHASES, "all"])
     parser.add_argument("--vae-steps", type=int, default=1500)
