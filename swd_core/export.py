@@ -55,7 +55,17 @@ def export_lora(adapter: SD3Adapter, out_dir: str | Path, adapter_name: str = ST
 
 def schedule_record(schedule: ScaleSchedule, vae_scale_factor: int, max_sequence_length: int, **extra) -> dict:
     """What an export records of its sampling (`SCHEDULE_FILE`): scales, sigmas, sizes, text length,
-    plus `extra` fields."""
+    plus `extra` fields.
+
+    Args:
+        schedule (`ScaleSchedule`): the student's.
+        vae_scale_factor (`int`): pixels per latent cell, for the image sizes.
+        max_sequence_length (`int`): T5 tokens per prompt.
+        extra: further JSON-serialisable fields (e.g. `family`, `guidance_scale`).
+
+    Returns:
+        `dict`: JSON-serialisable.
+    """
     return {
         "scales": list(schedule.scales), "sigmas": list(schedule.sigmas),
         "boundaries": list(schedule.boundaries) if schedule.boundaries else None,
@@ -112,7 +122,17 @@ def export_merged_pipeline(teacher_path: str, out_dir: str | Path, schedule: Sca
 
 
 def read_schedule(folder: str | Path) -> dict:
-    """The `schedule_record` of an exported student folder; FileNotFoundError if it is none."""
+    """The `schedule_record` of an exported student folder.
+
+    Args:
+        folder (`str` or `Path`): the exported student.
+
+    Returns:
+        `dict`
+
+    Raises:
+        FileNotFoundError: the folder is not an exported SwD student.
+    """
     path = Path(folder) / SCHEDULE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{folder} is not an exported SwD student: {SCHEDULE_FILE} is missing")

@@ -26,7 +26,23 @@ def tap_block_outputs(
     select: Callable[[object], torch.Tensor],
     stop_after_last: bool = False,
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Collect `select(output)` of `blocks[i]` for every i in `indices` into the yielded dict."""
+    """Collect `select(output)` of `blocks[i]` for every i in `indices` into the yielded dict,
+    filled as the forward pass inside the block runs; the hooks go when the block ends.
+
+    Args:
+        blocks (`nn.ModuleList`): the transformer's blocks.
+        indices (`Sequence[int]`): the blocks to tap (order and repeats do not matter).
+        select (`Callable[[object], torch.Tensor]`): picks the features out of a block's output
+            (e.g. the image tokens of a joint block's (context, image) pair).
+        stop_after_last (`bool`): raise `StopForward` once the deepest tapped block has run, so a
+            features-only pass skips the rest (the caller catches it).
+
+    Returns:
+        `Iterator[dict[int, torch.Tensor]]`: a context manager yielding the features by block index.
+
+    Raises:
+        ValueError: an index outside the blocks.
+    """
     indices = sorted(set(int(i) for i in indices))
     bad = [i for i in indices if not 0 <= i < len(blocks)]
     if bad:
@@ -58,7 +74,16 @@ def only_rows_onward(modules: Sequence[nn.Module], rows: int | None, batch: int)
     the first `rows` of the `batch` samples: a forward pre-hook cuts every batch-first tensor
     argument. One call then gives features for all samples and velocities for the first `rows`
     (two passes that share the blocks up to the tap run as one, with half the kernel launches).
-    Hand-written: a row-wise early exit is not a diffusers feature. `rows` None or >= batch: no-op."""
+    Hand-written: a row-wise early exit is not a diffusers feature.
+
+    Args:
+        modules (`Sequence[nn.Module]`): the modules that see the cut batch.
+        rows (`int`, *optional*): how many leading samples go on; None or at least `batch`: no cut.
+        batch (`int`): the full batch size, to recognise batch-first tensors.
+
+    Returns:
+        `Iterator[None]`: a context manager; the hooks go when it ends.
+    """
     if rows is None or rows >= batch:
         yield
         return

@@ -23,12 +23,28 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 class SwDFluxScalewisePipeline(FluxPipeline):
+    """`FluxPipeline` with a scale-wise `__call__`: the student's few steps, each at its own
+    latent side (see the module); its components and loading are `FluxPipeline`'s."""
+
     @torch.no_grad()
     def __call__(self, prompt, scales, sigmas, guidance_scale: float = 3.5, generator=None,
                  max_sequence_length: int = 512, output_type: str = "pil", latents: torch.Tensor | None = None):
-        """`scales`: the latent side of every step (unpacked, even); `sigmas`: its noise level;
-        `latents`: the first step's noise, (B, C, scales[0], scales[0]); `generator`: one, or one
-        per image, for the initial and the re-noising draws."""
+        """Sample images scale-wise.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompts.
+            scales (`Sequence[int]`): the latent side of every step (unpacked, even).
+            sigmas (`Sequence[float]`): every step's noise level.
+            guidance_scale (`float`): the embedded guidance (ignored without a guidance embedding).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one, or one per
+                image, for the initial and the re-noising draws.
+            max_sequence_length (`int`): T5 tokens per prompt.
+            output_type (`str`): "pil", "np", "pt" or "latent" (the last clean latents, unpacked).
+            latents (`torch.Tensor`, *optional*): the first step's noise, (B, C, scales[0], scales[0]).
+
+        Returns:
+            `FluxPipelineOutput`: the images.
+        """
         if len(scales) != len(sigmas):
             raise ValueError(f"{len(scales)} scales but {len(sigmas)} sigmas")
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -25,7 +25,14 @@ class GANHead(nn.Module):
         self.widths = widths
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features (B, N, C) token features -> logits (B,)."""
+        """Score samples as real or generated from their token features.
+
+        Args:
+            features (`torch.Tensor`): (B, N, C) token features of the tapped block.
+
+        Returns:
+            `torch.Tensor`: (B,) logits, float32.
+        """
         # token mean in float32, then the head's own dtype (bf16 once DeepSpeed casts it); logits in float32
         pooled = features.float().mean(dim=1).to(self.net[-1].weight.dtype)
         return self.net(pooled).squeeze(-1).float()

@@ -24,6 +24,9 @@ def text_denoiser(adapter: FamilyAdapter, text: TextEmbeddings) -> Denoiser:
     Args:
         adapter (`FamilyAdapter`): the model (teacher, or a student via `Networks.student_sampler`).
         text (`TextEmbeddings`): the batch's prompt embeddings.
+
+    Returns:
+        `Denoiser`: (x, σ) -> velocity.
     """
 
     def denoise(x, sigma):
@@ -52,7 +55,14 @@ def cfg_denoiser(adapter: FamilyAdapter, text: TextEmbeddings, uncond: TextEmbed
 
 
 def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per seed: each image's noise depends on its own seed only."""
+    """One CPU generator per seed: each image's noise depends on its own seed only.
+
+    Args:
+        seeds (`Sequence[int]`): one per image.
+
+    Returns:
+        `list[torch.Generator]`: CPU generators (the same draws on any device).
+    """
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
@@ -92,12 +102,28 @@ def generate_latents(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequ
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Images in [-1, 1], (B, 3, H, W) -> PIL RGB images."""
+    """Convert images to 8-bit PIL images.
+
+    Args:
+        images (`torch.Tensor`): (B, 3, H, W) in [-1, 1].
+
+    Returns:
+        `list[Image.Image]`: B RGB images.
+    """
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
 @torch.no_grad()
 def generate_images(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequence[int], **kwargs) -> list[Image.Image]:
-    """`generate_latents` (same arguments), decoded by the VAE, as PIL images."""
+    """`generate_latents`, decoded by the VAE, as PIL images.
+
+    Args:
+        adapter (`FamilyAdapter`): the model that samples.
+        prompts (`Sequence[str]`), seeds (`Sequence[int]`): one seed per prompt.
+        kwargs: `generate_latents`' keyword arguments (`schedule`, `teacher_steps`, `guidance`, `size`).
+
+    Returns:
+        `list[Image.Image]`: one RGB image per prompt.
+    """
     return to_pil(adapter.decode_latents(generate_latents(adapter, prompts, seeds, **kwargs)))

@@ -10,7 +10,23 @@ from PIL import Image, ImageDraw, ImageFont
 
 def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str], col_labels: Sequence[str],
                cell: int = 128, label_width: int = 220, header: int = 28, title: str | None = None) -> Image.Image:
-    """Lay images out in a grid with the row label (e.g. the prompt) on the left of each row."""
+    """Lay images out in a grid with the row label (e.g. the prompt) on the left of each row.
+
+    Args:
+        rows (`Sequence[Sequence[Image.Image]]`): one list of images per row, one image per column.
+        row_labels (`Sequence[str]`): one per row, wrapped to 34 characters, at most 8 lines.
+        col_labels (`Sequence[str]`): one per column, as the header.
+        cell (`int`): each image's side in the grid (nearest-neighbour resizing keeps pixels sharp).
+        label_width (`int`): the label column's width.
+        header (`int`): the header's height (twice that with a title).
+        title (`str`, *optional*): a line above the header.
+
+    Returns:
+        `Image.Image`: an RGB image.
+
+    Raises:
+        ValueError: the labels or a row's images do not match the grid's shape.
+    """
     if len(rows) != len(row_labels):
         raise ValueError(f"{len(rows)} rows but {len(row_labels)} row labels")
     n_cols = len(col_labels)

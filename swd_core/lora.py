@@ -69,7 +69,14 @@ def add_swd_adapters(transformer: nn.Module, rank: int = 64, alpha: float | None
 
 
 def lora_layers(transformer: nn.Module) -> list[BaseTunerLayer]:
-    """Every peft LoRA layer of `transformer`."""
+    """Every peft LoRA layer of `transformer`.
+
+    Args:
+        transformer (`nn.Module`): a transformer with SwD adapters.
+
+    Returns:
+        `list[BaseTunerLayer]`: in module order.
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
@@ -89,12 +96,25 @@ def adapter_parameters(transformer: nn.Module, adapter: str) -> list[nn.Paramete
 
 
 def base_parameters(transformer: nn.Module) -> list[nn.Parameter]:
-    """The frozen base's parameters (everything but the LoRA ones)."""
+    """The frozen base's parameters (everything but the LoRA ones).
+
+    Args:
+        transformer (`nn.Module`): a transformer with SwD adapters.
+
+    Returns:
+        `list[nn.Parameter]`
+    """
     return [p for n, p in transformer.named_parameters() if "lora_" not in n]
 
 
 def set_trainable(transformer: nn.Module, adapter: str, trainable: bool) -> None:
-    """Sets `requires_grad` of one adapter's parameters."""
+    """Set `requires_grad` of one adapter's parameters.
+
+    Args:
+        transformer (`nn.Module`): a transformer with SwD adapters.
+        adapter (`str`): `STUDENT` or `FAKE`.
+        trainable (`bool`): the new `requires_grad`.
+    """
     for p in adapter_parameters(transformer, adapter):
         p.requires_grad_(trainable)
 

@@ -11,7 +11,15 @@ from pathlib import Path
 def pretrained_file(path: str, name: str) -> Path | None:
     """The file `name` (e.g. "transformer/config.json") of the pipeline `path`: in a local folder
     (or a `builtin:` one), else in the Hub repo `path` as the local Hub cache (HF_HOME) holds it.
-    None when there is no such file; nothing goes to the network."""
+    None when there is no such file; nothing goes to the network.
+
+    Args:
+        path (`str`): a local folder, a `builtin:` spec or a Hub id.
+        name (`str`): the file, relative to the pipeline's root.
+
+    Returns:
+        `Path`, *optional*: the file, or None.
+    """
     if str(path).startswith("builtin:"):
         from swd_core.tiny_models import resolve_pretrained
 
@@ -34,7 +42,15 @@ def pretrained_folder(path: str, allow_patterns: list[str]) -> Path:
     itself, a `builtin:` one, or a Hub id's snapshot in the Hub cache, which `allow_patterns` are
     fetched into when the Hub is reachable. Loading from it (`from_pretrained(folder,
     subfolder=...)`) works offline, where loading by the Hub id would look for files the
-    staging never fetched (e.g. a tokenizer folder's config.json)."""
+    staging never fetched (e.g. a tokenizer folder's config.json).
+
+    Args:
+        path (`str`): a local folder, a `builtin:` spec or a Hub id.
+        allow_patterns (`list[str]`): for a Hub id, the files to fetch (glob patterns).
+
+    Returns:
+        `Path`: the folder.
+    """
     if str(path).startswith("builtin:"):
         from swd_core.tiny_models import resolve_pretrained
 

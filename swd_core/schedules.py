@@ -140,28 +140,50 @@ class ScaleSchedule:
     @classmethod
     def from_boundaries(cls, scales: Sequence[int], boundaries: Sequence[int], patch_size: int | None = None,
                         grid: torch.Tensor | None = None) -> "ScaleSchedule":
-        """Sigmas at grid indices `boundaries` of `grid` (default: the SD3 grid)."""
+        """A schedule whose sigmas are read off a grid, as the paper's schedules are stated.
+
+        Args:
+            scales (`Sequence[int]`): latent side length at each step.
+            boundaries (`Sequence[int]`): one index into `grid` per step.
+            patch_size (`int`, *optional*): the transformer's patch size.
+            grid (`torch.Tensor`, *optional*): the sigma grid; None: SD3's (`sigma_grid()`).
+
+        Returns:
+            `ScaleSchedule`: with `boundaries` kept for display.
+        """
         if len(boundaries) != len(scales):
             raise ValueError(f"boundaries: need one grid index per scale ({len(scales)} scales), got {len(boundaries)}: {list(boundaries)}")
         return cls(tuple(scales), tuple(boundaries_to_sigmas(boundaries, grid)), tuple(boundaries), patch_size)
 
     @property
     def num_steps(self) -> int:
+        """Sampling steps: one per scale."""
         return len(self.scales)
 
     @property
     def final_scale(self) -> int:
+        """The last step's latent side: the output's."""
         return self.scales[-1]
 
     @property
     def is_scalewise(self) -> bool:
+        """Whether the scale grows (False for a constant-scale, full-resolution schedule)."""
         return self.scales[0] != self.scales[-1]
 
     def full_resolution(self) -> "ScaleSchedule":
-        """The same sigmas with every step at the final scale: the full-resolution few-step baseline."""
+        """The same sigmas with every step at the final scale: the full-resolution few-step baseline.
+
+        Returns:
+            `ScaleSchedule`
+        """
         return ScaleSchedule((self.final_scale,) * self.num_steps, self.sigmas, self.boundaries, self.patch_size)
 
     def sigmas_tensor(self) -> torch.Tensor:
+        """The sigmas as a float32 tensor.
+
+        Returns:
+            `torch.Tensor`: (num_steps,).
+        """
         import torch
 
         # float32 like diffusers' schedulers, so timesteps (sigma * 1000) match stock sampling bit for bit.
@@ -169,10 +191,22 @@ class ScaleSchedule:
 
     def scale_factors(self) -> list[float]:
         """Upscale factors relative to the first scale, one per transition: what
-        diffusers' `FlowMatchLCMScheduler.set_scale_factors` expects."""
+        diffusers' `FlowMatchLCMScheduler.set_scale_factors` expects.
+
+        Returns:
+            `list[float]`: num_steps - 1 factors.
+        """
         return [s / self.scales[0] for s in self.scales[1:]]
 
     def describe(self, vae_scale_factor: int | None = None) -> list[str]:
+        """The schedule for people: one line per step with its scale, sigma, timestep and grid index.
+
+        Args:
+            vae_scale_factor (`int`, *optional*): pixels per latent cell, to show each scale in pixels.
+
+        Returns:
+            `list[str]`: one line per step.
+        """
         lines = []
         for i, (s, sigma) in enumerate(zip(self.scales, self.sigmas)):
             px = f" ({s * vae_scale_factor}px)" if vae_scale_factor else ""
@@ -182,7 +216,17 @@ class ScaleSchedule:
 
 
 def validate_schedule(scales: Sequence[int], sigmas: Sequence[float], patch_size: int | None = None) -> None:
-    """Raise ValueError with a message naming the offending values."""
+    """Check a schedule: at least one step, one sigma per positive, non-decreasing scale, sigmas
+    strictly decreasing in (0, 1], every scale a multiple of the patch size.
+
+    Args:
+        scales (`Sequence[int]`): latent side length at each step.
+        sigmas (`Sequence[float]`): noise level at each step.
+        patch_size (`int`, *optional*): the transformer's patch size; None or 0: not checked.
+
+    Raises:
+        ValueError: the first problem found, naming the offending values.
+    """
     if len(scales) == 0:
         raise ValueError("scales: need at least one scale")
     if len(sigmas) != len(scales):
