@@ -79,6 +79,7 @@ def _case(args) -> dict:
         deepspeed = import_deepspeed()
     except (ModuleNotFoundError, ImportError):  # bench/host_overhead.py --baseline: the stage in one module
         import deepspeed
+
         from pipelines.stages.distill import build_engines, build_networks, loss_settings, train_iteration
     from swd_core.adapters import TextEmbeddings
 

@@ -195,7 +195,7 @@ def encode_rows(cfg, rows: int, device: str, path: Path) -> None:
     import torch
 
     from pipelines import sources, store
-    from pipelines.stages.precompute import EncodeSpec, Encoder, text_shapes, values_manifest
+    from pipelines.stages.precompute import Encoder, EncodeSpec, text_shapes, values_manifest
 
     src = cfg.data.sources[0]
     if src.format != "shapes":
@@ -239,8 +239,13 @@ def run_recipe(args) -> None:
 
     from pipelines.sharding import WorkerRows
     from pipelines.stages.distill.data import worker_batches
-    from pipelines.stages.distill.engines import (averaged_student, build_networks, loss_settings, lr_schedule,
-                                                  student_ema)
+    from pipelines.stages.distill.engines import (
+        averaged_student,
+        build_networks,
+        loss_settings,
+        lr_schedule,
+        student_ema,
+    )
     from pipelines.stages.distill.iteration import train_iteration
     from swd_core.adapters import TextEmbeddings
     from swd_core.evaluate_model import ShapesScorer

@@ -145,7 +145,12 @@ def build_sd3_pipeline(size: SD3Size, device: str = "cpu", dtype: torch.dtype = 
     """A randomly initialised SD3 pipeline with `size`'s components, built on `device` (random
     init of T5-XXL's 4.8B parameters takes minutes on a CPU, a second on a GPU) and cast to
     `dtype` one component at a time, so the float32 copy of only one is ever in memory."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(0)

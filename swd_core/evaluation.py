@@ -10,7 +10,6 @@ grid (shape or empty, colour, size) and the background, and the metrics built on
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence

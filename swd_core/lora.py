@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 if TYPE_CHECKING:  # torch and peft load on first use: the schema imports this module, and so does
     # every process that reads a definition (a lease holder, a CLI command, a Ray Train controller)
     from peft import LoraConfig
-    from torch import nn
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch import nn
 
 STUDENT = "student"
 FAKE = "fake"

@@ -19,8 +19,14 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
-                          T5Config, T5EncoderModel)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
 
 from swd_core.pretrained import use_pil_image_processors
 

@@ -47,7 +47,7 @@ def test_a_resume_goes_on_exactly_as_the_uninterrupted_engines(tmp_path, monkeyp
     of both gives the same weights, learning rate and (ZeRO-2) EMA to the bit: the optimizer's
     moments, the schedule's position and the step count came back whole."""
     from pipelines.stages.distill.engines import build_engines, student_ema
-    from tests.deepspeed_world import config, tiny_nets, trained_checkpoint, train_steps
+    from tests.deepspeed_world import config, tiny_nets, train_steps, trained_checkpoint
 
     cfg = config(tmp_path, zero_stage=zero_stage, mode="full", steps=8, lr=1e-2, lr_decay_fraction=0.5,
                  ema_decay=0.9 if zero_stage < 3 else 0.0)

@@ -94,7 +94,6 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, ray_cluster):
 
     from pipelines.serve.stand_in import export_stand_in
     from pipelines.stages.evaluate import eval_prompts, run
-
     from swd_core.tiny_models import save_tiny_clip, save_tiny_dinov2
 
     # the image metrics' models: tiny random checkpoints, one of them read from S3

@@ -7,7 +7,7 @@ from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
 
 from swd_core.export import SCHEDULE_FILE, export_lora, export_merged_pipeline, read_schedule
 from swd_core.generate import text_denoiser
-from swd_core.lora import STUDENT, add_swd_adapters, adapter_parameters, use_role
+from swd_core.lora import STUDENT, adapter_parameters, add_swd_adapters, use_role
 from swd_core.samplers import sample_scalewise
 from swd_core.tiny_models import resolve_pretrained
 from tests.conftest import TINY

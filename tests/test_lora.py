@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from swd_core.gan_head import GANHead
+from swd_core.lora import FAKE, STUDENT, adapter_parameters, add_swd_adapters, base_parameters, set_trainable, use_role
 from swd_core.losses import dmd_loss, gan_generator_loss, mmd_linear
-from swd_core.lora import (FAKE, STUDENT, add_swd_adapters, adapter_parameters, base_parameters, set_trainable,
-                           use_role)
 from swd_core.scale_ops import add_noise, x0_from_velocity
 
 

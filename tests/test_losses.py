@@ -5,8 +5,7 @@ import math
 import torch
 
 from swd_core.gan_head import GANHead
-from swd_core.losses import (dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss, mmd_linear,
-                             mmd_rbf)
+from swd_core.losses import dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss, mmd_linear, mmd_rbf
 
 
 def test_mmd_linear_pseudo_huber_by_hand():

@@ -99,8 +99,7 @@ def test_a_payload_planted_in_any_checkpoint_file_is_refused_on_resume_and_warm_
     scan that runs first)."""
     import ray.train
 
-    from pipelines.stages.distill.checkpoint import (UnsafeCheckpointError, load_engine_checkpoint,
-                                                     restore_checkpoint)
+    from pipelines.stages.distill.checkpoint import UnsafeCheckpointError, load_engine_checkpoint, restore_checkpoint
     from pipelines.stages.distill.engines import build_engines, student_ema
     from tests.deepspeed_world import config, tiny_nets, trained_checkpoint
 

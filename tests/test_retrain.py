@@ -115,7 +115,6 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
     from pipelines.ray_compat import serve_http_address
     from pipelines.retraining.cycle import CycleRefused, lock_uri, run_cycle
     from pipelines.retraining.registry import Registry
-
     from swd_core.tiny_models import save_tiny_clip
 
     save_tiny_clip(tmp_path / "tiny-clip")  # the gate's CLIP score model: random weights, read by path

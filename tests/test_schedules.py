@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from swd_core.schedules import (PRESETS, ScaleSchedule, boundaries_to_sigmas, preset, sample_grid_sigmas,
-                                sigma_grid)
+from swd_core.schedules import PRESETS, ScaleSchedule, boundaries_to_sigmas, preset, sample_grid_sigmas, sigma_grid
 
 
 def test_grid_is_28_step_shift3():

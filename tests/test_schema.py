@@ -6,7 +6,15 @@ import pytest
 import yaml
 
 from pipelines.distill import main
-from pipelines.schema import RENAMED, PipelineConfig, PipelineConfigError, _model_at, apply_overrides, load_pipeline_config, parse_pipeline_config
+from pipelines.schema import (
+    RENAMED,
+    PipelineConfig,
+    PipelineConfigError,
+    _model_at,
+    apply_overrides,
+    load_pipeline_config,
+    parse_pipeline_config,
+)
 
 CONFIGS = sorted((Path(__file__).parents[1] / "pipelines" / "configs").glob("*.yaml"))
 MEDIUM6 = Path(__file__).parents[1] / "pipelines" / "configs" / "sd35_medium_6step.yaml"

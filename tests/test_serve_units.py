@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.schema import PipelineConfigError, ServeConfig, load_pipeline_config, parse_pipeline_config
 from pipelines.cluster import render
-from pipelines.serve.config import serve_config
+from pipelines.schema import PipelineConfigError, ServeConfig, load_pipeline_config, parse_pipeline_config
 from pipelines.serve.auth import BearerAuth, read_api_key
+from pipelines.serve.config import serve_config
 from pipelines.serve.validation import Limits, RequestError, parse_json_request, parse_query_request
 
 LIMITS = Limits(max_images=4, max_prompt_chars=50, sizes=("64x64",))
@@ -247,8 +247,8 @@ def test_serve_listens_on_loopback_unless_a_key_or_a_host_is_set():
 
 
 def test_replicas_get_and_are_versioned_by_only_what_they_run():
-    from pipelines.serve.app import code_version, replica_args
     from pipelines.retraining.cycle import served_model
+    from pipelines.serve.app import code_version, replica_args
 
     base = load_pipeline_config("pipelines/configs/toy.yaml")
     data = base.model_dump(mode="json")

@@ -5,8 +5,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sharding import (StoreShards, WorkerRows, fixed_batches, plan_digest, plan_shards, shuffled_windows,
-                                worker_blocks)
+from pipelines.sharding import (
+    StoreShards,
+    WorkerRows,
+    fixed_batches,
+    plan_digest,
+    plan_shards,
+    shuffled_windows,
+    worker_blocks,
+)
 
 
 def test_plan_gives_contiguous_ranges_that_cover_every_row_once():

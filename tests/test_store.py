@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from pipelines import store
-from pipelines.store import codec
 from pipelines.schema import parse_pipeline_config
 from pipelines.stages.precompute import (
     EncodeSpec,
@@ -19,6 +18,7 @@ from pipelines.stages.precompute import (
     load_rgb,
     sample_id,
 )
+from pipelines.store import codec
 from tests.conftest import TINY
 
 

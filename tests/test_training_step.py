@@ -8,7 +8,7 @@ import torch
 from swd_core.gan_head import GANHead
 from swd_core.lora import FAKE, STUDENT, adapter_parameters, add_swd_adapters, base_parameters
 from swd_core.scale_ops import x0_from_velocity
-from swd_core.training import LossSettings, Networks, frozen, fake_update_loss, generator_loss, student_input
+from swd_core.training import LossSettings, Networks, fake_update_loss, frozen, generator_loss, student_input
 
 
 def _nets(adapter, full: bool = False) -> Networks:

@@ -24,8 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swd_core.evaluation import (ShapesClassifier, classifier_loss, load_classifier, prompt_accuracy, psnr,
-                                 read_scenes, save_classifier, targets_from_sample)
+from swd_core.evaluation import (
+    ShapesClassifier,
+    classifier_loss,
+    load_classifier,
+    prompt_accuracy,
+    psnr,
+    read_scenes,
+    save_classifier,
+    targets_from_sample,
+)
 from swd_core.toy import shapes
 
 HERE = Path(__file__).parent
