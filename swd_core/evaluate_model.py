@@ -148,11 +148,13 @@ def latency_split(adapter: FamilyAdapter, prompt: str, seed: int = 0, *, repeats
         raw["total_s"].append(total)
         calls = dict(timer.calls)
     med = {k: statistics.median(v) for k, v in raw.items()}
-    med["other_s"] = statistics.median([t - sum(raw[f"{p}_s"][j] for p in PHASES) for j, t in enumerate(raw["total_s"])])
+    others = [total - sum(raw[f"{p}_s"][j] for p in PHASES) for j, total in enumerate(raw["total_s"])]
+    med["other_s"] = statistics.median(others)
     return {**med, "transformer_calls": calls["transformer"], "repeats": repeats, "raw": raw}
 
 
-def render_real(samples: Sequence[shapes.ShapesSample], seed: int = REAL_RENDER_SEED, size: int = shapes.IMAGE_SIZE) -> torch.Tensor:
+def render_real(samples: Sequence[shapes.ShapesSample], seed: int = REAL_RENDER_SEED,
+                size: int = shapes.IMAGE_SIZE) -> torch.Tensor:
     """Real shapes images for prompts: image i is drawn from [seed, i] at 64 px, then
     area-downscaled to `size` (as training images of that size are made).
 
@@ -179,7 +181,8 @@ def to_evaluator_size(images: torch.Tensor) -> torch.Tensor:
     """
     if images.shape[-1] == shapes.IMAGE_SIZE:
         return images
-    return F.interpolate(images.float(), size=(shapes.IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False).clamp(-1, 1)
+    side = (shapes.IMAGE_SIZE,) * 2
+    return F.interpolate(images.float(), size=side, mode="bilinear", align_corners=False).clamp(-1, 1)
 
 
 class ShapesScorer:

@@ -127,7 +127,8 @@ def classifier_loss(out: dict, targets: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def read_scenes(classifier: ShapesClassifier, images: torch.Tensor, batch_size: int = 128) -> tuple[list[SceneReading], torch.Tensor]:
+def read_scenes(classifier: ShapesClassifier, images: torch.Tensor,
+                batch_size: int = 128) -> tuple[list[SceneReading], torch.Tensor]:
     """Read the scenes in images (the most likely class per cell; cells read as empty are left out).
 
     Args:

@@ -97,7 +97,8 @@ def export_merged_pipeline(teacher_path: str, out_dir: str | Path, schedule: Sca
         `Path`: `out_dir`.
     """
     if (lora_dir is None) == (transformer is None):
-        raise ValueError("export_merged_pipeline: pass exactly one of lora_dir (LoRA student) or transformer (full fine-tune)")
+        raise ValueError("export_merged_pipeline: pass exactly one of lora_dir (LoRA student) "
+                         "or transformer (full fine-tune)")
     if family not in ("sd3", "flux"):
         raise ValueError(f"model family {family!r} cannot be exported; allowed: ['flux', 'sd3']")
     out_dir = Path(out_dir)
@@ -109,7 +110,8 @@ def export_merged_pipeline(teacher_path: str, out_dir: str | Path, schedule: Sca
     else:
         pipe.transformer = transformer
     if family == "sd3":
-        pipe.scheduler = FlowMatchLCMScheduler(shift=1.0, scale_factors=schedule.scale_factors(), upscale_mode="bicubic")
+        pipe.scheduler = FlowMatchLCMScheduler(shift=1.0, scale_factors=schedule.scale_factors(),
+                                               upscale_mode="bicubic")
     pipe.save_pretrained(out_dir)
     extra = {}
     if family == "flux":

@@ -46,7 +46,8 @@ def tap_block_outputs(
     indices = sorted(set(int(i) for i in indices))
     bad = [i for i in indices if not 0 <= i < len(blocks)]
     if bad:
-        raise ValueError(f"feature blocks {bad} out of range: the transformer has {len(blocks)} blocks (0..{len(blocks) - 1})")
+        raise ValueError(f"feature blocks {bad} out of range: the transformer has {len(blocks)} blocks "
+                         f"(0..{len(blocks) - 1})")
     captured: dict[int, torch.Tensor] = {}
     last = indices[-1] if indices else None
     handles = []

@@ -86,7 +86,8 @@ def generate_latents(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequ
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     if schedule is not None and guidance > 1.0:
-        raise ValueError("few-step (scale-wise / full-resolution) sampling uses no CFG; guidance applies to the teacher sampler")
+        raise ValueError("few-step (scale-wise / full-resolution) sampling uses no CFG; "
+                         "guidance applies to the teacher sampler")
     if schedule is not None and size is not None:
         raise ValueError("a schedule fixes its own sizes; `size` applies to the teacher sampler")
     text = adapter.encode_prompts(list(prompts))
@@ -115,7 +116,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def generate_images(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequence[int], **kwargs) -> list[Image.Image]:
+def generate_images(adapter: FamilyAdapter, prompts: Sequence[str], seeds: Sequence[int],
+                    **kwargs) -> list[Image.Image]:
     """`generate_latents`, decoded by the VAE, as PIL images.
 
     Args:

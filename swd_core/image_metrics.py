@@ -178,7 +178,8 @@ class ImageMetrics:
             m, kw = self.models, {"device": self.device, "batch_size": self.batch_size}
             self._readers[name] = {
                 "clip_score": lambda: ClipSimilarity(m["clip"], scale="clip_score", **kw),
-                "pickscore": lambda: ClipSimilarity(m["pickscore"], m["pickscore_processor"], scale="logit_scale", **kw),
+                "pickscore": lambda: ClipSimilarity(m["pickscore"], m["pickscore_processor"],
+                                                    scale="logit_scale", **kw),
                 "fd_dinov2": lambda: DinoFeatures(m["dinov2"], **kw),
             }[name]()
         return self._readers[name]

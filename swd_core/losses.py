@@ -46,7 +46,8 @@ def mmd_rbf(feat_real: torch.Tensor, feat_fake: torch.Tensor, bandwidth: float =
         raise ValueError("mmd_rbf needs at least 2 tokens per image for the unbiased estimate")
 
     def kernel(a, b):
-        sq = (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1).unsqueeze(-2) - 2 * a @ b.transpose(-1, -2)).clamp_min(0)
+        sq = a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1).unsqueeze(-2) - 2 * a @ b.transpose(-1, -2)
+        sq = sq.clamp_min(0)
         return torch.exp(-sq / (2 * bandwidth**2))
 
     def off_diagonal_sum(k):  # the unbiased estimator leaves out k(x_i, x_i)

@@ -57,7 +57,8 @@ def sample_scalewise(denoiser: Denoiser, schedule: ScaleSchedule, noise: torch.T
         `torch.Tensor`: the clean latent at the final scale (float32).
     """
     if noise.shape[-1] != schedule.scales[0]:
-        raise ValueError(f"noise is {noise.shape[-1]}x{noise.shape[-2]} but the schedule starts at scale {schedule.scales[0]}")
+        raise ValueError(f"noise is {noise.shape[-1]}x{noise.shape[-2]} but the schedule starts at scale "
+                         f"{schedule.scales[0]}")
     sigmas = schedule.sigmas_tensor()
     x = noise
     for i in range(schedule.num_steps):

@@ -108,7 +108,8 @@ def boundaries_to_sigmas(boundaries: Sequence[int], grid: torch.Tensor | None = 
     grid = sigma_grid() if grid is None else grid
     bad = [b for b in boundaries if not 0 <= int(b) < len(grid)]
     if bad:
-        raise ValueError(f"boundaries {list(boundaries)}: indices {bad} are outside the {len(grid)}-step grid [0, {len(grid) - 1}]")
+        raise ValueError(f"boundaries {list(boundaries)}: indices {bad} are outside the {len(grid)}-step grid "
+                         f"[0, {len(grid) - 1}]")
     return [float(grid[int(b)]) for b in boundaries]
 
 
@@ -134,7 +135,8 @@ class ScaleSchedule:
         if self.boundaries is not None:
             object.__setattr__(self, "boundaries", tuple(int(b) for b in self.boundaries))
             if len(self.boundaries) != len(self.scales):
-                raise ValueError(f"boundaries: need one grid index per scale ({len(self.scales)} scales), got {list(self.boundaries)}")
+                raise ValueError(f"boundaries: need one grid index per scale ({len(self.scales)} scales), "
+                                 f"got {list(self.boundaries)}")
         validate_schedule(self.scales, self.sigmas, self.patch_size)
 
     @classmethod
@@ -152,7 +154,8 @@ class ScaleSchedule:
             `ScaleSchedule`: with `boundaries` kept for display.
         """
         if len(boundaries) != len(scales):
-            raise ValueError(f"boundaries: need one grid index per scale ({len(scales)} scales), got {len(boundaries)}: {list(boundaries)}")
+            raise ValueError(f"boundaries: need one grid index per scale ({len(scales)} scales), "
+                             f"got {len(boundaries)}: {list(boundaries)}")
         return cls(tuple(scales), tuple(boundaries_to_sigmas(boundaries, grid)), tuple(boundaries), patch_size)
 
     @property
@@ -230,17 +233,20 @@ def validate_schedule(scales: Sequence[int], sigmas: Sequence[float], patch_size
     if len(scales) == 0:
         raise ValueError("scales: need at least one scale")
     if len(sigmas) != len(scales):
-        raise ValueError(f"sigmas: need exactly one sigma per scale ({len(scales)} scales {list(scales)}), got {len(sigmas)}: {list(sigmas)}")
+        raise ValueError(f"sigmas: need exactly one sigma per scale ({len(scales)} scales {list(scales)}), "
+                         f"got {len(sigmas)}: {list(sigmas)}")
     if any(s <= 0 for s in scales):
         raise ValueError(f"scales {list(scales)}: every scale must be a positive latent side length")
     for i in range(1, len(scales)):
         if scales[i] < scales[i - 1]:
-            raise ValueError(f"scales {list(scales)}: must be non-decreasing, but step {i} ({scales[i]}) < step {i - 1} ({scales[i - 1]})")
+            raise ValueError(f"scales {list(scales)}: must be non-decreasing, "
+                             f"but step {i} ({scales[i]}) < step {i - 1} ({scales[i - 1]})")
     if any(not 0.0 < s <= 1.0 for s in sigmas):
         raise ValueError(f"sigmas {list(sigmas)}: every sigma must lie in (0, 1]")
     for i in range(1, len(sigmas)):
         if sigmas[i] >= sigmas[i - 1]:
-            raise ValueError(f"sigmas {list(sigmas)}: must be strictly decreasing, but step {i} ({sigmas[i]}) >= step {i - 1} ({sigmas[i - 1]})")
+            raise ValueError(f"sigmas {list(sigmas)}: must be strictly decreasing, "
+                             f"but step {i} ({sigmas[i]}) >= step {i - 1} ({sigmas[i - 1]})")
     if patch_size:
         bad = [s for s in scales if s % patch_size]
         if bad:

@@ -134,12 +134,16 @@ def _prompt_errors(teacher: FamilyAdapter, latents, prompts, seeds, sigmas, batc
         stop = min(start + batch_size, len(prompts))
         x = latents[start:stop].to(teacher.device, torch.float32)
         eps = _noise(tuple(x.shape[1:]), seeds[start:stop]).to(x.device)
+        target = eps - x  # the flow-matching velocity
+
+        def loss(v):
+            return ((v - target) ** 2).flatten(1).mean(1).cpu()
+
         both = TextEmbeddings.cat([teacher.encode_prompts(list(prompts[start:stop])), empty.expand(stop - start)])
         c, u = [], []
         for sigma in sigmas:
             noisy = (1 - sigma) * x + sigma * eps
             vc, vu = teacher.velocity(torch.cat([noisy, noisy]), sigma, both)[0].float().chunk(2)  # one call
-            loss = lambda v: ((v - (eps - x)) ** 2).flatten(1).mean(1).cpu()
             if guidance is None:
                 c.append(loss(vc)), u.append(loss(vu))
             else:

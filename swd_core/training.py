@@ -337,7 +337,8 @@ def _generator_fake_passes(nets: Networks, x0: torch.Tensor, z_real: torch.Tenso
 
 
 def fake_update_loss(nets: Networks, x0_sample: torch.Tensor, z_real: torch.Tensor, text: TextEmbeddings,
-                     settings: LossSettings, rng: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     settings: LossSettings,
+                     rng: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fake-score network's loss on stop-grad student samples: x0-prediction MSE at a grid
     index uniform in `fake_range`, plus `discriminator_weight` × the GAN discriminator loss on
     real and generated latents noised with the same ε and σ.

@@ -59,7 +59,8 @@ def load_flux_pipeline(path: str, dtype: str = "float32", load_transformer: bool
         from diffusers import FluxTransformer2DModel
         from diffusers.configuration_utils import FrozenDict
 
-        pipe.transformer = TransformerConfigOnly(FrozenDict(FluxTransformer2DModel.load_config(path, subfolder="transformer")))
+        config = FluxTransformer2DModel.load_config(path, subfolder="transformer")
+        pipe.transformer = TransformerConfigOnly(FrozenDict(config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -246,8 +247,11 @@ class FluxAdapter:
             onward = [*blocks[max(feature_blocks) + 1:], *self.transformer.single_transformer_blocks,
                       self.transformer.norm_out]
         # FluxTransformerBlock returns (context tokens, image tokens), as SD3's joint block does.
-        with tap_block_outputs(blocks, feature_blocks, select=lambda out: out[1], stop_after_last=features_only) as feats, \
-                only_rows_onward(onward, velocity_rows, batch):
+        with (
+            tap_block_outputs(blocks, feature_blocks, select=lambda out: out[1],
+                              stop_after_last=features_only) as feats,
+            only_rows_onward(onward, velocity_rows, batch),
+        ):
             try:
                 tokens = self.transformer(
                     hidden_states=pack(latents.to(self.dtype)), timestep=timestep.to(self.dtype),

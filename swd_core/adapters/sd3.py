@@ -90,12 +90,14 @@ def load_sd3_pipeline(path: str, dtype: str = "float32", load_transformer: bool 
     kwargs = {} if load_transformer else {"transformer": None}
     if not load_text_encoders:
         kwargs.update(dict.fromkeys(TEXT_COMPONENTS))
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype(dtype), **{**_absent_components(path), **kwargs})
+    kwargs = {**_absent_components(path), **kwargs}
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
     if not load_transformer:
         from diffusers import SD3Transformer2DModel
         from diffusers.configuration_utils import FrozenDict
 
-        pipe.transformer = TransformerConfigOnly(FrozenDict(SD3Transformer2DModel.load_config(path, subfolder="transformer")))
+        config = SD3Transformer2DModel.load_config(path, subfolder="transformer")
+        pipe.transformer = TransformerConfigOnly(FrozenDict(config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -232,8 +234,11 @@ class SD3Adapter:
                 raise ValueError("velocity_rows needs a feature block to cut the batch after")
             onward = [*blocks[max(feature_blocks) + 1:], self.transformer.norm_out]
         # JointTransformerBlock returns (context tokens, image tokens); MMD and the GAN read image tokens.
-        with tap_block_outputs(blocks, feature_blocks, select=lambda out: out[1], stop_after_last=features_only) as feats, \
-                only_rows_onward(onward, velocity_rows, batch):
+        with (
+            tap_block_outputs(blocks, feature_blocks, select=lambda out: out[1],
+                              stop_after_last=features_only) as feats,
+            only_rows_onward(onward, velocity_rows, batch),
+        ):
             try:
                 v = self.transformer(
                     hidden_states=latents.to(self.dtype), timestep=timestep,

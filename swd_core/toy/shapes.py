@@ -207,7 +207,8 @@ def sample_attributes(rng: np.random.Generator, two_objects: bool | None = None,
         return ShapesSample(caption, [obj], background, None, stated)
     relation = _pick(rng, RELATIONS)
     cells = [(a, b) for a in POSITIONS for b in POSITIONS if a != b]
-    pairs = [(a, b) for a, b in cells if relation_holds(relation, ShapeObject("", "", "", *a), ShapeObject("", "", "", *b))]
+    pairs = [(a, b) for a, b in cells
+             if relation_holds(relation, ShapeObject("", "", "", *a), ShapeObject("", "", "", *b))]
     (ra, ca), (rb, cb) = _pick(rng, pairs)
     first = _random_object(rng, ra, ca, allow_held_out)
     second = _random_object(rng, rb, cb, allow_held_out)
@@ -264,7 +265,8 @@ EVAL_SEED = 20_251_125
 VALIDATION_SEED = 20_261_126
 
 
-def held_out_prompts(count: int = 640, seed: int = EVAL_SEED, exclude: frozenset[str] = frozenset()) -> list[ShapesSample]:
+def held_out_prompts(count: int = 640, seed: int = EVAL_SEED,
+                     exclude: frozenset[str] = frozenset()) -> list[ShapesSample]:
     """The fixed evaluation set: half one-object, half two-object prompts; a fifth of them use
     (colour, shape) pairs never drawn in training. Deterministic; never used for training.
 

@@ -219,7 +219,8 @@ def train_vae(steps: int = 3000, batch: int = 32) -> None:
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            log(f"vae step {step}/{steps} loss {loss.item():.5f} psnr~{10 * math.log10(4 / max(F.mse_loss(recon.clamp(-1, 1), x).item(), 1e-12)):.1f}dB")
+            mse = F.mse_loss(recon.clamp(-1, 1), x).item()
+            log(f"vae step {step}/{steps} loss {loss.item():.5f} psnr~{10 * math.log10(4 / max(mse, 1e-12)):.1f}dB")
     vae.eval()
     # SD3-style normalisation: latents = (z - shift) * scale with unit variance.
     with torch.no_grad():
@@ -352,7 +353,8 @@ def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> N
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            log(f"vae-decoder step {step}/{steps} side {side} loss {loss.item():.5f} ({(time.time() - start) / 60:.1f} min)")
+            minutes = (time.time() - start) / 60
+            log(f"vae-decoder step {step}/{steps} side {side} loss {loss.item():.5f} ({minutes:.1f} min)")
     vae.eval()
     after = round_trip(vae)
     log(f"vae-decoder: round trip after {json.dumps(after)}")
@@ -459,7 +461,8 @@ def teacher_modules(pipe):
 
 
 @torch.no_grad()
-def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: float = 4.5, side: int | None = None) -> dict:
+def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: float = 4.5,
+               side: int | None = None) -> dict:
     """Teacher prompt accuracy on the first `count` held-out prompts (tracks learning); `side`
     samples at that latent side (images are upscaled to 64 px for the classifier).
 
@@ -538,9 +541,11 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         raise SystemExit(f"--continue: there is no teacher at {TEACHER} to train further")
     init = ck.get("init", "scratch") if ck else ("teacher" if exists else "scratch")
     if ck and tuple(ck.get("sides", (16,))) != tuple(sides):
-        raise SystemExit(f"{CKPT} trains sides {list(ck.get('sides', (16,)))}, not {list(sides)}: remove it to start over")
+        raise SystemExit(f"{CKPT} trains sides {list(ck.get('sides', (16,)))}, not {list(sides)}: "
+                         "remove it to start over")
     if ck and lr and ck.get("lr") not in (None, lr):
-        raise SystemExit(f"{CKPT} trains at lr {ck['lr']}, not {lr}: leave --lr out to continue, or remove it to start over")
+        raise SystemExit(f"{CKPT} trains at lr {ck['lr']}, not {lr}: "
+                         "leave --lr out to continue, or remove it to start over")
     lr = (ck.get("lr") if ck else None) or lr or (1e-4 if init == "teacher" else 3e-4)
     # the record of the teacher a fine-tune starts from, kept with its checkpoints
     previous = json.loads(RECORD.read_text()).get("transformer") if RECORD.exists() else None
