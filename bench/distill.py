@@ -19,7 +19,7 @@ SD3.5-Medium-wide transformer (1536 wide, random weights) at the paper's Medium 
 
     python bench/distill.py --device cuda --batch 8 --rounds 1   # -> bench/results/distill_medium_cuda.json
     python bench/distill.py --device cuda --batch 8 --rounds 2 --text-tokens 333 --ratio-only
-                                                                # SD3.5's prompt length -> distill_medium_t333_cuda.json
+                                                        # SD3.5's prompt length -> distill_medium_t333_cuda.json
     python bench/distill.py --device cuda --batch 8 --rounds 2 \
         --definition pipelines/configs/sd35_medium_6step.yaml    # -> distill_sd35_medium_6step_cuda.json
 
@@ -115,12 +115,19 @@ def _case(args) -> dict:
     else:  # training loads no text encoders: random embeddings of the transformer's widths (values cost nothing)
         c = nets.base.config
         tokens = max(1, cfg.teacher.max_sequence_length)
-        text, uncond = (TextEmbeddings(torch.randn(n, tokens, c.joint_attention_dim, generator=torch.Generator().manual_seed(n)),
-                                       torch.randn(n, c.pooled_projection_dim, generator=torch.Generator().manual_seed(n)))
-                        .to(device, adapter.dtype) for n in (args.batch, 1))
+
+        def random_text(n: int) -> TextEmbeddings:
+            embeds = torch.randn(n, tokens, c.joint_attention_dim, generator=torch.Generator().manual_seed(n))
+            pooled = torch.randn(n, c.pooled_projection_dim, generator=torch.Generator().manual_seed(n))
+            return TextEmbeddings(embeds, pooled).to(device, adapter.dtype)
+
+        text, uncond = random_text(args.batch), random_text(1)
     if args.text_tokens:  # a real encoder's prompt length: the transformer's cost depends on it, not on the values
-        text, uncond = (TextEmbeddings(torch.nn.functional.pad(t.prompt_embeds, (0, 0, 0, args.text_tokens - t.prompt_embeds.shape[1])),
-                                       t.pooled) for t in (text, uncond))
+        def padded(t: TextEmbeddings) -> TextEmbeddings:
+            extra = args.text_tokens - t.prompt_embeds.shape[1]
+            return TextEmbeddings(torch.nn.functional.pad(t.prompt_embeds, (0, 0, 0, extra)), t.pooled)
+
+        text, uncond = padded(text), padded(uncond)
     flops = flop_model_ratio(nets.base.config, schedule.scales, text.prompt_embeds.shape[1], adapter.patch_size)
     rng = torch.Generator().manual_seed(0)
     latents = {s: torch.randn(args.batch, adapter.latent_channels, s, s, generator=rng).to(device)
@@ -134,7 +141,8 @@ def _case(args) -> dict:
         return TextEmbeddings(text.prompt_embeds, text.pooled), latents
 
     def iteration(step: int):
-        train_iteration(nets, student_engine, fake_engine, next_batch, schedule, settings, uncond, step, cfg.distill.fake_updates, rng)
+        train_iteration(nets, student_engine, fake_engine, next_batch, schedule, settings, uncond, step,
+                        cfg.distill.fake_updates, rng)
 
     n = schedule.num_steps
     for step in range(n):  # warm-up: one iteration per scale
@@ -161,8 +169,10 @@ def _case(args) -> dict:
     return {"iter_s": sum(times) / len(times), "iter_times_s": times, "device": args.device,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None, "ops_per_iter": ops,
-            "scales": list(schedule.scales), "text_tokens": text.prompt_embeds.shape[1], "flop_model_ratio": flops, "fake_updates": cfg.distill.fake_updates, "batch": args.batch,
-            "transformer_blocks": ({"double": nets.base.config.num_layers, "single": nets.base.config.num_single_layers}
+            "scales": list(schedule.scales), "text_tokens": text.prompt_embeds.shape[1], "flop_model_ratio": flops,
+            "fake_updates": cfg.distill.fake_updates, "batch": args.batch,
+            "transformer_blocks": ({"double": nets.base.config.num_layers,
+                                    "single": nets.base.config.num_single_layers}
                                    if cfg.teacher.family == "flux" else {"joint": nets.base.config.num_layers}),
             "transformer_params": sum(p.numel() for p in nets.base.parameters() if p.requires_grad is False),
             "model": cfg.teacher.path, "family": cfg.teacher.family,
@@ -177,9 +187,9 @@ def _builtin_text_length(model: str) -> int:
 
 
 # aten ops that only re-describe memory; every other op launches work (about one GPU kernel)
-VIEW_OPS = frozenset({"view", "_unsafe_view", "as_strided", "t", "transpose", "slice", "expand", "unsqueeze", "squeeze",
-                      "permute", "alias", "detach", "select", "split", "split_with_sizes", "chunk", "unbind", "reshape",
-                      "_reshape_alias", "lift_fresh", "empty", "empty_strided"})
+VIEW_OPS = frozenset({"view", "_unsafe_view", "as_strided", "t", "transpose", "slice", "expand", "unsqueeze",
+                      "squeeze", "permute", "alias", "detach", "select", "split", "split_with_sizes", "chunk",
+                      "unbind", "reshape", "_reshape_alias", "lift_fresh", "empty", "empty_strided"})
 
 
 def count_ops(fn) -> int:
@@ -219,8 +229,8 @@ def flop_model_ratio(config, scales, text_tokens: int, patch_size: int | None = 
 
 def run_case(name: str, extra: list[str], args, port: int, root: Path = ROOT) -> dict:
     """One case in a fresh process, with the code checked out at `root`."""
-    cmd = [sys.executable, str(root / "bench" / "distill.py"), "--case", "--port", str(port), "--batch", str(args.batch),
-           "--definition", str(args.definition),
+    cmd = [sys.executable, str(root / "bench" / "distill.py"), "--case", "--port", str(port),
+           "--batch", str(args.batch), "--definition", str(args.definition),
            "--rounds", str(args.rounds), "--threads", str(args.threads), "--device", args.device,
            "--text-tokens", str(args.text_tokens), "--family", args.family, *extra]
     print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
@@ -256,7 +266,8 @@ def main() -> None:
     p.add_argument("--text-tokens", type=int, default=0,
                    help="pad the prompt embeddings to this many tokens (SD3.5: 77 CLIP + 256 T5 = 333); "
                         "0: the encoders' own length")
-    p.add_argument("--ratio-only", action="store_true", help="medium setup: only the scale-wise and full-resolution cases")
+    p.add_argument("--ratio-only", action="store_true",
+                   help="medium setup: only the scale-wise and full-resolution cases")
     p.add_argument("--profile", action="store_true", help="with --case: print a torch.profiler table of one round")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=29511, help=argparse.SUPPRESS)
@@ -310,14 +321,16 @@ def medium_cases(args) -> None:
     """Every case on one model (SD3.5-Medium-wide by default) at the Medium scales, bf16."""
     model = ["--model", args.model or MEDIUM_LIKE, "--model-blocks", str(args.model_blocks), "--setup", "medium"]
     cases = {
-        "scalewise": run_case("scalewise", model + ["--count-ops", str(int(not args.ratio_only))], args, 29521),  # + a round counting ops
+        # + a round counting ops
+        "scalewise": run_case("scalewise", model + ["--count-ops", str(int(not args.ratio_only))], args, 29521),
         "fullres": run_case("fullres", model + ["--scalewise", "0"], args, 29522),
     }
     if not args.ratio_only:
         cases["two_copies"] = run_case("two_copies", model + ["--two-copies", "1", "--rounds", "1"], args, 29524)
         cases["mmd_only"] = run_case("mmd_only", model + ["--mmd-only", "1"], args, 29523)
     definition = args.definition
-    name = ("medium" if definition == MEDIUM else definition.stem) + (f"_t{args.text_tokens}" if args.text_tokens else "")
+    name = "medium" if definition == MEDIUM else definition.stem
+    name += f"_t{args.text_tokens}" if args.text_tokens else ""
     extra = {}
     if args.family == "flux":
         name = definition.stem  # 512 T5 tokens is FLUX.1-dev's own length

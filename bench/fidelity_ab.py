@@ -36,7 +36,8 @@ def side(path: Path, label: str) -> dict:
         seed = r.get("seed", r.get("overrides", {}).get("seed", 0))
         overrides = {k: v for k, v in r.get("overrides", {}).items() if k != "seed"}
         if overrides:
-            raise ValueError(f"{path}: recipe {r['recipe']} changes {overrides}: the A/B compares the toy recipe itself")
+            raise ValueError(f"{path}: recipe {r['recipe']} changes {overrides}: "
+                             "the A/B compares the toy recipe itself")
         records.append({"recipe": label, "seed": seed, "step": r["step"], "fd": r["fd"],
                         "prompt_accuracy": r["prompt_accuracy"], "acc_one_object": r.get("acc_one_object"),
                         "acc_two_object": r.get("acc_two_object")})

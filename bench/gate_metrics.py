@@ -97,11 +97,16 @@ def probe(teacher, latents, prompts, seeds, blocks, batch_size=64) -> dict:
             eps = _noise(tuple(x.shape[1:]), seeds[start:stop], d)
             for j, sigma in enumerate(SIGMAS):
                 noisy = (1 - sigma) * x + sigma * eps
-                v, taps = teacher.velocity(torch.cat([noisy] * 3), sigma, text, feature_blocks=blocks if d == 0 else ())
+                v, taps = teacher.velocity(torch.cat([noisy] * 3), sigma, text,
+                                           feature_blocks=blocks if d == 0 else ())
                 vc, vu, vo = v.float().chunk(3)
                 target = eps - x
-                e = lambda w: ((w - target) ** 2).flatten(1).mean(1)
-                err["c"][start:stop, j, d], err["u"][start:stop, j, d], err["o"][start:stop, j, d] = e(vc), e(vu), e(vo)
+
+                def e(w):
+                    return ((w - target) ** 2).flatten(1).mean(1)
+
+                err["c"][start:stop, j, d], err["u"][start:stop, j, d] = e(vc), e(vu)
+                err["o"][start:stop, j, d] = e(vo)
                 err["cfg"][start:stop, j, d] = e(vu + GUIDANCE * (vc - vu))
                 err["gap"][start:stop, j, d] = ((vc - vu) ** 2).flatten(1).mean(1)  # how far the prompt moves v
                 for bl in (blocks if d == 0 else ()):
@@ -116,7 +121,10 @@ def kid(a: torch.Tensor, b: torch.Tensor) -> float:
     mu, sd = b.mean(0), b.std(0) + 1e-6
     a, b = ((a - mu) / sd).double(), ((b - mu) / sd).double()
     d = a.shape[1]
-    k = lambda x, y: (x @ y.T / d + 1) ** 3
+
+    def k(x, y):
+        return (x @ y.T / d + 1) ** 3
+
     m, n = len(a), len(b)
     kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
     return float((kaa.sum() - kaa.diag().sum()) / (m * (m - 1)) + (kbb.sum() - kbb.diag().sum()) / (n * (n - 1))
@@ -159,7 +167,10 @@ def explore(pr: dict, ref: dict, latents, ref_latents, images, ref_images) -> di
             out[f"kid_{name}_{bsel}"] = (kid(f, r), "min")
             out[f"pcafd_{name}_{bsel}"] = (pca_fd(f, r), "min")
     out["kid_latent"] = (kid(latents.flatten(1).float(), ref_latents.flatten(1).float()), "min")
-    small = lambda im: torch.nn.functional.interpolate(im.float(), size=(16, 16), mode="area").flatten(1)
+
+    def small(im):
+        return torch.nn.functional.interpolate(im.float(), size=(16, 16), mode="area").flatten(1)
+
     out["kid_pixels16"] = (kid(small(images), small(ref_images)), "min")
     out["pcafd_pixels16"] = (pca_fd(small(images), small(ref_images)), "min")
     return out
@@ -182,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=192)
     p.add_argument("--sigma", type=float, default=0.5)
     p.add_argument("--raw-latents", action="store_true",
-                   help="teacher metrics on the sampler's latents, not re-encoded from the images (gate.reencode false)")
+                   help="teacher metrics on the sampler's latents, not re-encoded from the images "
+                        "(gate.reencode false)")
     p.add_argument("--name", default="gate_metrics")
     p.add_argument("--seed", type=int, help="distill.seed of the training run (default: the config's)")
     p.add_argument("--work", help="where the training run and its exports go (default: a temporary folder)")
@@ -222,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = ref_images = None
     if args.explore:
         ref = probe(teacher, ref_latents, gate.prompts, gate.seeds, blocks)
-        ref_images = torch.cat([teacher.decode_latents(ref_latents[i:i + 64]).float() for i in range(0, len(ref_latents), 64)])
+        ref_images = torch.cat([teacher.decode_latents(ref_latents[i:i + 64]).float()
+                                for i in range(0, len(ref_latents), 64)])
     from pipelines.schema import GateMetric
 
     rows, directions = [], {m: GateMetric(name=m).resolved_direction for m in metrics}

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     stages["deploy"] = {**serve_requests(cfg, args.requests), "seconds": time.perf_counter() - t0}
     print(f"[gpu_pipeline] deploy: device {stages['deploy']['device']}, {args.requests} requests, "
           f"{len(stages['deploy']['errors'])} errors, median {stages['deploy']['median_latency_s']:.3f} s", flush=True)
-    payload = {"device": args.device, "quick": args.quick, "gpu_share_per_unit": GPU_SHARE if args.device == "cuda" else 0,
+    payload = {"device": args.device, "quick": args.quick,
+               "gpu_share_per_unit": GPU_SHARE if args.device == "cuda" else 0,
                "definition": str(TOY.relative_to(TOY.parents[2])), "overrides": sets, "stages": stages,
                "total_seconds": time.perf_counter() - total}
     path = write_result("gpu_pipeline", payload, path=Path(args.out) if args.out else None)

@@ -60,8 +60,9 @@ def main() -> None:
         for key in ("median_iter_s", "ops_per_iter"):
             result[f"{key}_ratio"] = result["current"][key] / result["baseline"][key]
     path = write_result("host_overhead", result)
-    print({k: v for k, v in result.items() if k not in ("current", "baseline")}
-          | {k: {f: result[k][f] for f in ("median_iter_s", "ops_per_iter")} for k in ("current", "baseline") if k in result})
+    summary = {k: v for k, v in result.items() if k not in ("current", "baseline")}
+    print(summary | {k: {f: result[k][f] for f in ("median_iter_s", "ops_per_iter")}
+                     for k in ("current", "baseline") if k in result})
     print(f"[bench] wrote {path}")
 
 

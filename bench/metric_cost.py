@@ -20,12 +20,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 # Published sizes: openai/clip-vit-large-patch14; laion/CLIP-ViT-H-14-laion2B-s32B-b79K (PickScore
 # v1 is a fine-tune of it, same shapes); facebook/dinov2-large.
-CLIP_L = dict(text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-              vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                 image_size=224, patch_size=14), projection_dim=768)
-CLIP_H = dict(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
-              vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                                 image_size=224, patch_size=14), projection_dim=1024)
+CLIP_L = dict(text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                               num_attention_heads=12),
+              vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                 num_attention_heads=16, image_size=224, patch_size=14),
+              projection_dim=768)
+CLIP_H = dict(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                               num_attention_heads=16),
+              vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                 num_attention_heads=16, image_size=224, patch_size=14),
+              projection_dim=1024)
 DINOV2_L = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, patch_size=14,
                 image_size=518)
 # Peak dense throughput of an H100 SXM (TFLOP/s) by the dtype the matmuls run in, and the
@@ -40,7 +44,8 @@ def models(device: str):
     from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
     with torch.device(device):
-        return {"clip_score": CLIPModel(CLIPConfig(**CLIP_L)).eval(), "pickscore": CLIPModel(CLIPConfig(**CLIP_H)).eval(),
+        return {"clip_score": CLIPModel(CLIPConfig(**CLIP_L)).eval(),
+                "pickscore": CLIPModel(CLIPConfig(**CLIP_H)).eval(),
                 "fd_dinov2": Dinov2Model(Dinov2Config(**DINOV2_L)).eval()}
 
 

@@ -60,7 +60,8 @@ def student_definition(base: dict, row: str) -> dict:
     schedule = d["distill"]["schedule"]
     scales = ("fullres" if schedule.get("scalewise") is False
               else "6step" if schedule.get("preset") == "toy_6step" else "4step")
-    d["precompute"] = {**d.get("precompute", {}), "output": f"{d['resources']['storage']}/{base['name']}-store-{scales}"}
+    store = f"{d['resources']['storage']}/{base['name']}-store-{scales}"
+    d["precompute"] = {**d.get("precompute", {}), "output": store}
     return d
 
 

@@ -137,22 +137,25 @@ def main() -> None:
     m = json.loads((Path(toy_store) / "manifest.json").read_text())
     files = list((Path(toy_store) / "data").glob("*.parquet"))
     on_disk = sum(f.stat().st_size for f in files) / stored["ray"]
-    toy_raw = raw_tensor_bytes(m["text"]["prompt_embeds_shape"], m["text"]["pooled_shape"], m["latent_channels"], m["scales"], 2)
+    toy_raw = raw_tensor_bytes(m["text"]["prompt_embeds_shape"], m["text"]["pooled_shape"], m["latent_channels"],
+                               m["scales"], 2)
     sd35 = raw_tensor_bytes([333, 4096], [2048], 16, [64, 80, 96, 128], 2)
     ray_rps, loop_rps = args.rows / median(raw["ray_s"]), args.rows / median(raw["loop_s"])
     path = write_result("precompute", {
-        "ray_rows_per_s": round(ray_rps, 2), "loop_rows_per_s": round(loop_rps, 2), "ratio": round(ray_rps / loop_rps, 3),
+        "ray_rows_per_s": round(ray_rps, 2), "loop_rows_per_s": round(loop_rps, 2),
+        "ratio": round(ray_rps / loop_rps, 3),
         "bytes_per_sample_toy": round(on_disk, 1),
         "bytes_per_sample_toy_raw_tensors": toy_raw,
         "bytes_per_sample_sd35_large": sd35,
         "sd35_large_formula": "fp16 x (333*4096 prompt + 2048 pooled + 16*(64^2+80^2+96^2+128^2) latents); "
                               "raw tensor bytes, before Parquet compression; caption and id excluded",
-        "rows": args.rows, "rows_stored": stored["ray"], "repeats": args.repeats, "batch_size": args.batch_size, "threads_each": THREADS,
+        "rows": args.rows, "rows_stored": stored["ray"], "repeats": args.repeats, "batch_size": args.batch_size,
+        "threads_each": THREADS,
         "ray_setup": f"{THREADS} actors x 1 CPU / 1 torch thread, local Ray with num_cpus={THREADS}",
         "loop_setup": f"1 process, {THREADS} torch threads", "ray_init_s": round(ray_init_s, 2),
-        "raw_seconds": raw, "toy_shapes": {"prompt_embeds": m["text"]["prompt_embeds_shape"],
-                                           "pooled": m["text"]["pooled_shape"], "latent_channels": m["latent_channels"],
-                                           "scales": m["scales"]},
+        "raw_seconds": raw,
+        "toy_shapes": {"prompt_embeds": m["text"]["prompt_embeds_shape"], "pooled": m["text"]["pooled_shape"],
+                       "latent_channels": m["latent_channels"], "scales": m["scales"]},
     })
     print(json.dumps(json.loads(path.read_text()), indent=2))
     shutil.rmtree(work, ignore_errors=True)

@@ -65,8 +65,10 @@ RECIPES: dict[str, dict] = {
                                   "lr_decay_fraction": 0.5},
     "lr1e-3_fake2_cfg1": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 1.0},
     "lr1e-3_mmd_only": {"lr": 1e-3, "losses.dmd.weight": 0.0, "losses.gan.weight": 0.0},
-    "lr1e-3_fake2_cfg2.5_ema0.98": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "ema_decay": 0.98},
-    "lr1e-3_fake2_cfg2.5_ema0.99": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5, "ema_decay": 0.99},
+    "lr1e-3_fake2_cfg2.5_ema0.98": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5,
+                                    "ema_decay": 0.98},
+    "lr1e-3_fake2_cfg2.5_ema0.99": {"lr": 1e-3, "fake_updates": 2, "losses.dmd.guidance_scale": 2.5,
+                                    "ema_decay": 0.99},
     # The toy definition's own recipe (lr 1e-3, 2 fake updates, DMD CFG 2.5) with one change each.
     # DMD only where the single-resolution toy teacher is in its training distribution
     "lr1e-3_fake2_cfg2.5_dmd16": {"losses.dmd.min_scale": 16},
@@ -316,14 +318,17 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=None, help="shapes rows (default: the toy definition's limit)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--prompts", type=int, default=192, help="held-out prompts per evaluation (the toy evaluate stage's count)")
+    p.add_argument("--prompts", type=int, default=192,
+                   help="held-out prompts per evaluation (the toy evaluate stage's count)")
     p.add_argument("--jobs", type=int, default=1, help="recipes trained at once (each its own process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per recipe process")
-    p.add_argument("--time-limit", type=float, default=1e9, help="seconds of training per recipe before a last evaluation")
+    p.add_argument("--time-limit", type=float, default=1e9,
+                   help="seconds of training per recipe before a last evaluation")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/recipe_sweep.json)")
     p.add_argument("--seeds", default="0", help="comma-separated distill.seed values; every recipe runs once per seed")
     p.add_argument("--from-lines", action="store_true",
-                   help="train nothing: rebuild the result JSON from <out>.jsonl (the evaluations of a sweep cut short)")
+                   help="train nothing: rebuild the result JSON from <out>.jsonl "
+                        "(the evaluations of a sweep cut short)")
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -347,8 +352,10 @@ def main() -> None:
         done = list(dict.fromkeys(r["recipe"] for r in records))
         write_sweep(out, args, args.rows or recipe_config("default").data.sources[0].limit, bars["teacher_4"],
                     bars["teacher_4_x0_jumps"], done, sorted({r["seed"] for r in records}), records,
-                    {"from_lines": str(lines.resolve().relative_to(ROOT) if ROOT in lines.resolve().parents else lines),
-                     "runs_finished": {n: sorted({r["seed"] for r in records if r["recipe"] == n}) for n in done}})
+                    {"from_lines": str(lines.resolve().relative_to(ROOT)
+                                       if ROOT in lines.resolve().parents else lines),
+                     "runs_finished": {n: sorted({r["seed"] for r in records if r["recipe"] == n})
+                                       for n in done}})
         return
     cfg = recipe_config("default", args.steps)  # refuses --steps that are not whole rounds of scales, before any work
     rows = args.rows or cfg.data.sources[0].limit
@@ -363,7 +370,8 @@ def main() -> None:
     from swd_core.toy import shapes
 
     t = cfg.teacher
-    teacher = load_adapter(t.family, t.path, dtype=t.dtype, device=args.device, max_sequence_length=t.max_sequence_length)
+    teacher = load_adapter(t.family, t.path, dtype=t.dtype, device=args.device,
+                           max_sequence_length=t.max_sequence_length)
     samples = shapes.held_out_prompts()[:args.prompts]
     scorer = ShapesScorer(samples)
     # as the evaluate stage samples "teacher 4 steps": its own Euler sampler, 4 steps, no CFG
@@ -371,7 +379,8 @@ def main() -> None:
     bar = evaluate(teacher, scorer, [s.caption for s in samples], teacher_steps=steps, guidance=0.0)
     # and through the student's sampler at full resolution (x0 jumps at the SwD sigmas)
     bar_x0 = evaluate(teacher, scorer, [s.caption for s in samples], schedule=cfg.schedule().full_resolution())
-    for label, b in ((f"teacher {steps} steps (Euler)", bar), (f"teacher {steps} steps (x0 jumps, SwD sigmas)", bar_x0)):
+    bars = ((f"teacher {steps} steps (Euler)", bar), (f"teacher {steps} steps (x0 jumps, SwD sigmas)", bar_x0))
+    for label, b in bars:
         print(f"[sweep] {label}: accuracy {b['prompt_accuracy']:.3f}, FD {b['fd']:.3f}", flush=True)
     del teacher
 
@@ -382,20 +391,23 @@ def main() -> None:
         while queue or procs:
             while queue and len(procs) < args.jobs:
                 name, seed = queue.pop(0)
-                cmd = [sys.executable, __file__, "--recipe", name, "--seed", str(seed), "--data", str(data), "--device", args.device,
-                       "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--prompts", str(args.prompts),
-                       "--threads", str(args.threads), "--time-limit", str(args.time_limit)]
+                cmd = [sys.executable, __file__, "--recipe", name, "--seed", str(seed), "--data", str(data),
+                       "--device", args.device, "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+                       "--prompts", str(args.prompts), "--threads", str(args.threads),
+                       "--time-limit", str(args.time_limit)]
                 procs[name, seed] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                                      cwd=ROOT)
             for (name, seed), proc in list(procs.items()):
                 if proc.poll() is None:
                     continue
                 output = proc.stdout.read()
-                got = [json.loads(ln.removeprefix("RESULT ")) for ln in output.splitlines() if ln.startswith("RESULT ")]
+                got = [json.loads(ln.removeprefix("RESULT "))
+                       for ln in output.splitlines() if ln.startswith("RESULT ")]
                 for r in got:
                     log.write(json.dumps(r) + "\n")
-                    print(f"[sweep] {name} seed {seed} step {r['step']}: accuracy {r['prompt_accuracy']:.3f}, FD {r['fd']:.3f}"
-                          + (f", {r['train_iter_s']:.3f} s/it" if "train_iter_s" in r else ""), flush=True)
+                    speed = f", {r['train_iter_s']:.3f} s/it" if "train_iter_s" in r else ""
+                    print(f"[sweep] {name} seed {seed} step {r['step']}: accuracy {r['prompt_accuracy']:.3f}, "
+                          f"FD {r['fd']:.3f}{speed}", flush=True)
                 log.flush()
                 records.extend(got)
                 if proc.returncode != 0:
@@ -410,9 +422,9 @@ def main() -> None:
 def write_sweep(out: Path, args, rows: int, bar: dict, bar_x0: dict, names: list[str], seeds: list[int],
                 records: list[dict], extra: dict | None = None) -> None:
     result = {"command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
-              "machine": machine_info(), "device": args.device, "rows": rows, "prompts": args.prompts, "teacher_4": bar,
-              "teacher_4_x0_jumps": bar_x0, "recipes": {n: RECIPES[n] for n in names}, "seeds": seeds,
-              "summary": summarize(records), "evaluations": records, **(extra or {})}
+              "machine": machine_info(), "device": args.device, "rows": rows, "prompts": args.prompts,
+              "teacher_4": bar, "teacher_4_x0_jumps": bar_x0, "recipes": {n: RECIPES[n] for n in names},
+              "seeds": seeds, "summary": summarize(records), "evaluations": records, **(extra or {})}
     if args.out is None:
         out = write_result(out.stem, result)
     else:

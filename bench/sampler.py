@@ -80,7 +80,8 @@ def measure(cfg: TinySD3Config, batch: int, repeats: int, teacher_repeats: int) 
         "ratio_scalewise_vs_teacher": per_image["scalewise"] / per_image["teacher"],
         "layout": {"layers": cfg.layers, "width": cfg.heads * cfg.head_dim, "patch_size": cfg.patch_size,
                    "batch": batch, "image_tokens_per_step": image_tokens, "text_tokens": text_tokens,
-                   "token_ratio": sum(t + text_tokens for t in image_tokens) / (len(image_tokens) * (image_tokens[-1] + text_tokens)),
+                   "token_ratio": (sum(t + text_tokens for t in image_tokens)
+                                   / (len(image_tokens) * (image_tokens[-1] + text_tokens))),
                    "transformer_params_m": sum(p.numel() for p in adapter.transformer.parameters()) / 1e6},
         "raw_batch_seconds": raw,
     }
@@ -174,7 +175,8 @@ def build_sd3_pipeline(size: SD3Size, device: str = "cpu", dtype: torch.dtype = 
         transformer=make(lambda: SD3Transformer2DModel(
             sample_size=size.sample_size, patch_size=size.patch_size, in_channels=size.latent_channels,
             out_channels=size.latent_channels, num_layers=size.layers, attention_head_dim=size.head_dim,
-            num_attention_heads=size.heads, joint_attention_dim=t5.hidden, caption_projection_dim=size.heads * size.head_dim,
+            num_attention_heads=size.heads, joint_attention_dim=t5.hidden,
+            caption_projection_dim=size.heads * size.head_dim,
             pooled_projection_dim=size.clip_l.hidden + size.clip_g.hidden, pos_embed_max_size=size.pos_embed_max_size,
             dual_attention_layers=tuple(range(size.dual_attention_layers)), qk_norm="rms_norm")),
         vae=make(lambda: AutoencoderKL(
@@ -215,7 +217,8 @@ def measure_pipeline(adapter: SD3Adapter, size: SD3Size, batch: int, repeats: in
                                    warmup=min(warmup, 1) if teacher else warmup, sync=sync)
             timer = PhaseTimer(adapter)  # syncs around each phase on CUDA
             run(name, timer)
-            phases[name] = {f"{k}_s": v / batch for k, v in timer.seconds.items()} | {"transformer_calls": timer.calls["transformer"]}
+            phases[name] = ({f"{k}_s": v / batch for k, v in timer.seconds.items()}
+                            | {"transformer_calls": timer.calls["transformer"]})
     per_image = {k: median(v) / batch for k, v in raw.items()}
     return {
         "batch": batch, "scalewise_s": per_image["scalewise"], "fullres_s": per_image["fullres"],
@@ -244,13 +247,15 @@ def run_sd35(args) -> tuple[dict, str]:
     for b in batches:
         r = measure_pipeline(adapter, size, b, args.repeats, args.teacher_repeats, warmup, sync)
         results.append(r)
-        print(f"batch {b}: scale-wise {r['scalewise_s']:.4f}s  full-res {r['fullres_s']:.4f}s  teacher {r['teacher_s']:.4f}s "
-              f"per image; scale-wise / full-res {r['ratio_scalewise_vs_fullres']:.3f}, / teacher "
-              f"{r['ratio_scalewise_vs_teacher']:.3f}", flush=True)
+        print(f"batch {b}: scale-wise {r['scalewise_s']:.4f}s  full-res {r['fullres_s']:.4f}s  "
+              f"teacher {r['teacher_s']:.4f}s per image; "
+              f"scale-wise / full-res {r['ratio_scalewise_vs_fullres']:.3f}, "
+              f"/ teacher {r['ratio_scalewise_vs_teacher']:.3f}", flush=True)
     schedule = preset(size.schedule, size.patch_size)
     transformer_cfg = pipe.transformer.config
     result = {
-        "model": "sd35-medium" + ("-quick" if args.quick else ""), "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+        "model": "sd35-medium" + ("-quick" if args.quick else ""), "device": args.device,
+        "dtype": str(dtype).removeprefix("torch."),
         "image_px": size.image_px, "text_tokens": size.text_tokens,
         "schedule": {"preset": size.schedule, "scales": list(schedule.scales), "sigmas": list(schedule.sigmas)},
         "teacher": {"steps": 28, "guidance": 4.5, "sampler": "euler, CFG (batch doubled)"},
@@ -297,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", choices=["toy", "sd35-medium"], default=None,
-                        help="toy: the 12-block toy-scale bench (cpu default); sd35-medium: SD3.5-Medium size, 1024 px (cuda default)")
+                        help="toy: the 12-block toy-scale bench (cpu default); "
+                             "sd35-medium: SD3.5-Medium size, 1024 px (cuda default)")
     parser.add_argument("--batches", default="1,8", help="sd35-medium: comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--teacher-repeats", type=int, default=None, help="default: 1 (toy), 3 (sd35-medium)")

@@ -160,7 +160,8 @@ def main() -> int:
             serve.run(build_app(cfg_for(args.batch, students["a"], deterministic)), name="swd-bench",
                       route_prefix="/bench", blocking=False)
             drive(url, 1, 5, first_seed=10**6)  # warm-up, not counted
-            print(f"[bench] single requests, deterministic_batching={deterministic}: {args.single} requests", flush=True)
+            print(f"[bench] single requests, deterministic_batching={deterministic}: {args.single} requests",
+                  flush=True)
             r = drive(url, 1, args.single)
             single[name] = {"deterministic_batching": deterministic, "requests": args.single, "errors": r["errors"],
                             "latencies_ms": r["latencies_ms"], "median_ms": statistics.median(r["latencies_ms"])}

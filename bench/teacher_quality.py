@@ -111,11 +111,13 @@ def main() -> None:
     columns = [("real 64 px", to_pil(grids["real"][rows]))] if "real" in grids else []
     columns += [(f"28 steps cfg, {px} px", to_pil(to_evaluator_size(grids[px, "teacher_28_cfg"][rows])))
                 for px in args.resolutions]
-    columns += [(f"4 steps, {px} px", to_pil(to_evaluator_size(grids[px, "teacher_4"][rows]))) for px in args.resolutions]
+    columns += [(f"4 steps, {px} px", to_pil(to_evaluator_size(grids[px, "teacher_4"][rows])))
+                for px in args.resolutions]
     columns.append(("scale-wise 4 steps", to_pil(grids["scalewise"][rows])))
     title = f"{args.teacher}: " + " | ".join(
-        f"{px} px 28 cfg acc1 {r['teacher_28_cfg']['acc_one_object']:.2f} acc2 {r['teacher_28_cfg']['acc_two_object']:.2f} "
-        f"FD {r['teacher_28_cfg']['fd']:.2f}" for px, r in result["by_resolution"].items())
+        f"{px} px 28 cfg acc1 {r['teacher_28_cfg']['acc_one_object']:.2f} "
+        f"acc2 {r['teacher_28_cfg']['acc_two_object']:.2f} FD {r['teacher_28_cfg']['fd']:.2f}"
+        for px, r in result["by_resolution"].items())
     grid = image_grid([[c[i] for _, c in columns] for i in range(len(rows))], [prompts[i] for i in rows],
                       [label for label, _ in columns], title=title)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ def main() -> None:
                          "psnr_mean_decode_db": psnr(x, dec_mean), "psnr_sample_decode_db": psnr(x, dec_sample),
                          "psnr_sample_vs_mean_decode_db": psnr(dec_mean, dec_sample)}
         print(px, {k: round(v, 3) for k, v in rows[str(px)].items()}, flush=True)
-    print(f"wrote {write_result('vae_posterior', {'teacher': args.teacher, 'images': args.images, 'by_size_px': rows})}")
+    path = write_result("vae_posterior", {"teacher": args.teacher, "images": args.images, "by_size_px": rows})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
