@@ -22,7 +22,8 @@ if not os.environ["PATH"].startswith(os.path.dirname(sys.executable) + os.pathse
 # from ~/.ray either.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Fake credentials for the moto S3 server; set before any Ray node starts so workers inherit them.
-for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_k, _v)
 
 
@@ -86,9 +87,10 @@ def ray_cluster():
     """A real local multi-node Ray cluster on 127.0.0.1, started with `ray start` as users start
     one: a head and one worker node, 2 CPUs each, joined by this process as a driver.
 
-    One per pytest run, shared by every end-to-end test. Ray Train runs place workers on both nodes with the SPREAD strategy. The worker node
-    declares one GPU that this machine does not have (Ray takes resource counts on trust), so
-    tests can reserve GPUs and check what a stage does when CUDA is not there.
+    One per pytest run, shared by every end-to-end test. Ray Train runs place workers on both
+    nodes with the SPREAD strategy. The worker node declares one GPU that this machine does not
+    have (Ray takes resource counts on trust), so tests can reserve GPUs and check what a stage
+    does when CUDA is not there.
     """
     import ray
 

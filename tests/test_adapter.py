@@ -16,7 +16,8 @@ def test_encode_prompts_matches_pipeline_and_empty_prompt(tiny_adapter):
     text = tiny_adapter.encode_prompts(["a red circle", "a blue star"])
     ref, _, pooled, _ = tiny_adapter.pipe.encode_prompt("a blue star", None, None, do_classifier_free_guidance=False,
                                                         max_sequence_length=0)
-    assert torch.allclose(text.prompt_embeds[1:], ref, atol=1e-5) and torch.allclose(text.pooled[1:], pooled, atol=1e-5)
+    assert torch.allclose(text.prompt_embeds[1:], ref, atol=1e-5)
+    assert torch.allclose(text.pooled[1:], pooled, atol=1e-5)
     empty = tiny_adapter.empty_prompt()
     assert len(empty) == 1 and not torch.equal(empty.pooled, text.pooled[:1])
 

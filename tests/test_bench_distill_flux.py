@@ -65,7 +65,8 @@ def test_the_gpu_model_has_flux1_dev_blocks():
 
     assert count(ours.transformer_blocks[0]) == count(dev.transformer_blocks[0])
     assert count(ours.single_transformer_blocks[0]) == count(dev.single_transformer_blocks[0])
-    assert len(dev.transformer_blocks) == FLUX1_DEV_BLOCKS["double"] and len(dev.single_transformer_blocks) == FLUX1_DEV_BLOCKS["single"]
+    assert len(dev.transformer_blocks) == FLUX1_DEV_BLOCKS["double"]
+    assert len(dev.single_transformer_blocks) == FLUX1_DEV_BLOCKS["single"]
     assert 0 < cfg.layers < FLUX1_DEV_BLOCKS["double"] and 0 < cfg.single_layers < FLUX1_DEV_BLOCKS["single"]
 
 

@@ -55,7 +55,8 @@ def test_real_size_is_sd35_medium():
     assert millions == pytest.approx({"transformer": 2243.2, "text_encoder": 123.7, "text_encoder_2": 694.7,
                                       "text_encoder_3": 4762.3, "vae": 83.8}, rel=1e-3)
     t = pipe.transformer.config
-    assert (t.num_layers, t.num_attention_heads * t.attention_head_dim, t.patch_size, t.in_channels) == (24, 1536, 2, 16)
+    width = t.num_attention_heads * t.attention_head_dim
+    assert (t.num_layers, width, t.patch_size, t.in_channels) == (24, 1536, 2, 16)
     assert (t.joint_attention_dim, t.pooled_projection_dim, t.qk_norm) == (4096, 2048, "rms_norm")
     assert tuple(t.dual_attention_layers) == tuple(range(13))
     assert SD35_MEDIUM.image_px == 1024 and SD35_MEDIUM.text_tokens == 333 and pipe.vae_scale_factor == 8

@@ -19,7 +19,8 @@ def _resume_from(tmp_path, monkeypatch, state: dict):
 
 def test_a_checkpoint_with_other_lora_targets_is_refused(tmp_path, monkeypatch):
     cfg = load_pipeline_config(TOY)
-    saved = {**trained_parameters(cfg), "lora_targets": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]}
+    saved = {**trained_parameters(cfg),
+             "lora_targets": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]}
     _resume_from(tmp_path, monkeypatch, {"step": 24, "trained_parameters": saved})
     with pytest.raises(ValueError, match=r"trained other parameters than the definition asks for \(lora_targets "):
         restore_checkpoint(cfg, 0, None, None, None, "cpu", "digest")  # refused before any engine is touched
@@ -56,7 +57,8 @@ def test_a_resume_goes_on_exactly_as_the_uninterrupted_engines(tmp_path, monkeyp
     g2, f2 = build_engines(cfg, fresh, 4, bf16=False)
     ema2 = student_ema(cfg, fresh)
     assert not all(torch.equal(a, b) for a, b in zip(_full(student_engine), _full(g2)))
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")))
+    ckpt_dir = str(tmp_path / "ckpt")
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(ckpt_dir))
     assert restore_checkpoint(cfg, 0, g2, f2, ema2, "cpu", "plan") == (2, 0, 8, None)
     assert g2.global_steps == student_engine.global_steps == 2
     train_steps(student_engine, fake_engine, x, 1, ema, nets.student_parameters())

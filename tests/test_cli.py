@@ -43,7 +43,8 @@ def test_bad_overrides_fail_with_what_is_wrong(override, words, capsys):
 def test_schema_is_the_definitions_json_schema(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert {"teacher", "distill", "retrain"} <= set(schema["properties"]) and schema["required"] == ["name", "teacher", "distill"]
+    assert {"teacher", "distill", "retrain"} <= set(schema["properties"])
+    assert schema["required"] == ["name", "teacher", "distill"]
 
 
 def test_a_flux_plan_prints_no_library_fallback_warnings():

@@ -56,7 +56,9 @@ def run_walkthrough(tmp_path: Path, capsys) -> dict[str, list[dict]]:
     def local(word: str) -> str:
         if not word.endswith(".yaml"):
             return word
-        return str(tmp_path / word) if (tmp_path / word).exists() else str(ROOT / word) if (ROOT / word).exists() else word
+        if (tmp_path / word).exists():
+            return str(tmp_path / word)
+        return str(ROOT / word) if (ROOT / word).exists() else word
 
     rendered = {}
     for line in commands(WALKTHROUGH):
@@ -156,7 +158,8 @@ def test_first_contact_names_what_render_produces(tmp_path, capsys):
         assert any(mentioned == n for _, n in objects) or mentioned == name, mentioned
 
     # the student: fetched from and served from where the job writes it
-    definition = yaml.safe_load(next(d for d in rendered["rayjob.yaml"] if d["kind"] == "ConfigMap")["data"]["definition.yaml"])
+    configmap = next(d for d in rendered["rayjob.yaml"] if d["kind"] == "ConfigMap")
+    definition = yaml.safe_load(configmap["data"]["definition.yaml"])
     student = f"{definition['resources']['storage'].rstrip('/')}/{definition['name']}/student/merged"
     (cp,) = [shlex.split(c) for c in commands(WALKTHROUGH) if c.startswith("aws s3 cp")]
     assert student in cp

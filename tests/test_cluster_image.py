@@ -23,7 +23,8 @@ def pins() -> dict[str, str]:
 
 def instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n\s*", " ", "\n".join(l for l in DOCKERFILE.splitlines() if not l.lstrip().startswith("#")))
+    kept = "\n".join(line for line in DOCKERFILE.splitlines() if not line.lstrip().startswith("#"))
+    text = re.sub(r"\\\n\s*", " ", kept)
     return [tuple(line.split(None, 1)) for line in text.splitlines() if line.strip()]
 
 

@@ -156,15 +156,17 @@ def test_rendered_launcher_validates(path):
     assert launcher_errors(doc) == []
     broken = {**doc, "head_node_typ": "head"}
     assert any("head_node_typ" in e for e in launcher_errors(broken))
+    fractional_head = {"node_config": {}, "resources": {"CPU": 0.5}}
     assert any("is not of type 'integer'" in e for e in launcher_errors(
-        {**doc, "available_node_types": {**doc["available_node_types"], "head": {"node_config": {}, "resources": {"CPU": 0.5}}}}))
+        {**doc, "available_node_types": {**doc["available_node_types"], "head": fractional_head}}))
 
 
 def test_options_render_valid_objects():
     """A service account instead of a storage Secret, a namespace, an API key and a LoadBalancer."""
     cfg = by_stem("sd35_medium_4step")
-    keyed = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"api_key_env": "SWD_API_KEY", "min_replicas": 1,
-                                                                         "max_replicas": 4, "gpus_per_replica": 1})})
+    serve = cfg.serve.model_copy(update={"api_key_env": "SWD_API_KEY", "min_replicas": 1, "max_replicas": 4,
+                                         "gpus_per_replica": 1})
+    keyed = cfg.model_copy(update={"serve": serve})
     opts = {**IMAGE, "namespace": "ml", "service_account": "swd-s3", "serve_service_type": "LoadBalancer",
             "auth_secret": "tok"}
     for kind in KUBERAY_KINDS:
@@ -202,7 +204,8 @@ def test_exposure_check_can_fail():
     doc = _toy_raycluster()
     for mutate in [lambda d: d["spec"]["headGroupSpec"].update(serviceType="LoadBalancer"),
                    lambda d: d["spec"]["headGroupSpec"].update(enableIngress=True),
-                   lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"][1].update(hostPort=8265)]:
+                   lambda d: (d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"][1]
+                              .update(hostPort=8265))]:
         bad = copy.deepcopy(doc)
         mutate(bad)
         assert 8265 in exposed_ports(bad)
@@ -227,7 +230,8 @@ def test_credentials_by_reference_only(path, kind):
         for pod in pod_specs(spec):
             for c in pod["containers"]:
                 # plain values only for what is no secret: where the model cache is, and offline mode
-                assert all("valueFrom" in e or e["name"] in ("HF_HOME", "HF_HUB_OFFLINE") for e in c.get("env", [])), c["env"]
+                assert all("valueFrom" in e or e["name"] in ("HF_HOME", "HF_HUB_OFFLINE")
+                           for e in c.get("env", [])), c["env"]
                 refs = [e["secretRef"]["name"] for e in c.get("envFrom", [])]
                 uses_s3 = "s3://" in json.dumps(cfg.model_dump(mode="json"))
                 assert refs == ([f"{cluster.resource_name(cfg)}-storage"] if uses_s3 else [])

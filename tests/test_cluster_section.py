@@ -127,7 +127,8 @@ def test_a_rayjob_never_deploys_and_is_sized_without_serving(path, capsys):
     cfg = load_pipeline_config(path)
     job, configmap = render(cfg, "rayjob", {"image": IMAGE})
     stages = yaml.safe_load(configmap["data"]["definition.yaml"])["stages"]
-    assert not {"deploy", "preview"} & set(stages) and stages == [s for s in cfg.stages if s not in ("deploy", "preview")]
+    assert not {"deploy", "preview"} & set(stages)
+    assert stages == [s for s in cfg.stages if s not in ("deploy", "preview")]
     assert cluster_main(["render", "--config", str(path), "--kind", "rayjob", "--image", IMAGE]) == 0
     out, err = capsys.readouterr()
     said = [line for line in err.splitlines() if "left out" in line]
@@ -142,7 +143,8 @@ def test_rayjob_pods_count_only_the_stages_it_runs():
         "serve.gpus_per_replica=1", f"cluster.image={IMAGE}"])
 
     def gpu_pods(kind):
-        return {g["groupName"]: g["maxReplicas"] for g in cluster_specs(render(cfg, kind)[0])[0]["workerGroupSpecs"]}["gpu"]
+        groups = cluster_specs(render(cfg, kind)[0])[0]["workerGroupSpecs"]
+        return {g["groupName"]: g["maxReplicas"] for g in groups}["gpu"]
 
     assert (gpu_pods("rayjob"), gpu_pods("raycluster")) == (2, 6)
     assert kind_definition(cfg, "rayjob").stages == ["precompute", "distill", "evaluate"]
@@ -161,10 +163,12 @@ def test_render_flags_are_the_schema_fields_and_override_the_definition(capsys, 
                 yield f"cluster.{prefix}{name}"
 
     assert sorted(dotted for dotted, _ in flags.values()) == sorted(leaves(schema, ""))
-    assert flags["--gpu-memory"][0] == "cluster.gpu.memory" and flags["--model-cache-claim"][0] == "cluster.model_cache.claim"
+    assert flags["--gpu-memory"][0] == "cluster.gpu.memory"
+    assert flags["--model-cache-claim"][0] == "cluster.model_cache.claim"
     config = str(ROOT / "pipelines/configs/sd35_large_4step.yaml")
     assert cluster_main(["render", "--config", config, "--kind", "rayjob", "--image", IMAGE, "--namespace", "team-a",
-                         "--gpu-per-pod", "8", "--gpu-node-selector", "{cloud.google.com/gke-accelerator: nvidia-h200-141gb}",
+                         "--gpu-per-pod", "8",
+                         "--gpu-node-selector", "{cloud.google.com/gke-accelerator: nvidia-h200-141gb}",
                          "--image-pull-secrets", "regcred", "--start-deadline-seconds", "600"]) == 0
     job = next(yaml.safe_load_all(capsys.readouterr().out))
     gpu = next(g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
@@ -172,10 +176,12 @@ def test_render_flags_are_the_schema_fields_and_override_the_definition(capsys, 
     assert gpu["template"]["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h200-141gb"}
     assert gpu["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}] and gpu["replicas"] == 2
     # a bad value fails as one in the file would: one line naming the field, after the heading
-    for flag, value, field in [("--namespace", "Bad_NS", "cluster.namespace"), ("--head-memory", "8GB", "cluster.head_memory"),
+    for flag, value, field in [("--namespace", "Bad_NS", "cluster.namespace"),
+                               ("--head-memory", "8GB", "cluster.head_memory"),
                                ("--hf-token-secret", "HF Token", "cluster.hf_token_secret"),
                                ("--gpu-extra-resources", "{efa: 1}", "cluster.gpu.extra_resources"),
-                               ("--gpu-tolerations", "[{key: a, operator: Exists, value: b}]", "cluster.gpu.tolerations.0")]:
+                               ("--gpu-tolerations", "[{key: a, operator: Exists, value: b}]",
+                                "cluster.gpu.tolerations.0")]:
         assert cluster_main(["render", "--config", config, "--kind", "rayjob", "--image", IMAGE, flag, value]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 2 and f"with --image {IMAGE} {flag} {value}" in err[0], err
@@ -185,7 +191,8 @@ def test_render_flags_are_the_schema_fields_and_override_the_definition(capsys, 
 def test_render_refuses_what_the_crd_refuses(capsys):
     config = str(ROOT / "pipelines/configs/sd35_large_4step.yaml")
     typo = "{nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerm: []}}}"
-    assert cluster_main(["render", "--config", config, "--kind", "raycluster", "--image", IMAGE, "--gpu-affinity", typo]) == 2
+    assert cluster_main(["render", "--config", config, "--kind", "raycluster", "--image", IMAGE,
+                         "--gpu-affinity", typo]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "nodeSelectorTerm" in err and "affinity.nodeAffinity" in err
 
@@ -207,8 +214,10 @@ def test_cluster_package_is_small_modules_and_serve_config_does_not_import_it():
     import sys
 
     sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "pipelines" / "cluster").glob("*.py")}
-    assert {"shapes.py", "pods.py", "rayjob.py", "raycluster.py", "rayservice.py", "launcher.py", "cli.py"} <= set(sizes)
+    modules = {"shapes.py", "pods.py", "rayjob.py", "raycluster.py", "rayservice.py", "launcher.py", "cli.py"}
+    assert modules <= set(sizes)
     assert max(sizes.values()) <= 300, sizes
-    code = "import sys, pipelines.serve.config; print(sorted(m for m in sys.modules if m.startswith('pipelines.cluster')))"
+    code = ("import sys, pipelines.serve.config; "
+            "print(sorted(m for m in sys.modules if m.startswith('pipelines.cluster')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stderr[-2000:]

@@ -107,7 +107,8 @@ def test_lora_zero2_two_nodes_exports_a_stock_loadable_student(store_dir, lora2)
     from swd_core.tiny_models import resolve_pretrained
 
     teacher = _stock_pipeline(Path(resolve_pretrained("builtin:toy-sd3")))
-    diff = max((a - b).abs().max().item() for a, b in zip(pipe.transformer.parameters(), teacher.transformer.parameters()))
+    diff = max((a - b).abs().max().item()
+               for a, b in zip(pipe.transformer.parameters(), teacher.transformer.parameters()))
     assert diff > 0
 
 
@@ -136,8 +137,10 @@ def test_the_run_is_one_mlflow_run_with_every_logged_step_samples_and_curves(lor
     assert {"lr", "samples_per_s", "iter_s", "mmd", "dmd", "gan_g", "fake_denoise", "gan_d", "grad_norm_g",
             "grad_norm_f", "val_prompt_accuracy", "val_fd"} <= set(steps)
     assert all(v == ([2] if k.startswith("val_") else [1, 2]) for k, v in steps.items()), steps
-    assert run.data.params["distill.steps"] == "2" and run.data.params["distill.validation.metric"] == "prompt_accuracy"
-    assert run.data.params["data.preview_prompts"] == json.dumps(["a red circle", "a blue square on a black background"])
+    assert run.data.params["distill.steps"] == "2"
+    assert run.data.params["distill.validation.metric"] == "prompt_accuracy"
+    assert run.data.params["data.preview_prompts"] == json.dumps(
+        ["a red circle", "a blue square on a black background"])
     assert {"definition.yaml", "curves.png", "checkpoints/step_000002/samples.png", "student/samples.png"} <= artifacts
     assert run.data.tags["student"] == f"{lora2['student']}/merged"
     assert (Path(lora2["student"]) / "curves.png").stat().st_size > 10_000
@@ -163,9 +166,10 @@ def test_full_finetune_zero3(store_dir):
     # validation samples the student on every rank: under ZeRO-3 each forward gathers shards collectively
     from pipelines.stages import distill
 
+    losses = {"feature_block": 4, "dmd": {"weight": 0.0}, "gan": {"weight": 0.0}}
     cfg = parse_pipeline_config(definition(store_dir, "full3", mode="full", zero_stage=3, steps=4, checkpoint_every=2,
                                            validation={"num_prompts": 6, "batch_size": 2}, export_at_checkpoints=True,
-                                           losses={"feature_block": 4, "dmd": {"weight": 0.0}, "gan": {"weight": 0.0}}))
+                                           losses=losses))
     out = distill.run(cfg)
     m = out["final_metrics"]
     assert m["step"] == 4 and "mmd" in m and "dmd" not in m
@@ -334,5 +338,6 @@ def test_store_made_for_another_definition_is_refused(store_dir):
     from pipelines.store import StoreMismatchError
 
     other = definition(store_dir, "mismatch", schedule={"preset": "toy_6step"}, steps=6, checkpoint_every=6)
-    with pytest.raises(StoreMismatchError, match=r"scales: store has \[8, 16\], definition has \[4, 6, 8, 10, 12, 16\]"):
+    mismatch = r"scales: store has \[8, 16\], definition has \[4, 6, 8, 10, 12, 16\]"
+    with pytest.raises(StoreMismatchError, match=mismatch):
         distill.run(parse_pipeline_config(other))

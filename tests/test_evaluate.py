@@ -128,7 +128,8 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, ray_cluster):
     assert [m["n_prompts"] for m in report["models"]] == [4, 6, 6]
     assert models["swd_4"]["scales"] == [8, 10, 12, 16] and models["swd_4"]["sampler"] == "scale-wise"
     assert report["student"]["schedule"]["scales"] == [8, 10, 12, 16]
-    assert report["student"]["chosen"] == {"step": 100, "metric": "val_fd", "value": 1.25, "candidates": [50, 100, 150]}
+    assert report["student"]["chosen"] == {"step": 100, "metric": "val_fd", "value": 1.25,
+                                           "candidates": [50, 100, 150]}
     assert "The student is step 100, chosen by val_fd 1.250 among the checkpoints at steps 50, 100, 150" in md
     floor = report["fd_floor"]
     assert set(floor) == {"4", "6"}
@@ -142,21 +143,22 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, ray_cluster):
         "student_beats_teacher_few_step_accuracy", "student_beats_teacher_few_step_fd",
         "student_accuracy_vs_teacher_cfg", "student_fd_vs_teacher_cfg", "student_latency_vs_teacher_cfg"]
     assert report["checks"][1]["passed"] == (models["swd_4"]["fd"] < models["teacher_4"]["fd"])
-    assert "## Checks" in md and "![comparison grid](grid.png)" in md and "| swd_4 |" in md and "### Per attribute" in md
+    assert "## Checks" in md and "![comparison grid](grid.png)" in md
+    assert "| swd_4 |" in md and "### Per attribute" in md
     # real render + 3 models, 3 rows, 128 px cells after the 220 px label column
     assert grid.size == (220 + 4 * 128, 56 + 3 * 128)
     assert report["placement"]["pid"] != os.getpid()  # a Ray task did the work
     # the student column (the 4th, drawn 2x nearest) is the exported student's scale-wise samples
     student, schedule, _ = load_exported_student(str(tmp_path / "merged"), "sd3")
-    prompts = eval_prompts(cfg, "shapes", 3)[0][:3]
-    own = sample_images(student, prompts, [cfg.evaluate.seed + i for i in range(3)], schedule=schedule)
+    prompts, seeds = eval_prompts(cfg, "shapes", 3)[0][:3], [cfg.evaluate.seed + i for i in range(3)]
+    own = sample_images(student, prompts, seeds, schedule=schedule)
     cells = np.asarray(grid)[56:, 220 + 3 * 128:][::2, ::2].reshape(3, 64, 64, 3)
     for cell, want in zip(cells, to_pil(own)):
         assert np.abs(cell.astype(int) - np.asarray(want, dtype=int)).max() <= 1
     from swd_core.adapters import load_adapter
 
     teacher = load_adapter("sd3", TINY, max_sequence_length=0)
-    same_sampler = to_pil(sample_images(teacher, prompts, [cfg.evaluate.seed + i for i in range(3)], schedule=schedule))
+    same_sampler = to_pil(sample_images(teacher, prompts, seeds, schedule=schedule))
     assert np.abs(np.stack(same_sampler).astype(int) - cells.astype(int)).mean() > 5  # not the teacher's weights
 
     # the image metrics beside the classifier's: each model's, with intervals, and paired differences
@@ -186,8 +188,10 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, ray_cluster):
     teacher_images = sample_images(teacher, all_prompts[:4], seeds[:4], teacher_steps=3, guidance=4.5)
     # (other batches than the task's: a pixel may round to the next 8-bit value, moving a score by ~1e-4)
     clip = ClipSimilarity(metric_models["clip"])
-    assert abs(models["swd_4"]["image_metrics"]["clip_score"]["value"] - clip.scores(student_images, all_prompts).mean()) < 1e-3
-    diff = clip.scores(student_images[:4], all_prompts[:4]).mean() - clip.scores(teacher_images, all_prompts[:4]).mean()
+    reported = models["swd_4"]["image_metrics"]["clip_score"]["value"]
+    assert abs(reported - clip.scores(student_images, all_prompts).mean()) < 1e-3
+    diff = (clip.scores(student_images[:4], all_prompts[:4]).mean()
+            - clip.scores(teacher_images, all_prompts[:4]).mean())
     assert abs(student_vs["difference"]["clip_score"]["value"] - diff) < 1e-3
     dino = DinoFeatures(str(tmp_path / "dinov2"))
     fd = frechet_distance(dino.features(student_images[:4]), dino.features(teacher_images))

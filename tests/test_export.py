@@ -32,8 +32,9 @@ def test_lora_export_loads_with_stock_load_lora_weights(student, tmp_path):
     with torch.no_grad():
         with use_role(student.transformer, STUDENT):
             ours = student.velocity(x, 0.6, text)[0]
-        stock = pipe.transformer(hidden_states=x, timestep=torch.tensor([600.0]), encoder_hidden_states=text.prompt_embeds,
-                                 pooled_projections=text.pooled, return_dict=False)[0]
+        stock = pipe.transformer(hidden_states=x, timestep=torch.tensor([600.0]),
+                                 encoder_hidden_states=text.prompt_embeds, pooled_projections=text.pooled,
+                                 return_dict=False)[0]
     assert torch.allclose(ours, stock, atol=1e-5)
 
 

@@ -208,7 +208,8 @@ def test_the_flux_docs_load_the_export_and_the_lora_with_diffusers_alone(tmp_pat
     run = tmp_path / "run"
     export_lora(student, run / "student" / "lora")
     export_merged_pipeline(spec, run / "student" / "merged", preset("toy_4step", patch_size=2),
-                           lora_dir=run / "student" / "lora", max_sequence_length=16, family="flux", guidance_scale=3.5)
+                           lora_dir=run / "student" / "lora", max_sequence_length=16, family="flux",
+                           guidance_scale=3.5)
     docs = (Path(__file__).parents[1] / "docs" / "flux.md").read_text()
     snippets = re.findall(r"```python\n(.*?)```", docs, flags=re.S)
     assert len(snippets) == 2

@@ -220,7 +220,8 @@ def test_synthesize_samples_the_flux_teacher_with_its_guidance_embedding(flux_st
     prompts.write_text("\n".join(PROMPTS) + "\n")
     d = definition(tmp, "flux_synth")
     d["data"]["prompts"] = str(prompts)
-    d["synthesize"] = {"enabled": True, "num_steps": 2, "guidance_scale": 3.5, "seed": 100, "batch_size": 2, "actors": 1}
+    d["synthesize"] = {"enabled": True, "num_steps": 2, "guidance_scale": 3.5, "seed": 100, "batch_size": 2,
+                       "actors": 1}
     out = synthesize.run(parse_pipeline_config(d))
     assert out["sampled"] == 2
     rows = {r["caption"]: r for r in pq.read_table(tmp / "runs" / "flux_synth" / "synthesized").to_pylist()}

@@ -23,7 +23,8 @@ def test_both_distill_engines_are_initialised_with_the_definitions_grad_clip(tmp
     import deepspeed
 
     seen = []
-    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: (seen.append(kw["config"]) or SimpleNamespace(), None, None, None))
+    monkeypatch.setattr(deepspeed, "initialize",
+                        lambda **kw: (seen.append(kw["config"]) or SimpleNamespace(), None, None, None))
     build_engines(config(tmp_path, grad_clip=0.5, lr=1e-4, fake_lr=3e-4, zero_stage=3), tiny_nets(), 2, bf16=False)
     assert [c["gradient_clipping"] for c in seen] == [0.5, 0.5]
     assert [c["zero_optimization"]["stage"] for c in seen] == [3, 2]  # the fake engine stays at ZeRO <= 2
@@ -74,11 +75,14 @@ def test_a_deepspeed_step_hands_its_optimizer_the_gradient_clipped_to_grad_clip(
     for clip, expected in ((1e-3, (1e-3, 1e-3)), (1e3, raw)):
         nets = tiny_nets()
         before = [p.detach().clone() for p in nets.student_parameters()]
-        engine_g, engine_f = build_engines(config(tmp_path, grad_clip=clip, zero_stage=zero_stage), nets, 4, bf16=False)
+        engine_g, engine_f = build_engines(config(tmp_path, grad_clip=clip, zero_stage=zero_stage), nets, 4,
+                                           bf16=False)
         loss_g, _ = loss_of(engine_g.module, nets.fake_base, nets.head, x)
         got_g = step_and_record(engine_g, loss_g)
         _, loss_f = loss_of(nets.student_transformer, engine_f.module["base"], engine_f.module["head"], x)
         got_f = step_and_record(engine_f, loss_f)
-        assert got_g == pytest.approx(expected[0], rel=1e-3) and got_f == pytest.approx(expected[1], rel=1e-3), (clip, got_g, got_f)
+        assert got_g == pytest.approx(expected[0], rel=1e-3), (clip, got_g)
+        assert got_f == pytest.approx(expected[1], rel=1e-3), (clip, got_f)
         after = list(engine_g.module.parameters())
-        assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
+        assert all(torch.isfinite(p).all() for p in after)
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))

@@ -92,4 +92,5 @@ def test_architecture_of_a_hub_id_is_read_from_the_cache(tmp_path):
     assert run_offline(home, code) == f"[3, 16, {16 * 16 + 3 * 5 * 7}]"
     # a Hub id neither cached nor known: no estimate (and no network)
     code = code.replace("teacher.path=swd-test/tiny-transformer", "teacher.path=swd-test/not-cached")
-    assert run_offline(home, code.replace("print([a.blocks, a.width, int(a.transformer_params)])", "print(a)")) == "None"
+    code = code.replace("print([a.blocks, a.width, int(a.transformer_params)])", "print(a)")
+    assert run_offline(home, code) == "None"

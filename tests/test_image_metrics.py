@@ -77,7 +77,8 @@ def test_pickscore_follows_its_model_card(tiny, images):
     from transformers import AutoModel, AutoProcessor
 
     with pytest.raises(OSError):
-        AutoProcessor.from_pretrained(tiny["pickscore"])  # the model folder has no processor: it must come from the other
+        # the model folder has no processor: it must come from the other
+        AutoProcessor.from_pretrained(tiny["pickscore"])
     processor = AutoProcessor.from_pretrained(tiny["pickscore_processor"])
     model = AutoModel.from_pretrained(tiny["pickscore"]).eval()
 
@@ -116,7 +117,8 @@ def test_dinov2_features_are_the_cls_token_after_the_final_norm(tiny, images):
     from transformers import AutoImageProcessor, Dinov2Model
 
     feats = DinoFeatures(tiny["dinov2"], batch_size=5).features(images)
-    model, proc = Dinov2Model.from_pretrained(tiny["dinov2"]).eval(), AutoImageProcessor.from_pretrained(tiny["dinov2"])
+    model = Dinov2Model.from_pretrained(tiny["dinov2"]).eval()
+    proc = AutoImageProcessor.from_pretrained(tiny["dinov2"])
     with torch.no_grad():
         out = model(pixel_values=proc(images=to_pil(images), return_tensors="pt")["pixel_values"])
     want = out.last_hidden_state[:, 0]  # the final layer norm is applied to every token

@@ -11,7 +11,8 @@ import pytest
 @pytest.mark.parametrize("module", ["swd_core.training", "swd_core.adapters", "pipelines.stages.precompute.checks"])
 def test_importing_loads_no_diffusers_pipeline_or_transformers_model(module):
     code = (f"import sys, {module}; "
-            "print('\\n'.join(m for m in sys.modules if m.startswith(('diffusers.pipelines', 'transformers.models'))))")
+            "print('\\n'.join(m for m in sys.modules "
+            "if m.startswith(('diffusers.pipelines', 'transformers.models'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [], f"importing {module} loaded {out[:10]}"
 
@@ -37,4 +38,5 @@ def test_reading_a_definition_loads_no_torch(module):
     """Lease holders, command-line tools and Ray Train's controller read definitions and stores;
     torch (2 s per process here) loads when a schedule's sigmas are computed."""
     code = f"import sys, {module}; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False"]

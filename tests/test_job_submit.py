@@ -88,7 +88,8 @@ def _wait(client: JobSubmissionClient, job: str, until, timeout: float, what: st
         status = client.get_job_status(job)
         assert ended_ok or status not in {JobStatus.FAILED, JobStatus.STOPPED}, \
             f"job {job} {status} while waiting for {what}:\n{client.get_job_logs(job)[-4000:]}"
-        assert time.time() < deadline, f"job {job}: no {what} within {timeout:.0f} s:\n{client.get_job_logs(job)[-4000:]}"
+        assert time.time() < deadline, \
+            f"job {job}: no {what} within {timeout:.0f} s:\n{client.get_job_logs(job)[-4000:]}"
         time.sleep(1)
 
 

@@ -119,7 +119,8 @@ def test_a_payload_planted_in_any_checkpoint_file_is_refused_on_resume_and_warm_
         except UnsafeCheckpointError as err:
             assert re.search(match, str(err)), str(err)
         else:
-            pytest.fail(f"{what} loaded {name} with its payload; the payload " + ("ran" if marker.exists() else "did not run"))
+            ran = "ran" if marker.exists() else "did not run"
+            pytest.fail(f"{what} loaded {name} with its payload; the payload {ran}")
         assert not marker.exists(), f"{what}: the payload in {name} ran"
 
     for i, name in enumerate(files):
@@ -128,10 +129,11 @@ def test_a_payload_planted_in_any_checkpoint_file_is_refused_on_resume_and_warm_
         plant(bad / name, marker)
         where = f"refusing to load the checkpoint file {re.escape(str(bad / name))}: "
         monkeypatch.setattr(ray.train, "get_checkpoint", lambda bad=bad: ray.train.Checkpoint.from_directory(str(bad)))
-        refused(lambda: restore_checkpoint(cfg, 0, student_engine, fake_engine, ema, "cpu", "plan"), where + r".*posix\.system",
-                "a resume")
+        refused(lambda: restore_checkpoint(cfg, 0, student_engine, fake_engine, ema, "cpu", "plan"),
+                where + r".*posix\.system", "a resume")
         monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-        refused(lambda bad=bad: restore_checkpoint(cfg, 0, student_engine, fake_engine, ema, "cpu", "plan", warm_start=str(bad)),
+        refused(lambda bad=bad: restore_checkpoint(cfg, 0, student_engine, fake_engine, ema, "cpu", "plan",
+                                                   warm_start=str(bad)),
                 where, "a warm start")
         if name.parts[0] in ("student", "fake"):
             engine = student_engine if name.parts[0] == "student" else fake_engine

@@ -90,7 +90,8 @@ def test_pods_that_cannot_hold_a_unit_or_its_placement(capsys, tmp_path):
         (["resources.placement_strategy=STRICT_PACK"], "resources.placement_strategy STRICT_PACK puts all 16"),
         (["cluster.gpu.per_pod=8", "resources.placement_strategy=STRICT_SPREAD"],
          "resources.placement_strategy STRICT_SPREAD puts each Ray Train worker on its own node"),
-        (["cluster.gpu.per_pod=1", "resources.gpus_per_worker=2"], "cluster.gpu.per_pod 1: resources.gpus_per_worker 2"),
+        (["cluster.gpu.per_pod=1", "resources.gpus_per_worker=2"],
+         "cluster.gpu.per_pod 1: resources.gpus_per_worker 2"),
     ]:
         for lines in three_ways("sd35_medium_4step", overrides, capsys, tmp_path):
             assert len(lines) == 1 and lines[0].startswith(words), lines
@@ -111,7 +112,8 @@ def test_launcher_instance_type_is_checked_or_chosen_to_fit(capsys):
         doc = yaml.safe_load(capsys.readouterr().out)
         node = doc["available_node_types"]["gpu_worker"]
         # the node declares every GPU of its type, and holds that many workers: 16 of them on 2 nodes
-        assert (node["node_config"]["InstanceType"], node["resources"]["GPU"], node["max_workers"]) == (chosen, gpus, 2)
+        declared = (node["node_config"]["InstanceType"], node["resources"]["GPU"], node["max_workers"])
+        assert declared == (chosen, gpus, 2)
         assert node["resources"]["CPU"] == 8 * gpus
     # an 8-GPU type named explicitly: its GPUs are all declared (not 1 of 8)
     assert render_main(["render", "--config", medium, "--kind", "launcher", "--image", IMAGE,

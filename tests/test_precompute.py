@@ -51,7 +51,8 @@ def png(im, fmt="PNG", **kw) -> bytes:
 
 def write_parquet(path, images, captions):
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "caption": pa.array(captions, pa.string())}), path)
+    table = pa.table({"image": pa.array(images, pa.binary()), "caption": pa.array(captions, pa.string())})
+    pq.write_table(table, path)
 
 
 def odd_images(n, seed=0):
@@ -148,10 +149,13 @@ def test_local_store_values_resume_and_append(ray_cluster, tmp_path, adapter):
 
     # a definition with other scales or another storage dtype is refused, saying what differs
     other = parse_pipeline_config(config(tmp_path / "runs", sources, distill={"schedule": {"preset": "toy_6step"}}))
-    with pytest.raises(store.StoreMismatchError, match=r"scales: store has \[8, 10, 12, 16\], definition has \[4, 6, 8, 10, 12, 16\]"):
+    with pytest.raises(store.StoreMismatchError,
+                       match=r"scales: store has \[8, 10, 12, 16\], definition has \[4, 6, 8, 10, 12, 16\]"):
         store.open_store(other)
-    with pytest.raises(store.StoreMismatchError, match="storage_dtype: store has 'float16', definition has 'bfloat16'"):
-        precompute.run(parse_pipeline_config(config(tmp_path / "runs", sources, precompute={"storage_dtype": "bfloat16"})))
+    bf16 = parse_pipeline_config(config(tmp_path / "runs", sources, precompute={"storage_dtype": "bfloat16"}))
+    with pytest.raises(store.StoreMismatchError,
+                       match="storage_dtype: store has 'float16', definition has 'bfloat16'"):
+        precompute.run(bf16)
 
 
 # The acceptance test's precompute runs as its own driver joined to the shared cluster; under root
@@ -248,7 +252,8 @@ def hostile_corpus(tmp: Path) -> dict:
     line = {n: i + 2 for i, (n, _) in reversed(list(enumerate(rows)))}  # first line of each name
     ref = lambda n, i=None: f"{n} (metadata.csv line {i or line[n]})"  # noqa: E731
 
-    pq.write_table(pa.table({"image": pa.array([files["good.png"][0]], pa.binary()), "caption": pa.array([7], pa.int64())}),
+    pq.write_table(pa.table({"image": pa.array([files["good.png"][0]], pa.binary()),
+                             "caption": pa.array([7], pa.int64())}),
                    tmp / "numbers.parquet")
     strict_long = png(Image.fromarray(rgb()))
     write_parquet(tmp / "strict.parquet", [strict_long, None], [" ".join(["a blue square"] * 20), "a blue circle"])
@@ -258,13 +263,14 @@ def hostile_corpus(tmp: Path) -> dict:
     conversions = {"grey.png": "L -> RGB", "rgba.png": "RGBA -> RGB on white", "cmyk.jpg": "CMYK -> RGB",
                    "deep.png": "I;16 (16-bit) -> RGB", "palette.png": "P -> RGB", "anim.gif": "P -> RGB"}
     good = {ref(n): (files[n][0], files[n][1].replace("\x00", "").replace("\x1b", ""), conversions.get(n))
-            for n in ("good.png", "wide.jpg", "grey.png", "rgba.png", "cmyk.jpg", "deep.png", "palette.png", "anim.gif",
-                      "long.png", "nul.png")}
+            for n in ("good.png", "wide.jpg", "grey.png", "rgba.png", "cmyk.jpg", "deep.png", "palette.png",
+                      "anim.gif", "long.png", "nul.png")}
     bad = {ref("truncated.png"): "undecodable_image", ref("text.png"): "undecodable_image",
            ref("tiny.png"): "too_small", ref("empty.png"): "empty_caption", ref("locked.png"): "unreadable",
            ref("good.png", len(files) + 2): "duplicate", ref("../outside/up.png"): "outside_source",
            ref(str(outside / "abs.png")): "outside_source", ref("link.png"): "outside_source",
-           ref("gone.png"): "missing_image", f"{nul!r} (metadata.csv line {line[nul]})": "bad_path", ref("pipe.png"): "not_a_file", ref("folder.png"): "not_a_file", ref("sock.png"): "not_a_file",
+           ref("gone.png"): "missing_image", f"{nul!r} (metadata.csv line {line[nul]})": "bad_path",
+           ref("pipe.png"): "not_a_file", ref("folder.png"): "not_a_file", ref("sock.png"): "not_a_file",
            "numbers.parquet#0": "caption_not_text",
            "strict.parquet#0": "caption_too_long", "strict.parquet#1": "missing_image"}
     return {"sources": sources, "good": good, "bad": bad, "sentinels": sentinels, "root": root}
@@ -345,9 +351,11 @@ def test_kill_midway_then_rerun_stores_each_sample_once(ray_cluster, tmp_path):
     path.write_text(yaml.safe_dump(data))
     # A 127.0.0.1 address stays on loopback only with this flag (Ray otherwise swaps in the
     # machine's routable IP, where the fixture's cluster does not listen).
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, PYTHONPATH=str(ROOT),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     proc = subprocess.Popen([sys.executable, "pipelines/distill.py", "--config", str(path), "--stages", "precompute"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     data_dir = tmp_path / "runs" / "pc" / "store" / "data"
     deadline = time.time() + 240
     try:
@@ -395,9 +403,11 @@ def test_synthesize_then_precompute_on_s3(ray_cluster, s3_server, adapter):
     buf = io.BytesIO()
     pq.write_table(pa.table({"img": images, "text": ["a purple circle", "an orange square"]}), buf)
     fs.pipe("swd-test/in/extra/part.parquet", buf.getvalue())
-    data = config("s3://swd-test/runs", [{"path": "s3://swd-test/in/extra", "image_column": "img", "caption_column": "text"}],
+    data = config("s3://swd-test/runs",
+                  [{"path": "s3://swd-test/in/extra", "image_column": "img", "caption_column": "text"}],
                   data={"prompts": "s3://swd-test/in/prompts.txt"},
-                  synthesize={"enabled": True, "num_steps": 3, "guidance_scale": 4.5, "seed": 7, "batch_size": 3, "actors": 2},
+                  synthesize={"enabled": True, "num_steps": 3, "guidance_scale": 4.5, "seed": 7, "batch_size": 3,
+                              "actors": 2},
                   resources={"storage": "s3://swd-test/runs", "s3": {"endpoint_url": s3_server}})
     cfg = parse_pipeline_config(data)
     from pipelines.stages import synthesize
@@ -422,7 +432,8 @@ def test_synthesize_then_precompute_on_s3(ray_cluster, s3_server, adapter):
 
     # an image depends only on (prompt, seed): the first prompt alone, outside Ray, gives the same pixels
     alone = generate_images(adapter, [prompts[0]], [7], teacher_steps=3, guidance=4.5)[0]
-    diff = np.abs(np.asarray(alone).astype(int) - np.asarray(Image.open(io.BytesIO(made[prompts[0]]["image"]))).astype(int))
+    in_ray = np.asarray(Image.open(io.BytesIO(made[prompts[0]]["image"])))
+    diff = np.abs(np.asarray(alone).astype(int) - in_ray.astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01  # at most one level from float noise across batch sizes
     assert synthesize.run(cfg)["sampled"] == 0
 
@@ -461,7 +472,8 @@ def test_a_folder_source_reads_nothing_outside_its_root(tmp_path):
             [5, "link.png", "x"], [6, "good.png", 7], [7, "locked.png", "y"]]
     task = {"kind": "imagefolder", "task": 0, "folder": str(root), "rows": rows}
     out = {}
-    reader = threading.Thread(target=lambda: out.setdefault("b", next(read_task(task, ResourcesConfig()))), daemon=True)
+    reader = threading.Thread(target=lambda: out.setdefault("b", next(read_task(task, ResourcesConfig()))),
+                              daemon=True)
     reader.start()
     reader.join(30)
     assert not reader.is_alive(), "a file outside the source's folder was opened"

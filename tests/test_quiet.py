@@ -84,7 +84,8 @@ def test_worker_env_quiets_worker_processes(monkeypatch):
 
 
 def _base_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "RAY_DATA_DISABLE_PROGRESS_BARS")}
+    quieting = ("HF_HUB_DISABLE_PROGRESS_BARS", "RAY_DATA_DISABLE_PROGRESS_BARS")
+    return {k: v for k, v in os.environ.items() if k not in quieting}
 
 
 @pytest.mark.parametrize("tty", [True, False])

@@ -35,7 +35,8 @@ def test_commands_name_existing_files_targets_and_modules():
             if not words:
                 continue
             if words[0] == "make":
-                problems += [f"{line}: no make target {t!r}" for t in words[1:] if "=" not in t and t not in make_targets()]
+                problems += [f"{line}: no make target {t!r}"
+                             for t in words[1:] if "=" not in t and t not in make_targets()]
             if words[:2] == ["python", "-m"] and len(words) > 2:
                 module = ROOT / words[2].replace(".", "/")
                 if not (module.with_suffix(".py").exists() or (module / "__init__.py").exists()):

@@ -144,7 +144,8 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         assert second["warm_start"] == first["checkpoint"] and second["start_step"] == 2
         assert checkpoint_steps(run_dir / "cycles" / "cycle-0002") == [4]  # went on from step 2, not from 0
         assert second["promoted"] and set(second["gate"]["champion"]) == {"fd", "clip_score"}
-        assert second["gate"]["seeds"] == first["gate"]["seeds"] and second["gate"]["prompts"] == first["gate"]["prompts"]
+        assert second["gate"]["seeds"] == first["gate"]["seeds"]
+        assert second["gate"]["prompts"] == first["gate"]["prompts"]
         assert not load.failures(), load.failures()[:5]  # connection errors included
         assert {o.model for o in load.outcomes} == {"nightly-swd-v1", "nightly-swd-v2"}
         # v1's folder is untouched: every cycle exports into its own
@@ -156,12 +157,14 @@ def test_cycles_promote_serve_refuse_roll_back_and_lock(tmp_path, ray_cluster):
         # it takes the lock, and a cycle started meanwhile finds it and changes nothing.
         hard = definition(tmp_path, rows=96)
         path = write(tmp_path, hard)
-        hard["retrain"]["gate"]["metrics"] = [{"name": "fd", "min_margin": 1e9}, {"name": "clip_score", "min_margin": 1e9}]
+        hard["retrain"]["gate"]["metrics"] = [{"name": "fd", "min_margin": 1e9},
+                                              {"name": "clip_score", "min_margin": 1e9}]
         margin = ["--set", "retrain.gate.metrics=[{name: fd, min_margin: 1e9}, {name: clip_score, min_margin: 1e9}]"]
 
         def cycle3():
-            return subprocess.Popen([sys.executable, "pipelines/retrain.py", "--once", "--force", "--config", str(path),
-                                     *margin], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            return subprocess.Popen([sys.executable, "pipelines/retrain.py", "--once", "--force",
+                                     "--config", str(path), *margin],
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     env=dict(os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS=ray_cluster.address))
 
         lock = Path(lock_uri(cfg))

@@ -35,7 +35,8 @@ def test_bad_schedules_are_refused_with_what_kubernetes_accepts(schedule, words)
 def test_bad_retrain_settings_name_the_field():
     with pytest.raises(PipelineConfigError, match="retrain.timezone.*unknown time zone"):
         parse_pipeline_config(with_retrain(timezone="Mars/Olympus"))
-    with pytest.raises(PipelineConfigError, match="retrain.steps 50 is not a multiple of the schedule's 4 steps.*48 or 52"):
+    with pytest.raises(PipelineConfigError,
+                       match="retrain.steps 50 is not a multiple of the schedule's 4 steps.*48 or 52"):
         parse_pipeline_config(with_retrain(steps=50))
     d = with_retrain(gate={"metrics": [{"name": "prompt_accuracy"}]})
     d["teacher"]["path"] = "builtin:tiny-sd3"
@@ -109,7 +110,8 @@ def test_registry_versions_alias_and_its_history(tmp_path):
     assert again.versions()[0].metrics == {"fd": 2.0}
     assert [(h["version"], h["previous"]) for h in again.alias_history()] == [(1, None), (2, 1)]
     assert [m.step for m in again.client.get_metric_history(run, "generator")] == [3]
-    assert (tmp_path / "toy-retrain" / "mlflow-artifacts").as_uri() in again.client.get_experiment(again.experiment_id).artifact_location
+    artifacts = again.client.get_experiment(again.experiment_id).artifact_location
+    assert (tmp_path / "toy-retrain" / "mlflow-artifacts").as_uri() in artifacts
 
 
 def test_a_cycle_registers_one_version_however_often_it_resumes(tmp_path):
@@ -203,7 +205,8 @@ def scored(per_prompt: dict):
 
     values = {k: np.full(8, v, dtype=float) if np.isscalar(v) else np.asarray(v, dtype=float)
               for k, v in per_prompt.items()}
-    return Scored({k: float(v.mean()) for k, v in values.items()}, None, {k: Reading(values=v) for k, v in values.items()})
+    return Scored({k: float(v.mean()) for k, v in values.items()}, None,
+                  {k: Reading(values=v) for k, v in values.items()})
 
 
 # (metric, margin, candidate, champion, passes); values exact in binary, so the margin edge is exact.
@@ -236,7 +239,8 @@ def test_gate_verdict_follows_the_metric_direction_and_margin(name, margin, cand
                      f"({'lower' if name == 'fd' else 'higher'} is better; gain {gain:+.4f}, 95% interval "
                      f"[{gain:+.4f}, {gain:+.4f}] over 8 prompts, its lower end needs >= {margin:+.4f}): "
                      f"{'pass' if passes else 'FAIL'}"]
-    assert diffs[name]["value"] == candidate - champion and diffs[name]["lo"] == diffs[name]["hi"] == candidate - champion
+    assert diffs[name]["value"] == candidate - champion
+    assert diffs[name]["lo"] == diffs[name]["hi"] == candidate - champion
 
 
 def test_gate_verdict_takes_an_explicit_direction_over_the_metric_default():
@@ -342,7 +346,8 @@ def test_the_scheduler_outlives_a_failed_cycle_a_broken_definition_and_a_refused
     out, err = capsys.readouterr()
     assert len(ticks) == 5 and len(ran) == 3  # tick 2 ran no cycle: its definition did not validate
     assert "[retrain] error: the cycle failed; it resumes at the next tick" in err and "RuntimeError: boom" in err
-    assert "[retrain] error: the definition no longer validates; skipping this tick" in err and "retrain.steps 50" in err
+    assert "[retrain] error: the definition no longer validates; skipping this tick" in err
+    assert "retrain.steps 50" in err
     assert "[retrain] warning: another retraining cycle is running" in err
     assert out.count("[retrain] next cycle of") == 4  # the fifth tick stopped it
 

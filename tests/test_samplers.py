@@ -95,7 +95,8 @@ def test_teacher_cfg_sampler_agrees_with_stock_sd3_pipeline(tiny_adapter):
 
 def test_an_image_depends_only_on_its_seed(tiny_adapter, toy_schedule):
     alone = generate_latents(tiny_adapter, ["a blue star"], [11], schedule=toy_schedule)
-    batched = generate_latents(tiny_adapter, ["a red circle", "a blue star", "a cross"], [3, 11, 5], schedule=toy_schedule)
+    batched = generate_latents(tiny_adapter, ["a red circle", "a blue star", "a cross"], [3, 11, 5],
+                               schedule=toy_schedule)
     assert torch.allclose(alone[0], batched[1], atol=1e-5)
     assert not torch.allclose(batched[0], batched[1], atol=1e-3)
 

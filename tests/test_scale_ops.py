@@ -7,7 +7,8 @@ from swd_core.scale_ops import add_noise, downscale_pixels, upscale_latents, x0_
 def test_area_downscale_is_block_mean():
     img = torch.arange(16.0).view(1, 1, 4, 4)
     out = downscale_pixels(img, 2)
-    expected = torch.tensor([[(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4], [(8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4]])
+    expected = torch.tensor([[(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4],
+                             [(8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4]])
     assert torch.allclose(out[0, 0], expected)
 
 

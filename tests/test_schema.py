@@ -48,7 +48,8 @@ def test_flux_definition_indexes_flux_grid_and_embeds_guidance(capsys):
     flux = load_pipeline_config(path)
     large = load_pipeline_config(MEDIUM6.with_name("sd35_large_4step.yaml"))
     s = flux.schedule()
-    assert flux.teacher.family == "flux" and s.scales == large.schedule().scales and s.boundaries == large.schedule().boundaries
+    assert flux.teacher.family == "flux"
+    assert s.scales == large.schedule().scales and s.boundaries == large.schedule().boundaries
     grid = family_sigma_grid("flux", s.final_scale)
     assert s.sigmas == tuple(float(grid[b]) for b in s.boundaries) and s.sigmas != large.schedule().sigmas
     assert flux.distill.batch_size % flux.resources.num_workers == 0
@@ -65,7 +66,8 @@ def test_dry_run_prints_the_published_schedule(capsys):
     out = capsys.readouterr().out
     assert "scales [32, 48, 64, 80, 96, 128]" in out
     assert "sigmas [1.0, 0.9454, 0.8959, 0.7904, 0.7371, 0.6022]" in out
-    assert "step 3: scale 80  sigma 0.7904" in out and "ZeRO stage 2" in out and "16 worker(s) × 8.0 CPU, 1.0 GPU" in out and "evaluate and preview: one task × (8.0 CPU, 1.0 GPU)" in out
+    assert "step 3: scale 80  sigma 0.7904" in out and "ZeRO stage 2" in out
+    assert "16 worker(s) × 8.0 CPU, 1.0 GPU" in out and "evaluate and preview: one task × (8.0 CPU, 1.0 GPU)" in out
     assert "LoRA targets (student and fake score): to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, " \
            "ff_context.net.0.proj, ff_context.net.2" in out
     assert "5 fake-score update(s), then 1 generator update" in out and "every 240 iterations (40 rounds" in out
@@ -177,7 +179,8 @@ def test_renamed_fields_name_their_new_name():
     assert "evaluate.teacher_guidance: was renamed to evaluate.teacher_guidance_scale" in msg
     assert "retrain.gate.teacher_guidance: was renamed to retrain.gate.teacher_guidance_scale" in msg
     assert "retrain.iterations: was renamed to retrain.steps" in msg and "3 problems" in msg
-    with pytest.raises(PipelineConfigError, match="evaluate.teacher_guidance was renamed to evaluate.teacher_guidance_scale"):
+    with pytest.raises(PipelineConfigError,
+                       match="evaluate.teacher_guidance was renamed to evaluate.teacher_guidance_scale"):
         apply_overrides(_medium6(), ["evaluate.teacher_guidance=3"])
     # the new names are the real fields, and no old name is still a field of its model
     for (model, old), new in RENAMED.items():

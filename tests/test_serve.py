@@ -52,7 +52,8 @@ def pixels(png: bytes) -> np.ndarray:
 def students(tmp_path_factory):
     root = tmp_path_factory.mktemp("students")
     cfg = toy_cfg()
-    return {"a": str(export_stand_in(cfg, root / "a")), "b": str(export_stand_in(cfg, root / "b", perturb=1.0, seed=1))}
+    return {"a": str(export_stand_in(cfg, root / "a")),
+            "b": str(export_stand_in(cfg, root / "b", perturb=1.0, seed=1))}
 
 
 @pytest.fixture(scope="module")
@@ -185,14 +186,16 @@ BAD = [
     ("url response format", {"json": {"prompt": "x", "response_format": "url"}}, 400, "b64_json"),
     ("unknown field", {"json": {"prompts": "x"}}, 400, "prompts: unknown field"),
     ("unknown model", {"json": {"prompt": "x", "model": "dall-e-3"}}, 404, "available: toy-swd"),
-    ("malformed JSON", {"data": b'{"prompt": "x",', "headers": {"Content-Type": "application/json"}}, 400, "malformed JSON"),
+    ("malformed JSON", {"data": b'{"prompt": "x",', "headers": {"Content-Type": "application/json"}},
+     400, "malformed JSON"),
     ("JSON array", {"json": ["x"]}, 400, "must be an object"),
     ("wrong content type", {"data": b"prompt=x", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
      415, "application/json"),
     ("no content type", {"data": b'{"prompt": "x"}'}, 415, "application/json"),
     ("oversized body", {"data": b"{" + b" " * 200_000 + b"}", "headers": {"Content-Type": "application/json"}},
      413, "(Content-Length); the limit is 65536"),
-    ("oversized chunked body", {"data": iter([b"{" + b" " * 16_384] * 8), "headers": {"Content-Type": "application/json"}},
+    ("oversized chunked body",
+     {"data": iter([b"{" + b" " * 16_384] * 8), "headers": {"Content-Type": "application/json"}},
      413, "stopped reading there"),
     # what cannot be encoded or parsed: a 400 naming the field, never a 500 (nor a failed batch)
     ("lone surrogate", {"data": b'{"prompt": "x\\ud800", "seed": 1}', "headers": {"Content-Type": "application/json"}},
@@ -212,7 +215,8 @@ def test_bad_generation_requests_get_a_4xx_with_a_message(app, desc, kwargs, sta
     assert words in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("params,words", [({"seed": "3"}, "prompt: required"), ({"prompt": "x", "seed": "abc"}, "integer"),
+@pytest.mark.parametrize("params,words", [({"seed": "3"}, "prompt: required"),
+                                          ({"prompt": "x", "seed": "abc"}, "integer"),
                                           ({"prompt": "x", "seed": "1.5"}, "integer"), ({"prompt": ""}, "empty"),
                                           ({"prompt": "x", "seed": "9" * 5000}, "seed: a 5000-digit integer"),
                                           ({"prompt": "x", "size": "8x8"}, "supported: 64x64")])
@@ -243,7 +247,8 @@ def test_no_generated_request_gets_a_5xx_or_a_traceback(app, request):
 
     from pipelines.serve.validation import ImageRequest
     url, _ = app
-    text = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)  # no lone surrogates: `requests` cannot send them
+    # no lone surrogates: `requests` cannot send them
+    text = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
     # in a JSON body they are \u escapes: sendable, and refused with a 400
     json_text = text | st.tuples(text, st.characters(categories=["Cs"]), text).map("".join)
     scalar = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | json_text
@@ -282,7 +287,8 @@ def test_no_generated_request_gets_a_5xx_or_a_traceback(app, request):
         headers = {} if ctype is None else {"Content-Type": ctype}
         r = requests.request(method, url + path, params=params, data=data, headers=headers, timeout=60)
         codes[r.status_code] += 1
-        where = f"{method} {path} params={params!r} body={data!r:.200} content-type={ctype!r}: {r.status_code} {r.text[:300]!r}"
+        where = (f"{method} {path} params={params!r} body={data!r:.200} content-type={ctype!r}: "
+                 f"{r.status_code} {r.text[:300]!r}")
         assert r.status_code < 500, where
         assert "Traceback" not in r.text, where
         if 400 <= r.status_code < 500 and method != "HEAD":
@@ -298,8 +304,9 @@ def test_no_generated_request_gets_a_5xx_or_a_traceback(app, request):
     try:
         one()
     finally:
-        request.node.user_properties.append(("summary", f"HTTP property test: {sum(codes.values())} requests sent; "
-                                             "status codes " + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items()))))
+        statuses = ", ".join(f"{c}: {n}" for c, n in sorted(codes.items()))
+        request.node.user_properties.append(
+            ("summary", f"HTTP property test: {sum(codes.values())} requests sent; status codes {statuses}"))
     assert codes[200] > 0 and sum(n for c, n in codes.items() if 400 <= c < 500) > 0, codes  # both kinds were tried
 
 
@@ -309,8 +316,9 @@ def test_auth_and_backpressure(http_base, students, tmp_path):
 
     key = "sk-test-" + "x" * 24
     (tmp_path / "key").write_text(key + "\n")
-    cfg = toy_cfg(model=students["a"], app_name=APP + "-auth", route_prefix=ROUTE + "-auth", api_key_file=str(tmp_path / "key"),
-                  max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1, batch_wait_timeout_s=0)
+    cfg = toy_cfg(model=students["a"], app_name=APP + "-auth", route_prefix=ROUTE + "-auth",
+                  api_key_file=str(tmp_path / "key"), max_batch_size=1, max_ongoing_requests=1,
+                  max_queued_requests=1, batch_wait_timeout_s=0)
     from pipelines.stages import deploy as deploy_stage
 
     out = deploy_stage.run(cfg)  # the pipeline's deploy stage, on the running cluster
@@ -322,7 +330,8 @@ def test_auth_and_backpressure(http_base, students, tmp_path):
             r = post(url, {"prompt": PROMPT}, headers=headers)
             assert r.status_code == 401 and "API key" in r.json()["error"]["message"] and key not in r.text
             assert requests.get(f"{url}/v1/models", headers=headers, timeout=30).status_code == 401
-            assert requests.get(f"{url}/generate", params={"prompt": "x"}, headers=headers, timeout=30).status_code == 401
+            r = requests.get(f"{url}/generate", params={"prompt": "x"}, headers=headers, timeout=30)
+            assert r.status_code == 401
         r = post(url, {"prompt": PROMPT, "seed": 1}, headers=ok)
         assert r.status_code == 200 and key not in r.text
         assert requests.get(f"{url}/v1/models", headers=ok, timeout=30).status_code == 200
@@ -364,7 +373,8 @@ def test_hot_swap_under_load_has_no_failures(app, students, offline):
     send = lambda: requests.get(f"{url}/generate", params={"prompt": PROMPT, "seed": 5}, timeout=60)  # noqa: E731
     with Load(send, threads=4) as load:
         load.wait_for(4)  # the load is on the first model
-        swapped = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": students["b"], "model_id": "toy-swd-b"})})
+        serve_b = cfg.serve.model_copy(update={"model": students["b"], "model_id": "toy-swd-b"})
+        swapped = cfg.model_copy(update={"serve": serve_b})
         serve.run(build_app(swapped), name=APP, route_prefix=ROUTE, blocking=False)
         deadline = time.time() + 60
         while requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["source"] != students["b"]:

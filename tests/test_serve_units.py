@@ -71,9 +71,10 @@ def test_generated_serve_config_and_rayservice_validate():
     from ray.serve.schema import ServeDeploySchema
 
     cfg = load_pipeline_config("pipelines/configs/toy.yaml")
-    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"min_replicas": 1, "max_replicas": 3, "api_key_env": "SWD_API_KEY"})})
+    serve = cfg.serve.model_copy(update={"min_replicas": 1, "max_replicas": 3, "api_key_env": "SWD_API_KEY"})
+    cfg = cfg.model_copy(update={"serve": serve})
     doc = serve_config(cfg)
-    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
+    schema = ServeDeploySchema.model_validate(doc)
     (application,) = schema.applications
     assert application.import_path == "pipelines.serve.app:app_builder"
     gen = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Generator")
@@ -187,7 +188,8 @@ def test_a_batch_computes_only_its_own_images_unless_batching_is_deterministic(t
     cfg = load_pipeline_config("pipelines/configs/toy.yaml")
     student = export_stand_in(cfg, tmp_path / "student")
     cfg = cfg.model_copy(update={"serve": cfg.serve.model_validate(
-        {"model": str(student), "max_batch_size": 4, "batch_wait_timeout_s": 0, "deterministic_batching": deterministic})})
+        {"model": str(student), "max_batch_size": 4, "batch_wait_timeout_s": 0,
+         "deterministic_batching": deterministic})})
     cls = Generator.func_or_class
     gen = cls(replica_args(cfg))
     rows = []
@@ -236,7 +238,8 @@ def test_serve_listens_on_loopback_unless_a_key_or_a_host_is_set():
     assert serve_config(toy)["http_options"]["host"] == "127.0.0.1" and toy.serve.exposure_warning() is None
     keyed = ServeConfig(api_key_file="/etc/swd/key")
     assert keyed.listen_host == "0.0.0.0" and keyed.exposure_warning() is None
-    assert ServeConfig(host="::1").exposure_warning() is None and ServeConfig(host="localhost").listen_host == "localhost"
+    assert ServeConfig(host="::1").exposure_warning() is None
+    assert ServeConfig(host="localhost").listen_host == "localhost"
     for public in ("0.0.0.0", "10.1.2.3", "serve.example.com"):
         assert "no API key" in ServeConfig(host=public).exposure_warning()
     # in a pod the proxy listens on the pod's address: its ClusterIP Service is the boundary
@@ -261,7 +264,8 @@ def test_replicas_get_and_are_versioned_by_only_what_they_run():
         assert code_version(replica_args(parse_pipeline_config(d))) == version
     version2 = code_version(replica_args(served_model(base, type("V", (), {"source": "/m/v2", "number": 2})())))
     assert version2 == version  # a promotion changes only user_config
-    for d in ({**data, "serve": {**data["serve"], "max_batch_size": 4}}, {**data, "teacher": {**data["teacher"], "dtype": "bfloat16"}}):
+    for d in ({**data, "serve": {**data["serve"], "max_batch_size": 4}},
+              {**data, "teacher": {**data["teacher"], "dtype": "bfloat16"}}):
         assert code_version(replica_args(parse_pipeline_config(d))) != version
 
 

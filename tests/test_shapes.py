@@ -59,7 +59,8 @@ def test_rendered_pixels_show_the_attributes():
                             [shapes.ShapeObject("square", "red", "large", 1, 1)], "black")
     img = np.asarray(shapes.render(s))
     assert tuple(img[32, 32]) == shapes.COLORS["red"] and tuple(img[2, 2]) == shapes.BACKGROUNDS["black"]
-    small = np.asarray(shapes.render(shapes.ShapesSample("", [shapes.ShapeObject("square", "red", "small", 1, 1)], "black")))
+    small_square = shapes.ShapesSample("", [shapes.ShapeObject("square", "red", "small", 1, 1)], "black")
+    small = np.asarray(shapes.render(small_square))
     red = lambda a: (np.abs(a.astype(int) - shapes.COLORS["red"]).sum(-1) < 30).sum()  # noqa: E731
     # fully red pixels fill a square of side 2 x half-extent, less the blended rim (measured 18² and 10²)
     for a, size in ((img, "large"), (small, "small")):

@@ -104,7 +104,8 @@ def test_fixed_batches_run_on_into_the_next_epoch_and_say_where_they_stopped():
 
 def _epoch(rows, window, seed, epoch, start=0):
     first = start - start % window if window else start
-    return list(shuffled_windows(worker_blocks(_blocks([4, 4, 4]), rows, first), rows.count, window, seed, epoch, start))
+    blocks = worker_blocks(_blocks([4, 4, 4]), rows, first)
+    return list(shuffled_windows(blocks, rows.count, window, seed, epoch, start))
 
 
 def test_shuffled_windows_permute_each_window_the_same_way_on_every_run():
@@ -181,8 +182,8 @@ def test_a_small_shard_is_read_once_and_gives_the_batches_of_reading_it_every_ep
     ids = {}
     for budget in (1 << 20, 1):  # 1 byte: nothing fits, every epoch reads the shard again
         Shard.reads = 0
-        stream = worker_batches(Shard(), rows, Store(), batch_size=3, epoch=resume[0], done=resume[1], window=4, seed=5,
-                          cache_bytes=budget)
+        stream = worker_batches(Shard(), rows, Store(), batch_size=3, epoch=resume[0], done=resume[1], window=4,
+                                seed=5, cache_bytes=budget)
         ids[budget] = [next(stream)[1]["id"].tolist() for _ in range(14)]  # four epochs and a bit
         assert Shard.reads == (1 if budget > 1 else 5), budget
     assert ids[1 << 20] == ids[1]
@@ -208,7 +209,8 @@ def test_the_memory_budget_counts_the_bytes_of_binary_columns():
     rows = WorkerRows(("a", "b", "c"), skip=1, count=10)
     for budget, reads in ((100_000, 1), (5_000, 5)):
         Shard.reads = 0
-        stream = worker_batches(Shard(), rows, Store(), batch_size=3, epoch=0, done=0, window=4, seed=5, cache_bytes=budget)
+        stream = worker_batches(Shard(), rows, Store(), batch_size=3, epoch=0, done=0, window=4, seed=5,
+                                cache_bytes=budget)
         for _ in range(14):
             next(stream)
         assert Shard.reads == reads, budget
@@ -228,7 +230,8 @@ def test_each_worker_reads_its_rows_in_order_on_every_run(tmp_path, ray_cluster)
     start = 0
     for i, n in enumerate(sizes):
         ids = [f"s{j:03d}" for j in range(start, start + n)]
-        pq.write_table(pa.table({"sample_id": ids, "pad": [bytes(20_000 * (i % 3))] * n}), data / f"part-{i:02d}.parquet")
+        pq.write_table(pa.table({"sample_id": ids, "pad": [bytes(20_000 * (i % 3))] * n}),
+                       data / f"part-{i:02d}.parquet")
         start += n
     store = Store(uri=str(tmp_path / "store"), manifest={})
     plan = plan_shards(store.file_rows(), world=3)

@@ -112,7 +112,8 @@ def test_builtin_parti_is_partiprompts_with_its_licence_and_selectable_categorie
     assert len(two) == 314 + 74
     basic_animals = read_prompts("builtin:parti?category=animals&challenge=Basic", ResourcesConfig())
     assert 0 < len(basic_animals) < 314
-    assert set(basic_animals) == {r["prompt"] for r in parti_rows() if r["category"] == "Animals" and r["challenge"] == "Basic"}
+    assert set(basic_animals) == {r["prompt"] for r in parti_rows()
+                                  if r["category"] == "Animals" and r["challenge"] == "Basic"}
     with pytest.raises(ValueError, match="unknown category.*'pets'.*animals"):
         read_prompts("builtin:parti?category=pets", ResourcesConfig())
     with pytest.raises(ValueError, match="unknown option"):
@@ -125,7 +126,8 @@ def test_builtin_parti_is_partiprompts_with_its_licence_and_selectable_categorie
     from pipelines.stages.evaluate import eval_prompts
 
     prompts, _, source, _ = eval_prompts(cfg, "prompts", 8)
-    assert prompts == read_prompts("builtin:parti?category=vehicles", ResourcesConfig())[:8] and source.startswith("builtin:parti")
+    assert prompts == read_prompts("builtin:parti?category=vehicles", ResourcesConfig())[:8]
+    assert source.startswith("builtin:parti")
 
 
 # ---------------------------------------------------------------- b. Hugging Face image structs
@@ -156,7 +158,8 @@ def test_a_hugging_face_image_struct_column_is_decoded_and_a_row_without_bytes_i
     table = checked(rows)
     assert [r["reason"] for r in table] == [None, "missing_image", None, "missing_image"]
     assert table[1]["detail"] == table[3]["detail"] == "no image bytes in the row"
-    assert table[0]["sample_id"] == sample_id(red, "a red square") and table[2]["sample_id"] == sample_id(blue, "a blue square")
+    assert table[0]["sample_id"] == sample_id(red, "a red square")
+    assert table[2]["sample_id"] == sample_id(blue, "a blue square")
 
 
 def test_a_parquet_source_without_its_columns_is_refused_on_the_driver_in_one_line(tmp_path):
@@ -269,7 +272,8 @@ def test_names_no_file_can_have_and_files_that_are_not_regular_are_refused_unope
     task = {"kind": "imagefolder", "task": 0, "folder": str(root),
             "rows": [[i + 2, name, "a red square"] for i, name in enumerate(names)]}
     out = {}
-    reader = threading.Thread(target=lambda: out.setdefault("b", next(read_task(task, ResourcesConfig()))), daemon=True)
+    reader = threading.Thread(target=lambda: out.setdefault("b", next(read_task(task, ResourcesConfig()))),
+                              daemon=True)
     reader.start()
     reader.join(30)
     if reader.is_alive():

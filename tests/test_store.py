@@ -169,7 +169,8 @@ def test_file_rows_of_an_s3_store_come_in_listing_order_with_each_files_count(tm
     resources = ResourcesConfig(s3={"endpoint_url": s3_server})
     uri = "s3://swd-test/file-rows"
     fs = filesystem(uri, resources)
-    counts = {f"part-{i:03d}.parquet": (7 * i) % 11 for i in range(3 * store.FOOTER_READERS)}  # more files than readers
+    # more files than readers
+    counts = {f"part-{i:03d}.parquet": (7 * i) % 11 for i in range(3 * store.FOOTER_READERS)}
     for name, n in counts.items():
         with fs.open(f"swd-test/file-rows/{name}", "wb") as f:
             pq.write_table(pa.table({"x": list(range(n))}), f)

@@ -17,7 +17,8 @@ def config(tmp_path, prompts_file, **synth):
     return parse_pipeline_config({
         "name": "syn", "teacher": {"path": TOY, "max_sequence_length": 0},
         "data": {"prompts": str(prompts_file)},
-        "synthesize": {"enabled": True, "num_steps": 2, "guidance_scale": 3.0, "seed": 100, "batch_size": 2, "actors": 2, **synth},
+        "synthesize": {"enabled": True, "num_steps": 2, "guidance_scale": 3.0, "seed": 100, "batch_size": 2,
+                       "actors": 2, **synth},
         "distill": {"schedule": {"preset": "toy_4step"}}, "resources": {"storage": str(tmp_path / "runs")},
     })
 

@@ -22,7 +22,8 @@ def test_folder_is_small_and_records_how_it_was_made():
 
 def test_loads_with_stock_diffusers():
     # fp16 on disk (size); load as float32 on CPU, as SD3.5 users pass a dtype too
-    pipe = StableDiffusion3Pipeline.from_pretrained(TOY_TEACHER, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
+    pipe = StableDiffusion3Pipeline.from_pretrained(TOY_TEACHER, text_encoder_3=None, tokenizer_3=None,
+                                                    dtype=torch.float32)
     assert isinstance(pipe.transformer, SD3Transformer2DModel) and isinstance(pipe.vae, AutoencoderKL)
     assert pipe.transformer.config.patch_size == 2 and pipe.vae_scale_factor == 4
     assert pipe.vae.config.latent_channels == 4 and pipe.transformer.config.sample_size == 16

@@ -23,7 +23,8 @@ COMMITTED = {"record": T.RECORD, "classifier": T.CLASSIFIER, "teacher": T.TEACHE
 
 def repository_files() -> dict:
     """swd_core/toy/ as it is on disk (bytecode caches aside): what the tests must leave alone."""
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in T.HERE.rglob("*") if "__pycache__" not in p.parts}
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in T.HERE.rglob("*") if "__pycache__" not in p.parts}
 
 
 def tiny_vae_config(full=T.vae_config) -> dict:
@@ -188,7 +189,8 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert entry["steps"] == first["step"] and entry["sides"] == [4, 8] and entry["architecture"] == TINY_ARCH
     assert entry["init"] == "scratch" and entry["lr"] == 3e-4
 
-    ckpt, teacher = T.CKPT.read_bytes(), (T.TEACHER / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    ckpt = T.CKPT.read_bytes()
+    teacher = (T.TEACHER / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
     del toy[:]
     T.main([*argv, str(1.0 / 3600)])  # budget spent: nothing to do
     assert T.CKPT.read_bytes() == ckpt

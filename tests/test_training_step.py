@@ -102,7 +102,8 @@ def test_dmd_runs_only_from_its_min_scale(tiny_adapter, toy_schedule, monkeypatc
     settings = LossSettings(feature_block=1, guidance_scale=4.5, dmd_min_scale=16)
     teacher_calls = []
     real_teacher = nets.teacher_cfg
-    monkeypatch.setattr(nets, "teacher_cfg", lambda *a, **k: teacher_calls.append(a[0].shape[-1]) or real_teacher(*a, **k))
+    monkeypatch.setattr(nets, "teacher_cfg",
+                        lambda *a, **k: teacher_calls.append(a[0].shape[-1]) or real_teacher(*a, **k))
     logged = {}
     for i in (1, 3):  # scales 10 and 16
         x, sigma = student_input(lat, toy_schedule, i, torch.Generator().manual_seed(1))
@@ -199,7 +200,8 @@ def test_student_ema_is_exported_and_training_weights_come_back():
     with averaged_student(ema, nets.student_parameters()):
         assert torch.allclose(p, torch.full((3,), 20 / 11))
     assert torch.equal(p.detach(), torch.full((3,), 2.0))
-    assert student_ema(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"ema_decay": 0.0})}), nets) is None
+    no_ema = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"ema_decay": 0.0})})
+    assert student_ema(no_ema, nets) is None
 
 
 def test_ema_with_a_sharded_full_student_is_refused():
@@ -272,7 +274,8 @@ def test_student_samples_in_one_call_equal_one_call_per_batch(tiny_adapter, toy_
         together = student_samples(nets, batches, toy_schedule, 2, torch.Generator().manual_seed(6))
         g = torch.Generator().manual_seed(6)
         inputs = [student_input(lat, toy_schedule, 2, g) for _, lat in batches]
-        alone = [x0_from_velocity(x, nets.student(x, sigma, text), sigma) for (text, _), (x, sigma) in zip(batches, inputs)]
+        alone = [x0_from_velocity(x, nets.student(x, sigma, text), sigma)
+                 for (text, _), (x, sigma) in zip(batches, inputs)]
     assert [x.shape for x in together] == [(2, 4, 12, 12), (1, 4, 12, 12)]
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(together, alone))
     assert student_samples(nets, [], toy_schedule, 2) == []
