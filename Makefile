@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAMP       := $(VENV)/.installed
 
-.PHONY: install browser run test test-fast dry-run docs image bench-sampler bench-teacher bench-precompute bench-distill bench-serve toy-teacher clean
+.PHONY: install browser run test test-fast lint dry-run docs image bench-sampler bench-teacher bench-precompute bench-distill bench-serve toy-teacher clean
 
 install: $(STAMP)
 
@@ -47,12 +47,16 @@ browser:
 	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }; }
 
 # The whole suite, as CI runs it, on one local Ray cluster started once.
-test: install browser
+test: install browser lint
 	$(PY) -m pytest -q --durations=20 tests
 
 # The inner loop: every test that needs no Ray cluster and runs no training.
-test-fast: install
+test-fast: install lint
 	$(PY) -m pytest -q tests -m "not ray and not training"
+
+# ruff, configured in pyproject.toml ([tool.ruff]: diffusers' line length, pyflakes, pycodestyle, isort)
+lint: install
+	$(PY) -m ruff check pipelines swd_core tests bench
 
 # docs/configuration.md from the schema's field descriptions (tests/test_schema_docs.py checks it is current)
 docs: install

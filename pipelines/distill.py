@@ -27,8 +27,8 @@ from pipelines.logs import add_verbosity_arguments, apply_verbosity, logger  # n
 from pipelines.plan import plan_problems, render_plan  # noqa: E402
 from pipelines.ray_runtime import quiet_output  # noqa: E402
 from pipelines.schema import STAGES, PipelineConfigError, add_set_argument, load_pipeline_config  # noqa: E402
-from pipelines.stopping import stoppable  # noqa: E402
 from pipelines.stages import AVAILABLE, run_stage  # noqa: E402
+from pipelines.stopping import stoppable  # noqa: E402
 from pipelines.storage import InputError  # noqa: E402
 
 log = logger("pipelines.distill")  # not __name__: run as a script, this module is __main__

@@ -11,7 +11,6 @@ import sys
 
 from pipelines.logs import LEVEL_ENV
 
-
 # What every job's runtime env sets: cluster/runtime_env.yaml for `ray job submit`, the rendered
 # RayJob, RayCronJob and CronJob, and the Serve app's config. No download or "Loading weights"
 # bars: a job log is not a terminal.

@@ -38,7 +38,7 @@ from pipelines.cluster.cron import render_cronjob, render_raycronjob
 from pipelines.cluster.launcher import render_launcher
 from pipelines.cluster.pods import RAY_VERSION, resource_name
 from pipelines.cluster.raycluster import render_raycluster
-from pipelines.cluster.rayjob import job_definition, render_rayjob, rayjob_spec
+from pipelines.cluster.rayjob import job_definition, rayjob_spec, render_rayjob
 from pipelines.cluster.rayservice import render_rayservice
 from pipelines.cluster.shapes import Unit, WorkerGroup, pipeline_units, size_groups
 from pipelines.ray_runtime import JOB_ENV_VARS

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import yaml
 
-from pipelines.cluster.pods import (DEFINITION_DIR, definition_configmap, definition_mount, metadata, ray_cluster_spec,
-                                    resource_name)
+from pipelines.cluster.pods import (
+    DEFINITION_DIR,
+    definition_configmap,
+    definition_mount,
+    metadata,
+    ray_cluster_spec,
+    resource_name,
+)
 from pipelines.cluster.shapes import pipeline_groups
 from pipelines.ray_runtime import JOB_ENV_VARS
 from pipelines.schema import PipelineConfig

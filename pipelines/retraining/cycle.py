@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from pipelines.logs import logger
 from pipelines.schema import PipelineConfig
 from pipelines.storage import filesystem, read_json, write_bytes
@@ -109,8 +108,8 @@ def run_cycle(cfg: PipelineConfig, *, force: bool = False) -> dict:
 
 def _run_locked(cfg: PipelineConfig, lease, force: bool) -> dict:
     from pipelines.retraining.registry import Registry
-    from pipelines.tracking import write_run_record
     from pipelines.stages import distill, precompute
+    from pipelines.tracking import write_run_record
 
     r = cfg.retrain
     registry = Registry(cfg)

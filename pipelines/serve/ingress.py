@@ -22,8 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipelines.serve.auth import BearerAuth
 from pipelines.serve.playground import playground_html
 from pipelines.serve.replica import ReplicaConfig
-from pipelines.serve.validation import (ImageRequest, Limits, RequestError, parse_json_request, parse_query_request,
-                                        read_limited_body)
+from pipelines.serve.validation import (
+    ImageRequest,
+    Limits,
+    RequestError,
+    parse_json_request,
+    parse_query_request,
+    read_limited_body,
+)
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="SwD generator", docs_url=None, redoc_url=None)

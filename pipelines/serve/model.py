@@ -18,12 +18,12 @@ from typing import Sequence
 
 import torch
 
+from pipelines.schema import PipelineConfig, ResourcesConfig
+from pipelines.storage import local_copy
 from swd_core.adapters import FamilyAdapter
 from swd_core.evaluate_model import load_exported_student
 from swd_core.generate import generate_images
 from swd_core.schedules import ScaleSchedule
-from pipelines.schema import PipelineConfig, ResourcesConfig
-from pipelines.storage import local_copy
 
 
 @dataclass

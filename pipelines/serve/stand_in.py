@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from swd_core.export import export_merged_pipeline
 from pipelines.schema import PipelineConfig
+from swd_core.export import export_merged_pipeline
 
 
 def export_stand_in(cfg: PipelineConfig, out_dir: str | Path, perturb: float = 0.0, seed: int = 0) -> Path:

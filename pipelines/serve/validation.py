@@ -13,8 +13,16 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, ValidationInfo,
-                      field_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts any non-negative int64
 MAX_BODY_BYTES = 64 * 1024

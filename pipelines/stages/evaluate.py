@@ -275,7 +275,6 @@ def run(cfg: PipelineConfig) -> dict:
     """The stage: one Ray task holding `evaluate.cpus` / `evaluate.gpus`, so the models run where
     the definition put them, not in the driver (on a cluster, the head node without a GPU)."""
     from pipelines.placement import run_as_task
-
     from pipelines.tracking import log_evaluation
 
     ev = cfg.evaluate

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 
-from swd_core.adapters import load_adapter
-from swd_core.generate import generate_images
-from swd_core.grid import image_grid
 from pipelines.logs import logger
 from pipelines.schema import PipelineConfig
 from pipelines.storage import write_png
+from swd_core.adapters import load_adapter
+from swd_core.generate import generate_images
+from swd_core.grid import image_grid
 
 log = logger(__name__)
 

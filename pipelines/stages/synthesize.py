@@ -37,10 +37,9 @@ class TeacherSampler:
                  guidance: float, threads: int, gpus: float = 0.0):
         import torch
 
+        from pipelines.placement import stage_device
         from pipelines.ray_runtime import quiet_libraries
         from swd_core.adapters import load_adapter
-
-        from pipelines.placement import stage_device
 
         quiet_libraries()  # an actor process: the driver's settings do not reach it
         torch.set_num_threads(threads)

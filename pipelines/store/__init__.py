@@ -14,11 +14,28 @@ package re-exports their public names: `from pipelines import store; store.open_
 """
 
 from pipelines.store.codec import DTYPE_BYTES, column_shapes, decode_numpy, encode_tensor, latent_column
-from pipelines.store.manifest import (COMPARED, MANIFEST, VERSION, expected_manifest, manifest_differences,
-                                      stored_scales, teacher_content_hash, vae_settings)
+from pipelines.store.manifest import (
+    COMPARED,
+    MANIFEST,
+    VERSION,
+    expected_manifest,
+    manifest_differences,
+    stored_scales,
+    teacher_content_hash,
+    vae_settings,
+)
 from pipelines.store.shards import FOOTER_READERS, count_rows, file_rows, list_parquet, read_column, remove_unreadable
-from pipelines.store.store import (DATA, EMPTY_PROMPT, QUARANTINE, Store, StoreMismatchError, open_store, read_rows,
-                                   save_empty_prompt, store_uri)
+from pipelines.store.store import (
+    DATA,
+    EMPTY_PROMPT,
+    QUARANTINE,
+    Store,
+    StoreMismatchError,
+    open_store,
+    read_rows,
+    save_empty_prompt,
+    store_uri,
+)
 
 __all__ = [
     "COMPARED", "DATA", "DTYPE_BYTES", "EMPTY_PROMPT", "FOOTER_READERS", "MANIFEST", "QUARANTINE", "VERSION",

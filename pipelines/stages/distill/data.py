@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-
 # A worker whose rows take less than this keeps them in memory after its first pass: each pass over
 # a Ray Data shard starts a streaming execution (tasks scheduled, files opened again), which a small
 # store would pay every epoch, i.e. every few steps. Larger stores stream every epoch.

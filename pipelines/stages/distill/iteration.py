@@ -16,8 +16,14 @@ def train_iteration(nets, student_engine, fake_engine, next_batch, schedule, set
     from torch.profiler import record_function
 
     from swd_core.scale_ops import x0_from_velocity
-    from swd_core.training import (fake_update_loss, frozen, generator_loss, logged_floats, student_input,
-                                   student_samples)
+    from swd_core.training import (
+        fake_update_loss,
+        frozen,
+        generator_loss,
+        logged_floats,
+        student_input,
+        student_samples,
+    )
 
     i = step % schedule.num_steps  # round-robin scale, shared by every batch of the iteration
     s_i = schedule.scales[i]

@@ -6,7 +6,6 @@ local or s3://, `FailureConfig`, `CheckpointConfig`), and a `TorchTrainer` whose
 from __future__ import annotations
 
 import json
-
 import os
 import time
 

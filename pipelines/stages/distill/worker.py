@@ -16,8 +16,14 @@ from pipelines.ray_runtime import quiet_libraries
 from pipelines.schema import PipelineConfig
 from pipelines.stages.distill.checkpoint import checkpoint_state, report_checkpoint, restore_checkpoint
 from pipelines.stages.distill.data import DataStream, worker_batches
-from pipelines.stages.distill.engines import (averaged_student, build_engines, build_networks, import_deepspeed,
-                                              loss_settings, student_ema)
+from pipelines.stages.distill.engines import (
+    averaged_student,
+    build_engines,
+    build_networks,
+    import_deepspeed,
+    loss_settings,
+    student_ema,
+)
 from pipelines.stages.distill.export import export_student, student_dir
 from pipelines.stages.distill.iteration import train_iteration
 from pipelines.stages.distill.progress import Progress
@@ -33,9 +39,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train.torch import get_device
 
-    from swd_core.adapters import TextEmbeddings
-
     from pipelines.sharding import plan_digest
+    from swd_core.adapters import TextEmbeddings
 
     cfg = PipelineConfig.model_validate(config["pipeline"])
     store, plan, d = config["store"], config["data_plan"], cfg.distill

@@ -14,8 +14,16 @@ A run killed midway leaves complete shards (their rows count as done) and perhap
 shard, which the next run deletes; the manifest says `complete: false` until a run finishes.
 """
 
-from pipelines.stages.precompute.checks import (REASONS, Refused, check_batch, check_row, clean_caption, load_rgb,
-                                               sample_id, stored_caption)
+from pipelines.stages.precompute.checks import (
+    REASONS,
+    Refused,
+    check_batch,
+    check_row,
+    clean_caption,
+    load_rgb,
+    sample_id,
+    stored_caption,
+)
 from pipelines.stages.precompute.encoder import Encoder, data_schema, square_pixels, text_shapes
 from pipelines.stages.precompute.quarantine import decide, write_quarantine
 from pipelines.stages.precompute.spec import EncodeSpec
