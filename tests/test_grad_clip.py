@@ -75,14 +75,14 @@ def test_a_deepspeed_step_hands_its_optimizer_the_gradient_clipped_to_grad_clip(
     for clip, expected in ((1e-3, (1e-3, 1e-3)), (1e3, raw)):
         nets = tiny_nets()
         before = [p.detach().clone() for p in nets.student_parameters()]
-        engine_g, engine_f = build_engines(config(tmp_path, grad_clip=clip, zero_stage=zero_stage), nets, 4,
-                                           bf16=False)
-        loss_g, _ = loss_of(engine_g.module, nets.fake_base, nets.head, x)
-        got_g = step_and_record(engine_g, loss_g)
-        _, loss_f = loss_of(nets.student_transformer, engine_f.module["base"], engine_f.module["head"], x)
-        got_f = step_and_record(engine_f, loss_f)
+        student_engine, fake_engine = build_engines(config(tmp_path, grad_clip=clip, zero_stage=zero_stage), nets, 4,
+                                                    bf16=False)
+        loss_g, _ = loss_of(student_engine.module, nets.fake_base, nets.head, x)
+        got_g = step_and_record(student_engine, loss_g)
+        _, loss_f = loss_of(nets.student_transformer, fake_engine.module["base"], fake_engine.module["head"], x)
+        got_f = step_and_record(fake_engine, loss_f)
         assert got_g == pytest.approx(expected[0], rel=1e-3), (clip, got_g)
         assert got_f == pytest.approx(expected[1], rel=1e-3), (clip, got_f)
-        after = list(engine_g.module.parameters())
+        after = list(student_engine.module.parameters())
         assert all(torch.isfinite(p).all() for p in after)
         assert any(not torch.equal(a, b) for a, b in zip(before, after))
