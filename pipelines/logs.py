@@ -8,7 +8,7 @@ retraining scheduler months, and a job log has no other clock. Ray Train workers
 0 keep only warnings and errors, so an event is one line, not one per worker.
 
 The level comes from the entry point's `--quiet` (warnings and errors) or `--verbose` (debug
-lines, and the libraries' info logs), and reaches Ray workers through `SWD_LOG_LEVEL`.
+lines, and Ray's own info logs), and reaches Ray workers through `SWD_LOG_LEVEL`.
 """
 
 from __future__ import annotations

@@ -1046,7 +1046,7 @@ RENAMED: dict[tuple[type[BaseModel], str], str] = {
 }
 
 
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+def model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """Walk the schema along `loc` (without its last part) to the model that holds its last part."""
     for part in loc[:-1]:
         if isinstance(part, int):
@@ -1068,13 +1068,13 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 
 def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
     """The fields allowed where the last part of `loc` appeared; None below a free-form field."""
-    model = _model_at(model, loc)
+    model = model_at(model, loc)
     return None if model is None else sorted(model.model_fields)
 
 
 def _renamed(loc: tuple) -> str | None:
     """The new dotted path of a renamed field at `loc`, or None."""
-    new = RENAMED.get((_model_at(PipelineConfig, loc), loc[-1]))
+    new = RENAMED.get((model_at(PipelineConfig, loc), loc[-1]))
     return None if new is None else ".".join([*(str(p) for p in loc[:-1]), new])
 
 

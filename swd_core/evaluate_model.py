@@ -26,7 +26,7 @@ from swd_core.evaluation import (
     read_scenes,
 )
 from swd_core.generate import generate_latents
-from swd_core.toy import shapes
+from swd_core.toy import CLASSIFIER, shapes
 
 PHASES = ("text", "transformer", "vae")
 # Real renders use their own jitter stream, never the training one (shapes.dataset seeds [seed, i]).
@@ -206,8 +206,6 @@ class ShapesScorer:
     def __init__(self, samples: Sequence[shapes.ShapesSample], classifier: ShapesClassifier | None = None,
                  real_seed: int = REAL_RENDER_SEED, size: int = shapes.IMAGE_SIZE):
         if classifier is None:
-            from swd_core.toy.train import CLASSIFIER
-
             classifier = load_classifier(CLASSIFIER)
         self.samples = list(samples)
         self.classifier = classifier

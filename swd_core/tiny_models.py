@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from swd_core.pretrained import use_pil_image_processors
+from swd_core.toy import TEACHER
 
 if TYPE_CHECKING:  # the pipeline modules load in the builders, after `use_pil_image_processors`
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
@@ -249,7 +250,7 @@ def parse_builtin(spec: str) -> TinySD3Config | TinyFluxConfig:
     return config_class(**kwargs)
 
 
-TOY_TEACHER = Path(__file__).parent / "toy" / "weights" / "toy-sd3"
+TOY_TEACHER = TEACHER  # the committed toy teacher
 
 
 def resolve_pretrained(path: str) -> str:

@@ -65,7 +65,7 @@ def test_judge_two_objects_and_relation():
 @pytest.fixture(scope="module")
 def classifier():
     from swd_core.evaluation import load_classifier
-    from swd_core.toy.train import CLASSIFIER
+    from swd_core.toy import CLASSIFIER
 
     return load_classifier(CLASSIFIER)
 

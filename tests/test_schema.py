@@ -10,9 +10,9 @@ from pipelines.schema import (
     RENAMED,
     PipelineConfig,
     PipelineConfigError,
-    _model_at,
     apply_overrides,
     load_pipeline_config,
+    model_at,
     parse_pipeline_config,
 )
 
@@ -192,7 +192,7 @@ def test_renames_are_only_reported_in_their_own_section():
     data["synthesize"] = {"iterations": 3}  # `iterations` was renamed in retrain, never existed here
     msg = _error(data)
     assert "synthesize.iterations: unknown field" in msg and "renamed" not in msg
-    assert _model_at(PipelineConfig, ("retrain", "gate", "x")).__name__ == "GateConfig"
+    assert model_at(PipelineConfig, ("retrain", "gate", "x")).__name__ == "GateConfig"
 
 
 def test_the_loss_section_builds_every_loss_setting_with_the_algorithms_defaults():

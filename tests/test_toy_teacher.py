@@ -82,7 +82,8 @@ def test_trained_at_every_scale_the_toy_schedules_ask_about():
     """SwD queries the teacher at the student's scale: the committed teacher was trained at every
     latent side of the toy 4- and 6-step schedules, and the record says from what."""
     from swd_core.schedules import preset
-    from swd_core.toy.train import RECORD, TOY_SIDES, downscale, trained_sides
+    from swd_core.toy import RECORD
+    from swd_core.toy.train import TOY_SIDES, downscale, trained_sides
 
     needed = set(preset("toy_4step", patch_size=2).scales) | set(preset("toy_6step", patch_size=2).scales)
     assert needed <= set(TOY_SIDES) <= set(trained_sides())

@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ COMMITTED = {"record": T.RECORD, "classifier": T.CLASSIFIER, "teacher": T.TEACHE
 def repository_files() -> dict:
     """swd_core/toy/ as it is on disk (bytecode caches aside): what the tests must leave alone."""
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in T.HERE.rglob("*") if "__pycache__" not in p.parts}
+            for p in Path(T.__file__).parent.rglob("*") if "__pycache__" not in p.parts}
 
 
 def tiny_vae_config(full=T.vae_config) -> dict:

@@ -217,10 +217,10 @@ def test_workers_get_absolute_storage_and_store_paths(tmp_path, monkeypatch):
     """Ray Train workers run in their own directories: relative local paths of the definition are
     resolved on the driver (a relative `precompute.output` once failed every worker)."""
     from pipelines.schema import parse_pipeline_config
-    from pipelines.stages.distill.trainer import _absolute
+    from pipelines.stages.distill.trainer import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
-    cfg = _absolute(parse_pipeline_config({"name": "abs", "teacher": {"path": "builtin:tiny-sd3"},
+    cfg = with_absolute_paths(parse_pipeline_config({"name": "abs", "teacher": {"path": "builtin:tiny-sd3"},
                                            "precompute": {"output": "stores/a"},
                                            "distill": {"schedule": {"preset": "toy_4step"}},
                                            "resources": {"storage": "runs"}}))
@@ -230,7 +230,7 @@ def test_workers_get_absolute_storage_and_store_paths(tmp_path, monkeypatch):
                                 "precompute": {"output": "s3://bucket/store"},
                                 "distill": {"schedule": {"preset": "toy_4step"}},
                                 "resources": {"storage": "s3://bucket/runs"}})
-    assert _absolute(s3) == s3
+    assert with_absolute_paths(s3) == s3
 
 
 @pytest.mark.parametrize("gan_weight", [0.0, 5e-3])

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from swd_core.evaluate_model import ShapesScorer, to_evaluator_size
 from swd_core.evaluation import (
     ShapesClassifier,
     classifier_loss,
@@ -34,14 +35,9 @@ from swd_core.evaluation import (
     save_classifier,
     targets_from_sample,
 )
-from swd_core.toy import shapes
+from swd_core.toy import CLASSIFIER, RECORD, TEACHER, WEIGHTS, shapes
 
-HERE = Path(__file__).parent
-WEIGHTS = HERE / "weights"
-WORK = HERE / ".work"
-CLASSIFIER = WEIGHTS / "classifier.safetensors"
-TEACHER = WEIGHTS / "toy-sd3"
-RECORD = WEIGHTS / "training_record.json"
+WORK = Path(__file__).parent / ".work"
 SEED = 0
 
 
@@ -288,13 +284,12 @@ def round_trip(vae, count: int = 320) -> dict:
         `dict`: by image size in pixels (32 px and up), "acc_one_object", "acc_two_object", "fd"
         and "psnr_db".
     """
-    from swd_core.evaluate_model import ShapesScorer
-
     samples = shapes.held_out_prompts()[:count]
+    classifier = load_classifier(CLASSIFIER)  # this trainer's classifier, read once
     out = {}
     for side in TOY_SIDES[2:]:  # 32 px and up, as bench/teacher_quality.py reports
         px = side * vae_factor(vae)
-        scorer = ShapesScorer(samples, size=px)
+        scorer = ShapesScorer(samples, classifier, size=px)
         rec = torch.cat([vae.decode(vae.encode(scorer.real[i:i + 64]).latent_dist.mode()).sample.clamp(-1, 1)
                          for i in range(0, count, 64)])
         acc, _ = scorer.score(rec)
@@ -478,7 +473,6 @@ def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: flo
         `dict`: `prompt_accuracy`'s scores.
     """
     from swd_core.adapters.sd3 import SD3Adapter
-    from swd_core.evaluate_model import to_evaluator_size
     from swd_core.generate import generate_latents
 
     adapter = SD3Adapter(pipe, max_sequence_length=0)

@@ -17,7 +17,7 @@ from pipelines.stages.distill.worker import train_loop_per_worker
 log = logger(__name__)
 
 
-def _absolute(cfg: PipelineConfig) -> PipelineConfig:
+def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     """Workers run in other directories (and on other nodes): give them absolute paths for the
     run's storage and for a store placed elsewhere (`precompute.output`)."""
     def local_relative(path: str | None) -> bool:
@@ -95,7 +95,7 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
     from pipelines.ray_runtime import ensure_ray
     from pipelines.store import open_store
 
-    cfg = _absolute(cfg)
+    cfg = with_absolute_paths(cfg)
     r, d = cfg.resources, cfg.distill
     if d.batch_size % r.num_workers:
         raise ValueError(f"distill.batch_size {d.batch_size} must be divisible by "
