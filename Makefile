@@ -87,10 +87,12 @@ bench-serve: install
 
 # Trains the evaluator, the toy VAE and the toy SD3 teacher at every latent side the toy schedules
 # use (hours on 2 cores; a teacher trained at fewer sides is fine-tuned). Resumable: run it again
-# to continue; finished phases are skipped. HOURS is the transformer's budget.
-HOURS ?= 2.0
+# to continue; finished phases are skipped. HOURS is the transformer's budget; DEVICE=cuda trains
+# the VAE and the transformer on a GPU.
+HOURS  ?= 2.0
+DEVICE ?= cpu
 toy-teacher: install
-	$(PY) -m swd_core.toy.train all --hours $(HOURS)
+	$(PY) -m swd_core.toy.train all --hours $(HOURS) --device $(DEVICE)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

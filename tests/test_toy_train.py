@@ -91,38 +91,62 @@ def test_the_classifier_phase_learns_saves_its_config_records_its_accuracy_and_t
 
 
 @pytest.mark.training
-def test_the_vae_phase_trains_and_normalises_its_latents_to_unit_variance(toy, monkeypatch):
-    """The saved shift/scale make (z - shift) * scale zero-mean, unit-variance on the training pool."""
-    pool_images, image_pool = {}, T.image_pool
+def test_the_vae_phase_trains_at_every_size_on_16_channels_normalises_and_records_its_round_trip(
+        toy, tmp_path, monkeypatch):
+    """Run through the command line into `--weights`/`--work` folders of its own: the VAE trains at
+    several of the toy's image sizes, has 16 latent channels, its saved shift/scale make
+    (z - shift) * scale zero-mean and unit-variance on its pool, the record holds the held-out round
+    trip at 32 px and up, the decoder refinement skips, and a rerun skips."""
+    T.WEIGHTS.mkdir(parents=True)
+    shutil.copy(COMMITTED["classifier"], T.CLASSIFIER)  # the round trip's scorer reads the evaluator
+    pools, scene_pool, sizes = {}, T.scene_pool, set()
 
-    def small_pool(seed, count):  # 16 renders at 16 px, repeated: the phase normalises with its first 4096
-        pool, samples = image_pool(seed, 16)
-        pool_images[seed] = pool[:, :, ::4, ::4].contiguous()
-        return pool_images[seed].repeat(256, 1, 1, 1), samples
+    def small_pool(seed, count):
+        pools[seed] = scene_pool(seed, 16)
+        return pools[seed]
 
-    monkeypatch.setattr(T, "image_pool", small_pool)
+    def downscale(images, side_px, resize=T.downscale):
+        sizes.add(side_px)
+        return resize(images, side_px)
+
+    monkeypatch.setattr(T, "scene_pool", small_pool)
+    monkeypatch.setattr(T, "downscale", downscale)
+    round_trip = T.round_trip
+    monkeypatch.setattr(T, "round_trip", lambda vae, count=320: round_trip(vae, count=4))
     torch.manual_seed(T.SEED)
     initial = AutoencoderKL(**tiny_vae_config())
-    T.train_vae(steps=3, batch=2)
+    weights, work = tmp_path / "aside" / "weights", tmp_path / "aside" / "work"
+    argv = ["vae", "--vae-steps", "8", "--vae-batch", "2", "--weights", str(weights), "--work", str(work)]
+    T.main(argv)
 
-    out = T.WORK / "vae"
+    out = work / "vae"
+    assert T.WORK == work and T.RECORD == weights / "training_record.json"
     vae = AutoencoderKL.from_pretrained(out)
-    assert finite(vae)
+    assert vae.config.latent_channels == 16 and finite(vae)
     moved = [not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), vae.state_dict().values())]
     assert any(moved)
+    assert len(sizes) > 1 and sizes <= {4 * s for s in T.TOY_SIDES}, sizes
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     with torch.no_grad():
-        z = vae.encode(shapes.from_uint8(pool_images[T.SEED + 1])).latent_dist.mode()
+        z = vae.encode(shapes.from_uint8(pools[T.SEED + 1])).latent_dist.mode()
     normalised = (z - shift) * scale
     assert abs(normalised.mean().item()) < 1e-4 and abs(normalised.std().item() - 1) < 1e-3
     entry = record()["vae"]
     assert (entry["shift_factor"], entry["scaling_factor"]) == (shift, scale)
-    assert {k: entry[k] for k in ("seed", "steps", "batch")} == {"seed": 0, "steps": 3, "batch": 2}
-    assert math.isfinite(entry["held_out_psnr_db"]) and "command" in entry
+    assert {k: entry[k] for k in ("seed", "steps", "batch", "latent_channels", "images", "device")} == {
+        "seed": 0, "steps": 8, "batch": 2, "latent_channels": 16, "images": 16, "device": "cpu"}
+    assert entry["sides"] == list(T.TOY_SIDES) and "command" in entry
+    trip = entry["round_trip_320_held_out"]
+    assert set(trip) == {str(4 * s) for s in T.TOY_SIDES[2:]}
+    assert all(0 <= v["acc_one_object"] <= 1 and math.isfinite(v["psnr_db"]) for v in trip.values())
 
     config = (out / "config.json").read_text()
-    T.train_vae(steps=3, batch=2)
-    assert (out / "config.json").read_text() == config and "skipping" in toy[-1]
+    del toy[:]
+    T.main(argv)
+    T.main(["vae-decoder", *argv[1:]])  # trained at every size already: no refinement due
+    assert (out / "config.json").read_text() == config
+    assert any("vae:" in line and "skipping" in line for line in toy)
+    assert any("vae-decoder" in line and "skipping" in line for line in toy)
 
 
 @pytest.mark.training
@@ -163,11 +187,16 @@ TINY_ARCH = {"layers": 1, "heads": 1, "head_dim": 16, "text_dim": 16, "text_laye
 @pytest.mark.training
 def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budget(toy, monkeypatch):
     """`make toy-teacher` (`train all --hours H`) is resumable: with the classifier and VAE done,
-    only the transformer trains; run again with the budget spent, everything skips; run with a
+    only the transformer trains, from scratch, since the teacher on disk is on another latent space; run again with the budget spent, everything skips; run with a
     larger budget, it continues from the checkpoint (step count, optimizer, init) instead of
     starting over."""
+    from swd_core.tiny_models import TinySD3Config, build_tiny_sd3
+
     T.WEIGHTS.mkdir(parents=True)
     shutil.copy(COMMITTED["classifier"], T.CLASSIFIER)  # a finished phase
+    # a teacher on a 4-channel latent space (an earlier VAE): not one to fine-tune on the new one
+    build_tiny_sd3(TinySD3Config(latent_channels=4), vocab=shapes.vocabulary()).save_pretrained(T.TEACHER)
+    T.RECORD.write_text(json.dumps({"transformer": {"steps": 1, "sides": [16]}}))
     torch.manual_seed(1)
     AutoencoderKL(**tiny_vae_config()).save_pretrained(T.WORK / "vae")
     (T.WORK / "vae" / "decoder_sides.json").write_text(json.dumps({"sides": list(T.TOY_SIDES)}))
@@ -187,7 +216,8 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert all(t.dtype == torch.float16 and torch.isfinite(t).all() for t in saved.values())
     entry = record()["transformer"]
     assert entry["seed"] == 0 and entry["minutes"] >= 0 and "command" in entry and entry["history"] == []
-    assert entry["steps"] == first["step"] and entry["sides"] == [4, 8] and entry["architecture"] == TINY_ARCH
+    assert entry["steps"] == first["step"] and entry["sides"] == [4, 8]
+    assert entry["architecture"] == {**TINY_ARCH, "latent_channels": 16} and entry["device"] == "cpu"
     assert entry["init"] == "scratch" and entry["lr"] == 3e-4
 
     ckpt = T.CKPT.read_bytes()
@@ -206,3 +236,10 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert second["init"] == "scratch", "it fine-tuned the teacher it had just written instead of resuming"
     assert {int(s["step"]) for s in second["opt"]["state"].values()} == {second["step"]}, "the optimizer started over"
     assert record()["transformer"]["steps"] == second["step"]
+
+
+def test_a_cuda_device_without_a_gpu_is_refused_in_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match=r"--device cuda: torch sees no CUDA device"):
+        T.main(["vae", "--device", "cuda"])

@@ -1,14 +1,16 @@
 """Train the embedded default: the evaluator classifier, the toy VAE and the toy SD3 teacher.
 
     python -m swd_core.toy.train all         # or: make toy-teacher   (resumable: rerun to continue)
-    python -m swd_core.toy.train classifier | vae | transformer
+    python -m swd_core.toy.train classifier | vae | transformer [--device cuda]
+    python -m swd_core.toy.train all --weights DIR --work DIR   # train a new teacher aside
 
-Each phase writes its result under swd_core/toy/weights/ and skips itself when that exists;
-the transformer phase trains at every latent side of the toy schedules (4 6 8 10 12 16, one side
-per batch, images area-downscaled in pixel space), starting from the committed teacher when that
-was trained at fewer sides, checkpoints to swd_core/toy/.work/ every few minutes and resumes from
-there (`--hours` is its budget across runs). `weights/training_record.json` records commands,
-seeds, steps and wall time per phase.
+Each phase writes its result under swd_core/toy/weights/ (or `--weights`) and skips itself when
+that exists. The VAE (16 latent channels, as SD3's) and the transformer train at every latent
+side of the toy schedules (4 6 8 10 12 16, one side per batch, images area-downscaled in pixel
+space). The transformer starts from the committed teacher when that was trained at fewer sides
+on the same latent space, otherwise from scratch; it checkpoints to swd_core/toy/.work/ (or
+`--work`) every few minutes and resumes from there (`--hours` is its budget across runs).
+`training_record.json` records commands, seeds, steps, wall time and learning curves per phase.
 """
 
 from __future__ import annotations
@@ -158,38 +160,28 @@ def evaluate_classifier(model, count: int = 640) -> dict:
 # ---------------------------------------------------------------- VAE
 
 def vae_config() -> dict:
-    """The toy VAE's `AutoencoderKL` config: 4 latent channels, 4× downsampling, 64 px images.
+    """The toy VAE's `AutoencoderKL` config: 16 latent channels (as SD3's VAE), 4× downsampling.
+    Four channels cannot hold a shape's outline at 32 px (8×8 latents); sixteen can.
 
     Returns:
         `dict`: keyword arguments for `AutoencoderKL`.
     """
-    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+    return dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64, 64), layers_per_block=1,
                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                 norm_num_groups=32, sample_size=64, scaling_factor=1.0, shift_factor=0.0)
 
 
-def image_pool(seed: int, count: int) -> torch.Tensor:
-    """Training images, rendered once and held as uint8 so a large pool fits in memory.
-
-    Args:
-        seed (`int`): the dataset's seed (`shapes.dataset`).
-        count (`int`): how many.
-
-    Returns:
-        `tuple[torch.Tensor, list[ShapesSample]]`: uint8 images (N, 3, 64, 64) and their samples.
-    """
-    items = list(shapes.dataset(seed, count))
-    arr = np.stack([np.asarray(im) for _, _, im in items])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), [s for _, s, _ in items]
-
-
-def train_vae(steps: int = 3000, batch: int = 32) -> None:
-    """Train the toy VAE on training images, set its shift and scale so latents have zero mean
-    and unit variance (as SD3 normalises them), and save it under `WORK`. Skips when it exists.
+def train_vae(steps: int = 3000, batch: int = 32, device: str = "cpu") -> None:
+    """Train the toy VAE at every image size the toy schedules decode (`TOY_SIDES` times its
+    factor, one size per batch, drawn by `SIDE_WEIGHTS`) on renders of every (colour, shape) pair;
+    set its shift and scale so that 64 px latents have zero mean and unit variance (as SD3
+    normalises them); save it under `WORK` with the round trip of held-out renders in the record.
+    Skips when it exists.
 
     Args:
         steps (`int`): optimizer steps (one-cycle schedule).
         batch (`int`): images per step.
+        device (`str`): where it trains ("cpu", "cuda").
     """
     from diffusers import AutoencoderKL
 
@@ -198,47 +190,51 @@ def train_vae(steps: int = 3000, batch: int = 32) -> None:
         log(f"vae: {out} exists, skipping")
         return
     torch.manual_seed(SEED)
-    pool, _ = image_pool(SEED + 1, 20_000)
-    vae = AutoencoderKL(**vae_config())
+    pool = scene_pool(SEED + 1, 20_000)
+    vae = AutoencoderKL(**vae_config()).to(device)
+    factor = vae_factor(vae)
+    weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES])
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(SEED)
     start = time.time()
     for step in range(steps):
-        x = shapes.from_uint8(pool[torch.randint(len(pool), (batch,), generator=g)])
+        side = TOY_SIDES[int(torch.multinomial(weights, 1, generator=g))]
+        x = downscale(shapes.from_uint8(pool[torch.randint(len(pool), (batch,), generator=g)]), side * factor)
+        x = x.to(device)
         post = vae.encode(x).latent_dist
-        recon = vae.decode(post.sample(generator=g)).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad()
+        recon = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
             mse = F.mse_loss(recon.clamp(-1, 1), x).item()
-            log(f"vae step {step}/{steps} loss {loss.item():.5f} psnr~{10 * math.log10(4 / max(mse, 1e-12)):.1f}dB")
+            log(f"vae step {step}/{steps} side {side} loss {loss.item():.5f} "
+                f"psnr~{10 * math.log10(4 / max(mse, 1e-12)):.1f}dB ({(time.time() - start) / 60:.1f} min)")
     vae.eval()
     # SD3-style normalisation: latents = (z - shift) * scale with unit variance.
     with torch.no_grad():
-        z = torch.cat([vae.encode(shapes.from_uint8(pool[i:i + 256])).latent_dist.mode() for i in range(0, 4096, 256)])
+        z = torch.cat([vae.encode(shapes.from_uint8(pool[i:i + 256]).to(device)).latent_dist.mode().cpu()
+                       for i in range(0, min(4096, len(pool)), 256)])
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
-    held = shapes.to_tensor([im for _, _, im in shapes.dataset(shapes.EVAL_SEED, 512)])
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(held).latent_dist.mode()).sample
-    vae.save_pretrained(out)
-    record("vae", seed=SEED, steps=steps, batch=batch, seconds=round(time.time() - start),
-           held_out_psnr_db=psnr(held, rec), shift_factor=vae.config.shift_factor,
-           scaling_factor=vae.config.scaling_factor)
-    log(f"vae: held-out PSNR {psnr(held, rec):.2f} dB")
+    seconds = round(time.time() - start)
+    trip = round_trip(vae)
+    log(f"vae: round trip of held-out renders {json.dumps(trip)}")
+    vae.to("cpu").save_pretrained(out)
+    (out / "decoder_sides.json").write_text(json.dumps({"sides": list(TOY_SIDES)}) + "\n")  # no refinement due
+    record("vae", replace=True, seed=SEED, steps=steps, batch=batch, seconds=seconds, device=str(device),
+           latent_channels=vae.config.latent_channels, sides=list(TOY_SIDES), images=len(pool),
+           side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES}, shift_factor=vae.config.shift_factor,
+           scaling_factor=vae.config.scaling_factor, round_trip_320_held_out=trip)
 
 
-# The decoder is refined at every image size the toy schedules decode (latent sides 4..16 times the
-# VAE's factor 4) with the encoder frozen, so the latent space the teacher was trained in stays
-# as it is. The VAE is not text-conditioned, so it sees every (colour, shape) pair, as SD3.5's VAE
-# was trained on far broader images than any prompt split; the held-out pairs stay unseen by the
-# transformer. Without the refinement the VAE, trained at 64 px on the training pairs only, is the
-# toy's ceiling: real renders encoded and decoded score 0.156 prompt accuracy at 32 px.
-# The sides are the teacher's (TOY_SIDES), with its side weights.
+# A VAE trained at one size can have its decoder refined at every size the toy schedules decode,
+# the encoder frozen so that the latent space a teacher was trained in stays as it is. The VAE is
+# not text-conditioned, so it sees every (colour, shape) pair, as SD3.5's VAE was trained on far
+# broader images than any prompt split; the held-out pairs stay unseen by the transformer.
 
 
 def vae_factor(vae) -> int:
@@ -290,8 +286,9 @@ def round_trip(vae, count: int = 320) -> dict:
     for side in TOY_SIDES[2:]:  # 32 px and up, as bench/teacher_quality.py reports
         px = side * vae_factor(vae)
         scorer = ShapesScorer(samples, classifier, size=px)
-        rec = torch.cat([vae.decode(vae.encode(scorer.real[i:i + 64]).latent_dist.mode()).sample.clamp(-1, 1)
-                         for i in range(0, count, 64)])
+        device = next(vae.parameters()).device
+        rec = torch.cat([vae.decode(vae.encode(scorer.real[i:i + 64].to(device)).latent_dist.mode())
+                         .sample.clamp(-1, 1).float().cpu() for i in range(0, count, 64)])
         acc, _ = scorer.score(rec)
         out[str(px)] = {"acc_one_object": round(acc["acc_one_object"], 3),
                         "acc_two_object": round(acc["acc_two_object"], 3), "fd": round(acc["fd"], 3),
@@ -311,13 +308,13 @@ def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> N
     """
     from diffusers import AutoencoderKL
 
-    vae_dir = WORK / "vae" if (WORK / "vae" / "config.json").exists() else TEACHER / "vae"
-    marker = vae_dir / "decoder_sides.json"
+    folder = vae_dir()
+    marker = folder / "decoder_sides.json"
     if marker.exists():
-        log(f"vae-decoder: {vae_dir} is refined at sides {json.loads(marker.read_text())['sides']}, skipping")
+        log(f"vae-decoder: {folder} is refined at sides {json.loads(marker.read_text())['sides']}, skipping")
         return
     torch.manual_seed(SEED)
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
     vae.eval()
     before = round_trip(vae)
     log(f"vae-decoder: round trip before {json.dumps(before)}")
@@ -354,7 +351,7 @@ def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> N
     after = round_trip(vae)
     log(f"vae-decoder: round trip after {json.dumps(after)}")
     # fp16 on disk like the rest of the teacher folder; the encoder's weights come back unchanged
-    vae.to(torch.float16).save_pretrained(vae_dir)
+    vae.to(torch.float16).save_pretrained(folder)
     marker.write_text(json.dumps({"sides": list(TOY_SIDES)}) + "\n")
     record("vae_decoder", seed=SEED, steps=steps, batch=batch, lr=lr, sides=list(TOY_SIDES),
            side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES}, images=len(pool),
@@ -376,9 +373,20 @@ SIDE_WEIGHTS = {16: 2.0}
 CKPT = WORK / "teacher_ckpt.pt"
 
 
+def vae_dir() -> Path:
+    """The VAE a teacher trains on: the one the VAE phase wrote under `WORK`, else the teacher's."""
+    return WORK / "vae" if (WORK / "vae" / "config.json").exists() else TEACHER / "vae"
+
+
+def latent_channels(folder: Path) -> int | None:
+    """The latent channels of the `AutoencoderKL` saved in `folder`, None when there is none."""
+    config = folder / "config.json"
+    return json.loads(config.read_text())["latent_channels"] if config.exists() else None
+
+
 def teacher_pipeline():
     """Tokenizer for the shapes vocabulary, small CLIP encoders, the trained VAE and a fresh
-    SD3 transformer, as one `StableDiffusion3Pipeline`.
+    SD3 transformer on that VAE's latent channels, as one `StableDiffusion3Pipeline`.
 
     Returns:
         `StableDiffusion3Pipeline`: the VAE frozen, the rest randomly initialised.
@@ -387,9 +395,10 @@ def teacher_pipeline():
 
     from swd_core.tiny_models import TinySD3Config, build_tiny_sd3
 
-    pipe = build_tiny_sd3(TinySD3Config(**TEACHER_ARCH), vocab=shapes.vocabulary())
-    vae_dir = WORK / "vae" if (WORK / "vae" / "config.json").exists() else TEACHER / "vae"
-    pipe.vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae = AutoencoderKL.from_pretrained(vae_dir())
+    config = TinySD3Config(**TEACHER_ARCH, latent_channels=vae.config.latent_channels)
+    pipe = build_tiny_sd3(config, vocab=shapes.vocabulary())
+    pipe.vae = vae
     pipe.vae.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -430,10 +439,10 @@ def training_latents(adapter, sides: tuple[int, ...]) -> tuple[dict[int, torch.T
     latents, captions = {s: [] for s in sides}, []
     for start in range(0, TRAIN_IMAGES, 500):
         items = list(shapes.dataset(SEED + 2, 500, start))
-        images = shapes.to_tensor([im for _, _, im in items])
+        images = shapes.to_tensor([im for _, _, im in items]).to(adapter.device)
         with torch.no_grad():
             for s in sides:
-                latents[s].append(adapter.encode_images(downscale(images, s * factor)).half())
+                latents[s].append(adapter.encode_images(downscale(images, s * factor)).half().cpu())
         captions += [s.caption for _, s, _ in items]
         if start % 10_000 == 0:
             log(f"  encoded {start + 500}/{TRAIN_IMAGES}")
@@ -479,7 +488,7 @@ def quick_eval(pipe, classifier, count: int = 48, steps: int = 28, guidance: flo
     samples = shapes.held_out_prompts()[:count]
     lat = generate_latents(adapter, [s.caption for s in samples], list(range(count)), teacher_steps=steps,
                            guidance=guidance, size=side)
-    readings, _ = read_scenes(classifier, to_evaluator_size(adapter.decode_latents(lat)))
+    readings, _ = read_scenes(classifier, to_evaluator_size(adapter.decode_latents(lat).float().cpu()))
     return prompt_accuracy(samples, readings)
 
 
@@ -497,16 +506,17 @@ def trained_sides() -> tuple[int, ...]:
 
 
 def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = None, eval_every_s: float = 900,
-                      ckpt_every_s: float = 300, sides: tuple[int, ...] = TOY_SIDES, out: Path = TEACHER,
-                      continue_teacher: bool = False) -> None:
+                      ckpt_every_s: float = 300, sides: tuple[int, ...] = TOY_SIDES, out: Path | None = None,
+                      continue_teacher: bool = False, device: str = "cpu") -> None:
     """Train the teacher at every latent side in `sides`, one side per batch (bucketed, as
     multi-resolution pre-training does). `hours` is the budget of this training, across runs
     (resumable from the work checkpoint).
 
-    Starts from the committed teacher when it exists but was trained at fewer sides (a
-    fine-tune, lr 1e-4), otherwise from scratch (lr 3e-4); skips when the committed teacher
-    already covers `sides`, unless `continue_teacher`: then it is fine-tuned further for `hours`
-    (a new round with a fresh optimizer; the record lists the earlier rounds).
+    Starts from the committed teacher when it exists on the same latent space as the VAE but was
+    trained at fewer sides (a fine-tune, lr 1e-4), otherwise from scratch (lr 3e-4); skips when
+    the committed teacher already covers `sides`, unless `continue_teacher`: then it is
+    fine-tuned further for `hours` (a new round with a fresh optimizer; the record lists the
+    earlier rounds).
 
     Args:
         hours (`float`): the wall-clock budget, across resumed runs; evaluation time is not counted.
@@ -516,11 +526,14 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         eval_every_s (`float`): seconds between evaluations of the EMA weights (needs the classifier).
         ckpt_every_s (`float`): seconds between work checkpoints.
         sides (`tuple[int, ...]`): latent sides to train at, `SIDE_WEIGHTS` drawing among them.
-        out (`Path`): the teacher folder to write; only the committed one is recorded.
+        out (`Path`, *optional*): the teacher folder to write; only `TEACHER`, the default, is recorded.
         continue_teacher (`bool`): fine-tune the committed teacher for another round.
+        device (`str`): where it trains ("cpu", "cuda"); batches are drawn on the CPU either way.
     """
-    exists = (TEACHER / "model_index.json").exists()
-    ck = torch.load(CKPT, weights_only=True) if CKPT.exists() else None
+    out = out or TEACHER
+    # a teacher on another latent space (an earlier VAE) cannot be fine-tuned on this one
+    exists = (TEACHER / "model_index.json").exists() and latent_channels(TEACHER / "vae") == latent_channels(vae_dir())
+    ck = torch.load(CKPT, weights_only=True, map_location="cpu") if CKPT.exists() else None
     budget = hours * 3600
     if continue_teacher and ck is not None and ck["elapsed"] >= budget:
         ck = None  # that round is done: --continue starts another
@@ -555,6 +568,7 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
             {k: previous[k] for k in ("steps", "minutes", "lr", "batch", "command", "history") if k in previous}]
     pipe = load_sd3_pipeline(str(TEACHER), "float32") if init == "teacher" else teacher_pipeline()
     pipe.vae.requires_grad_(False)
+    pipe.to(device)
     adapter = SD3Adapter(pipe, max_sequence_length=0)
     latents, captions = training_latents(adapter, sides)
     modules = teacher_modules(pipe)
@@ -567,7 +581,8 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     if ck:
         for k, m in modules.items():
             m.load_state_dict(ck["model"][k])
-        ema, step, elapsed, history = ck["ema"], ck["step"], ck["elapsed"], ck["history"]
+        ema = {k: {n: t.to(device) for n, t in m.items()} for k, m in ck["ema"].items()}
+        step, elapsed, history = ck["step"], ck["elapsed"], ck["history"]
         opt.load_state_dict(ck["opt"])
         g.set_state(ck["rng"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
@@ -576,8 +591,8 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in sides])
     classifier = load_classifier(CLASSIFIER) if CLASSIFIER.exists() else None
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    log(f"teacher transformer {n_params / 1e6:.2f}M params (init: {init}, lr {lr}); sides {list(sides)}; "
-        f"{len(captions)} training images")
+    log(f"teacher transformer {n_params / 1e6:.2f}M params on {pipe.transformer.config.in_channels} latent "
+        f"channels (init: {init}, lr {lr}, {device}); sides {list(sides)}; {len(captions)} training images")
     warmup = 100 if init == "teacher" else 300
     last_ckpt = last_eval = time.time()
     t0 = time.time() - elapsed
@@ -593,6 +608,7 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         z = latents[side][idx].float()
         sigma = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal timesteps
         eps = torch.randn(z.shape, generator=g)
+        z, sigma, eps = z.to(device), sigma.to(device), eps.to(device)
         s = sigma.view(-1, 1, 1, 1)
         v = pipe.transformer(hidden_states=(1 - s) * z + s * eps, timestep=sigma * 1000, encoder_hidden_states=embeds,
                              pooled_projections=pooled, return_dict=False)[0]
@@ -636,10 +652,11 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         m.load_state_dict(ema[k])
     pipe.vae.requires_grad_(True)
     # fp16 on disk keeps the folder small; loading with dtype=float32 upcasts.
-    pipe.to(torch.float16).save_pretrained(out)
+    pipe.to("cpu", torch.float16).save_pretrained(out)
     if out == TEACHER:
-        record("transformer", replace=True, seed=SEED, steps=step, batch=batch, lr=lr,
-               minutes=round((time.time() - t0) / 60, 1), architecture=TEACHER_ARCH, transformer_params=n_params,
+        architecture = {**TEACHER_ARCH, "latent_channels": pipe.transformer.config.in_channels}
+        record("transformer", replace=True, seed=SEED, steps=step, batch=batch, lr=lr, device=str(device),
+               minutes=round((time.time() - t0) / 60, 1), architecture=architecture, transformer_params=n_params,
                history=history, sides=list(sides), side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in sides},
                init=init, **({"started_from": started_from} if started_from else {}),
                **({"previous_rounds": rounds} if rounds else {}))
@@ -670,11 +687,36 @@ def _save_ckpt(modules, ema, opt, step, elapsed, g, history, extra: dict) -> Non
 
 # ---------------------------------------------------------------- entry point
 
-PHASES = {"classifier": lambda a: train_classifier(), "vae": lambda a: train_vae(a.vae_steps, a.vae_batch),
+PHASES = {"classifier": lambda a: train_classifier(),
+          "vae": lambda a: train_vae(a.vae_steps, a.vae_batch, device=a.device),
           "vae-decoder": lambda a: train_vae_decoder(a.decoder_steps),
           "transformer": lambda a: train_transformer(a.hours, a.batch, a.lr, sides=tuple(a.sides),
-                                                     out=Path(a.out) if a.out else TEACHER,
-                                                     continue_teacher=a.continue_teacher)}
+                                                     out=Path(a.out) if a.out else None,
+                                                     continue_teacher=a.continue_teacher, device=a.device)}
+
+
+def use_folders(weights: Path | None = None, work: Path | None = None) -> None:
+    """Point the phases at other folders, to train a new teacher beside the committed one (the
+    evaluator classifier stays the committed one unless `weights` holds its own).
+
+    Args:
+        weights (`Path`, *optional*): replaces `WEIGHTS` (teacher, record).
+        work (`Path`, *optional*): replaces `WORK` (the VAE, latents cache, checkpoint).
+    """
+    global WEIGHTS, TEACHER, RECORD, CLASSIFIER, WORK, CKPT
+    if weights is not None:
+        WEIGHTS, TEACHER, RECORD = weights, weights / "toy-sd3", weights / "training_record.json"
+        if (weights / "classifier.safetensors").exists():
+            CLASSIFIER = weights / "classifier.safetensors"
+    if work is not None:
+        WORK, CKPT = work, work / "teacher_ckpt.pt"
+
+
+def pick_device(name: str) -> str:
+    """`name`, checked: "cuda" without a GPU is one clear line rather than a trace mid-phase."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__})")
+    return name
 
 
 def main(argv=None) -> None:
@@ -685,8 +727,13 @@ def main(argv=None) -> None:
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phase", choices=[*PHASES, "all"])
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the VAE and transformer train")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="write the teacher and its record here instead of swd_core/toy/weights")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="the work folder (VAE, latents cache, checkpoint) instead of swd_core/toy/.work")
+    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--decoder-steps", type=int, default=3000)
     parser.add_argument("--hours", type=float, default=2.0, help="transformer training budget (wall clock, resumable)")
     parser.add_argument("--batch", type=int, default=64)
@@ -696,7 +743,10 @@ def main(argv=None) -> None:
     parser.add_argument("--continue", dest="continue_teacher", action="store_true",
                         help="fine-tune the committed teacher further for --hours (a new round)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    args.device = pick_device(args.device)
+    use_folders(args.weights, args.work)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
     for name, fn in PHASES.items():
         if args.phase in (name, "all"):
             fn(args)
