@@ -187,9 +187,9 @@ TINY_ARCH = {"layers": 1, "heads": 1, "head_dim": 16, "text_dim": 16, "text_laye
 @pytest.mark.training
 def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budget(toy, monkeypatch):
     """`make toy-teacher` (`train all --hours H`) is resumable: with the classifier and VAE done,
-    only the transformer trains, from scratch, since the teacher on disk is on another latent space; run again with the budget spent, everything skips; run with a
-    larger budget, it continues from the checkpoint (step count, optimizer, init) instead of
-    starting over."""
+    only the transformer trains, from scratch, since the teacher on disk is on another latent
+    space; run again with the budget spent, everything skips; run with a larger budget, it
+    continues from the checkpoint (step count, optimizer, init) instead of starting over."""
     from swd_core.tiny_models import TinySD3Config, build_tiny_sd3
 
     T.WEIGHTS.mkdir(parents=True)
