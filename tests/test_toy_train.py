@@ -23,9 +23,12 @@ COMMITTED = {"record": T.RECORD, "classifier": T.CLASSIFIER, "teacher": T.TEACHE
 
 
 def repository_files() -> dict:
-    """swd_core/toy/ as it is on disk (bytecode caches aside): what the tests must leave alone."""
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in Path(T.__file__).parent.rglob("*") if "__pycache__" not in p.parts}
+    """swd_core/toy/ as it is on disk (bytecode caches aside): what the tests must leave alone. Of
+    the work folder only its entries' names: a real training may be writing inside them."""
+    toy = Path(T.__file__).parent
+    files = {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in toy.rglob("*")
+             if "__pycache__" not in p.parts and ".work" not in p.relative_to(toy).parts}
+    return {**files, ".work": sorted(p.name for p in (toy / ".work").glob("*"))}
 
 
 def tiny_vae_config(full=T.vae_config) -> dict:
@@ -236,6 +239,13 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert second["init"] == "scratch", "it fine-tuned the teacher it had just written instead of resuming"
     assert {int(s["step"]) for s in second["opt"]["state"].values()} == {second["step"]}, "the optimizer started over"
     assert record()["transformer"]["steps"] == second["step"]
+
+    # the teacher's VAE carries its sides, and is a VAE of this design: no VAE phase is due
+    assert json.loads((T.TEACHER / "vae" / "decoder_sides.json").read_text()) == {"sides": list(T.TOY_SIDES)}
+    shutil.rmtree(T.WORK / "vae")
+    T.train_vae(steps=1, batch=1)
+    T.train_vae_decoder(steps=1, batch=1)
+    assert "vae:" in toy[-2] and "skipping" in toy[-2] and "vae-decoder" in toy[-1] and "skipping" in toy[-1]
 
 
 def test_a_cuda_device_without_a_gpu_is_refused_in_one_line(capsys):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -176,7 +177,7 @@ def train_vae(steps: int = 3000, batch: int = 32, device: str = "cpu") -> None:
     factor, one size per batch, drawn by `SIDE_WEIGHTS`) on renders of every (colour, shape) pair;
     set its shift and scale so that 64 px latents have zero mean and unit variance (as SD3
     normalises them); save it under `WORK` with the round trip of held-out renders in the record.
-    Skips when it exists.
+    Skips when it exists, or when the teacher's VAE has this design's latent channels.
 
     Args:
         steps (`int`): optimizer steps (one-cycle schedule).
@@ -186,9 +187,10 @@ def train_vae(steps: int = 3000, batch: int = 32, device: str = "cpu") -> None:
     from diffusers import AutoencoderKL
 
     out = WORK / "vae"
-    if (out / "config.json").exists():
-        log(f"vae: {out} exists, skipping")
-        return
+    for done in (out, TEACHER / "vae"):
+        if latent_channels(done) == vae_config()["latent_channels"]:
+            log(f"vae: {done} exists, skipping")
+            return
     torch.manual_seed(SEED)
     pool = scene_pool(SEED + 1, 20_000)
     vae = AutoencoderKL(**vae_config()).to(device)
@@ -384,6 +386,16 @@ def latent_channels(folder: Path) -> int | None:
     return json.loads(config.read_text())["latent_channels"] if config.exists() else None
 
 
+def latent_space(folder: Path) -> tuple | None:
+    """What identifies the latent space of the `AutoencoderKL` in `folder`: its channels and its
+    normalisation, which a retrained VAE never reproduces. None when there is none."""
+    config = folder / "config.json"
+    if not config.exists():
+        return None
+    c = json.loads(config.read_text())
+    return c["latent_channels"], c["shift_factor"], c["scaling_factor"]
+
+
 def teacher_pipeline():
     """Tokenizer for the shapes vocabulary, small CLIP encoders, the trained VAE and a fresh
     SD3 transformer on that VAE's latent channels, as one `StableDiffusion3Pipeline`.
@@ -531,8 +543,8 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         device (`str`): where it trains ("cpu", "cuda"); batches are drawn on the CPU either way.
     """
     out = out or TEACHER
-    # a teacher on another latent space (an earlier VAE) cannot be fine-tuned on this one
-    exists = (TEACHER / "model_index.json").exists() and latent_channels(TEACHER / "vae") == latent_channels(vae_dir())
+    # a teacher on another latent space (another VAE) cannot be fine-tuned on this one
+    exists = (TEACHER / "model_index.json").exists() and latent_space(TEACHER / "vae") == latent_space(vae_dir())
     ck = torch.load(CKPT, weights_only=True, map_location="cpu") if CKPT.exists() else None
     budget = hours * 3600
     if continue_teacher and ck is not None and ck["elapsed"] >= budget:
@@ -652,7 +664,10 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         m.load_state_dict(ema[k])
     pipe.vae.requires_grad_(True)
     # fp16 on disk keeps the folder small; loading with dtype=float32 upcasts.
+    marker = vae_dir() / "decoder_sides.json"  # the VAE's sides go with it
     pipe.to("cpu", torch.float16).save_pretrained(out)
+    if marker.exists() and marker.parent != out / "vae":
+        shutil.copy(marker, out / "vae" / marker.name)
     if out == TEACHER:
         architecture = {**TEACHER_ARCH, "latent_channels": pipe.transformer.config.in_channels}
         record("transformer", replace=True, seed=SEED, steps=step, batch=batch, lr=lr, device=str(device),
