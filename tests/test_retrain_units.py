@@ -177,7 +177,7 @@ def test_the_gate_reads_what_the_images_show_unless_told_to_read_raw_latents():
     d["evaluate"] = {**d.get("evaluate", {}), "num_prompts": 4}
     gate = Gate(parse_pipeline_config(d))
     torch.manual_seed(0)
-    latents = torch.randn(4, 4, 16, 16)
+    latents = torch.randn(4, gate.teacher().latent_channels, 16, 16)
     images = gate._decode(latents)
     other = latents + 0.5 * torch.randn_like(latents)  # not what these images encode to
     same = [gate.score_samples(x, images).metrics for x in (latents, other)]

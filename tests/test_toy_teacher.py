@@ -26,7 +26,8 @@ def test_loads_with_stock_diffusers():
                                                     dtype=torch.float32)
     assert isinstance(pipe.transformer, SD3Transformer2DModel) and isinstance(pipe.vae, AutoencoderKL)
     assert pipe.transformer.config.patch_size == 2 and pipe.vae_scale_factor == 4
-    assert pipe.vae.config.latent_channels == 4 and pipe.transformer.config.sample_size == 16
+    assert pipe.vae.config.latent_channels == pipe.transformer.config.in_channels
+    assert pipe.transformer.config.sample_size == 16
     ids = pipe.tokenizer("a red circle").input_ids
     vocab = pipe.tokenizer.get_vocab()
     assert ids[1:4] == [vocab["a"], vocab["red"], vocab["circle"]]  # real word ids, not all end-of-text
@@ -42,13 +43,14 @@ def test_loads_with_stock_diffusers():
 
 def test_loads_through_the_adapter_and_reconstructs_shapes():
     adapter = load_adapter("sd3", "builtin:toy-sd3", max_sequence_length=0)
-    assert adapter.latent_channels == 4 and adapter.num_blocks >= 4
+    channels = AutoencoderKL.load_config(TOY_TEACHER / "vae")["latent_channels"]
+    assert adapter.latent_channels == channels and adapter.num_blocks >= 4
     rng = np.random.default_rng(0)
     real = shapes.to_tensor([shapes.render(s, rng) for s in shapes.held_out_prompts()[:16]])
     with torch.no_grad():
         z = adapter.encode_images(real)
         recon = adapter.decode_latents(z)
-    assert z.shape == (16, 4, 16, 16)
+    assert z.shape == (16, channels, 16, 16)
     assert 0.5 < z.std() < 2.0  # scaling_factor normalises the latents
     from swd_core.evaluation import psnr
 
