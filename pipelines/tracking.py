@@ -162,6 +162,25 @@ def run_record(run_dir: str, resources) -> dict | None:
         return None
 
 
+def end_run(cfg, status: str) -> None:
+    """Mark the run folder's MLflow run `status` ("FAILED", "KILLED") if it is still RUNNING: a
+    run whose workers died or were stopped never closed it. A resumed run sets it RUNNING again.
+
+    Args:
+        cfg (`PipelineConfig`): the definition whose run folder names the run.
+        status (`str`): an MLflow run status.
+    """
+    record = run_record(cfg.run_dir, cfg.resources)
+    if not record:
+        return
+    try:
+        c = client(record["uri"])
+        if c.get_run(record["run_id"]).info.status == "RUNNING":
+            c.set_terminated(record["run_id"], status)
+    except Exception as err:  # the store is gone or unreachable: the failure itself is what matters
+        log.warning(f"could not mark MLflow run {record['run_id']} {status}: {err}")
+
+
 def write_run_record(run_dir: str, resources, uri: str, run_id: str) -> None:
     from pipelines.storage import write_bytes
 

@@ -312,17 +312,21 @@ def test_killed_worker_is_recovered_and_the_run_finishes(store_dir, ray_cluster)
 
 
 def test_a_run_out_of_max_failures_fails_and_says_how_to_go_on(store_dir, ray_cluster):
-    """max_failures 0: the first lost worker ends the run (killed as soon as rank 0 names it),
-    and the command fails saying so."""
+    """max_failures 0: the first lost worker ends the run (killed as soon as rank 0 names it and
+    has opened its MLflow run), the command fails saying so, and the MLflow run ends FAILED."""
     import re
     import signal
 
     proc = _run_cli(definition(store_dir, "fragile", steps=24, max_failures=0), store_dir, ray_cluster, "fragile")
+    record = store_dir / "runs" / "fragile" / "mlflow_run.json"
     seen = []
     for line in proc.stdout:
         seen.append(line)
         victim = re.search(r"rank 1 node \w+ pid (\d+)", line)
         if victim:
+            deadline = time.monotonic() + 120
+            while not record.exists() and time.monotonic() < deadline:  # rank 0's tracking thread opens it
+                time.sleep(0.1)
             os.kill(int(victim.group(1)), signal.SIGKILL)
             break
     out = "".join(seen) + proc.communicate(timeout=600)[0]
@@ -331,6 +335,8 @@ def test_a_run_out_of_max_failures_fails_and_says_how_to_go_on(store_dir, ray_cl
     assert "[distill] error: failed (0 restart(s) allowed by distill.max_failures)" in out, out[-4000:]
     assert f"its checkpoints stay under {store_dir / 'runs' / 'fragile'}/train" in out
     assert "resumed from checkpoint" not in out  # no restart
+    _, run, _, _ = _mlflow_run(json.loads(record.read_text()))
+    assert run.info.status == "FAILED"
 
 
 def test_store_made_for_another_definition_is_refused(store_dir):

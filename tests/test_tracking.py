@@ -67,3 +67,31 @@ def test_a_server_that_answers_is_used_and_the_default_is_the_run_folder(tmp_pat
     assert local["uri"] == f"sqlite:///{tmp_path.resolve()}/tracked/mlflow.db"
     assert local["artifacts"] == (tmp_path.resolve() / "tracked" / "mlflow-artifacts").as_uri()
     assert resolve_store(definition(str(tmp_path), enabled=False)) is None
+
+
+def test_a_run_its_workers_never_closed_is_marked_failed_and_a_closed_one_is_left_alone(tmp_path, no_env_uri,
+                                                                                        capsys):
+    """What the distill stage does when `fit` fails or is stopped: the run folder's MLflow run, left
+    RUNNING by a rank 0 that died, ends FAILED (or KILLED); a finished run stays FINISHED; a run
+    folder without a record, or a store that is gone, changes nothing and raises nothing."""
+    from pipelines.tracking import client, end_run, write_run_record
+
+    cfg = definition(str(tmp_path))
+    store = resolve_store(cfg)
+    end_run(cfg, "FAILED")  # no record yet: nothing to mark
+    c = client(store["uri"])
+    experiment = c.create_experiment("tracked")
+    runs = {name: c.create_run(experiment).info.run_id for name in ("died", "closed")}
+    c.set_terminated(runs["closed"], "FINISHED")
+    for name, status, expected in (("died", "FAILED", "FAILED"), ("closed", "KILLED", "FINISHED")):
+        write_run_record(cfg.run_dir, cfg.resources, store["uri"], runs[name])
+        assert c.get_run(runs[name]).info.status == ("RUNNING" if name == "died" else "FINISHED")
+        end_run(cfg, status)
+        assert c.get_run(runs[name]).info.status == expected
+    assert capsys.readouterr().err == ""
+
+    write_run_record(cfg.run_dir, cfg.resources, f"sqlite:///{tmp_path}/gone/no.db", runs["died"])
+    (tmp_path / "gone").write_text("a file where the store's folder should be")
+    end_run(cfg, "FAILED")
+    err = capsys.readouterr().err
+    assert f"[tracking] warning: could not mark MLflow run {runs['died']} FAILED" in err, err

@@ -117,13 +117,18 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
 
     try:
         result = build_trainer(cfg, store, warm_start, callbacks, tracking).fit()
-    except TrainingFailedError as err:
-        # Ray's error runs to many lines of worker details; these two say what happened and what to do
-        restarts = "unlimited" if d.max_failures < 0 else d.max_failures
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        log.error(f"failed ({restarts} restart(s) allowed by distill.max_failures): {reason}\n"
-                  f"[distill] its checkpoints stay under {cfg.run_dir}/train: "
-                  "running the same definition again resumes from the last one")
+    except BaseException as err:
+        if tracking is not None:  # rank 0 never got to close its MLflow run
+            from pipelines.tracking import end_run
+
+            end_run(cfg, "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        if isinstance(err, TrainingFailedError):
+            # Ray's error runs to many lines of worker details; these two say what happened and what to do
+            restarts = "unlimited" if d.max_failures < 0 else d.max_failures
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            log.error(f"failed ({restarts} restart(s) allowed by distill.max_failures): {reason}\n"
+                      f"[distill] its checkpoints stay under {cfg.run_dir}/train: "
+                      "running the same definition again resumes from the last one")
         raise
     metrics = dict(result.metrics or {})
     out = {"student": student_dir(cfg), "checkpoint": result.checkpoint.path if result.checkpoint else None,
