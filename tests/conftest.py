@@ -124,6 +124,32 @@ def s3_server():
         server.stop()
 
 
+@pytest.fixture
+def stalled_endpoint():
+    """An endpoint on 127.0.0.1 that accepts connections and never answers. Yields (its URL, the
+    connections it accepted)."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []  # accepted and never answered
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # closed at the end of the test
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", held
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
 @pytest.fixture(scope="session")
 def _deepspeed_process_group():
     from tests.deepspeed_world import one_process_world

@@ -179,3 +179,27 @@ def test_a_holder_whose_lease_was_taken_finds_it_lost_and_leaves_the_new_record(
     assert read_lease(uri, res)["holder"] == intruder.holder
     intruder.release()
     assert read_lease(uri, res) is None
+
+
+def test_a_stalled_endpoint_fails_the_acquire_instead_of_hanging_it(stalled_endpoint):
+    """An S3 endpoint that accepts connections and never answers: the acquire gives up after
+    `resources.s3.timeout_s` per try (botocore's retries included) and raises."""
+    import threading
+
+    from botocore.exceptions import ReadTimeoutError
+
+    endpoint, held = stalled_endpoint
+    res = ResourcesConfig(storage="s3://stalled/x", s3=S3Config(endpoint_url=endpoint, timeout_s=0.2))
+    out = {}
+
+    def acquire():
+        try:
+            Lease("s3://stalled/run/retrain.lock", res, ttl_s=30).acquire()
+        except Exception as err:  # noqa: BLE001 - what it raised is the result
+            out["err"] = err
+
+    worker = threading.Thread(target=acquire, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the acquire against a stalled endpoint did not end within 60 s"
+    assert held and isinstance(out.get("err"), ReadTimeoutError), out

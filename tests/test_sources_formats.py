@@ -288,26 +288,15 @@ def test_names_no_file_can_have_and_files_that_are_not_regular_are_refused_unope
         ["a FIFO (named pipe)", "a directory", "a socket"] + ["a character device"] * len(device))
 
 
-def test_a_stalled_object_store_fails_the_read_within_its_timeout(tmp_path):
+def test_a_stalled_object_store_fails_the_read_within_its_timeout(tmp_path, stalled_endpoint):
     """An endpoint that accepts connections and never answers: each request gives up after
     `resources.s3.timeout_s` (5 tries in all), and the row is quarantined as unreadable."""
     import os
-    import socket
     import threading
     import time
 
-    server = socket.create_server(("127.0.0.1", 0))
-    held = []  # accepted and never answered
-
-    def accept():
-        while True:
-            try:
-                held.append(server.accept()[0])
-            except OSError:  # closed at the end of the test
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    resources = ResourcesConfig(s3={"endpoint_url": f"http://127.0.0.1:{server.getsockname()[1]}", "timeout_s": 0.2})
+    endpoint, held = stalled_endpoint
+    resources = ResourcesConfig(s3={"endpoint_url": endpoint, "timeout_s": 0.2})
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # conftest sets them; standalone runs too
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     task = {"kind": "imagefolder", "task": 0, "folder": "s3://stalled/set", "rows": [[2, "a.png", "a red square"]]}
@@ -316,13 +305,8 @@ def test_a_stalled_object_store_fails_the_read_within_its_timeout(tmp_path):
     reader = threading.Thread(target=lambda: out.setdefault("b", next(read_task(task, resources))), daemon=True)
     reader.start()
     reader.join(60)
-    try:
-        assert not reader.is_alive(), "the read of a stalled endpoint did not end within 60 s"
-        assert time.monotonic() - start < 20 and held, "no request reached the endpoint"
-        (row,) = checked([dict(zip(("ref", "order", "image", "caption", "missing"), r)) for r in
-                          zip(*(out["b"][k] for k in ("ref", "order", "image", "caption", "missing")))])
-        assert row["reason"] == "unreadable" and "timeout" in row["detail"].lower(), row
-    finally:
-        server.close()
-        for conn in held:
-            conn.close()
+    assert not reader.is_alive(), "the read of a stalled endpoint did not end within 60 s"
+    assert time.monotonic() - start < 20 and held, "no request reached the endpoint"
+    (row,) = checked([dict(zip(("ref", "order", "image", "caption", "missing"), r)) for r in
+                      zip(*(out["b"][k] for k in ("ref", "order", "image", "caption", "missing")))])
+    assert row["reason"] == "unreadable" and "timeout" in row["detail"].lower(), row

@@ -96,11 +96,15 @@ class _LocalBackend:
 class _S3Backend:
     def __init__(self, uri: str, resources: ResourcesConfig):
         import botocore.session
+        from botocore.config import Config
 
         self.bucket, _, self.key = uri.removeprefix("s3://").partition("/")
+        # a stalled endpoint fails the request (botocore's retries included) instead of hanging
+        # the cycle that holds the lock, or its renewal thread
+        timeout = resources.s3.timeout_s
         self.client = botocore.session.get_session().create_client(
             "s3", endpoint_url=resources.s3.endpoint_url, region_name=resources.s3.region or os.environ.get(
-                "AWS_DEFAULT_REGION", "us-east-1"))
+                "AWS_DEFAULT_REGION", "us-east-1"), config=Config(connect_timeout=timeout, read_timeout=timeout))
 
     def _put(self, body: bytes, **cond) -> str | None:
         from botocore.exceptions import ClientError
