@@ -253,3 +253,33 @@ def test_a_cuda_device_without_a_gpu_is_refused_in_one_line(capsys):
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit, match=r"--device cuda: torch sees no CUDA device"):
         T.main(["vae", "--device", "cuda"])
+
+
+def test_adopt_makes_a_teacher_trained_aside_the_committed_one(toy, tmp_path):
+    """The folder is replaced whole; the record keeps the classifier's entry, takes the new VAE's
+    and transformer's, and drops the refinement of the VAE it replaced. A folder without a
+    finished teacher is refused in one line, the committed teacher untouched."""
+    from swd_core.tiny_models import TinySD3Config, build_tiny_sd3
+
+    staged = tmp_path / "aside"
+    build_tiny_sd3(TinySD3Config(latent_channels=16, seed=1), vocab=shapes.vocabulary()).save_pretrained(
+        staged / "toy-sd3")
+    build_tiny_sd3(TinySD3Config(latent_channels=4), vocab=shapes.vocabulary()).save_pretrained(T.TEACHER)
+    (T.TEACHER / "vae" / "decoder_sides.json").write_text("{}")  # a file only the old folder has
+    T.RECORD.write_text(json.dumps({"classifier": {"seed": 0}, "vae": {"v": 2}, "vae_decoder": {"v": 2},
+                                    "transformer": {"v": 2}}))
+    (staged / "training_record.json").write_text(json.dumps({"transformer": {"v": 3}}))
+
+    with pytest.raises(SystemExit, match="has no vae entry: its teacher is not finished"):
+        T.main(["adopt", "--weights", str(staged)])
+    with pytest.raises(SystemExit, match="holds no trained teacher"):
+        T.main(["adopt", "--weights", str(tmp_path / "empty")])
+    assert json.loads((T.TEACHER / "vae" / "config.json").read_text())["latent_channels"] == 4
+
+    (staged / "training_record.json").write_text(json.dumps({"vae": {"v": 3}, "transformer": {"v": 3}}))
+    T.main(["adopt", "--weights", str(staged)])
+    files = sorted(p.relative_to(staged / "toy-sd3") for p in (staged / "toy-sd3").rglob("*") if p.is_file())
+    assert sorted(p.relative_to(T.TEACHER) for p in T.TEACHER.rglob("*") if p.is_file()) == files
+    assert all((T.TEACHER / f).read_bytes() == (staged / "toy-sd3" / f).read_bytes() for f in files)
+    assert record() == {"classifier": {"seed": 0}, "vae": {"v": 3}, "transformer": {"v": 3}}
+    assert not list(T.WEIGHTS.glob(".*adopting"))

@@ -3,6 +3,7 @@
     python -m swd_core.toy.train all         # or: make toy-teacher   (resumable: rerun to continue)
     python -m swd_core.toy.train classifier | vae | transformer [--device cuda]
     python -m swd_core.toy.train all --weights DIR --work DIR   # train a new teacher aside
+    python -m swd_core.toy.train adopt --weights DIR             # then make it the committed one
 
 Each phase writes its result under swd_core/toy/weights/ (or `--weights`) and skips itself when
 that exists. The VAE (16 latent channels, as SD3's) and the transformer train at every latent
@@ -727,6 +728,35 @@ def use_folders(weights: Path | None = None, work: Path | None = None) -> None:
         WORK, CKPT = work, work / "teacher_ckpt.pt"
 
 
+def adopt(staged: Path, teacher: Path, record_path: Path) -> None:
+    """Make the teacher trained aside in `staged` (a `--weights` folder) the committed one: its
+    folder replaces `teacher`, and its record's entries replace theirs in `record_path`; the
+    classifier's entry stays, and a refinement of the replaced VAE (`vae_decoder`) goes with it.
+
+    Args:
+        staged (`Path`): holds toy-sd3/ and training_record.json with "vae" and "transformer".
+        teacher (`Path`): the teacher folder to replace.
+        record_path (`Path`): the record to update.
+    """
+    src, rec = staged / "toy-sd3", staged / "training_record.json"
+    if not (src / "model_index.json").exists() or not rec.exists():
+        raise SystemExit(f"adopt: {staged} holds no trained teacher (toy-sd3/ and training_record.json)")
+    new = json.loads(rec.read_text())
+    missing = sorted({"vae", "transformer"} - set(new))
+    if missing:
+        raise SystemExit(f"adopt: {rec} has no {' or '.join(missing)} entry: its teacher is not finished")
+    old = json.loads(record_path.read_text()) if record_path.exists() else {}
+    merged = {k: v for k, v in old.items() if k not in ("vae", "vae_decoder", "transformer")} | new
+    part = teacher.with_name(f".{teacher.name}.adopting")  # copied whole before the old one goes
+    shutil.rmtree(part, ignore_errors=True)
+    shutil.copytree(src, part)
+    if teacher.exists():
+        shutil.rmtree(teacher)
+    part.rename(teacher)
+    record_path.write_text(json.dumps(merged, indent=2) + "\n")
+    log(f"adopt: {teacher} is the teacher trained in {staged}; {record_path} updated")
+
+
 def pick_device(name: str) -> str:
     """`name`, checked: "cuda" without a GPU is one clear line rather than a trace mid-phase."""
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -741,7 +771,8 @@ def main(argv=None) -> None:
         argv (`list[str]`, *optional*): the arguments; defaults to `sys.argv[1:]`.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=[*PHASES, "all"])
+    parser.add_argument("phase", choices=[*PHASES, "all", "adopt"],
+                        help="adopt: make the teacher trained in --weights DIR the committed one")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the VAE and transformer train")
     parser.add_argument("--weights", type=Path, default=None,
                         help="write the teacher and its record here instead of swd_core/toy/weights")
@@ -759,6 +790,10 @@ def main(argv=None) -> None:
                         help="fine-tune the committed teacher further for --hours (a new round)")
     args = parser.parse_args(argv)
     args.device = pick_device(args.device)
+    if args.phase == "adopt":
+        if args.weights is None:
+            raise SystemExit("adopt: name the folder the teacher was trained in with --weights DIR")
+        return adopt(args.weights, TEACHER, RECORD)
     use_folders(args.weights, args.work)
     if args.device == "cpu":
         torch.set_num_threads(2)
