@@ -73,8 +73,10 @@ class LocalCluster:
         try:
             cluster._wait(procs, 1, timeout, env)
             for w in workers:
+                # the nodes share this host's session folder: a second log monitor would send every
+                # worker's lines to the driver twice (one per monitor), so only the head's runs
                 procs.append(_ray_start([f"--address=127.0.0.1:{gcs}", f"--num-cpus={w['cpus']}",
-                                         f"--num-gpus={w.get('gpus', 0)}"], env))
+                                         f"--num-gpus={w.get('gpus', 0)}", "--include-log-monitor=False"], env))
                 cluster.pgids.append(procs[-1].pid)  # procs is cluster._procs
             cluster._wait(procs, 1 + len(workers), timeout, env)
         except BaseException:

@@ -130,6 +130,8 @@ def test_the_whole_pipeline_as_a_ray_job_stopped_and_resubmitted(job_cluster, tm
     resumed = re.search(r"\[distill\] resumed from checkpoint at step (\d+)", log)
     assert resumed and int(resumed.group(1)) in (4, 8), log[-4000:]
     assert "done: ran precompute, distill, evaluate" in log
+    steps = re.findall(r"\[distill\] step (\d+)/12 ", log)  # rank 0's lines, each once
+    assert steps and len(steps) == len(set(steps)), sorted(steps, key=int)
     assert "16 input rows" in log and "0 to encode, 16 already in the store" in log  # precompute kept its rows
     assert (run_dir / "student" / "merged" / "model_index.json").exists()
     report = json.loads((run_dir / "eval" / "report.json").read_text())
