@@ -86,7 +86,7 @@ bench-serve: install
 	$(PY) bench/serve.py
 
 # Trains the evaluator, the toy VAE and the toy SD3 teacher at every latent side the toy schedules
-# use (hours on 2 cores; a teacher trained at fewer sides is fine-tuned). Resumable: run it again
+# use (hours on 2 cores; a teacher trained at fewer sides on the same VAE is fine-tuned). Resumable: run it again
 # to continue; finished phases are skipped. HOURS is the transformer's budget; DEVICE=cuda trains
 # the VAE and the transformer on a GPU.
 HOURS  ?= 2.0

@@ -213,7 +213,8 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert any("vae-decoder" in line and "skipping" in line for line in toy)
     first = torch.load(T.CKPT, weights_only=True)
     assert set(first) == {"model", "ema", "opt", "step", "elapsed", "rng", "history", "init", "sides", "lr",
-                          "started_from", "previous_rounds"}
+                          "started_from", "previous_rounds", "latent_space"}
+    assert first["latent_space"] == list(T.latent_space(T.WORK / "vae"))
     assert first["step"] >= 1 and first["elapsed"] >= 1.0 and first["init"] == "scratch" and first["sides"] == [4, 8]
     saved = load_file(T.TEACHER / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(t.dtype == torch.float16 and torch.isfinite(t).all() for t in saved.values())
@@ -276,10 +277,25 @@ def test_adopt_makes_a_teacher_trained_aside_the_committed_one(toy, tmp_path):
         T.main(["adopt", "--weights", str(tmp_path / "empty")])
     assert json.loads((T.TEACHER / "vae" / "config.json").read_text())["latent_channels"] == 4
 
-    (staged / "training_record.json").write_text(json.dumps({"vae": {"v": 3}, "transformer": {"v": 3}}))
+    (staged / "training_record.json").write_text(json.dumps({"vae": {"v": 3}, "transformer": {"v": 3},
+                                                             "classifier": {"seed": 9}}))
     T.main(["adopt", "--weights", str(staged)])
     files = sorted(p.relative_to(staged / "toy-sd3") for p in (staged / "toy-sd3").rglob("*") if p.is_file())
     assert sorted(p.relative_to(T.TEACHER) for p in T.TEACHER.rglob("*") if p.is_file()) == files
     assert all((T.TEACHER / f).read_bytes() == (staged / "toy-sd3" / f).read_bytes() for f in files)
     assert record() == {"classifier": {"seed": 0}, "vae": {"v": 3}, "transformer": {"v": 3}}
     assert not list(T.WEIGHTS.glob(".*adopting"))
+
+
+def test_what_another_vae_left_in_the_work_folder_is_not_trained_on(toy):
+    """An older VAE there (4 latent channels) gives way to the teacher's; a checkpoint or a
+    latents cache made on another latent space is refused, or encoded again."""
+    T.WEIGHTS.mkdir(parents=True)
+    AutoencoderKL(**{**tiny_vae_config(), "latent_channels": 4}).save_pretrained(T.WORK / "vae")
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(T.TEACHER / "vae")
+    assert T.vae_dir() == T.TEACHER / "vae"
+
+    torch.save({"step": 5, "elapsed": 1.0, "init": "scratch", "sides": [4, 8], "latent_space": [16, 0.5, 2.0]},
+               T.CKPT)
+    with pytest.raises(SystemExit, match="trains on another VAE's latent space"):
+        T.train_transformer(hours=1.0, sides=(4, 8))

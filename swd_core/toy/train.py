@@ -224,10 +224,10 @@ def train_vae(steps: int = 3000, batch: int = 32, device: str = "cpu") -> None:
                        for i in range(0, min(4096, len(pool)), 256)])
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
     seconds = round(time.time() - start)
+    vae.to("cpu").save_pretrained(out)  # saved before it is measured: the measure needs the classifier
+    (out / "decoder_sides.json").write_text(json.dumps({"sides": list(TOY_SIDES)}) + "\n")  # no refinement due
     trip = round_trip(vae)
     log(f"vae: round trip of held-out renders {json.dumps(trip)}")
-    vae.to("cpu").save_pretrained(out)
-    (out / "decoder_sides.json").write_text(json.dumps({"sides": list(TOY_SIDES)}) + "\n")  # no refinement due
     record("vae", replace=True, seed=SEED, steps=steps, batch=batch, seconds=seconds, device=str(device),
            latent_channels=vae.config.latent_channels, sides=list(TOY_SIDES), images=len(pool),
            side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES}, shift_factor=vae.config.shift_factor,
@@ -377,8 +377,10 @@ CKPT = WORK / "teacher_ckpt.pt"
 
 
 def vae_dir() -> Path:
-    """The VAE a teacher trains on: the one the VAE phase wrote under `WORK`, else the teacher's."""
-    return WORK / "vae" if (WORK / "vae" / "config.json").exists() else TEACHER / "vae"
+    """The VAE a teacher trains on: the one the VAE phase wrote under `WORK` when it is of this
+    design (an older one there is ignored), else the teacher's."""
+    work = WORK / "vae"
+    return work if latent_channels(work) == vae_config()["latent_channels"] else TEACHER / "vae"
 
 
 def latent_channels(folder: Path) -> int | None:
@@ -444,9 +446,12 @@ def training_latents(adapter, sides: tuple[int, ...]) -> tuple[dict[int, torch.T
         `tuple[dict[int, torch.Tensor], list[str]]`: latents by side, and one caption per image.
     """
     cache = WORK / f"train_latents_{'_'.join(map(str, sides))}.pt"
+    space = latent_space(vae_dir())
     if cache.exists():
         data = torch.load(cache, weights_only=True)
-        return {int(k): v for k, v in data["latents"].items()}, data["captions"]
+        if tuple(data.get("latent_space", space)) == space:
+            return {int(k): v for k, v in data["latents"].items()}, data["captions"]
+        log(f"{cache} holds another VAE's latents: encoding again")
     log(f"encoding {TRAIN_IMAGES} training images with the VAE at latent sides {list(sides)}")
     factor = adapter.vae_scale_factor
     latents, captions = {s: [] for s in sides}, []
@@ -459,7 +464,8 @@ def training_latents(adapter, sides: tuple[int, ...]) -> tuple[dict[int, torch.T
         captions += [s.caption for _, s, _ in items]
         if start % 10_000 == 0:
             log(f"  encoded {start + 500}/{TRAIN_IMAGES}")
-    data = {"latents": {str(s): torch.cat(v) for s, v in latents.items()}, "captions": captions}
+    data = {"latents": {str(s): torch.cat(v) for s, v in latents.items()}, "captions": captions,
+            "latent_space": list(space)}
     WORK.mkdir(parents=True, exist_ok=True)
     torch.save(data, cache)
     return {s: data["latents"][str(s)] for s in sides}, captions
@@ -560,6 +566,12 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     if continue_teacher and not exists:
         raise SystemExit(f"--continue: there is no teacher at {TEACHER} to train further")
     init = ck.get("init", "scratch") if ck else ("teacher" if exists else "scratch")
+    space = latent_space(vae_dir())
+    if ck and tuple(ck.get("latent_space", space)) != space:
+        raise SystemExit(f"{CKPT} trains on another VAE's latent space than {vae_dir()}: remove it to start over")
+    if ck and ck.get("init") == "teacher" and not exists:
+        raise SystemExit(f"{CKPT} fine-tunes a teacher on another latent space than {vae_dir()}: "
+                         "remove it to start over")
     if ck and tuple(ck.get("sides", (16,))) != tuple(sides):
         raise SystemExit(f"{CKPT} trains sides {list(ck.get('sides', (16,)))}, not {list(sides)}: "
                          "remove it to start over")
@@ -600,7 +612,8 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         g.set_state(ck["rng"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
     del ck
-    extra = {"init": init, "sides": list(sides), "lr": lr, "started_from": started_from, "previous_rounds": rounds}
+    extra = {"init": init, "sides": list(sides), "lr": lr, "started_from": started_from, "previous_rounds": rounds,
+             "latent_space": list(space)}
     weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in sides])
     classifier = load_classifier(CLASSIFIER) if CLASSIFIER.exists() else None
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
@@ -665,7 +678,8 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         m.load_state_dict(ema[k])
     pipe.vae.requires_grad_(True)
     # fp16 on disk keeps the folder small; loading with dtype=float32 upcasts.
-    marker = vae_dir() / "decoder_sides.json"  # the VAE's sides go with it
+    # the VAE's sides go with it (from scratch the pipeline holds vae_dir()'s VAE; a fine-tune, the teacher's own)
+    marker = vae_dir() / "decoder_sides.json" if init == "scratch" else TEACHER / "vae" / "decoder_sides.json"
     pipe.to("cpu", torch.float16).save_pretrained(out)
     if marker.exists() and marker.parent != out / "vae":
         shutil.copy(marker, out / "vae" / marker.name)
@@ -746,7 +760,9 @@ def adopt(staged: Path, teacher: Path, record_path: Path) -> None:
     if missing:
         raise SystemExit(f"adopt: {rec} has no {' or '.join(missing)} entry: its teacher is not finished")
     old = json.loads(record_path.read_text()) if record_path.exists() else {}
-    merged = {k: v for k, v in old.items() if k not in ("vae", "vae_decoder", "transformer")} | new
+    teacher_entries = ("vae", "vae_decoder", "transformer")
+    merged = {k: v for k, v in old.items() if k not in teacher_entries} | {
+        k: v for k, v in new.items() if k in teacher_entries}
     part = teacher.with_name(f".{teacher.name}.adopting")  # copied whole before the old one goes
     shutil.rmtree(part, ignore_errors=True)
     shutil.copytree(src, part)
