@@ -170,15 +170,19 @@ def end_run(cfg, status: str) -> None:
         cfg (`PipelineConfig`): the definition whose run folder names the run.
         status (`str`): an MLflow run status.
     """
-    record = run_record(cfg.run_dir, cfg.resources)
-    if not record:
-        return
+    record = None
     try:
+        record = run_record(cfg.run_dir, cfg.resources)
+        if not record:
+            return
+        why = unreachable(record["uri"])
+        if why:  # MLflow's client would retry for minutes: longer than a pod's grace period
+            raise ConnectionError(f"the tracking server does not answer ({why})")
         c = client(record["uri"])
         if c.get_run(record["run_id"]).info.status == "RUNNING":
             c.set_terminated(record["run_id"], status)
     except Exception as err:  # the store is gone or unreachable: the failure itself is what matters
-        log.warning(f"could not mark MLflow run {record['run_id']} {status}: {err}")
+        log.warning(f"could not mark MLflow run {record['run_id'] if record else '(unknown)'} {status}: {err}")
 
 
 def write_run_record(run_dir: str, resources, uri: str, run_id: str) -> None:

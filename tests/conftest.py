@@ -145,6 +145,7 @@ def stalled_endpoint():
     try:
         yield f"http://127.0.0.1:{server.getsockname()[1]}", held
     finally:
+        server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
         server.close()
         for conn in held:
             conn.close()

@@ -203,3 +203,27 @@ def test_a_stalled_endpoint_fails_the_acquire_instead_of_hanging_it(stalled_endp
     worker.join(60)
     assert not worker.is_alive(), "the acquire against a stalled endpoint did not end within 60 s"
     assert held and isinstance(out.get("err"), ReadTimeoutError), out
+
+
+def test_renewals_that_keep_failing_lose_the_lease_once_it_has_expired(tmp_path):
+    """Storage errors on renewal (a stalled endpoint's timeouts) are retried while the last record
+    still holds; once it has expired the lease is lost, and `check` says why."""
+    from pipelines.retraining.lease import LeaseLost
+
+    lease = Lease(str(tmp_path / "retrain.lock"), ResourcesConfig(storage=str(tmp_path)), ttl_s=1.5)
+    lease.acquire()
+    tries = []
+
+    def failing(tag, body):
+        tries.append(time.time())
+        raise TimeoutError("read timeout")
+
+    lease._backend.overwrite = failing
+    expired_at = lease._expires
+    try:
+        _wait_for("lost lease", lambda: lease.lost)
+        assert len(tries) >= 2 and time.time() + lease.ttl_s / 3 >= expired_at, tries
+        with pytest.raises(LeaseLost, match="could not be renewed before it expired: read timeout"):
+            lease.check()
+    finally:
+        lease.release()

@@ -95,3 +95,15 @@ def test_a_run_its_workers_never_closed_is_marked_failed_and_a_closed_one_is_lef
     end_run(cfg, "FAILED")
     err = capsys.readouterr().err
     assert f"[tracking] warning: could not mark MLflow run {runs['died']} FAILED" in err, err
+
+
+def test_marking_a_run_on_a_server_that_does_not_answer_is_one_warning(tmp_path, no_env_uri, capsys):
+    """MLflow's client would retry for minutes; a stop must not wait for it."""
+    from pipelines.tracking import end_run, write_run_record
+
+    cfg = definition(str(tmp_path))
+    closed = f"http://127.0.0.1:{free_port()}"
+    write_run_record(cfg.run_dir, cfg.resources, closed, "abc123")
+    end_run(cfg, "KILLED")
+    err = capsys.readouterr().err
+    assert "could not mark MLflow run abc123 KILLED: the tracking server does not answer (" in err, err

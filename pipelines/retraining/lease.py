@@ -150,11 +150,13 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._since = time.time()
+        self._expires = 0.0  # of the last record written
         self.lost: str | None = None  # why renewal failed, if it did
 
     def _record(self) -> bytes:
+        self._expires = time.time() + self.ttl_s
         return json.dumps({"holder": self.holder, "pid": os.getpid(), "host": socket.gethostname(),
-                           "since": self._since, "expires": time.time() + self.ttl_s}).encode()
+                           "since": self._since, "expires": self._expires}).encode()
 
     def acquire(self) -> None:
         body = self._record()
@@ -176,7 +178,15 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            tag = self._backend.overwrite(self._tag, self._record())
+            held_until = self._expires
+            try:
+                tag = self._backend.overwrite(self._tag, self._record())
+            except Exception as err:  # a storage error (a timeout): try again while the last record holds
+                self._expires = held_until
+                if time.time() + self.ttl_s / 3 >= held_until:
+                    self.lost = f"the lease at {self.uri} could not be renewed before it expired: {err}"
+                    return
+                continue
             if tag is None:
                 self.lost = f"the lease at {self.uri} was replaced or removed while held"
                 return
