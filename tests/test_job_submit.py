@@ -121,6 +121,11 @@ def test_the_whole_pipeline_as_a_ray_job_stopped_and_resubmitted(job_cluster, tm
     driver = [line for line in stopped.splitlines() if not line.startswith("(")]
     assert not [line for line in driver if "SIGTERM received at time" in line or "Traceback" in line], stopped[-4000:]
     assert not (run_dir / "eval" / "report.json").exists()
+    from mlflow import MlflowClient
+
+    tracked = json.loads((run_dir / "mlflow_run.json").read_text())  # the stop ended its MLflow run
+    assert MlflowClient(tracking_uri=tracked["uri"]).get_run(tracked["run_id"]).info.status == "KILLED", \
+        stopped[-4000:]
 
     _submit(address, env, args, submission_id="swd-e2e-again")
     _wait(client, "swd-e2e-again", lambda: client.get_job_status("swd-e2e-again") == JobStatus.SUCCEEDED, 900,
