@@ -99,6 +99,11 @@ def client(uri: str):
         logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow import MlflowClient
 
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # a stopped Ray job's working folder goes while its driver ends,
+        os.chdir(tempfile.gettempdir())  # and MLflow resolves its default artifact root against the cwd
+
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.exists():
@@ -178,10 +183,6 @@ def end_run(cfg, status: str) -> None:
         why = unreachable(record["uri"])
         if why:  # MLflow's client would retry for minutes: longer than a pod's grace period
             raise ConnectionError(f"the tracking server does not answer ({why})")
-        try:
-            os.getcwd()
-        except FileNotFoundError:  # a stopped Ray job's working folder goes while its driver ends,
-            os.chdir(tempfile.gettempdir())  # and MLflow resolves its default artifact root against it
         c = client(record["uri"])
         if c.get_run(record["run_id"]).info.status == "RUNNING":
             c.set_terminated(record["run_id"], status)

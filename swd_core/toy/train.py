@@ -385,8 +385,8 @@ def vae_dir() -> Path:
 
 def latent_channels(folder: Path) -> int | None:
     """The latent channels of the `AutoencoderKL` saved in `folder`, None when there is none."""
-    config = folder / "config.json"
-    return json.loads(config.read_text())["latent_channels"] if config.exists() else None
+    space = latent_space(folder)
+    return space[0] if space else None
 
 
 def latent_space(folder: Path) -> tuple | None:
@@ -550,8 +550,9 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         device (`str`): where it trains ("cpu", "cuda"); batches are drawn on the CPU either way.
     """
     out = out or TEACHER
+    space = latent_space(vae_dir())
     # a teacher on another latent space (another VAE) cannot be fine-tuned on this one
-    exists = (TEACHER / "model_index.json").exists() and latent_space(TEACHER / "vae") == latent_space(vae_dir())
+    exists = (TEACHER / "model_index.json").exists() and latent_space(TEACHER / "vae") == space
     ck = torch.load(CKPT, weights_only=True, map_location="cpu") if CKPT.exists() else None
     budget = hours * 3600
     if continue_teacher and ck is not None and ck["elapsed"] >= budget:
@@ -566,7 +567,6 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     if continue_teacher and not exists:
         raise SystemExit(f"--continue: there is no teacher at {TEACHER} to train further")
     init = ck.get("init", "scratch") if ck else ("teacher" if exists else "scratch")
-    space = latent_space(vae_dir())
     if ck and tuple(ck.get("latent_space", space)) != space:
         raise SystemExit(f"{CKPT} trains on another VAE's latent space than {vae_dir()}: remove it to start over")
     if ck and ck.get("init") == "teacher" and not exists:
