@@ -339,6 +339,30 @@ def test_a_run_out_of_max_failures_fails_and_says_how_to_go_on(store_dir, ray_cl
     assert run.info.status == "FAILED"
 
 
+def test_ctrl_c_during_training_stops_the_command_with_exit_130(store_dir, ray_cluster):
+    """Ctrl-C once training has begun: Ray Train's own SIGINT handler aborts the run, and the
+    command says so once and fails with 130 (Ray's handler alone exits 0, as if the run had
+    finished); the MLflow run ends KILLED and nothing is exported."""
+    import signal
+
+    proc = _run_cli(definition(store_dir, "interrupted", steps=24), store_dir, ray_cluster, "interrupted")
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "[distill] step 1/24" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    run_dir = store_dir / "runs" / "interrupted"
+    (run_dir / "cli.log").write_text(out)
+    assert proc.returncode == 130, out[-4000:]
+    assert out.count("[pipeline] SIGINT received: stopping") == 1, out[-4000:]
+    assert "step 24/24" not in out and "exported the student" not in out and "Traceback" not in out, out[-4000:]
+    assert not (run_dir / "student").exists()
+    _, run, _, _ = _mlflow_run(json.loads((run_dir / "mlflow_run.json").read_text()))
+    assert run.info.status == "KILLED"
+
+
 def test_store_made_for_another_definition_is_refused(store_dir):
     from pipelines.stages import distill
     from pipelines.store import StoreMismatchError

@@ -116,7 +116,13 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
     from ray.train import TrainingFailedError
 
     try:
-        result = build_trainer(cfg, store, warm_start, callbacks, tracking).fit()
+        try:
+            result = build_trainer(cfg, store, warm_start, callbacks, tracking).fit()
+        except SystemExit as stop:
+            # Ray Train's own Ctrl-C handler, in place during fit, aborts the run and calls
+            # sys.exit(0), which Ray's get turns into SystemExit(1) with no message; nothing else
+            # exits the driver from inside fit. Taken as the Ctrl-C it is: one line, exit 130.
+            raise KeyboardInterrupt from stop
     except BaseException as err:
         if tracking is not None:  # rank 0 never got to close its MLflow run
             from pipelines.tracking import end_run
