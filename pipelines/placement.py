@@ -45,12 +45,17 @@ def run_as_task(stage: str, fn, *args, cpus: float, gpus: float, memory: int | N
     reaches the driver's log as any Ray worker's does."""
     import ray
 
+    from pipelines.logs import LEVEL_ENV
     from pipelines.ray_runtime import ensure_ray
 
     ensure_ray()
     options = {"num_cpus": cpus, "num_gpus": gpus, "name": stage, "max_retries": 0}
     if memory:
         options["memory"] = memory
+    if LEVEL_ENV in os.environ:
+        # --quiet / --verbose: inside `ray job submit` the workers run in the job's runtime env,
+        # not the one ensure_ray would give them; Ray merges this into it
+        options["runtime_env"] = {"env_vars": {LEVEL_ENV: os.environ[LEVEL_ENV]}}
     return ray.get(ray.remote(_quietly).options(**options).remote(fn, *args))
 
 

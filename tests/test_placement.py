@@ -2,6 +2,8 @@
 GPUs where torch sees no CUDA device stops at once with the setting's name (pipelines/placement.py).
 The Ray tests use the session cluster's worker node, which declares a GPU this machine lacks."""
 
+import os
+
 import pytest
 import torch
 
@@ -62,3 +64,19 @@ def test_stages_holding_gpus_without_cuda_stop_with_the_setting_named(ray_cluste
     with pytest.raises(PlacementError, match=r"precompute: `precompute.gpus_per_actor: 0.5`"):
         precompute.run(_cfg(tmp_path, precompute={"gpus_per_actor": 0.5, "actors": 1}))
     assert not (tmp_path / "place" / "eval").exists()
+
+
+@pytest.mark.ray
+def test_a_stage_task_logs_at_the_drivers_level(ray_cluster, monkeypatch):
+    """--quiet / --verbose reach a stage's Ray task even where the driver's ray.init gave the
+    workers no level (as inside `ray job submit`, and as this test process's)."""
+    import logging
+
+    from pipelines.logs import LEVEL_ENV, logger
+    from pipelines.placement import run_as_task
+
+    def level_in_task():
+        return os.environ.get(LEVEL_ENV), logger("pipelines.stages.evaluate").getEffectiveLevel()
+
+    monkeypatch.setenv(LEVEL_ENV, "WARNING")
+    assert run_as_task("evaluate", level_in_task, cpus=0.1, gpus=0) == ("WARNING", logging.WARNING)
