@@ -133,7 +133,7 @@ def kid(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def pca_fd(a: torch.Tensor, b: torch.Tensor, k: int = 32) -> float:
     """FD after a PCA to k dims fitted on b (standardized by b)."""
-    from swd_core.evaluation import frechet_distance
+    from swd_core.frechet import frechet_distance
 
     mu, sd = b.mean(0), b.std(0) + 1e-6
     a, b = (a - mu) / sd, (b - mu) / sd

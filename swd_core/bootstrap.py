@@ -15,8 +15,7 @@ resampled statistic. A resample repeats some prompts and drops others, which a F
 reads as lost variety: resampled FDs lie above the FD of all prompts (192 random 1024-d features:
 1327 on all prompts, 1478 to 1524 resampled). So an FD, and a difference of FDs, gets the normal
 interval instead: its value ± z × the standard deviation of the resampled statistic. The Fréchet
-distance is computed from factors of the covariances (below), which is exact, handles fewer
-images than feature dimensions, and is cheap enough to resample.
+distances are `swd_core.frechet`'s, batched over resamples.
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from swd_core.frechet import frechet_distance, frechet_distances
 
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -104,50 +105,6 @@ class Estimate:
     def as_dict(self) -> dict:
         """The fields by name, for a JSON report."""
         return {"value": self.value, "lo": self.lo, "hi": self.hi, "n": self.n, "level": self.level}
-
-
-def _factor(x: torch.Tensor) -> torch.Tensor:
-    """(..., n, d) features -> (..., d, k) factors F with F Fᵀ = the sample covariance."""
-    n, d = x.shape[-2:]
-    xc = x - x.mean(-2, keepdim=True)
-    if n - 1 <= d:  # the centred data itself: k = n
-        return xc.transpose(-1, -2) / np.sqrt(n - 1)
-    cov = xc.transpose(-1, -2) @ xc / (n - 1)
-    w, v = torch.linalg.eigh(cov)
-    return v * w.clamp_min(0).sqrt().unsqueeze(-2)
-
-
-def frechet_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Fréchet distance between Gaussians fitted to `a` and `b`, (..., n, d) each (batched over
-    leading dimensions), in float64: ‖μa − μb‖² + Tr Σa + Tr Σb − 2 Tr (Σa Σb)^½. With Σ = F Fᵀ,
-    the eigenvalues of Σa Σb are the squared singular values of Faᵀ Fb, so the last trace is
-    the sum of those singular values (an n × n problem when n < d, no matrix square root).
-
-    Args:
-        a (`torch.Tensor`), b (`torch.Tensor`): features, (..., n, d), at least 2 rows each.
-
-    Returns:
-        `torch.Tensor`: float64, one distance per leading index (a scalar for 2-d inputs).
-    """
-    a, b = a.to(torch.float64), b.to(torch.float64)
-    if a.shape[-2] < 2 or b.shape[-2] < 2:
-        raise ValueError("the Fréchet distance needs at least 2 images on each side")
-    fa, fb = _factor(a), _factor(b)
-    mean_term = ((a.mean(-2) - b.mean(-2)) ** 2).sum(-1)
-    traces = (fa ** 2).sum((-1, -2)) + (fb ** 2).sum((-1, -2))
-    return mean_term + traces - 2 * torch.linalg.svdvals(fa.transpose(-1, -2) @ fb).sum(-1)
-
-
-def frechet_distance(a, b) -> float:
-    """The Fréchet distance of two feature sets (`frechet_distances` on one pair).
-
-    Args:
-        a, b (`np.ndarray` or `torch.Tensor`): features, (n, d) each.
-
-    Returns:
-        `float`
-    """
-    return float(frechet_distances(torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))))
 
 
 @dataclass

@@ -17,14 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from swd_core.adapters.base import FamilyAdapter
-from swd_core.evaluation import (
-    ShapesClassifier,
-    fd_mean_term,
-    frechet_distance,
-    load_classifier,
-    prompt_accuracy,
-    read_scenes,
-)
+from swd_core.evaluation import ShapesClassifier, load_classifier, prompt_accuracy, read_scenes
+from swd_core.frechet import fd_mean_term, frechet_distance
 from swd_core.generate import generate_latents
 from swd_core.toy import CLASSIFIER, shapes
 

@@ -3,7 +3,8 @@ grid (shape or empty, colour, size) and the background, and the metrics built on
 
 - prompt accuracy: the fraction of generated images whose every prompted attribute is right
   (a GenEval analogue), with a per-attribute breakdown;
-- Fréchet distance between classifier features of generated and real images (an FID analogue);
+- Fréchet distance between classifier features of generated and real images (an FID analogue,
+  by `swd_core.frechet`);
 - PSNR, for the VAE's reconstructions.
 """
 
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -224,38 +224,6 @@ def prompt_accuracy(samples: Sequence[ShapesSample], readings: Sequence[SceneRea
     two = [v for s, v in zip(samples, verdicts) if len(s.objects) == 2]
     return {"prompt_accuracy": frac(verdicts), "acc_one_object": frac(one), "acc_two_object": frac(two),
             "per_attribute": {a: frac(verdicts, a) for a in ATTRIBUTES}, "n": len(verdicts)}
-
-
-def fd_mean_term(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
-    """The ‖μa − μb‖² part of the Fréchet distance: every image shifted the same way (brightness,
-    a colour cast), as opposed to lost or wrong variety (the covariance part).
-
-    Args:
-        features_a, features_b (`np.ndarray` or `torch.Tensor`): (n, d) features each.
-
-    Returns:
-        `float`
-    """
-    a = np.asarray(features_a, dtype=np.float64)
-    b = np.asarray(features_b, dtype=np.float64)
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum())
-
-
-def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets:
-    ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½), the matrix square root by scipy.
-
-    Args:
-        features_a, features_b (`np.ndarray` or `torch.Tensor`): (n, d) features each.
-
-    Returns:
-        `float`
-    """
-    a = np.asarray(features_a, dtype=np.float64)
-    b = np.asarray(features_b, dtype=np.float64)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = np.real(scipy.linalg.sqrtm(cov_a @ cov_b))
-    return fd_mean_term(a, b) + float(np.trace(cov_a + cov_b - 2 * covmean))
 
 
 def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:

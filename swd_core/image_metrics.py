@@ -5,7 +5,7 @@
 - `pickscore`: PickScore v1, a CLIP-H fine-tuned on human preferences, as its model card scores:
   the exponentiated logit scale × that cosine, the model and its processor loaded separately;
 - `fd_dinov2`: DINOv2 image features (the CLS token after the final layer norm) whose Fréchet
-  distance to a reference set is computed by `swd_core.bootstrap`.
+  distance to a reference set is computed by `swd_core.frechet`.
 
 Each model is loaded by `from_pretrained` from a Hub id or a local folder, once per process and
 device (a second scorer of the same model reuses it), and reads images in batches. Images are

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from swd_core.adapters import FamilyAdapter
-from swd_core.evaluation import frechet_distance
+from swd_core.frechet import frechet_distance
 
 NOISE_OFFSET = 1_000_003  # the scoring noise is not the sampling noise of the same seed
 

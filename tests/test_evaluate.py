@@ -180,7 +180,7 @@ def test_stage_on_s3_with_an_exported_student(tmp_path, s3_server, ray_cluster):
     assert set(student_vs["difference"]) == {"clip_score", "pickscore", "fd_dinov2_source"}
     assert 0 <= student_vs["pickscore_win_rate"]["value"] <= 1 and student_vs["pickscore_win_rate"]["n"] == 4
     # recomputed here from the student's and the guided teacher's own samples
-    from swd_core.bootstrap import frechet_distance
+    from swd_core.frechet import frechet_distance
     from swd_core.image_metrics import ClipSimilarity, DinoFeatures
 
     all_prompts, seeds = eval_prompts(cfg, "shapes", 6)[0], [cfg.evaluate.seed + i for i in range(6)]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from swd_core.evaluation import SceneReading, fd_mean_term, frechet_distance, judge, prompt_accuracy, psnr, read_scenes
+from swd_core.evaluation import SceneReading, judge, prompt_accuracy, psnr, read_scenes
+from swd_core.frechet import fd_mean_term, frechet_distance
 from swd_core.toy import shapes
 from swd_core.toy.shapes import ShapeObject, ShapesSample
 
