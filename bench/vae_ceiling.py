@@ -28,6 +28,7 @@ from bench.common import write_result  # noqa: E402
 from swd_core.evaluate_model import ShapesScorer  # noqa: E402
 from swd_core.evaluation import load_classifier, psnr  # noqa: E402
 from swd_core.toy import CLASSIFIER, TEACHER, shapes  # noqa: E402
+from swd_core.toy.train import reconstruct  # noqa: E402
 
 SIZES = (32, 40, 48, 64)
 
@@ -60,8 +61,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = {}
     for px in SIZES:
         scorer = ShapesScorer(samples, classifier, size=px)
-        rec = torch.cat([vae.decode(vae.encode(scorer.real[i:i + 64]).latent_dist.mode()).sample.clamp(-1, 1)
-                         for i in range(0, len(samples), 64)])
+        rec = reconstruct(vae, scorer.real)
         rows[str(px)] = {"real": scores(scorer, scorer.real), "vae": {**scores(scorer, rec),
                                                                       "psnr_db": psnr(scorer.real, rec)},
                          "real_blur3": scores(scorer, blur3(scorer.real))}

@@ -271,6 +271,23 @@ def scene_pool(seed: int, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Images encoded (the posterior's mode) and decoded by `vae`, in batches.
+
+    Args:
+        vae (`AutoencoderKL`): the VAE, on any device.
+        images (`torch.Tensor`): (N, 3, H, W) in [-1, 1], on the CPU.
+        batch (`int`): images per call.
+
+    Returns:
+        `torch.Tensor`: (N, 3, H, W) float32 in [-1, 1], on the CPU.
+    """
+    device = next(vae.parameters()).device
+    return torch.cat([vae.decode(vae.encode(images[i:i + batch].to(device)).latent_dist.mode())
+                      .sample.clamp(-1, 1).float().cpu() for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
 def round_trip(vae, count: int = 320) -> dict:
     """Prompt accuracy and FD of held-out real renders encoded and decoded, per image size: what a
     perfect transformer could reach through this VAE.
@@ -289,9 +306,7 @@ def round_trip(vae, count: int = 320) -> dict:
     for side in TOY_SIDES[2:]:  # 32 px and up, as bench/teacher_quality.py reports
         px = side * vae_factor(vae)
         scorer = ShapesScorer(samples, classifier, size=px)
-        device = next(vae.parameters()).device
-        rec = torch.cat([vae.decode(vae.encode(scorer.real[i:i + 64].to(device)).latent_dist.mode())
-                         .sample.clamp(-1, 1).float().cpu() for i in range(0, count, 64)])
+        rec = reconstruct(vae, scorer.real)
         acc, _ = scorer.score(rec)
         out[str(px)] = {"acc_one_object": round(acc["acc_one_object"], 3),
                         "acc_two_object": round(acc["acc_two_object"], 3), "fd": round(acc["fd"], 3),
