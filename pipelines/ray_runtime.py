@@ -91,8 +91,9 @@ def ensure_ray(cfg=None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Inside `ray job submit` the job's runtime env (working dir, env vars) applies; a runtime
-    # env given here would replace it, so it is only set when joining or starting a cluster directly.
+    # Inside `ray job submit` the job's runtime env (working dir, env vars) applies; Ray merges a
+    # runtime env given here into it and refuses a key both set (an env var of the job's), so
+    # it is only given when joining or starting a cluster directly.
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     kwargs = {} if in_job else {"runtime_env": {"env_vars": worker_env()}}
     from pipelines.stopping import across_ray_init

@@ -137,7 +137,7 @@ def _with_transformer(adapter: FamilyAdapter, transformer: nn.Module) -> FamilyA
 def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
     """requires_grad False inside the block, restored after: gradients pass *through* these
     parameters to earlier ones but never land in them (and DeepSpeed never sees a gradient
-    for an engine that is not stepping; deepspeed issue 4923).
+    for an engine that is not stepping; github.com/microsoft/DeepSpeed/issues/4923).
 
     Args:
         params (`Iterable[nn.Parameter]`): the parameters to freeze, e.g. `Networks.fake_parameters()`.

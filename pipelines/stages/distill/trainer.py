@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 
 from pipelines.logs import LEVEL_ENV, logger
@@ -115,14 +117,22 @@ def run(cfg: PipelineConfig, warm_start: str | None = None, callbacks: list | No
     start = time.perf_counter()
     from ray.train import TrainingFailedError
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    ctrl_c = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         try:
             result = build_trainer(cfg, store, warm_start, callbacks, tracking).fit()
         except SystemExit as stop:
-            # Ray Train's own Ctrl-C handler, in place during fit, aborts the run and calls
-            # sys.exit(0), which Ray's get turns into SystemExit(1) with no message; nothing else
-            # exits the driver from inside fit. Taken as the Ctrl-C it is: one line, exit 130.
+            # Ray Train's Ctrl-C handler, in place during fit, aborts the run and calls sys.exit(0),
+            # which Ray's get turns into a SystemExit(1) without a word (as does Ray's SIGTERM
+            # handler where no entry point replaced it). Taken as the stop it is: under
+            # pipelines/stopping.py one line, and exit 130 (143 on SIGTERM).
             raise KeyboardInterrupt from stop
+        finally:
+            if main_thread:
+                # Ray leaves its handler in place after fit; a Ctrl-C in a later stage (evaluate,
+                # deploy's serving loop) would only ask the finished run to abort, and be lost
+                signal.signal(signal.SIGINT, ctrl_c if ctrl_c is not None else signal.default_int_handler)
     except BaseException as err:
         if tracking is not None:  # rank 0 never got to close its MLflow run
             from pipelines.tracking import end_run
