@@ -222,7 +222,7 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert entry["seed"] == 0 and entry["minutes"] >= 0 and "command" in entry and entry["history"] == []
     assert entry["steps"] == first["step"] and entry["sides"] == [4, 8]
     assert entry["architecture"] == {**TINY_ARCH, "latent_channels": 16} and entry["device"] == "cpu"
-    assert entry["init"] == "scratch" and entry["lr"] == 3e-4
+    assert entry["init"] == "scratch" and entry["lr"] == 3e-4 and entry["precision"] == T.pick_precision("auto", "cpu")
 
     ckpt = T.CKPT.read_bytes()
     teacher = (T.TEACHER / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
@@ -241,12 +241,71 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert {int(s["step"]) for s in second["opt"]["state"].values()} == {second["step"]}, "the optimizer started over"
     assert record()["transformer"]["steps"] == second["step"]
 
+    # packed, and carried to another machine: fp16 weights, no optimizer state, the VAE and record
+    packed = T.WORK.parent / "packed"
+    T.main(["pack", "--out", str(packed)])
+    slim = torch.load(packed / "teacher_ckpt.pt", weights_only=True)
+    assert "opt" not in slim and slim["step"] == second["step"] and slim["history"] == second["history"]
+    for part in ("model", "ema"):
+        for name, module in slim[part].items():
+            for key, t in module.items():
+                reference = second[part][name][key]
+                assert t.dtype == (torch.float16 if reference.is_floating_point() else reference.dtype)
+                assert torch.allclose(t.float(), reference.float(), rtol=1e-3, atol=1e-4)
+    assert (packed / "vae" / "config.json").read_bytes() == (T.WORK / "vae" / "config.json").read_bytes()
+    assert json.loads((packed / "training_record.json").read_text()) == record()
+    assert f"packed at step {second['step']} " in (packed / "README.md").read_text()
+    with pytest.raises(SystemExit, match="name the folder to write with --out"):
+        T.main(["pack"])
+    moved = T.WORK.parent / "elsewhere"
+    shutil.copytree(packed / "vae", moved / "work" / "vae")
+    shutil.copy(packed / "teacher_ckpt.pt", moved / "work")
+    (moved / "weights").mkdir()
+    shutil.copy(packed / "training_record.json", moved / "weights")
+    shutil.copy(T.CLASSIFIER, moved / "weights")
+    del toy[:]
+    T.main([*argv, str(5.0 / 3600), "--weights", str(moved / "weights"), "--work", str(moved / "work")])
+    assert any(f"resumed at step {second['step']} " in line and "no optimizer state" in line for line in toy), toy
+    third = torch.load(moved / "work" / "teacher_ckpt.pt", weights_only=True)
+    assert third["step"] > second["step"] and third["elapsed"] >= 5.0 and "opt" in third
+    assert all(t.dtype == torch.float32 for m in third["ema"].values() for t in m.values() if t.is_floating_point())
+    moved_record = json.loads((moved / "weights" / "training_record.json").read_text())
+    assert moved_record["transformer"]["steps"] == third["step"]
+
     # the teacher's VAE carries its sides, and is a VAE of this design: no VAE phase is due
     assert json.loads((T.TEACHER / "vae" / "decoder_sides.json").read_text()) == {"sides": list(T.TOY_SIDES)}
     shutil.rmtree(T.WORK / "vae")
     T.train_vae(steps=1, batch=1)
     T.train_vae_decoder(steps=1, batch=1)
     assert "vae:" in toy[-2] and "skipping" in toy[-2] and "vae-decoder" in toy[-1] and "skipping" in toy[-1]
+
+
+def test_the_vae_loss_weights_object_pixels_and_their_edges(monkeypatch):
+    """On real renders: the object mask covers the object and not the background (either colour),
+    the loss is zero on a perfect reconstruction, and the same error costs more on the object than
+    on the background."""
+    images = shapes.from_uint8(T.scene_pool(7, 8))
+    mask = T.object_mask(images)
+    for image, m in zip(images, mask):
+        corner = image[:, 0, 0]
+        background = min(shapes.BACKGROUNDS.values(), key=lambda c: (torch.tensor(c) / 127.5 - 1 - corner).abs().sum())
+        away = (image - (torch.tensor(background) / 127.5 - 1).view(3, 1, 1)).abs().amax(0) > 0.1
+        assert torch.equal(m[0].bool(), away) and 0 < m.mean() < 0.5
+    assert T.reconstruction_loss(images, images).item() == 0
+    # the same error on as many background pixels, taken at random
+    g = torch.Generator().manual_seed(0)
+    elsewhere = torch.zeros_like(mask)
+    for m, e in zip(mask, elsewhere):
+        free = (m[0] == 0).flatten().nonzero()[:, 0]
+        e.view(-1)[free[torch.randperm(len(free), generator=g)[:int(m.sum())]]] = 1
+    on_object, on_background = images + 0.3 * mask, images + 0.3 * elsewhere
+    with_edges = T.reconstruction_loss(on_object, images), T.reconstruction_loss(on_background, images)
+    monkeypatch.setattr(T, "EDGE_WEIGHT", 0.0)
+    pixels = T.reconstruction_loss(on_object, images), T.reconstruction_loss(on_background, images)
+    assert pixels[0] / pixels[1] == pytest.approx(T.OBJECT_WEIGHT, rel=1e-4)
+    # the edge term is what scattered errors cost most: they break many edges, a uniform shift few
+    assert with_edges[1] - pixels[1] > with_edges[0] - pixels[0] > 0
+    assert T.sobel(torch.ones(1, 3, 8, 8))[..., 1:-1, 1:-1].abs().max() == 0  # flat: no edges
 
 
 def test_a_cuda_device_without_a_gpu_is_refused_in_one_line(capsys):

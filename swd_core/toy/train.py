@@ -4,13 +4,15 @@
     python -m swd_core.toy.train classifier | vae | transformer [--device cuda]
     python -m swd_core.toy.train all --weights DIR --work DIR   # train a new teacher aside
     python -m swd_core.toy.train adopt --weights DIR             # then make it the committed one
+    python -m swd_core.toy.train pack --weights DIR --work DIR --out DIR   # a slim copy to go on elsewhere
 
 Each phase writes its result under swd_core/toy/weights/ (or `--weights`) and skips itself when
 that exists. The VAE (16 latent channels, as SD3's) and the transformer train at every latent
 side of the toy schedules (4 6 8 10 12 16, one side per batch, images area-downscaled in pixel
 space). The transformer starts from the committed teacher when that was trained at fewer sides
 on the same latent space, otherwise from scratch; it checkpoints to swd_core/toy/.work/ (or
-`--work`) every few minutes and resumes from there (`--hours` is its budget across runs).
+`--work`) every few minutes and resumes from there (`--hours` is its budget across runs). Its
+forward pass runs under bf16 autocast where the device computes bf16 natively (`--precision`).
 `training_record.json` records commands, seeds, steps, wall time and learning curves per phase.
 """
 
@@ -173,9 +175,61 @@ def vae_config() -> dict:
                 norm_num_groups=32, sample_size=64, scaling_factor=1.0, shift_factor=0.0)
 
 
+# The VAE's loss favours what the evaluator reads. An object covers a few percent of the image,
+# so a plain MSE is satisfied by a blurred blob; weighting its pixels and matching edges (a cross's
+# arms are 2 px wide at 32 px) asks for the outline. Sizes 32-48 px, where outlines are lost
+# first, are drawn twice as often as the rest.
+OBJECT_WEIGHT = 10.0
+EDGE_WEIGHT = 0.25
+VAE_SIDE_WEIGHTS = {8: 2.0, 10: 2.0, 12: 2.0}
+
+
+def object_mask(images: torch.Tensor, tolerance: float = 0.1) -> torch.Tensor:
+    """1 where a pixel is away from its image's background colour (the more common of the toy's
+    two), else 0.
+
+    Args:
+        images (`torch.Tensor`): (N, 3, H, W) in [-1, 1].
+        tolerance (`float`): largest channel difference still read as background.
+
+    Returns:
+        `torch.Tensor`: (N, 1, H, W) float.
+    """
+    backgrounds = torch.tensor(list(shapes.BACKGROUNDS.values()), dtype=images.dtype, device=images.device)
+    backgrounds = backgrounds / 127.5 - 1
+    distance = (images.unsqueeze(1) - backgrounds.view(1, -1, 3, 1, 1)).abs().amax(2)  # (N, B, H, W)
+    which = (distance < tolerance).flatten(2).sum(-1).argmax(1)
+    return (distance[torch.arange(len(images)), which] > tolerance).unsqueeze(1).to(images.dtype)
+
+
+def sobel(images: torch.Tensor) -> torch.Tensor:
+    """Horizontal and vertical Sobel responses of each channel: (N, 3, H, W) -> (N, 6, H, W)."""
+    k = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=images.dtype, device=images.device)
+    kernels = torch.stack([k, k.T]).unsqueeze(1).repeat(images.shape[1], 1, 1, 1)
+    return F.conv2d(images, kernels, padding=1, groups=images.shape[1])
+
+
+def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """MSE + L1 with object pixels weighted `OBJECT_WEIGHT` times (normalised by the weights'
+    mean, so an empty image costs what it did unweighted), plus `EDGE_WEIGHT` times the L1
+    between Sobel edges.
+
+    Args:
+        recon (`torch.Tensor`): decoded images.
+        images (`torch.Tensor`): the targets, same shape.
+
+    Returns:
+        `torch.Tensor`: a scalar.
+    """
+    w = 1 + (OBJECT_WEIGHT - 1) * object_mask(images)
+    err = recon - images
+    pixel = (w * (err.square() + 0.5 * err.abs())).mean() / w.mean()
+    return pixel + EDGE_WEIGHT * F.l1_loss(sobel(recon), sobel(images))
+
+
 def train_vae(steps: int = 3000, batch: int = 32, device: str = "cpu") -> None:
     """Train the toy VAE at every image size the toy schedules decode (`TOY_SIDES` times its
-    factor, one size per batch, drawn by `SIDE_WEIGHTS`) on renders of every (colour, shape) pair;
+    factor, one size per batch, drawn by `VAE_SIDE_WEIGHTS`) on renders of every (colour, shape) pair;
     set its shift and scale so that 64 px latents have zero mean and unit variance (as SD3
     normalises them); save it under `WORK` with the round trip of held-out renders in the record.
     Skips when it exists, or when the teacher's VAE has this design's latent channels.
@@ -196,7 +250,7 @@ def train_vae(steps: int = 3000, batch: int = 32, device: str = "cpu") -> None:
     pool = scene_pool(SEED + 1, 20_000)
     vae = AutoencoderKL(**vae_config()).to(device)
     factor = vae_factor(vae)
-    weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES])
+    weights = torch.tensor([VAE_SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES])
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(SEED)
@@ -207,7 +261,7 @@ def train_vae(steps: int = 3000, batch: int = 32, device: str = "cpu") -> None:
         x = x.to(device)
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * post.kl().mean()
+        loss = reconstruction_loss(recon, x) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -230,8 +284,10 @@ def train_vae(steps: int = 3000, batch: int = 32, device: str = "cpu") -> None:
     log(f"vae: round trip of held-out renders {json.dumps(trip)}")
     record("vae", replace=True, seed=SEED, steps=steps, batch=batch, seconds=seconds, device=str(device),
            latent_channels=vae.config.latent_channels, sides=list(TOY_SIDES), images=len(pool),
-           side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES}, shift_factor=vae.config.shift_factor,
-           scaling_factor=vae.config.scaling_factor, round_trip_320_held_out=trip)
+           side_weights={str(s): VAE_SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES},
+           loss=f"object pixels x{OBJECT_WEIGHT:g} MSE + L1, L1 of Sobel edges x{EDGE_WEIGHT:g}, KL x1e-6",
+           shift_factor=vae.config.shift_factor, scaling_factor=vae.config.scaling_factor,
+           round_trip_320_held_out=trip)
 
 
 # A VAE trained at one size can have its decoder refined at every size the toy schedules decode,
@@ -384,10 +440,11 @@ TEACHER_ARCH = dict(layers=8, heads=3, head_dim=64, text_dim=128, text_layers=2,
 TRAIN_IMAGES = 30_000
 # Every latent side the toy schedules ask the teacher about (4 steps: 8 10 12 16; 6 steps: 4 6 8
 # 10 12 16). SwD queries the teacher at the student's scale, so it must be in distribution there,
-# as SD3.5 is after multi-resolution pre-training. The full size is drawn twice as often: it is
-# what 28-step sampling and the last student step run at.
+# as SD3.5 is after multi-resolution pre-training. The full size is drawn three times as often
+# and 32 px one and a half: 28-step sampling and the student's last step run at the full size,
+# and the teacher is held to targets at both.
 TOY_SIDES = (4, 6, 8, 10, 12, 16)
-SIDE_WEIGHTS = {16: 2.0}
+SIDE_WEIGHTS = {16: 3.0, 8: 1.5}
 CKPT = WORK / "teacher_ckpt.pt"
 
 
@@ -541,7 +598,7 @@ def trained_sides() -> tuple[int, ...]:
 
 def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = None, eval_every_s: float = 900,
                       ckpt_every_s: float = 300, sides: tuple[int, ...] = TOY_SIDES, out: Path | None = None,
-                      continue_teacher: bool = False, device: str = "cpu") -> None:
+                      continue_teacher: bool = False, device: str = "cpu", precision: str = "fp32") -> None:
     """Train the teacher at every latent side in `sides`, one side per batch (bucketed, as
     multi-resolution pre-training does). `hours` is the budget of this training, across runs
     (resumable from the work checkpoint).
@@ -563,6 +620,8 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         out (`Path`, *optional*): the teacher folder to write; only `TEACHER`, the default, is recorded.
         continue_teacher (`bool`): fine-tune the committed teacher for another round.
         device (`str`): where it trains ("cpu", "cuda"); batches are drawn on the CPU either way.
+        precision (`str`): "bf16" runs the forward pass under bf16 autocast (weights, optimizer and
+            loss stay fp32), "fp32" does not.
     """
     out = out or TEACHER
     space = latent_space(vae_dir())
@@ -616,16 +675,22 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     step, elapsed = 0, 0.0
+    warm_from, warmup = 0, 100 if init == "teacher" else 300
     g = torch.Generator().manual_seed(SEED + 1000 * len(rounds))  # each round draws its own batches
     history = []
     if ck:
         for k, m in modules.items():
             m.load_state_dict(ck["model"][k])
-        ema = {k: {n: t.to(device) for n, t in m.items()} for k, m in ck["ema"].items()}
+        ema = {k: {n: t.to(device, torch.float32) if t.is_floating_point() else t.to(device) for n, t in m.items()}
+               for k, m in ck["ema"].items()}
         step, elapsed, history = ck["step"], ck["elapsed"], ck["history"]
-        opt.load_state_dict(ck["opt"])
+        if "opt" in ck:
+            opt.load_state_dict(ck["opt"])
+        else:  # a packed checkpoint: Adam's moments start again, so its rate warms up again
+            warm_from, warmup = step, 100
         g.set_state(ck["rng"])
-        log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
+        log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)"
+            + ("" if "opt" in ck else "; no optimizer state (packed): the rate warms up over 100 steps"))
     del ck
     extra = {"init": init, "sides": list(sides), "lr": lr, "started_from": started_from, "previous_rounds": rounds,
              "latent_space": list(space)}
@@ -633,8 +698,8 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     classifier = load_classifier(CLASSIFIER) if CLASSIFIER.exists() else None
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     log(f"teacher transformer {n_params / 1e6:.2f}M params on {pipe.transformer.config.in_channels} latent "
-        f"channels (init: {init}, lr {lr}, {device}); sides {list(sides)}; {len(captions)} training images")
-    warmup = 100 if init == "teacher" else 300
+        f"channels (init: {init}, lr {lr}, {device}, {precision}); sides {list(sides)}; "
+        f"{len(captions)} training images")
     last_ckpt = last_eval = time.time()
     t0 = time.time() - elapsed
     for m in modules.values():
@@ -644,21 +709,22 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         idx = torch.randint(len(captions), (batch,), generator=g)
         keep = torch.rand(batch, generator=g) >= 0.1  # 10% caption dropout for CFG
         prompts = [captions[i] if k else "" for i, k in zip(idx.tolist(), keep.tolist())]
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
-                                                  max_sequence_length=0)
         z = latents[side][idx].float()
         sigma = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal timesteps
         eps = torch.randn(z.shape, generator=g)
         z, sigma, eps = z.to(device), sigma.to(device), eps.to(device)
         s = sigma.view(-1, 1, 1, 1)
-        v = pipe.transformer(hidden_states=(1 - s) * z + s * eps, timestep=sigma * 1000, encoder_hidden_states=embeds,
-                             pooled_projections=pooled, return_dict=False)[0]
-        loss = F.mse_loss(v, eps - z)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+                                                      max_sequence_length=0)
+            v = pipe.transformer(hidden_states=(1 - s) * z + s * eps, timestep=sigma * 1000,
+                                 encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        loss = F.mse_loss(v.float(), eps - z)
         # linear warmup, then a linear decay to zero over the last quarter of the budget (annealing
         # the rate is worth more late in training than extra steps at a constant rate)
         remaining = budget - (time.time() - t0)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup, remaining / (0.25 * budget))
+            group["lr"] = lr * min(1.0, (step - warm_from + 1) / warmup, remaining / (0.25 * budget))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -701,6 +767,7 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     if out == TEACHER:
         architecture = {**TEACHER_ARCH, "latent_channels": pipe.transformer.config.in_channels}
         record("transformer", replace=True, seed=SEED, steps=step, batch=batch, lr=lr, device=str(device),
+               precision=precision,
                minutes=round((time.time() - t0) / 60, 1), architecture=architecture, transformer_params=n_params,
                history=history, sides=list(sides), side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in sides},
                init=init, **({"started_from": started_from} if started_from else {}),
@@ -730,6 +797,46 @@ def _save_ckpt(modules, ema, opt, step, elapsed, g, history, extra: dict) -> Non
     log(f"checkpoint at step {step}")
 
 
+def pack(dest: Path) -> None:
+    """Write what the transformer's training needs to go on elsewhere into `dest`: the VAE it
+    trains on, the record, and the work checkpoint with its weights and EMA in fp16 and without
+    the optimizer's state (a quarter of the size; Adam restarts with a short warmup). To go on,
+    copy `vae/` and `teacher_ckpt.pt` into the `--work` folder and `training_record.json` into
+    `--weights`; the latents cache is rebuilt.
+
+    Args:
+        dest (`Path`): the folder to write (replaced).
+    """
+    if not CKPT.exists():
+        raise SystemExit(f"pack: there is no checkpoint at {CKPT}")
+    ck = torch.load(CKPT, weights_only=True, map_location="cpu")
+    ck.pop("opt", None)
+
+    def half(state):
+        return {n: t.half() if t.is_floating_point() else t for n, t in state.items()}
+
+    ck["model"] = {k: half(m) for k, m in ck["model"].items()}
+    ck["ema"] = {k: half(m) for k, m in ck["ema"].items()}
+    part = dest.with_name(f".{dest.name}.packing")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    torch.save(ck, part / CKPT.name)
+    shutil.copytree(vae_dir(), part / "vae")
+    if RECORD.exists():
+        shutil.copy(RECORD, part / RECORD.name)
+    (part / "README.md").write_text(
+        f"A toy teacher's training state, packed at step {ck['step']} ({ck['elapsed'] / 60:.0f} min trained, "
+        f"sides {ck['sides']}, lr {ck['lr']}) by `python -m swd_core.toy.train pack`.\n\n"
+        "To go on training, copy it into a work and a weights folder, then run the trainer on them:\n\n"
+        "    mkdir -p WORK WEIGHTS && cp -r vae teacher_ckpt.pt WORK/ && cp training_record.json WEIGHTS/\n"
+        "    python -m swd_core.toy.train all --work WORK --weights WEIGHTS --hours H\n\n"
+        "The weights and their EMA are fp16 and the optimizer's state is left out, so Adam restarts with a "
+        "100-step warmup.\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    part.rename(dest)
+    log(f"pack: step {ck['step']} ({ck['elapsed'] / 60:.1f} min trained) written to {dest}")
+
+
 # ---------------------------------------------------------------- entry point
 
 PHASES = {"classifier": lambda a: train_classifier(),
@@ -737,7 +844,8 @@ PHASES = {"classifier": lambda a: train_classifier(),
           "vae-decoder": lambda a: train_vae_decoder(a.decoder_steps),
           "transformer": lambda a: train_transformer(a.hours, a.batch, a.lr, sides=tuple(a.sides),
                                                      out=Path(a.out) if a.out else None,
-                                                     continue_teacher=a.continue_teacher, device=a.device)}
+                                                     continue_teacher=a.continue_teacher, device=a.device,
+                                                     precision=a.precision)}
 
 
 def use_folders(weights: Path | None = None, work: Path | None = None) -> None:
@@ -788,6 +896,21 @@ def adopt(staged: Path, teacher: Path, record_path: Path) -> None:
     log(f"adopt: {teacher} is the teacher trained in {staged}; {record_path} updated")
 
 
+def pick_precision(name: str, device: str) -> str:
+    """`name`, with "auto" resolved: bf16 where the device computes it natively (a CUDA GPU that
+    supports it, a CPU with AVX-512 BF16 or AMX), since bf16 autocast on any other CPU is emulated
+    and slower than fp32; fp32 elsewhere."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: nothing says the CPU has bf16
+        return "fp32"
+    return "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
+
+
 def pick_device(name: str) -> str:
     """`name`, checked: "cuda" without a GPU is one clear line rather than a trace mid-phase."""
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -802,8 +925,9 @@ def main(argv=None) -> None:
         argv (`list[str]`, *optional*): the arguments; defaults to `sys.argv[1:]`.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=[*PHASES, "all", "adopt"],
-                        help="adopt: make the teacher trained in --weights DIR the committed one")
+    parser.add_argument("phase", choices=[*PHASES, "all", "adopt", "pack"],
+                        help="adopt: make the teacher trained in --weights DIR the committed one; "
+                             "pack: write a slim copy of the transformer's training state to --out DIR")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the VAE and transformer train")
     parser.add_argument("--weights", type=Path, default=None,
                         help="write the teacher and its record here instead of swd_core/toy/weights")
@@ -813,6 +937,9 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--decoder-steps", type=int, default=3000)
     parser.add_argument("--hours", type=float, default=2.0, help="transformer training budget (wall clock, resumable)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="the transformer's forward pass: bf16 autocast or fp32; auto takes bf16 where "
+                             "the device has it natively (1.4-1.8x faster on a CPU with AVX-512 BF16)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None, help="default: 1e-4 for a fine-tune, 3e-4 from scratch")
     parser.add_argument("--sides", type=int, nargs="+", default=list(TOY_SIDES), help="latent sides to train at")
@@ -821,11 +948,16 @@ def main(argv=None) -> None:
                         help="fine-tune the committed teacher further for --hours (a new round)")
     args = parser.parse_args(argv)
     args.device = pick_device(args.device)
+    args.precision = pick_precision(args.precision, args.device)
     if args.phase == "adopt":
         if args.weights is None:
             raise SystemExit("adopt: name the folder the teacher was trained in with --weights DIR")
         return adopt(args.weights, TEACHER, RECORD)
     use_folders(args.weights, args.work)
+    if args.phase == "pack":
+        if args.out is None:
+            raise SystemExit("pack: name the folder to write with --out DIR")
+        return pack(Path(args.out))
     if args.device == "cpu":
         torch.set_num_threads(2)
     for name, fn in PHASES.items():
