@@ -213,7 +213,7 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert any("vae-decoder" in line and "skipping" in line for line in toy)
     first = torch.load(T.CKPT, weights_only=True)
     assert set(first) == {"model", "ema", "opt", "step", "elapsed", "rng", "history", "init", "sides", "lr",
-                          "started_from", "previous_rounds", "latent_space"}
+                          "started_from", "previous_rounds", "latent_space", "warm_from"}
     assert first["latent_space"] == list(T.latent_space(T.WORK / "vae"))
     assert first["step"] >= 1 and first["elapsed"] >= 1.0 and first["init"] == "scratch" and first["sides"] == [4, 8]
     saved = load_file(T.TEACHER / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -257,6 +257,17 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert f"packed at step {second['step']} " in (packed / "README.md").read_text()
     with pytest.raises(SystemExit, match="name the folder to write with --out"):
         T.main(["pack"])
+    for overlapping in (T.WORK, T.WORK.parent, T.TEACHER / "inside"):  # replacing it would lose what trains
+        with pytest.raises(SystemExit, match="overlaps"):
+            T.main(["pack", "--out", str(overlapping)])
+    (T.WORK.parent / "other").mkdir()
+    (T.WORK.parent / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds something other than an earlier pack"):
+        T.main(["pack", "--out", str(T.WORK.parent / "other")])
+    assert (T.WORK.parent / "other" / "notes.txt").read_text() == "mine"
+    T.main(["pack", "--out", str(packed)])  # an earlier pack is replaced whole
+    assert sorted(p.name for p in packed.parent.iterdir() if p.name.startswith(".packed")) == []
+    weights_dir, work_dir = T.WEIGHTS, T.WORK
     moved = T.WORK.parent / "elsewhere"
     shutil.copytree(packed / "vae", moved / "work" / "vae")
     shutil.copy(packed / "teacher_ckpt.pt", moved / "work")
@@ -264,13 +275,17 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     shutil.copy(packed / "training_record.json", moved / "weights")
     shutil.copy(T.CLASSIFIER, moved / "weights")
     del toy[:]
-    T.main([*argv, str(5.0 / 3600), "--weights", str(moved / "weights"), "--work", str(moved / "work")])
+    budget = second["elapsed"] + 3.0
+    T.main([*argv, str(budget / 3600), "--precision", "fp32", "--weights", str(moved / "weights"),
+            "--work", str(moved / "work")])
     assert any(f"resumed at step {second['step']} " in line and "no optimizer state" in line for line in toy), toy
     third = torch.load(moved / "work" / "teacher_ckpt.pt", weights_only=True)
-    assert third["step"] > second["step"] and third["elapsed"] >= 5.0 and "opt" in third
+    assert third["step"] > second["step"] and third["elapsed"] >= budget and "opt" in third
+    assert third["warm_from"] == second["step"]  # the re-warm is kept for a resume during it
     assert all(t.dtype == torch.float32 for m in third["ema"].values() for t in m.values() if t.is_floating_point())
     moved_record = json.loads((moved / "weights" / "training_record.json").read_text())
-    assert moved_record["transformer"]["steps"] == third["step"]
+    assert moved_record["transformer"]["steps"] == third["step"] and moved_record["transformer"]["precision"] == "fp32"
+    T.use_folders(weights_dir, work_dir)
 
     # the teacher's VAE carries its sides, and is a VAE of this design: no VAE phase is due
     assert json.loads((T.TEACHER / "vae" / "decoder_sides.json").read_text()) == {"sides": list(T.TOY_SIDES)}

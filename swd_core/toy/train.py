@@ -199,11 +199,13 @@ def object_mask(images: torch.Tensor, tolerance: float = 0.1) -> torch.Tensor:
     backgrounds = backgrounds / 127.5 - 1
     distance = (images.unsqueeze(1) - backgrounds.view(1, -1, 3, 1, 1)).abs().amax(2)  # (N, B, H, W)
     which = (distance < tolerance).flatten(2).sum(-1).argmax(1)
-    return (distance[torch.arange(len(images)), which] > tolerance).unsqueeze(1).to(images.dtype)
+    rows = torch.arange(len(images), device=images.device)
+    return (distance[rows, which] > tolerance).unsqueeze(1).to(images.dtype)
 
 
 def sobel(images: torch.Tensor) -> torch.Tensor:
-    """Horizontal and vertical Sobel responses of each channel: (N, 3, H, W) -> (N, 6, H, W)."""
+    """Horizontal and vertical Sobel responses of each channel: (N, 3, H, W) -> (N, 6, H, W).
+    Zero padding makes the border an edge too, so a wrong background colour costs there as well."""
     k = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=images.dtype, device=images.device)
     kernels = torch.stack([k, k.T]).unsqueeze(1).repeat(images.shape[1], 1, 1, 1)
     return F.conv2d(images, kernels, padding=1, groups=images.shape[1])
@@ -370,6 +372,10 @@ def round_trip(vae, count: int = 320) -> dict:
     return out
 
 
+# the refinement of the committed 4-channel VAE drew sides so (its record says); kept, so that it reruns as recorded
+DECODER_SIDE_WEIGHTS = {16: 2.0}
+
+
 def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> None:
     """Refine the VAE's decoder at every latent side of the toy schedules (TOY_SIDES), the
     encoder frozen, and save it over the VAE it refines; skips when that VAE's marker says it is
@@ -377,7 +383,7 @@ def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> N
 
     Args:
         steps (`int`): optimizer steps (warmup, then cosine decay).
-        batch (`int`): images per step, all at one side drawn by `SIDE_WEIGHTS`.
+        batch (`int`): images per step, all at one side drawn by `DECODER_SIDE_WEIGHTS`.
         lr (`float`): the peak learning rate.
     """
     from diffusers import AutoencoderKL
@@ -398,7 +404,7 @@ def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> N
         p.requires_grad_(True)
     pool = scene_pool(SEED + 3, 20_000)
     factor = vae_factor(vae)
-    weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES])
+    weights = torch.tensor([DECODER_SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES])
     opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -428,7 +434,7 @@ def train_vae_decoder(steps: int = 3000, batch: int = 32, lr: float = 3e-4) -> N
     vae.to(torch.float16).save_pretrained(folder)
     marker.write_text(json.dumps({"sides": list(TOY_SIDES)}) + "\n")
     record("vae_decoder", seed=SEED, steps=steps, batch=batch, lr=lr, sides=list(TOY_SIDES),
-           side_weights={str(s): SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES}, images=len(pool),
+           side_weights={str(s): DECODER_SIDE_WEIGHTS.get(s, 1.0) for s in TOY_SIDES}, images=len(pool),
            seconds=round(time.time() - start), trained="decoder and post_quant_conv; encoder frozen",
            round_trip_320_held_out={"before": before, "after": after})
 
@@ -686,14 +692,15 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         step, elapsed, history = ck["step"], ck["elapsed"], ck["history"]
         if "opt" in ck:
             opt.load_state_dict(ck["opt"])
+            warm_from = ck.get("warm_from", 0)  # a re-warm under way goes on
         else:  # a packed checkpoint: Adam's moments start again, so its rate warms up again
-            warm_from, warmup = step, 100
+            warm_from = step
         g.set_state(ck["rng"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)"
             + ("" if "opt" in ck else "; no optimizer state (packed): the rate warms up over 100 steps"))
     del ck
     extra = {"init": init, "sides": list(sides), "lr": lr, "started_from": started_from, "previous_rounds": rounds,
-             "latent_space": list(space)}
+             "latent_space": list(space), "warm_from": warm_from}
     weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in sides])
     classifier = load_classifier(CLASSIFIER) if CLASSIFIER.exists() else None
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
@@ -724,7 +731,8 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         # the rate is worth more late in training than extra steps at a constant rate)
         remaining = budget - (time.time() - t0)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step - warm_from + 1) / warmup, remaining / (0.25 * budget))
+            group["lr"] = lr * min(1.0, (step + 1) / warmup, (step - warm_from + 1) / 100 if warm_from else 1.0,
+                                   remaining / (0.25 * budget))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -797,19 +805,35 @@ def _save_ckpt(modules, ema, opt, step, elapsed, g, history, extra: dict) -> Non
     log(f"checkpoint at step {step}")
 
 
+PACK_README = "A toy teacher's training state"
+
+
 def pack(dest: Path) -> None:
     """Write what the transformer's training needs to go on elsewhere into `dest`: the VAE it
     trains on, the record, and the work checkpoint with its weights and EMA in fp16 and without
     the optimizer's state (a quarter of the size; Adam restarts with a short warmup). To go on,
     copy `vae/` and `teacher_ckpt.pt` into the `--work` folder and `training_record.json` into
-    `--weights`; the latents cache is rebuilt.
+    `--weights`; the latents cache is rebuilt. A fine-tune's state is refused: it would need the
+    teacher it started from as well.
 
     Args:
-        dest (`Path`): the folder to write (replaced).
+        dest (`Path`): the folder to write: new, empty, or an earlier pack (replaced).
     """
     if not CKPT.exists():
         raise SystemExit(f"pack: there is no checkpoint at {CKPT}")
+    dest = dest.resolve()
+    # replacing dest must not take a folder the training uses with it, nor write into a model folder
+    for folder in {WORK, WEIGHTS, TEACHER, vae_dir()}:
+        folder = folder.resolve()
+        inside_model = folder in dest.parents and folder in (TEACHER.resolve(), vae_dir().resolve())
+        if dest == folder or dest in folder.parents or inside_model:
+            raise SystemExit(f"pack: --out {dest} overlaps {folder}, which the training uses; name another folder")
+    readme = dest / "README.md"
+    if dest.exists() and any(dest.iterdir()) and not (readme.exists() and readme.read_text().startswith(PACK_README)):
+        raise SystemExit(f"pack: {dest} holds something other than an earlier pack; name a new or empty folder")
     ck = torch.load(CKPT, weights_only=True, map_location="cpu")
+    if ck.get("init") == "teacher":
+        raise SystemExit(f"pack: {CKPT} fine-tunes the teacher at {TEACHER}, which a pack does not carry")
     ck.pop("opt", None)
 
     def half(state):
@@ -817,23 +841,27 @@ def pack(dest: Path) -> None:
 
     ck["model"] = {k: half(m) for k, m in ck["model"].items()}
     ck["ema"] = {k: half(m) for k, m in ck["ema"].items()}
-    part = dest.with_name(f".{dest.name}.packing")
-    shutil.rmtree(part, ignore_errors=True)
+    part, old = dest.with_name(f".{dest.name}.packing"), dest.with_name(f".{dest.name}.replaced")
+    for leftover in (part, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     part.mkdir(parents=True)
     torch.save(ck, part / CKPT.name)
     shutil.copytree(vae_dir(), part / "vae")
     if RECORD.exists():
         shutil.copy(RECORD, part / RECORD.name)
+    sides = " ".join(map(str, ck.get("sides", TOY_SIDES)))
     (part / "README.md").write_text(
-        f"A toy teacher's training state, packed at step {ck['step']} ({ck['elapsed'] / 60:.0f} min trained, "
-        f"sides {ck['sides']}, lr {ck['lr']}) by `python -m swd_core.toy.train pack`.\n\n"
+        f"{PACK_README}, packed at step {ck['step']} ({ck['elapsed'] / 60:.0f} min trained, sides {sides}, "
+        f"lr {ck.get('lr')}) by `python -m swd_core.toy.train pack`.\n\n"
         "To go on training, copy it into a work and a weights folder, then run the trainer on them:\n\n"
         "    mkdir -p WORK WEIGHTS && cp -r vae teacher_ckpt.pt WORK/ && cp training_record.json WEIGHTS/\n"
-        "    python -m swd_core.toy.train all --work WORK --weights WEIGHTS --hours H\n\n"
-        "The weights and their EMA are fp16 and the optimizer's state is left out, so Adam restarts with a "
-        "100-step warmup.\n")
-    shutil.rmtree(dest, ignore_errors=True)
+        f"    python -m swd_core.toy.train all --work WORK --weights WEIGHTS --sides {sides} --hours H\n\n"
+        "H is the budget across every run so far. The weights and their EMA are fp16 and the optimizer's "
+        "state is left out, so Adam restarts with a 100-step warmup.\n")
+    if dest.exists():  # the earlier pack goes only once the new one is complete
+        dest.rename(old)
     part.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
     log(f"pack: step {ck['step']} ({ck['elapsed'] / 60:.1f} min trained) written to {dest}")
 
 
@@ -902,8 +930,8 @@ def pick_precision(name: str, device: str) -> str:
     and slower than fp32; fp32 elsewhere."""
     if name != "auto":
         return name
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.startswith("cuda"):  # Ampere and later; older GPUs emulate it
+        return "bf16" if torch.cuda.get_device_properties(torch.device(device)).major >= 8 else "fp32"
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:  # not Linux: nothing says the CPU has bf16
@@ -943,7 +971,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None, help="default: 1e-4 for a fine-tune, 3e-4 from scratch")
     parser.add_argument("--sides", type=int, nargs="+", default=list(TOY_SIDES), help="latent sides to train at")
-    parser.add_argument("--out", default=None, help="write the teacher folder here instead of the committed one")
+    parser.add_argument("--out", default=None,
+                        help="write the teacher folder here instead of the committed one; pack: the folder to write")
     parser.add_argument("--continue", dest="continue_teacher", action="store_true",
                         help="fine-tune the committed teacher further for --hours (a new round)")
     args = parser.parse_args(argv)
