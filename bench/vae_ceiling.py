@@ -1,8 +1,8 @@
 """What a toy VAE leaves a perfect transformer, and how sharp an image the evaluator needs to read it.
 
     python bench/vae_ceiling.py                                   # the committed teacher's VAE
-    python bench/vae_ceiling.py --vae swd_core/toy/.work/v3/vae --name vae_ceiling_v3
-    -> bench/results/<name>.json
+    python bench/vae_ceiling.py --vae swd_core/toy/.work/v3/vae --name vae_ceiling_v3 --image round_trip.png
+    -> bench/results/<name>.json (and the picture: 12 held-out renders at 32 px over their round trip)
 
 Per image size (32, 40, 48, 64 px; held-out prompts, real renders area-downscaled as
 `ShapesScorer(size=...)` makes them): the evaluator's one-object and two-object accuracy, per
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_result  # noqa: E402
 from swd_core.evaluate_model import ShapesScorer  # noqa: E402
 from swd_core.evaluation import load_classifier, psnr  # noqa: E402
+from swd_core.generate import to_pil  # noqa: E402
 from swd_core.toy import CLASSIFIER, TEACHER, shapes  # noqa: E402
 from swd_core.toy.train import reconstruct  # noqa: E402
 
@@ -44,6 +45,20 @@ def scores(scorer: ShapesScorer, images: torch.Tensor) -> dict:
             "per_attribute": acc["per_attribute"]}
 
 
+def round_trip_picture(real: torch.Tensor, rec: torch.Tensor, zoom: int = 4):
+    """Renders (top row) over their round trip (bottom row), each enlarged `zoom` times with
+    nearest-neighbour sampling so that single pixels stay visible."""
+    from PIL import Image
+
+    tiles = [to_pil(F.interpolate(row, scale_factor=zoom, mode="nearest")) for row in (real, rec)]
+    side = tiles[0][0].width
+    sheet = Image.new("RGB", (side * len(real), side * 2), "white")
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            sheet.paste(tile, (c * side, r * side))
+    return sheet
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> Path:
     from diffusers import AutoencoderKL
@@ -53,6 +68,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--prompts", type=int, default=320, help="held-out prompts (max 640)")
     parser.add_argument("--name", default="vae_ceiling", help="bench/results/<name>.json")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here instead")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="also write a PNG: the first 12 renders at 32 px (top row) over their round trip")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32).eval()
@@ -66,6 +83,8 @@ def main(argv: list[str] | None = None) -> Path:
                                                                       "psnr_db": psnr(scorer.real, rec)},
                          "real_blur3": scores(scorer, blur3(scorer.real))}
         print(px, {k: round(v["acc_one_object"], 3) for k, v in rows[str(px)].items()}, flush=True)
+        if args.image and px == SIZES[0]:
+            round_trip_picture(scorer.real[:12], rec[:12]).save(args.image)
     config = vae.config
     return write_result(args.name, {"vae": str(args.vae), "latent_channels": config.latent_channels,
                              "block_out_channels": list(config.block_out_channels), "prompts": len(samples),
