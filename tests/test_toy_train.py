@@ -241,11 +241,14 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert {int(s["step"]) for s in second["opt"]["state"].values()} == {second["step"]}, "the optimizer started over"
     assert record()["transformer"]["steps"] == second["step"]
 
-    # packed, and carried to another machine: fp16 weights, no optimizer state, the VAE and record
+    # packed, and carried to another machine: fp16 weights, no optimizer state, no pickle, the VAE and record
     packed = T.WORK.parent / "packed"
     T.main(["pack", "--out", str(packed)])
-    slim = torch.load(packed / "teacher_ckpt.pt", weights_only=True)
+    assert sorted(p.name for p in packed.iterdir()) == [
+        "README.md", "teacher_ckpt.json", "teacher_ckpt.safetensors", "training_record.json", "vae"]
+    slim = T.read_packed(packed / "teacher_ckpt.pt")
     assert "opt" not in slim and slim["step"] == second["step"] and slim["history"] == second["history"]
+    assert torch.equal(slim["rng"], second["rng"]) and slim["latent_space"] == second["latent_space"]
     for part in ("model", "ema"):
         for name, module in slim[part].items():
             for key, t in module.items():
@@ -270,7 +273,8 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     weights_dir, work_dir = T.WEIGHTS, T.WORK
     moved = T.WORK.parent / "elsewhere"
     shutil.copytree(packed / "vae", moved / "work" / "vae")
-    shutil.copy(packed / "teacher_ckpt.pt", moved / "work")
+    for f in ("teacher_ckpt.safetensors", "teacher_ckpt.json"):
+        shutil.copy(packed / f, moved / "work")
     (moved / "weights").mkdir()
     shutil.copy(packed / "training_record.json", moved / "weights")
     shutil.copy(T.CLASSIFIER, moved / "weights")
@@ -285,6 +289,7 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert all(t.dtype == torch.float32 for m in third["ema"].values() for t in m.values() if t.is_floating_point())
     moved_record = json.loads((moved / "weights" / "training_record.json").read_text())
     assert moved_record["transformer"]["steps"] == third["step"] and moved_record["transformer"]["precision"] == "fp32"
+    assert T.latest_checkpoint()["step"] == third["step"]  # the work checkpoint, further on than the pack beside it
     T.use_folders(weights_dir, work_dir)
 
     # the teacher's VAE carries its sides, and is a VAE of this design: no VAE phase is due

@@ -633,7 +633,7 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     space = latent_space(vae_dir())
     # a teacher on another latent space (another VAE) cannot be fine-tuned on this one
     exists = (TEACHER / "model_index.json").exists() and latent_space(TEACHER / "vae") == space
-    ck = torch.load(CKPT, weights_only=True, map_location="cpu") if CKPT.exists() else None
+    ck = latest_checkpoint()
     budget = hours * 3600
     if continue_teacher and ck is not None and ck["elapsed"] >= budget:
         ck = None  # that round is done: --continue starts another
@@ -808,18 +808,71 @@ def _save_ckpt(modules, ema, opt, step, elapsed, g, history, extra: dict) -> Non
 PACK_README = "A toy teacher's training state"
 
 
+def write_packed(ck: dict, path: Path) -> None:
+    """A work checkpoint as `path`.safetensors (weights and EMA in fp16, the batch generator's
+    state) and `path`.json (the rest), without the optimizer's state: a quarter of the size, and
+    nothing that unpickles. `read_packed` reads it back; Adam restarts with a short warmup.
+
+    Args:
+        ck (`dict`): a checkpoint as `_save_ckpt` writes it.
+        path (`Path`): the name to write beside (its suffix is replaced).
+    """
+    from safetensors.torch import save_file
+
+    tensors = {"rng": ck["rng"].clone()}
+    for part in ("model", "ema"):
+        for component, state in ck[part].items():
+            for name, t in state.items():
+                tensors[f"{part}/{component}/{name}"] = (t.half() if t.is_floating_point() else t).contiguous().clone()
+    save_file(tensors, path.with_suffix(".safetensors"))
+    meta = {k: v for k, v in ck.items() if k not in ("model", "ema", "opt", "rng")}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def read_packed(path: Path) -> dict | None:
+    """The checkpoint `write_packed` wrote beside `path`, None when there is none.
+
+    Args:
+        path (`Path`): the name it was written beside.
+
+    Returns:
+        `dict`: as `_save_ckpt` writes it, less "opt".
+    """
+    from safetensors.torch import load_file
+
+    tensors_path, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    if not (tensors_path.exists() and meta_path.exists()):
+        return None
+    ck = {**json.loads(meta_path.read_text()), "model": {}, "ema": {}}
+    for key, t in load_file(tensors_path).items():
+        if key == "rng":
+            ck["rng"] = t
+            continue
+        part, component, name = key.split("/", 2)
+        ck[part].setdefault(component, {})[name] = t
+    return ck
+
+
+def latest_checkpoint() -> dict | None:
+    """The work checkpoint (`CKPT`) or a packed one copied in beside it, whichever is further on."""
+    full = torch.load(CKPT, weights_only=True, map_location="cpu") if CKPT.exists() else None
+    packed = read_packed(CKPT)
+    if full is None or packed is None:
+        return full or packed
+    return full if full["step"] >= packed["step"] else packed
+
+
 def pack(dest: Path) -> None:
     """Write what the transformer's training needs to go on elsewhere into `dest`: the VAE it
-    trains on, the record, and the work checkpoint with its weights and EMA in fp16 and without
-    the optimizer's state (a quarter of the size; Adam restarts with a short warmup). To go on,
-    copy `vae/` and `teacher_ckpt.pt` into the `--work` folder and `training_record.json` into
-    `--weights`; the latents cache is rebuilt. A fine-tune's state is refused: it would need the
-    teacher it started from as well.
+    trains on, the record, and the latest checkpoint packed by `write_packed` (fp16, no optimizer
+    state: a quarter of the size, and no pickle). To go on, copy `vae/` and `teacher_ckpt.*` into
+    the `--work` folder and `training_record.json` into `--weights`; the latents cache is rebuilt.
+    A fine-tune's state is refused: it would need the teacher it started from as well.
 
     Args:
         dest (`Path`): the folder to write: new, empty, or an earlier pack (replaced).
     """
-    if not CKPT.exists():
+    if not CKPT.exists() and not CKPT.with_suffix(".json").exists():
         raise SystemExit(f"pack: there is no checkpoint at {CKPT}")
     dest = dest.resolve()
     # replacing dest must not take a folder the training uses with it, nor write into a model folder
@@ -831,21 +884,14 @@ def pack(dest: Path) -> None:
     readme = dest / "README.md"
     if dest.exists() and any(dest.iterdir()) and not (readme.exists() and readme.read_text().startswith(PACK_README)):
         raise SystemExit(f"pack: {dest} holds something other than an earlier pack; name a new or empty folder")
-    ck = torch.load(CKPT, weights_only=True, map_location="cpu")
+    ck = latest_checkpoint()
     if ck.get("init") == "teacher":
         raise SystemExit(f"pack: {CKPT} fine-tunes the teacher at {TEACHER}, which a pack does not carry")
-    ck.pop("opt", None)
-
-    def half(state):
-        return {n: t.half() if t.is_floating_point() else t for n, t in state.items()}
-
-    ck["model"] = {k: half(m) for k, m in ck["model"].items()}
-    ck["ema"] = {k: half(m) for k, m in ck["ema"].items()}
     part, old = dest.with_name(f".{dest.name}.packing"), dest.with_name(f".{dest.name}.replaced")
     for leftover in (part, old):
         shutil.rmtree(leftover, ignore_errors=True)
     part.mkdir(parents=True)
-    torch.save(ck, part / CKPT.name)
+    write_packed(ck, part / CKPT.name)
     shutil.copytree(vae_dir(), part / "vae")
     if RECORD.exists():
         shutil.copy(RECORD, part / RECORD.name)
@@ -854,7 +900,7 @@ def pack(dest: Path) -> None:
         f"{PACK_README}, packed at step {ck['step']} ({ck['elapsed'] / 60:.0f} min trained, sides {sides}, "
         f"lr {ck.get('lr')}) by `python -m swd_core.toy.train pack`.\n\n"
         "To go on training, copy it into a work and a weights folder, then run the trainer on them:\n\n"
-        "    mkdir -p WORK WEIGHTS && cp -r vae teacher_ckpt.pt WORK/ && cp training_record.json WEIGHTS/\n"
+        "    mkdir -p WORK WEIGHTS && cp -r vae teacher_ckpt.* WORK/ && cp training_record.json WEIGHTS/\n"
         f"    python -m swd_core.toy.train all --work WORK --weights WEIGHTS --sides {sides} --hours H\n\n"
         "H is the budget across every run so far. The weights and their EMA are fp16 and the optimizer's "
         "state is left out, so Adam restarts with a 100-step warmup.\n")
