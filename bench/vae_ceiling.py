@@ -28,6 +28,7 @@ from bench.common import write_result  # noqa: E402
 from swd_core.evaluate_model import ShapesScorer  # noqa: E402
 from swd_core.evaluation import load_classifier, psnr  # noqa: E402
 from swd_core.generate import to_pil  # noqa: E402
+from swd_core.grid import image_grid  # noqa: E402
 from swd_core.toy import CLASSIFIER, TEACHER, shapes  # noqa: E402
 from swd_core.toy.train import reconstruct  # noqa: E402
 
@@ -43,20 +44,6 @@ def scores(scorer: ShapesScorer, images: torch.Tensor) -> dict:
     acc, _ = scorer.score(images)
     return {"acc_one_object": acc["acc_one_object"], "acc_two_object": acc["acc_two_object"], "fd": acc["fd"],
             "per_attribute": acc["per_attribute"]}
-
-
-def round_trip_picture(real: torch.Tensor, rec: torch.Tensor, zoom: int = 4):
-    """Renders (top row) over their round trip (bottom row), each enlarged `zoom` times with
-    nearest-neighbour sampling so that single pixels stay visible."""
-    from PIL import Image
-
-    tiles = [to_pil(F.interpolate(row, scale_factor=zoom, mode="nearest")) for row in (real, rec)]
-    side = tiles[0][0].width
-    sheet = Image.new("RGB", (side * len(real), side * 2), "white")
-    for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            sheet.paste(tile, (c * side, r * side))
-    return sheet
 
 
 @torch.no_grad()
@@ -84,7 +71,10 @@ def main(argv: list[str] | None = None) -> Path:
                          "real_blur3": scores(scorer, blur3(scorer.real))}
         print(px, {k: round(v["acc_one_object"], 3) for k, v in rows[str(px)].items()}, flush=True)
         if args.image and px == SIZES[0]:
-            round_trip_picture(scorer.real[:12], rec[:12]).save(args.image)
+            # renders over their round trip, enlarged 4x with nearest-neighbour so single pixels show
+            pictures = [to_pil(scorer.real[:12]), to_pil(rec[:12])]
+            image_grid(pictures, ["", ""], [""] * len(pictures[0]), cell=4 * px, label_width=0,
+                       header=0).save(args.image)
     config = vae.config
     return write_result(args.name, {"vae": str(args.vae), "latent_channels": config.latent_channels,
                              "block_out_channels": list(config.block_out_channels), "prompts": len(samples),

@@ -697,7 +697,7 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
             warm_from = step
         g.set_state(ck["rng"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)"
-            + ("" if "opt" in ck else "; no optimizer state (packed): the rate warms up over 100 steps"))
+            + ("" if "opt" in ck else f"; no optimizer state (packed): the rate warms up over {REWARM_STEPS} steps"))
     del ck
     extra = {"init": init, "sides": list(sides), "lr": lr, "started_from": started_from, "previous_rounds": rounds,
              "latent_space": list(space), "warm_from": warm_from}
@@ -731,8 +731,8 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         # the rate is worth more late in training than extra steps at a constant rate)
         remaining = budget - (time.time() - t0)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup, (step - warm_from + 1) / 100 if warm_from else 1.0,
-                                   remaining / (0.25 * budget))
+            rewarm = (step - warm_from + 1) / REWARM_STEPS if warm_from else 1.0
+            group["lr"] = lr * min(1.0, (step + 1) / warmup, rewarm, remaining / (0.25 * budget))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -806,6 +806,7 @@ def _save_ckpt(modules, ema, opt, step, elapsed, g, history, extra: dict) -> Non
 
 
 PACK_README = "A toy teacher's training state"
+REWARM_STEPS = 100  # Adam's warmup after a packed checkpoint, which has no optimizer state
 
 
 def write_packed(ck: dict, path: Path) -> None:
@@ -872,7 +873,8 @@ def pack(dest: Path) -> None:
     Args:
         dest (`Path`): the folder to write: new, empty, or an earlier pack (replaced).
     """
-    if not CKPT.exists() and not CKPT.with_suffix(".json").exists():
+    ck = latest_checkpoint()
+    if ck is None:
         raise SystemExit(f"pack: there is no checkpoint at {CKPT}")
     dest = dest.resolve()
     # replacing dest must not take a folder the training uses with it, nor write into a model folder
@@ -884,7 +886,6 @@ def pack(dest: Path) -> None:
     readme = dest / "README.md"
     if dest.exists() and any(dest.iterdir()) and not (readme.exists() and readme.read_text().startswith(PACK_README)):
         raise SystemExit(f"pack: {dest} holds something other than an earlier pack; name a new or empty folder")
-    ck = latest_checkpoint()
     if ck.get("init") == "teacher":
         raise SystemExit(f"pack: {CKPT} fine-tunes the teacher at {TEACHER}, which a pack does not carry")
     part, old = dest.with_name(f".{dest.name}.packing"), dest.with_name(f".{dest.name}.replaced")
@@ -903,7 +904,7 @@ def pack(dest: Path) -> None:
         "    mkdir -p WORK WEIGHTS && cp -r vae teacher_ckpt.* WORK/ && cp training_record.json WEIGHTS/\n"
         f"    python -m swd_core.toy.train all --work WORK --weights WEIGHTS --sides {sides} --hours H\n\n"
         "H is the budget across every run so far. The weights and their EMA are fp16 and the optimizer's "
-        "state is left out, so Adam restarts with a 100-step warmup.\n")
+        f"state is left out, so Adam restarts with a {REWARM_STEPS}-step warmup.\n")
     if dest.exists():  # the earlier pack goes only once the new one is complete
         dest.rename(old)
     part.rename(dest)
