@@ -87,12 +87,12 @@ bench-serve: install
 
 # Trains the evaluator, the toy VAE and the toy SD3 teacher at every latent side the toy schedules
 # use (hours on 2 cores; a teacher trained at fewer sides on the same VAE is fine-tuned). Resumable: run it again
-# to continue; finished phases are skipped. HOURS is the transformer's budget; DEVICE=cuda trains
-# the VAE and the transformer on a GPU.
-HOURS  ?= 2.0
+# to continue; finished phases are skipped. HOURS is the transformer's budget across runs (default:
+# the one its checkpoint was trained under, else 2); DEVICE=cuda trains the VAE and the transformer on a GPU.
+HOURS  ?=
 DEVICE ?= cpu
 toy-teacher: install
-	$(PY) -m swd_core.toy.train all --hours $(HOURS) --device $(DEVICE)
+	$(PY) -m swd_core.toy.train all $(if $(HOURS),--hours $(HOURS)) --device $(DEVICE)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -192,7 +192,8 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     """`make toy-teacher` (`train all --hours H`) is resumable: with the classifier and VAE done,
     only the transformer trains, from scratch, since the teacher on disk is on another latent
     space; run again with the budget spent, everything skips; run with a larger budget, it
-    continues from the checkpoint (step count, optimizer, init) instead of starting over."""
+    continues from the checkpoint (step count, optimizer, init) instead of starting over, and
+    keeps that budget for a run that names none."""
     from swd_core.tiny_models import TinySD3Config, build_tiny_sd3
 
     T.WEIGHTS.mkdir(parents=True)
@@ -213,9 +214,10 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert any("vae-decoder" in line and "skipping" in line for line in toy)
     first = torch.load(T.CKPT, weights_only=True)
     assert set(first) == {"model", "ema", "opt", "step", "elapsed", "rng", "history", "init", "sides", "lr",
-                          "started_from", "previous_rounds", "latent_space", "warm_from"}
+                          "started_from", "previous_rounds", "latent_space", "warm_from", "hours"}
     assert first["latent_space"] == list(T.latent_space(T.WORK / "vae"))
     assert first["step"] >= 1 and first["elapsed"] >= 1.0 and first["init"] == "scratch" and first["sides"] == [4, 8]
+    assert first["hours"] == 1.0 / 3600
     saved = load_file(T.TEACHER / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(t.dtype == torch.float16 and torch.isfinite(t).all() for t in saved.values())
     entry = record()["transformer"]
@@ -235,8 +237,13 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     del toy[:]
     T.main([*argv, str(3.0 / 3600)])  # a larger budget: continue from the checkpoint
     assert f"resumed at step {first['step']} " in "\n".join(toy) + " "
+    assert any(line.startswith(f"budget {1 / 3600:g} h -> {3 / 3600:g} h") for line in toy), toy
     second = torch.load(T.CKPT, weights_only=True)
-    assert second["step"] > first["step"] and second["elapsed"] >= 3.0
+    assert second["step"] > first["step"] and second["elapsed"] >= 3.0 and second["hours"] == 3.0 / 3600
+    del toy[:]
+    T.main(argv[:-1])  # no --hours: the checkpoint's budget, spent (the default 2 h would train on)
+    assert torch.load(T.CKPT, weights_only=True)["step"] == second["step"]
+    assert any("transformer" in line and "skipping" in line for line in toy), toy
     assert second["init"] == "scratch", "it fine-tuned the teacher it had just written instead of resuming"
     assert {int(s["step"]) for s in second["opt"]["state"].values()} == {second["step"]}, "the optimizer started over"
     assert record()["transformer"]["steps"] == second["step"]
@@ -258,6 +265,7 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert (packed / "vae" / "config.json").read_bytes() == (T.WORK / "vae" / "config.json").read_bytes()
     assert json.loads((packed / "training_record.json").read_text()) == record()
     assert f"packed at step {second['step']} " in (packed / "README.md").read_text()
+    assert f"--hours {3 / 3600:g}\n" in (packed / "README.md").read_text()
     with pytest.raises(SystemExit, match="name the folder to write with --out"):
         T.main(["pack"])
     for overlapping in (T.WORK, T.WORK.parent, T.TEACHER / "inside"):  # replacing it would lose what trains
@@ -291,6 +299,17 @@ def test_make_toy_teacher_skips_finished_phases_and_resumes_the_transformer_budg
     assert moved_record["transformer"]["steps"] == third["step"] and moved_record["transformer"]["precision"] == "fp32"
     assert T.latest_checkpoint()["step"] == third["step"]  # the work checkpoint, further on than the pack beside it
     T.use_folders(weights_dir, work_dir)
+
+    # evaluations are due in training time since the last one recorded: a resume past that point
+    # evaluates at once, even when it trains for less than the interval (the readings are stubbed;
+    # what is under test is when they are taken)
+    assert second["history"] == []
+    monkeypatch.setattr(T, "_eval_ema", lambda *a, **k: {"acc_one_object": 0.5, "acc_two_object": 0.25})
+    T.train_transformer(hours=(second["elapsed"] + 1.0) / 3600, batch=4, sides=(4, 8), eval_every_s=2.5)
+    fourth = torch.load(T.CKPT, weights_only=True)
+    assert fourth["history"][0]["step"] == second["step"] + 1
+    assert fourth["history"][0]["side_8"] == {"acc_one_object": 0.5, "acc_two_object": 0.25}
+    assert len(fourth["history"]) == 1  # 2.5 s of training apart, and this run trained about 1 s
 
     # the teacher's VAE carries its sides, and is a VAE of this design: no VAE phase is due
     assert json.loads((T.TEACHER / "vae" / "decoder_sides.json").read_text()) == {"sides": list(T.TOY_SIDES)}

@@ -11,8 +11,9 @@ that exists. The VAE (16 latent channels, as SD3's) and the transformer train at
 side of the toy schedules (4 6 8 10 12 16, one side per batch, images area-downscaled in pixel
 space). The transformer starts from the committed teacher when that was trained at fewer sides
 on the same latent space, otherwise from scratch; it checkpoints to swd_core/toy/.work/ (or
-`--work`) every few minutes and resumes from there (`--hours` is its budget across runs). Its
-forward pass runs under bf16 autocast where the device computes bf16 natively (`--precision`).
+`--work`) every few minutes and resumes from there (`--hours` is its budget across runs, kept in
+the checkpoint). Its forward pass runs under bf16 autocast where the device computes bf16
+natively (`--precision`).
 `training_record.json` records commands, seeds, steps, wall time and learning curves per phase.
 """
 
@@ -451,6 +452,7 @@ TRAIN_IMAGES = 30_000
 # and the teacher is held to targets at both.
 TOY_SIDES = (4, 6, 8, 10, 12, 16)
 SIDE_WEIGHTS = {16: 3.0, 8: 1.5}
+DEFAULT_HOURS = 2.0  # the transformer's budget when neither --hours nor a checkpoint names one
 CKPT = WORK / "teacher_ckpt.pt"
 
 
@@ -602,7 +604,7 @@ def trained_sides() -> tuple[int, ...]:
     return tuple(done.get("sides", (16,) if done else ()))
 
 
-def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = None, eval_every_s: float = 900,
+def train_transformer(hours: float | None = None, batch: int = 64, lr: float | None = None, eval_every_s: float = 900,
                       ckpt_every_s: float = 300, sides: tuple[int, ...] = TOY_SIDES, out: Path | None = None,
                       continue_teacher: bool = False, device: str = "cpu", precision: str = "fp32") -> None:
     """Train the teacher at every latent side in `sides`, one side per batch (bucketed, as
@@ -616,7 +618,9 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     earlier rounds).
 
     Args:
-        hours (`float`): the wall-clock budget, across resumed runs; evaluation time is not counted.
+        hours (`float`, *optional*): the wall-clock budget, across resumed runs; evaluation time is
+            not counted. Defaults to the checkpoint's budget, else `DEFAULT_HOURS`; a resume under
+            another budget reshapes the rate's schedule, and says so.
         batch (`int`): latents per step.
         lr (`float`, *optional*): the peak learning rate; defaults as above, and a resumed run
             keeps its checkpoint's.
@@ -634,9 +638,10 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
     # a teacher on another latent space (another VAE) cannot be fine-tuned on this one
     exists = (TEACHER / "model_index.json").exists() and latent_space(TEACHER / "vae") == space
     ck = latest_checkpoint()
-    budget = hours * 3600
-    if continue_teacher and ck is not None and ck["elapsed"] >= budget:
+    if continue_teacher and ck is not None and ck["elapsed"] >= (hours or ck.get("hours", DEFAULT_HOURS)) * 3600:
         ck = None  # that round is done: --continue starts another
+    hours = hours or (ck.get("hours") if ck else None) or DEFAULT_HOURS
+    budget = hours * 3600
     covered = exists and set(sides) <= set(trained_sides()) and out == TEACHER
     if covered and ((ck is None and not continue_teacher) or (ck is not None and ck["elapsed"] >= budget)):
         log(f"transformer: {TEACHER} is trained at sides {list(trained_sides())}, skipping")
@@ -698,17 +703,23 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         g.set_state(ck["rng"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)"
             + ("" if "opt" in ck else f"; no optimizer state (packed): the rate warms up over {REWARM_STEPS} steps"))
+        if ck.get("hours", hours) != hours:
+            log(f"budget {ck['hours']:g} h -> {hours:g} h: the rate now decays from {0.75 * budget / 60:.0f} to "
+                f"{budget / 60:.0f} min trained")
     del ck
     extra = {"init": init, "sides": list(sides), "lr": lr, "started_from": started_from, "previous_rounds": rounds,
-             "latent_space": list(space), "warm_from": warm_from}
+             "latent_space": list(space), "warm_from": warm_from, "hours": hours}
     weights = torch.tensor([SIDE_WEIGHTS.get(s, 1.0) for s in sides])
     classifier = load_classifier(CLASSIFIER) if CLASSIFIER.exists() else None
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     log(f"teacher transformer {n_params / 1e6:.2f}M params on {pipe.transformer.config.in_channels} latent "
         f"channels (init: {init}, lr {lr}, {device}, {precision}); sides {list(sides)}; "
         f"{len(captions)} training images")
-    last_ckpt = last_eval = time.time()
+    last_ckpt = time.time()
     t0 = time.time() - elapsed
+    # evaluations are spaced in training time from the last one recorded, so a resume keeps the
+    # curve's spacing (a run restarted more often than eval_every_s would otherwise never evaluate)
+    evaluated_at = history[-1]["minutes"] * 60 if history else 0.0
     for m in modules.values():
         m.train()
     while time.time() - t0 < budget:
@@ -749,16 +760,16 @@ def train_transformer(hours: float = 2.0, batch: int = 64, lr: float | None = No
         if step % 50 == 0:
             log(f"step {step} side {side} loss {loss.item():.4f} ({(time.time() - t0) / 60:.1f} min)")
         now = time.time()
-        if classifier is not None and now - last_eval > eval_every_s:
-            entry = {"step": step, "minutes": round((now - t0) / 60, 1)}
+        if classifier is not None and now - t0 - evaluated_at > eval_every_s:
+            evaluated_at = now - t0
+            entry = {"step": step, "minutes": round(evaluated_at / 60, 1)}
             for eval_side in sorted({max(sides), min((s for s in sides if s >= 8), default=max(sides))}, reverse=True):
                 acc = _eval_ema(pipe, modules, ema, classifier, side=eval_side)
                 entry[f"side_{eval_side}"] = {"acc_one_object": acc["acc_one_object"],
                                               "acc_two_object": acc["acc_two_object"]}
             history.append(entry)
             log(f"eval at step {step}: {json.dumps({k: v for k, v in entry.items() if k.startswith('side')})}")
-            last_eval = time.time()
-            t0 += last_eval - now  # evaluation time does not count against the training budget
+            t0 += time.time() - now  # evaluation time does not count against the training budget
         if now - last_ckpt > ckpt_every_s:
             _save_ckpt(modules, ema, opt, step, time.time() - t0, g, history, extra)
             last_ckpt = time.time()
@@ -897,13 +908,15 @@ def pack(dest: Path) -> None:
     if RECORD.exists():
         shutil.copy(RECORD, part / RECORD.name)
     sides = " ".join(map(str, ck.get("sides", TOY_SIDES)))
+    hours = f"{ck['hours']:g}" if "hours" in ck else "H"
     (part / "README.md").write_text(
         f"{PACK_README}, packed at step {ck['step']} ({ck['elapsed'] / 60:.0f} min trained, sides {sides}, "
         f"lr {ck.get('lr')}) by `python -m swd_core.toy.train pack`.\n\n"
         "To go on training, copy it into a work and a weights folder, then run the trainer on them:\n\n"
         "    mkdir -p WORK WEIGHTS && cp -r vae teacher_ckpt.* WORK/ && cp training_record.json WEIGHTS/\n"
-        f"    python -m swd_core.toy.train all --work WORK --weights WEIGHTS --sides {sides} --hours H\n\n"
-        "H is the budget across every run so far. The weights and their EMA are fp16 and the optimizer's "
+        f"    python -m swd_core.toy.train all --work WORK --weights WEIGHTS --sides {sides} --hours {hours}\n\n"
+        f"{hours} is the budget in hours across every run so far (the rate decays over its last quarter). "
+        "The weights and their EMA are fp16 and the optimizer's "
         f"state is left out, so Adam restarts with a {REWARM_STEPS}-step warmup.\n")
     if dest.exists():  # the earlier pack goes only once the new one is complete
         dest.rename(old)
@@ -1011,7 +1024,9 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--decoder-steps", type=int, default=3000)
-    parser.add_argument("--hours", type=float, default=2.0, help="transformer training budget (wall clock, resumable)")
+    parser.add_argument("--hours", type=float, default=None,
+                        help=f"transformer training budget (wall clock, across resumed runs); default: the "
+                             f"checkpoint's, else {DEFAULT_HOURS:g}")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="the transformer's forward pass: bf16 autocast or fp32; auto takes bf16 where "
                              "the device has it natively (1.4-1.8x faster on a CPU with AVX-512 BF16)")
