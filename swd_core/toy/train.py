@@ -916,8 +916,8 @@ def pack(dest: Path) -> None:
         "    mkdir -p WORK WEIGHTS && cp -r vae teacher_ckpt.* WORK/ && cp training_record.json WEIGHTS/\n"
         f"    python -m swd_core.toy.train all --work WORK --weights WEIGHTS --sides {sides} --hours {hours}\n\n"
         f"{hours} is the budget in hours across every run so far (the rate decays over its last quarter). "
-        "The weights and their EMA are fp16 and the optimizer's "
-        f"state is left out, so Adam restarts with a {REWARM_STEPS}-step warmup.\n")
+        f"The weights and their EMA are fp16 and the optimizer's state is left out, so Adam restarts with a "
+        f"{REWARM_STEPS}-step warmup.\n")
     if dest.exists():  # the earlier pack goes only once the new one is complete
         dest.rename(old)
     part.rename(dest)
